@@ -1,0 +1,62 @@
+"""Token generation with a KV cache: greedy, or temperature with top-p (nucleus) sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from flashnb.errors import FlashnbError
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise FlashnbError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise FlashnbError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> int:
+    """One token id from the logits [vocab] of the last position."""
+    if cfg.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < cfg.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
+             eos_id: int | None = None) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids after `prompt_ids`, one forward pass per token.
+
+    The prompt is run once (prefill) into a KV cache; each later step feeds only the newest token.
+    Stops early at `eos_id` (not yielded) when given.
+    """
+    sampling = sampling or SamplingConfig()
+    if not prompt_ids:
+        raise FlashnbError("the prompt is empty after tokenization; give at least one token")
+    limit = model.config.max_position_embeddings
+    if len(prompt_ids) + max_new_tokens > limit:
+        raise FlashnbError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceeds the "
+                           f"model's context of {limit} positions; shorten the prompt or ask for fewer tokens")
+    gen = torch.Generator().manual_seed(sampling.seed)
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    logits = model(torch.tensor([prompt_ids]), cache)[0, -1]
+    for i in range(max_new_tokens):
+        tok = sample_next(logits, sampling, gen)
+        if tok == eos_id:
+            return
+        yield tok
+        if i + 1 < max_new_tokens:
+            logits = model(torch.tensor([[tok]]), cache)[0, -1]

@@ -1,0 +1,1 @@
+"""One file per architecture family: `opt` and `llama` (Llama-style gated FFN)."""
