@@ -140,8 +140,13 @@ def _load_checkpoint(ckpt: Path, model, opt, rng: np.random.Generator) -> TrainS
     return TrainState(**meta["state"])
 
 
-def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True) -> dict:
-    """Train (or resume) the model described by `cfg`; returns the training card it writes."""
+def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
+          stop_at_step: int | None = None) -> dict | None:
+    """Train (or resume) the model described by `cfg`; returns the training card it writes.
+
+    `stop_at_step` ends the run early after checkpointing that step (returns None), as an
+    interruption would; calling `train` again with the same `cfg` resumes exactly there.
+    """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -211,9 +216,12 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True)
         if state.step % 20 == 0:
             state.log.append({"step": state.step, "ce": round(ce.item(), 4), "sparsity": round(sparsity, 4),
                               "lam": round(state.lam, 4)})
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+        if state.step % cfg.checkpoint_every == 0 or state.step in (cfg.steps, stop_at_step):
             state.seconds = time.perf_counter() - t0
             _save_checkpoint(ckpt, model, opt, state, rng)
+        if state.step == stop_at_step:
+            bar.close()
+            return None
     bar.close()
     set_recording(model, False)
 

@@ -65,10 +65,13 @@ class LlamaConfig:
             if cfg.get(f) is not None:
                 setattr(out, f, cfg[f])
         out.head_dim = cfg.get("head_dim") or out.hidden_size // out.num_attention_heads
-        scaling = cfg.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise FlashnbError(f"{source}: rope_scaling {scaling} is not supported; flashnb implements "
-                               "plain rotary positions (rope_scaling null)")
+        # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_theta") is not None:
+            out.rope_theta = rope["rope_theta"]
+        if rope.get("rope_type", rope.get("type")) not in (None, "default"):
+            raise FlashnbError(f"{source}: rotary scaling {rope} is not supported; flashnb implements "
+                               "plain rotary positions (rope_type 'default')")
         if out.num_attention_heads % out.num_key_value_heads:
             raise FlashnbError(f"{source}: num_attention_heads {out.num_attention_heads} is not a "
                                f"multiple of num_key_value_heads {out.num_key_value_heads}")
