@@ -1,0 +1,316 @@
+"""The flash engine: LLM in a flash's per-token loop.
+
+Everything but the FFN weight matrices stays in DRAM. For every token and layer, `FlashFFN.forward`
+
+    1. predicts the neurons this token needs        (low-rank predictor, oracle, or all of them)
+    2. plans the neuron cache: hits, loads, evictions (windowing, `flashnb.cache`)
+    3. reads the missing bundles from flash          (direct I/O, `flashnb.reader`)
+    4. deletes evicted rows / appends the new ones    (memory management, preallocated matrix)
+    5. computes the FFN from the cached rows          (only this token's neurons contribute)
+
+and records what it did. `FlashEngine.generate` runs tokens one at a time through the model.
+Memory is accounted in bytes: the budget covers the model's weights held in DRAM (resident
+tensors, predictors, neuron caches); the KV cache is activations and is reported beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flashnb.cache import NeuronCache
+from flashnb.errors import FlashnbError
+from flashnb.models.common import activation
+from flashnb.reader import NeuronReader, ReaderConfig
+from flashnb.resident import resident_model
+from flashnb.store import FlashStore
+
+PREDICTORS = ("learned", "oracle", "none")
+
+
+@dataclass
+class Policy:
+    """How the engine loads the FFN.
+
+    predictor: "learned" (low-rank predictors), "oracle" (the exact active set: a reference that
+        needs the dense FFN, to prove the engine exact), "none" (every neuron, every token).
+    window: keep the neurons needed by the previous `window` tokens in DRAM (0 = keep nothing).
+    memory_budget: DRAM for the model's weights: a fraction of the model's bytes if <= 1, else bytes.
+    threads: reader threads. gap_bytes: the reader's coalescing gap (None = from the device profile).
+    """
+
+    predictor: str = "learned"
+    window: int = 4
+    memory_budget: float = 0.5
+    threads: int = 8
+    gap_bytes: int | None = None
+
+    def __post_init__(self):
+        if self.predictor not in PREDICTORS:
+            raise FlashnbError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if self.window < 0:
+            raise FlashnbError(f"window must be >= 0 tokens, got {self.window}")
+        if self.memory_budget <= 0:
+            raise FlashnbError(f"memory budget must be > 0 (a fraction <= 1 or bytes), got {self.memory_budget}")
+
+
+@dataclass
+class LayerStep:
+    """One layer of one token. Counts are neurons, bytes are bytes, times are seconds."""
+
+    predicted: int
+    cached: int
+    read: int
+    evicted: int
+    bytes_read: int
+    bytes_needed: int
+    requests: int
+    io_seconds: float
+    mm_seconds: float
+
+
+@dataclass
+class TokenStep:
+    """One token: its layers, and its wall time split into I/O, memory management and the rest."""
+
+    token: int
+    layers: list[LayerStep] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    @property
+    def io_seconds(self) -> float:
+        return sum(s.io_seconds for s in self.layers)
+
+    @property
+    def mm_seconds(self) -> float:
+        return sum(s.mm_seconds for s in self.layers)
+
+    @property
+    def compute_seconds(self) -> float:
+        """Everything that is neither I/O nor memory management: attention, predictors, FFN math."""
+        return max(0.0, self.wall_seconds - self.io_seconds - self.mm_seconds)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(s.bytes_read for s in self.layers)
+
+    def totals(self) -> dict:
+        keys = ("predicted", "cached", "read", "evicted", "bytes_read", "bytes_needed", "requests")
+        out = {k: sum(getattr(s, k) for s in self.layers) for k in keys}
+        out.update(token=self.token, io_seconds=self.io_seconds, mm_seconds=self.mm_seconds,
+                   compute_seconds=self.compute_seconds, wall_seconds=self.wall_seconds)
+        return out
+
+
+@dataclass
+class MemoryPlan:
+    """DRAM accounting in bytes."""
+
+    model_bytes: int          # all weights at the store's precision (DRAM part + FFN)
+    budget_bytes: int
+    resident_bytes: int       # DRAM tensors as held: embeddings, attention, norms, FFN biases
+    predictor_bytes: int
+    cache_bytes: int          # preallocated neuron rows and their pointer arrays
+    capacity_rows: int        # rows per layer's cache (shared by all layers when window = 0)
+    kv_cache_bytes: int       # activations, beside the budget
+
+    @property
+    def used_bytes(self) -> int:
+        return self.resident_bytes + self.predictor_bytes + self.cache_bytes
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class FlashFFN(nn.Module):
+    """A layer's FFN whose weights live on flash; see the module docstring for the five steps."""
+
+    def __init__(self, engine: "FlashEngine", layer: int, biases: dict[str, torch.Tensor], cache: NeuronCache):
+        super().__init__()
+        self.engine, self.layer, self.cache = engine, layer, cache
+        self.biases = biases
+        c = engine.store.config
+        self.act = activation(c.activation_function if c.model_type == "opt" else c.hidden_act, "config.json")
+        self.gated = c.model_type != "opt"
+        self.d = c.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [1, 1, d_model], one token
+        eng = self.engine
+        needed = eng.select(self.layer, x[0, -1])                        # 1. predict
+        t0 = time.perf_counter()
+        plan = self.cache.plan(needed)                                   # 2. window bookkeeping
+        t1 = time.perf_counter()
+        got = eng.reader.read(self.layer, plan.load)                     # 3. flash -> DRAM
+        t2 = time.perf_counter()
+        self.cache.apply(plan, torch.from_numpy(got.rows))               # 4. delete + append rows
+        t3 = time.perf_counter()
+        y = self.compute(x, plan.needed)                                 # 5. FFN from rows[:n]
+        eng.steps[-1].layers.append(LayerStep(
+            predicted=plan.needed.size, cached=plan.hits.size, read=plan.load.size, evicted=plan.evict.size,
+            bytes_read=got.stats.bytes_read, bytes_needed=got.stats.bytes_needed, requests=got.stats.requests,
+            io_seconds=t2 - t1, mm_seconds=(t1 - t0) + (t3 - t2)))
+        return y
+
+    def compute(self, x: torch.Tensor, needed: np.ndarray) -> torch.Tensor:
+        """The FFN output from the cached rows; rows of neurons this token does not need are masked."""
+        c, d = self.cache, self.d
+        rows, ids = c.rows[: c.n], torch.from_numpy(c.ids[: c.n])
+        mask = None if c.n == needed.size else c.mask(needed).to(rows.dtype)
+        if self.gated:
+            h = self.act(F.linear(x, rows[:, :d])) * F.linear(x, rows[:, d:2 * d])
+            if "gate_proj" in self.biases:
+                raise FlashnbError("gated FFNs with biases (mlp_bias) are not supported by the engine")
+            down = rows[:, 2 * d:]
+        else:
+            b1 = self.biases.get("fc1")
+            h = self.act(F.linear(x, rows[:, :d], None if b1 is None else b1[ids]))
+            down = rows[:, d:]
+        if mask is not None:
+            h = h * mask
+        y = h @ down
+        b2 = self.biases.get("fc2", self.biases.get("down_proj"))
+        return y if b2 is None else y + b2
+
+
+class FlashEngine:
+    """A model run from a flash store under a memory budget, token by token.
+
+    `predictors`: a LowRankPredictors set for policy.predictor == "learned" (ignored otherwise).
+    `profile`: a device profile (flashnb.profile.Profile) for the reader's coalescing gap.
+    """
+
+    def __init__(self, store: FlashStore | str, policy: Policy | None = None, predictors=None, profile=None):
+        self.store = store if isinstance(store, FlashStore) else FlashStore.open(store)
+        self.policy = policy = policy or Policy()
+        st, c = self.store, self.store.config
+        self.dtype = st.dtype
+        self.predictors = self._select_predictors(predictors)
+        self.memory = self._plan_memory()
+        shared = None
+        if policy.window == 0:  # nothing survives a layer, so every layer uses the same rows
+            shared = NeuronCache(st.ffn_dim, self.memory.capacity_rows, st.row_values, 0, self.dtype)
+        caches = [shared or NeuronCache(st.ffn_dim, self.memory.capacity_rows, st.row_values, policy.window,
+                                        self.dtype) for _ in range(st.num_layers)]
+        self.model = resident_model(st, lambda i, b: FlashFFN(self, i, b, caches[i]), dtype=self.dtype)
+        self.reader = NeuronReader(st, ReaderConfig(threads=policy.threads, gap_bytes=policy.gap_bytes), profile)
+        self.steps: list[TokenStep] = []
+        self._all = np.arange(st.ffn_dim, dtype=np.int64)
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _select_predictors(self, predictors):
+        kind = self.policy.predictor
+        if kind == "oracle":
+            from flashnb.predictor import OraclePredictor
+
+            return OraclePredictor(self.store.load_model(dtype=self.dtype))
+        if kind == "learned":
+            if predictors is None:
+                raise FlashnbError("policy.predictor is 'learned' but no predictors were given; pass "
+                                   "predictors=load_predictors(FOLDER) or use predictor='oracle'/'none'")
+            c = self.store.config
+            if (predictors.n_layers, predictors.d_model, predictors.ffn_dim) != (
+                    c.num_hidden_layers, c.hidden_size, c.ffn_dim):
+                raise FlashnbError(f"the predictors cover {predictors.n_layers} layers, d_model "
+                                   f"{predictors.d_model}, ffn_dim {predictors.ffn_dim}; the store's model has "
+                                   f"{c.num_hidden_layers}, {c.hidden_size}, {c.ffn_dim}: use predictors "
+                                   "trained for this model")
+            for p in predictors.layers:
+                p.to(self.dtype)
+        return predictors
+
+    def _plan_memory(self) -> MemoryPlan:
+        st, pol = self.store, self.policy
+        item = st.np_dtype.itemsize
+        dram_bytes = _dram_file_bytes(st)  # held at the store's precision
+        ffn_bytes = st.num_layers * st.ffn_dim * st.neuron_bytes
+        model_bytes = dram_bytes + ffn_bytes
+        budget = int(pol.memory_budget * model_bytes) if pol.memory_budget <= 1 else int(pol.memory_budget)
+        pred_bytes = 0
+        if pol.predictor == "learned":
+            pred_bytes = sum(_tensor_bytes(p.parameters()) for p in self.predictors.layers)
+        row_bytes = st.neuron_bytes + 3 * 8  # the row plus its pointer-array entries (ids, slot, last)
+        free = budget - dram_bytes - pred_bytes
+        caches = 1 if pol.window == 0 else st.num_layers
+        capacity = min(st.ffn_dim, max(0, free) // (caches * row_bytes))
+        need = st.ffn_dim if pol.predictor == "none" else 1
+        c = st.config
+        kv = 2 * c.num_hidden_layers * c.num_kv_heads * c.head_dim * c.max_position_embeddings * item
+        mem = MemoryPlan(model_bytes, budget, dram_bytes, pred_bytes, caches * capacity * row_bytes, capacity, kv)
+        if capacity < need:
+            raise FlashnbError(
+                f"memory budget of {budget / 2**20:.1f} MiB ({_pct(budget, model_bytes)} of the model's "
+                f"{model_bytes / 2**20:.1f} MiB) is too small: DRAM tensors take {dram_bytes / 2**20:.1f} MiB, "
+                f"predictors {pred_bytes / 2**20:.1f} MiB, leaving room for {capacity} neuron rows per cache "
+                f"where {need} are needed; raise the budget (e.g. --memory {min(1.0, (dram_bytes + pred_bytes + need * caches * row_bytes) / model_bytes + 0.01):.2f})")
+        return mem
+
+    # -- the token loop ----------------------------------------------------------------------
+    def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """Neuron ids (int64, ascending) that `layer` loads for FFN input x [d_model]."""
+        if self.policy.predictor == "none":
+            return self._all
+        return self.predictors.predict_ids(layer, x).numpy()
+
+    @torch.no_grad()
+    def step(self, token: int, kv) -> torch.Tensor:
+        """Run one token through the model; returns its logits [vocab] (float32)."""
+        self.steps.append(TokenStep(token))
+        t0 = time.perf_counter()
+        logits = self.model(torch.tensor([[token]]), kv)[0, -1]
+        self.steps[-1].wall_seconds = time.perf_counter() - t0
+        return logits
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling=None,
+                 eos_id: int | None = None) -> Iterator[int]:
+        """Yield new token ids; the prompt runs token by token too, so every step is recorded."""
+        from flashnb.generate import SamplingConfig, sample_next
+
+        sampling = sampling or SamplingConfig()
+        limit = self.store.config.max_position_embeddings
+        if not prompt_ids or len(prompt_ids) + max_new_tokens > limit:
+            raise FlashnbError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens must be between "
+                               f"1 and the model's context of {limit} positions")
+        gen = torch.Generator().manual_seed(sampling.seed)
+        kv = self.model.new_cache(1, len(prompt_ids) + max_new_tokens)
+        for tok in prompt_ids:
+            logits = self.step(tok, kv)
+        for i in range(max_new_tokens):
+            tok = sample_next(logits, sampling, gen)
+            if tok == eos_id:
+                return
+            yield tok
+            if i + 1 < max_new_tokens:
+                logits = self.step(tok, kv)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> "FlashEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{100 * a / b:.0f}%"
+
+
+def _dram_file_bytes(store: FlashStore) -> int:
+    """Bytes of the DRAM-resident tensors at the store's precision (from the safetensors header)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(store.dram_path, framework="pt") as h:
+        for k in h.keys():
+            s = h.get_slice(k)
+            total += int(np.prod(s.get_shape())) * store.np_dtype.itemsize
+    return total
