@@ -165,13 +165,13 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
 def card_summary(card: dict) -> str:
     """A few lines for the terminal: per-layer selection, means, quality, friend bundling."""
     h = card["heldout"]
-    lines = ["layer  rank  recall  precision  over-selection  active"]
-    for i, s in enumerate(h["per_layer"]):
-        lines.append(f"{i:5d} {card['ranks'][i]:5d}  {s['recall']:.3f}   {s['precision']:.3f}      "
-                     f"{s['over_selection']:5.2f}x        {s['active_share']:.3f}")
-    m, q = Selection(**h["mean"]), h["quality"]
-    lines.append(f" mean        {m.recall:.3f}   {m.precision:.3f}      {m.over_selection:5.2f}x        "
-                 f"{m.active_share:.3f}")
+    lines = ["layer  rank  recall  precision  FP rate  over-selection  active  selected"]
+    rows = [(str(i), str(card["ranks"][i]), Selection(**s)) for i, s in enumerate(h["per_layer"])]
+    rows.append(("mean", "", Selection(**h["mean"])))
+    for name, rank, s in rows:
+        lines.append(f"{name:>5s} {rank:>5s}  {s.recall:.4f}  {s.precision:.4f}   {s.false_positive_rate:.4f}  "
+                     f"{s.over_selection:10.2f}x   {s.active_share:.4f}  {s.selected_share:.4f}")
+    q = h["quality"]
     lines.append(f"held-out perplexity dense {q['dense_perplexity']:.2f} -> predicted-only "
                  f"{q['predicted_perplexity']:.2f} ({q['perplexity_increase']:+.2%}), top-1 agreement "
                  f"{q['top1_agreement']:.2%} over {q['tokens']} tokens")

@@ -32,10 +32,10 @@ class PredictorTrainConfig:
     epochs: passes over the trace; batch_size: tokens per step; lr: peak learning rate;
     pos_weight: multiplier on the negative/positive ratio used to weight positives."""
 
-    rank: int = 128
+    rank: int = 64
     ranks: list[int] | None = None
     threshold: float = 0.5
-    epochs: int = 8
+    epochs: int = 4
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.0

@@ -105,7 +105,9 @@ class FriendBundling:
     friends_duplicate: int
     friends_wasted: int
     distinct_friends: int
-    top1pct_friend_share: float  # share of neurons whose closest friend is among the 1% most active
+    hot_friend_share: float      # share of neurons whose closest friend is among the 5% most active
+    median_rate: float           # median over neurons of the share of tokens a neuron is active in
+    median_friend_rate: float    # the same, over each neuron's closest friend
 
     @property
     def bytes_ratio(self) -> float:
@@ -147,12 +149,15 @@ def friend_bundling(mask: np.ndarray, friends: np.ndarray, neuron_bytes: int) ->
         wasted += int((~fa).sum())
         loaded[f, need] = True
     plain = int(mask.sum())
-    counts = mask.sum(axis=0)
-    hot = np.argsort(-counts, kind="stable")[:max(1, F // 100)]
+    rate = mask.mean(axis=0)
+    hot = np.argsort(-rate, kind="stable")[:max(1, F // 20)]
     has = friends >= 0
-    top_share = float(np.isin(friends[has], hot).mean()) if has.any() else 0.0
+    fr = friends[has]
     return FriendBundling(T, plain, plain * neuron_bytes, reads, reads * 2 * neuron_bytes, useful,
-                          duplicate, wasted, int(np.unique(friends[has]).size), top_share)
+                          duplicate, wasted, int(np.unique(fr).size),
+                          float(np.isin(fr, hot).mean()) if fr.size else 0.0,
+                          float(np.median(rate[has])) if fr.size else 0.0,
+                          float(np.median(rate[fr])) if fr.size else 0.0)
 
 
 @dataclass
