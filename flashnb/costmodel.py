@@ -1,0 +1,353 @@
+"""The paper's inference cost model: latency per token = flash I/O + DRAM memory management + compute.
+
+Everything here is *modeled*: bytes come from a model shape and a policy, seconds from a device
+(the paper's M1 Max as it reports it, or a `flashnb.profile.Profile` measured on this machine).
+
+Bytes per token (B = bytes per value, F = FFN weight bytes = L * P * d * ffn * B, P = 2 or 3 FFN
+matrices, T = all weight bytes, O = T - F = embeddings, attention, norms, biases, M = memory budget):
+
+    naive                        T               read densely (sequentially) every token
+    hybrid (no predictor)        T - M           the budget stays resident, the rest streams densely
+    predictor                    F * p           p = min(1, (1 - sparsity) * overselect): predicted neurons
+    predictor + window           F * p * (1 - r) r = window_reuse: predicted neurons already cached
+
+With the predictor the reads are sparse: one read of P * d * B bytes per neuron with bundling, P reads
+of d * B bytes without. I/O seconds = bytes / device throughput at that read size.
+DRAM resident = O (+ the window cache F * window_cached_fraction); it should fit M.
+Memory management = bytes copied inside DRAM per token / copy rate: with a window, evicting as many
+neurons as arrive copies that many rows (swap-with-last delete); reads land in place otherwise.
+Compute = weight bytes a token's matrix-vector products touch / matvec rate (batch 1 is memory bound):
+O minus the embedding tables (lm head counted) plus the FFN bytes used (F * p, or F without predictor).
+
+For OPT 6.7B, half memory, on the paper's device this reproduces Table 2's I/O column (see `table2`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from flashnb.errors import FlashnbError
+
+GB = 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Model shape
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Where a model's weight bytes live. Counts are parameters; bytes_per_value is B (2 = fp16)."""
+
+    name: str
+    num_layers: int
+    d_model: int
+    ffn_dim: int
+    parts: int              # FFN matrices per layer (2: OPT up/down, 3: gated gate/up/down)
+    bytes_per_value: int
+    ffn_params: int         # FFN weight matrices, all layers
+    other_params: int       # everything else: embeddings, attention, norms, FFN biases
+    embedding_params: int   # token + position tables (looked up, not multiplied)
+    lm_head_params: int     # vocab x d: the output projection (tied or not) each token multiplies
+
+    @classmethod
+    def from_config(cls, config, bytes_per_value: int = 2, name: str | None = None) -> "ModelShape":
+        """Count the parameters of flashnb's model for `config` (built on the meta device: no memory)."""
+        from flashnb.checkpoint import MODELS
+        from flashnb.store import FFN_PARTS, ffn_param
+
+        with torch.device("meta"):
+            model = MODELS[config.model_type](config)
+        parts = FFN_PARTS[config.model_type]
+        ffn_names = {ffn_param(i, p) for i in range(config.num_hidden_layers) for p, _ in parts}
+        ffn = other = emb = 0
+        for n, p in model.named_parameters():
+            if n in ffn_names:
+                ffn += p.numel()
+            else:
+                other += p.numel()
+                if n.startswith("embed_"):
+                    emb += p.numel()
+        lm_head = config.vocab_size * getattr(config, "embed_dim", config.hidden_size)
+        return cls(name or f"{config.model_type}-{config.hidden_size}x{config.num_hidden_layers}",
+                   config.num_hidden_layers, config.hidden_size, config.ffn_dim, len(parts), bytes_per_value,
+                   ffn, other, emb, lm_head)
+
+    @classmethod
+    def from_hf(cls, hf_config: dict, bytes_per_value: int = 2, name: str | None = None) -> "ModelShape":
+        from flashnb.checkpoint import CONFIGS
+
+        return cls.from_config(CONFIGS[hf_config["model_type"]].from_hf(hf_config, name or "config"),
+                               bytes_per_value, name)
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.ffn_params + self.other_params) * self.bytes_per_value
+
+    @property
+    def ffn_bytes(self) -> int:
+        return self.ffn_params * self.bytes_per_value
+
+    @property
+    def other_bytes(self) -> int:
+        return self.other_params * self.bytes_per_value
+
+    @property
+    def row_bytes(self) -> int:
+        """One matrix's slice of one neuron: d_model values (bytes)."""
+        return self.d_model * self.bytes_per_value
+
+    @property
+    def neuron_bytes(self) -> int:
+        """A whole neuron (a bundle): parts x d_model values (bytes)."""
+        return self.parts * self.row_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How tokens are served; fractions are of FFN neurons unless said otherwise.
+
+    hybrid: keep the non-FFN weights (and, without a predictor, as much as the budget allows) in DRAM.
+    predictor: load only the predicted neurons: (1 - sparsity) * overselect of the FFN.
+    window: tokens whose neurons stay cached (0 = none); window_reuse: fraction of a token's predicted
+        neurons already in that cache; window_cached_fraction: FFN fraction the cache holds.
+    bundling: one read per neuron (bundle) instead of one per matrix.
+    memory_budget: fraction of the model's bytes allowed in DRAM.
+    threads: reader threads (used with measured profiles).
+    """
+
+    name: str = "custom"
+    hybrid: bool = True
+    predictor: bool = True
+    sparsity: float = 0.97
+    overselect: float = 3.5
+    window: int = 0
+    window_reuse: float = 0.0
+    window_cached_fraction: float = 0.0
+    bundling: bool = False
+    memory_budget: float = 0.5
+    threads: int = 32
+
+    @property
+    def predicted_fraction(self) -> float:
+        return min(1.0, (1.0 - self.sparsity) * self.overselect)
+
+    @property
+    def loaded_fraction(self) -> float:
+        """FFN fraction read from flash per token."""
+        if not self.predictor:
+            return 1.0
+        return self.predicted_fraction * ((1.0 - self.window_reuse) if self.window else 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+
+
+@dataclass(frozen=True)
+class PaperDevice:
+    """A device described by a dense read rate and sparse read rates at given read sizes (bytes/s).
+
+    Between the given read sizes the sparse rate is interpolated in log2(size); outside it is held.
+    memcpy / matvec rates (bytes/s) are optional: None leaves those terms out of the total.
+    """
+
+    name: str
+    dense_bps: float
+    sparse_points: tuple[tuple[int, float], ...]   # (read bytes, bytes/s), ascending
+    memcpy_bps: float | None = None
+    matvec_bps: float | None = None
+    kind: str = "paper"
+
+    def dense_throughput(self) -> float:
+        return self.dense_bps
+
+    def sparse_throughput(self, chunk_bytes: int, threads: int) -> float:
+        xs = np.log2([p[0] for p in self.sparse_points])
+        ys = [p[1] for p in self.sparse_points]
+        return float(np.interp(np.log2(chunk_bytes), xs, ys))
+
+
+def paper_device() -> PaperDevice:
+    """The paper's M1 Max as Table 2 reports it: 6.1 GB/s dense, 1.25 / 2.25 GB/s at 8 / 16 KiB reads."""
+    d = paper_data()["device_m1_max"]
+    return PaperDevice("M1 Max (paper, Table 2)", d["dense_read_GBps"] * GB,
+                       ((d["unbundled_chunk_bytes"], d["sparse_unbundled_GBps"] * GB),
+                        (d["bundled_chunk_bytes"], d["sparse_bundled_GBps"] * GB)))
+
+
+@dataclass(frozen=True)
+class ProfileDevice:
+    """A device measured by `flashnb profile` (rates in bytes/s from the fitted model)."""
+
+    profile: object  # flashnb.profile.Profile
+    name: str = "this machine (measured)"
+    kind: str = "measured"
+
+    def dense_throughput(self) -> float:
+        """Best measured way to stream a big file: sequential, or random reads of >= 1 MiB."""
+        p = self.profile
+        big = p.grid[:, p.chunks >= (1 << 20)]
+        return float(max(p.sequential_throughput(), big.max() if big.size else 0.0))
+
+    def sparse_throughput(self, chunk_bytes: int, threads: int) -> float:
+        return float(self.profile.throughput(chunk_bytes, threads))
+
+    @property
+    def memcpy_bps(self) -> float | None:
+        return (self.profile.data.get("memory") or {}).get("memcpy_bytes_per_s")
+
+    @property
+    def matvec_bps(self) -> float | None:
+        return (self.profile.data.get("memory") or {}).get("matvec_fp32_bytes_per_s")
+
+
+def as_device(device) -> PaperDevice | ProfileDevice:
+    """Accept a PaperDevice/ProfileDevice, a flashnb.profile.Profile, or None (the paper's device)."""
+    if device is None:
+        return paper_device()
+    if isinstance(device, (PaperDevice, ProfileDevice)):
+        return device
+    if hasattr(device, "throughput") and hasattr(device, "sequential_throughput"):
+        return ProfileDevice(device)
+    raise FlashnbError(f"unknown device {device!r}: pass a Profile, a PaperDevice or None")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True)
+class TokenCost:
+    """Modeled cost of one token. Bytes are bytes; seconds are seconds (None: rate unknown)."""
+
+    policy: str
+    device: str
+    io_bytes: int
+    read_bytes: int          # size of each flash read (bytes); 0 = dense streaming
+    reads: int               # flash reads per token
+    io_throughput: float     # bytes/s at that read size
+    io_seconds: float
+    mm_bytes: int
+    mm_seconds: float | None
+    compute_bytes: int
+    compute_seconds: float | None
+    dram_bytes: int
+    budget_bytes: int
+
+    @property
+    def total_seconds(self) -> float:
+        return self.io_seconds + (self.mm_seconds or 0.0) + (self.compute_seconds or 0.0)
+
+    @property
+    def fits_budget(self) -> bool:
+        return self.dram_bytes <= self.budget_bytes
+
+
+def token_cost(shape: ModelShape, policy: Policy, device=None) -> TokenCost:
+    """Latency per token of `shape` served with `policy` on `device` (see the module doc)."""
+    dev = as_device(device)
+    if not 0 <= policy.sparsity <= 1 or policy.overselect <= 0 or not 0 <= policy.window_reuse <= 1:
+        raise FlashnbError(f"policy {policy.name!r}: sparsity must be in [0, 1], overselect > 0 and "
+                           "window_reuse in [0, 1]")
+    T, F, O = shape.total_bytes, shape.ffn_bytes, shape.other_bytes
+    budget = int(policy.memory_budget * T)
+    if not policy.hybrid:                       # naive: stream the whole model every token
+        io, chunk, dram, reads = T, 0, 0, 1
+    elif not policy.predictor:                  # hybrid: the budget is resident, the rest streams
+        io, chunk, dram, reads = max(0, T - budget), 0, min(budget, T), 1
+    else:
+        frac = policy.loaded_fraction
+        neurons = frac * shape.num_layers * shape.ffn_dim
+        io = int(round(F * frac))
+        chunk = shape.neuron_bytes if policy.bundling else shape.row_bytes
+        reads = int(round(neurons * (1 if policy.bundling else shape.parts)))
+        dram = O + (int(F * policy.window_cached_fraction) if policy.window else 0)
+    thr = dev.dense_throughput() if chunk == 0 else dev.sparse_throughput(chunk, policy.threads)
+    io_s = io / thr if io else 0.0
+    mm_bytes = io if (policy.predictor and policy.hybrid and policy.window) else 0
+    mm_s = mm_bytes / dev.memcpy_bps if dev.memcpy_bps else (0.0 if mm_bytes == 0 else None)
+    used_ffn = int(F * policy.predicted_fraction) if (policy.predictor and policy.hybrid) else F
+    comp_bytes = (shape.other_params - shape.embedding_params + shape.lm_head_params) * shape.bytes_per_value \
+        + used_ffn
+    comp_s = comp_bytes / dev.matvec_bps if dev.matvec_bps else None
+    return TokenCost(policy.name, dev.name, io, chunk, reads, thr, io_s, mm_bytes, mm_s, comp_bytes, comp_s,
+                     dram, budget)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's numbers
+
+
+@lru_cache(maxsize=1)
+def paper_data() -> dict:
+    """data/paper.json: the paper's figures with table references."""
+    from flashnb.paths import data_dir
+
+    p = data_dir() / "paper.json"
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FlashnbError(f"{p} is missing; check out the repository's data/ folder") from None
+
+
+def opt_6_7b() -> ModelShape:
+    """OPT 6.7B in fp16, counted from its config (32 layers, d 4096, ffn 16384)."""
+    return ModelShape.from_hf(paper_data()["opt_6_7b_config"], 2, "OPT 6.7B")
+
+
+def paper_policies() -> list[Policy]:
+    """Table 2's five configurations, with the policy inputs of data/paper.json (opt_6_7b_policy)."""
+    p = paper_data()["opt_6_7b_policy"]
+    base = Policy(sparsity=p["sparsity"], overselect=p["overselect"], memory_budget=p["memory_budget"])
+    win = dict(window=p["window"], window_reuse=p["window_reuse"], window_cached_fraction=p["window_cached_fraction"])
+    return [replace(base, name="naive", hybrid=False, predictor=False),
+            replace(base, name="hybrid", predictor=False),
+            replace(base, name="+predictor"),
+            replace(base, name="+windowing", **win),
+            replace(base, name="+bundling", bundling=True, **win)]
+
+
+def table2(device=None, shape: ModelShape | None = None) -> list[dict]:
+    """Table 2 modeled beside the paper: one dict per row (bytes in GB, times in ms).
+
+    With device=None this is the reproduction on the paper's own device; pass a Profile to see the same
+    policies on this machine.
+    """
+    shape = shape or opt_6_7b()
+    paper_rows = {r["name"]: r for r in paper_data()["table2"]["rows"]}
+    out = []
+    for pol in paper_policies():
+        c = token_cost(shape, pol, device)
+        ref = paper_rows[pol.name]
+        ms = c.io_seconds * 1e3
+        out.append({"name": pol.name, "flash_to_dram_GB": c.io_bytes / GB, "read_bytes": c.read_bytes,
+                    "throughput_GBps": c.io_throughput / GB, "io_ms": ms, "dram_GB": c.dram_bytes / GB,
+                    "paper_flash_to_dram_GB": ref["flash_to_dram_GB"], "paper_io_ms": ref["io_latency_ms"],
+                    "rel_error": ms / ref["io_latency_ms"] - 1.0})
+    return out
+
+
+def time_to_read(nbytes: float, chunk_bytes: int, threads: int, device=None) -> float:
+    """Seconds to read `nbytes` in random `chunk_bytes` reads with `threads` threads on `device`."""
+    dev = as_device(device)
+    return nbytes / dev.sparse_throughput(chunk_bytes, threads)
+
+
+def describe(c: TokenCost) -> str:
+    """One line: the token's cost broken down."""
+    def ms(x):
+        return "n/a" if x is None else f"{x * 1e3:.1f} ms"
+    return (f"{c.policy}: {c.io_bytes / GB:.3f} GB in {c.reads} reads of {c.read_bytes or 'dense'} B at "
+            f"{c.io_throughput / GB:.2f} GB/s = I/O {ms(c.io_seconds)}, memory mgmt {ms(c.mm_seconds)}, "
+            f"compute {ms(c.compute_seconds)}; DRAM {c.dram_bytes / GB:.2f} of {c.budget_bytes / GB:.2f} GB")
+

@@ -1,0 +1,93 @@
+"""The cost model: Table 2 reproduced from the model shape and policy, and the formulas behind it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from flash_helpers import synthetic_profile
+from flashnb.costmodel import (GB, ModelShape, PaperDevice, Policy, ProfileDevice, opt_6_7b, paper_data,
+                               paper_device, paper_policies, table2, time_to_read, token_cost)
+from flashnb.errors import FlashnbError
+from flashnb.models.llama import LlamaConfig
+from flashnb.profile import Profile
+
+
+def test_table2_io_column_within_5_percent():
+    rows = {r["name"]: r for r in table2()}
+    expected = {"naive": 2196, "hybrid": 1090, "+predictor": 738, "+windowing": 164, "+bundling": 87}
+    assert set(rows) == set(expected)
+    for name, ms in expected.items():
+        assert rows[name]["paper_io_ms"] == ms
+        assert abs(rows[name]["io_ms"] / ms - 1) < 0.05, (name, rows[name]["io_ms"])
+        assert rows[name]["rel_error"] == pytest.approx(rows[name]["io_ms"] / ms - 1)
+    # the bytes are derived, and land on the paper's Flash->DRAM column
+    for name in expected:
+        assert rows[name]["flash_to_dram_GB"] == pytest.approx(rows[name]["paper_flash_to_dram_GB"], rel=0.03)
+    assert rows["+bundling"]["read_bytes"] == 2 * rows["+windowing"]["read_bytes"] == 16384
+
+
+def test_opt_6_7b_shape_is_counted_not_typed():
+    s = opt_6_7b()
+    assert (s.num_layers, s.d_model, s.ffn_dim, s.parts) == (32, 4096, 16384, 2)
+    assert s.ffn_params == 32 * 2 * 4096 * 16384
+    assert s.ffn_params / (s.ffn_params + s.other_params) == pytest.approx(0.6462, abs=0.005)  # paper 4.1
+    assert s.total_bytes == pytest.approx(13.3e9, rel=0.01)
+    assert s.row_bytes == 8192 and s.neuron_bytes == 16384
+
+
+def test_formulas():
+    s, dev = opt_6_7b(), paper_device()
+    pol = {p.name: p for p in paper_policies()}
+    naive = token_cost(s, pol["naive"], dev)
+    assert naive.io_bytes == s.total_bytes and naive.io_seconds == pytest.approx(s.total_bytes / 6.1e9)
+    pred = token_cost(s, pol["+predictor"], dev)
+    assert pred.io_bytes == round(s.ffn_bytes * 0.03 * 3.5)
+    assert pred.reads == round(0.105 * 32 * 16384 * 2) and pred.read_bytes == 8192
+    win = token_cost(s, pol["+windowing"], dev)
+    assert win.io_bytes == round(s.ffn_bytes * 0.105 * (1 - 0.78))
+    bun = token_cost(s, pol["+bundling"], dev)
+    assert bun.io_bytes == win.io_bytes and bun.reads * 2 == pytest.approx(win.reads, abs=1)
+    assert bun.io_seconds == pytest.approx(win.io_seconds * 1.25 / 2.25)
+    assert pred.dram_bytes == s.other_bytes and win.dram_bytes == s.other_bytes + int(s.ffn_bytes * 0.24)
+    hybrid = token_cost(s, replace(pol["hybrid"], memory_budget=1.0), dev)
+    assert hybrid.io_bytes == 0 and hybrid.io_seconds == 0
+    # the paper's device gives no DRAM rates: those terms are unknown, not invented
+    assert win.mm_seconds is None and win.compute_seconds is None and win.total_seconds == win.io_seconds
+
+
+def test_gated_models_bundle_three_parts():
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, head_dim=128)
+    s = ModelShape.from_config(cfg)
+    assert s.parts == 3 and s.neuron_bytes == 3 * 4096 * 2 and s.ffn_params == 32 * 3 * 4096 * 11008
+    c = token_cost(s, Policy(sparsity=0.9, overselect=1.5, bundling=True))
+    assert c.read_bytes == 24576 and c.reads == round(0.15 * 32 * 11008)
+
+
+def test_measured_device_uses_the_profile():
+    prof = Profile(synthetic_profile(latency_s=1e-4, bandwidth=1e9))
+    dev = ProfileDevice(prof)
+    assert dev.sparse_throughput(16384, 8) == pytest.approx(prof.throughput(16384, 8))
+    assert dev.dense_throughput() == 1e9        # the better of sequential (1e9) and >= 1 MiB random reads
+    c = token_cost(opt_6_7b(), paper_policies()[4], prof)
+    assert c.io_throughput == pytest.approx(prof.throughput(16384, 32))
+    assert c.mm_seconds == pytest.approx(c.mm_bytes / 5e9) and c.compute_seconds > 0
+    assert time_to_read(1e9, 65536, 4, prof) == pytest.approx(1e9 / prof.throughput(65536, 4))
+
+
+def test_paper_device_and_data():
+    d = paper_device()
+    assert isinstance(d, PaperDevice) and d.dense_throughput() == 6.1 * GB
+    assert d.sparse_throughput(8192, 1) == 1.25 * GB and d.sparse_throughput(16384, 1) == 2.25 * GB
+    data = paper_data()
+    assert "Table 2" in data["table2"]["ref"] and data["sparsity"]["opt_6_7b"] == 0.97
+    assert [r["io_latency_ms"] for r in data["table2"]["rows"]] == [2196, 1090, 738, 164, 87]
+
+
+def test_bad_policy():
+    with pytest.raises(FlashnbError, match="sparsity"):
+        token_cost(opt_6_7b(), Policy(sparsity=1.2))
+    with pytest.raises(FlashnbError, match="unknown device"):
+        token_cost(opt_6_7b(), Policy(), device="fast")

@@ -1,0 +1,196 @@
+"""The neuron reader: exact rows for any id set, both I/O paths, coalescing, statistics, failures."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_llama, make_tiny_opt
+from flash_helpers import reference_rows
+from flashnb import reader as reader_mod
+from flashnb.errors import FlashnbError
+from flashnb.reader import AlignedBuffer, NeuronReader, ReaderConfig, aligned_empty, preadv_full
+from flashnb.store import ConvertConfig, FlashStore, convert
+
+# d 32 (rows of 64..128 B: the staging path) and d 128 (bundles of 512 B+: the zero-copy scatter path)
+SOURCES = {"opt": dict(), "opt128": dict(hidden_size=128, ffn_dim=256, word_embed_proj_dim=128),
+           "llama": dict()}
+COMBOS = [(m, lay, dt) for m in SOURCES for lay in ("bundled", "unbundled") for dt in ("fp16", "fp32")]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("reader")
+    out = {}
+    for m, kw in SOURCES.items():
+        src = (make_tiny_llama if m == "llama" else make_tiny_opt)(base / m, **kw)
+        for lay in ("bundled", "unbundled"):
+            for dt in ("fp16", "fp32"):
+                s = FlashStore.open(convert(src, base / f"{m}-{lay}-{dt}", ConvertConfig(lay, dt, progress=False)))
+                out[(m, lay, dt)] = (s, [reference_rows(src, i, dt) for i in range(s.num_layers)])
+    return out
+
+
+def _id_sets(n: int, rng) -> list[np.ndarray]:
+    return [np.array([], np.int64), np.array([n - 1]), np.arange(n),          # empty, one, all
+            rng.permutation(n)[: n // 3],                                      # unsorted
+            rng.integers(0, n, n // 2),                                        # duplicates
+            np.array([3, 3, 3, 0, n - 1, 0]),                                  # duplicates, edges
+            np.sort(rng.choice(n, n // 5, replace=False))]                     # sorted, unique (engine)
+
+
+@pytest.mark.parametrize("model,layout,dtype", COMBOS)
+def test_rows_equal_checkpoint_exactly(stores, model, layout, dtype):
+    s, ref = stores[(model, layout, dtype)]
+    rng = np.random.default_rng(hash((model, layout, dtype)) % 2**32)
+    paths = set()
+    for cfg in (ReaderConfig(threads=3, gap_bytes=0),
+                ReaderConfig(threads=2, gap_bytes=1 << 20, max_request_bytes=4096),
+                ReaderConfig(threads=4, direct=False, gap_bytes=1024)):
+        with NeuronReader(s, cfg) as r:
+            for layer in range(s.num_layers):
+                for ids in _id_sets(s.ffn_dim, rng):
+                    for out in (None, aligned_empty((ids.size, s.row_values), s.np_dtype),
+                                np.empty((ids.size, s.row_values), s.np_dtype)):
+                        res = r.read(layer, ids, out)
+                        assert res.rows.shape == (ids.size, s.row_values) and res.rows.dtype == s.np_dtype
+                        assert np.array_equal(res.rows.view(np.uint8), ref[layer][ids].view(np.uint8)), \
+                            (cfg, layer, ids[:8])
+                        if out is not None:
+                            assert res.rows is out
+                        st = res.stats
+                        assert st.neurons_requested == ids.size and st.neurons_unique == np.unique(ids).size
+                        assert st.bytes_needed == np.unique(ids).size * s.neuron_bytes
+                        assert st.bytes_read >= st.bytes_needed and st.requests == st.chunk_sizes.size
+                        assert sum(st.chunk_histogram.values()) == st.requests
+                        assert st.direct == (cfg.direct and r.direct)
+                        paths.add(st.path)
+            split = s.split_rows(r.read(0, [4, 1]).rows)
+            assert list(split) == list(s.parts) and all(v.shape == (2, s.d_model) for v in split.values())
+    if model == "opt128" and layout == "bundled":
+        assert "scatter" in paths   # 512 B+ bundles into an aligned buffer: no staging copy
+    if model == "opt":
+        assert "staging" in paths   # 64 B rows: aligned staging buffer + gather
+
+
+def test_coalescing_counts(stores):
+    s, ref = stores[("opt128", "bundled", "fp32")]          # bundles of 1 KiB
+    ids = np.array([0, 1, 2, 10, 11, 40, 200])
+    with NeuronReader(s, ReaderConfig(threads=2, gap_bytes=0)) as r:
+        st = r.read(0, ids).stats
+        assert st.path == "scatter" and st.requests == 4 and st.bytes_read == st.bytes_needed == 7 * 1024
+        assert st.chunk_histogram == {1024: 2, 2048: 1, 4096: 1}
+    with NeuronReader(s, ReaderConfig(threads=2, gap_bytes=7 * 1024)) as r:   # 0-2 and 10-11 merge (7 between)
+        st = r.read(0, ids).stats
+        assert st.requests == 3 and st.bytes_read == 12 * 1024 + 2 * 1024
+    with NeuronReader(s, ReaderConfig(threads=2, gap_bytes=1 << 30)) as r:   # everything in one request
+        res = r.read(0, ids)
+        assert res.stats.requests == 1 and res.stats.bytes_read == 201 * 1024
+        assert np.array_equal(res.rows, ref[0][ids])
+    with NeuronReader(s, ReaderConfig(threads=4, gap_bytes=0, max_request_bytes=16 * 1024)) as r:
+        st = r.read(1, np.arange(s.ffn_dim)).stats                  # 256 KiB split for the threads
+        assert st.requests == 16 and set(st.chunk_sizes.tolist()) == {16 * 1024}
+
+
+def test_gap_from_profile(stores):
+    from flash_helpers import synthetic_profile
+    from flashnb.profile import Profile
+
+    prof = Profile(synthetic_profile(latency_s=1e-4, bandwidth=1e9))
+    s, _ = stores[("opt", "bundled", "fp16")]
+    with NeuronReader(s, ReaderConfig(threads=4), profile=prof) as r:
+        assert r.gap_source == "profile" and r.gap_bytes == prof.coalesce_gap(4) > 0
+    with NeuronReader(s, ReaderConfig(threads=4)) as r:
+        assert (r.gap_source, r.gap_bytes) == ("none", 0)
+
+
+def test_out_of_range_and_bad_arguments(stores):
+    s, _ = stores[("llama", "bundled", "fp16")]
+    with NeuronReader(s, ReaderConfig(threads=2)) as r:
+        for bad in ([0, s.ffn_dim], [-1], [5, s.ffn_dim + 10, 7]):
+            with pytest.raises(FlashnbError, match=r"out of range for layer 1 .* \(valid ids: 0\.\.63\)"):
+                r.read(1, bad)
+        with pytest.raises(FlashnbError, match="layer 2 is out of range"):
+            r.read(2, [0])
+        with pytest.raises(FlashnbError, match="out must be"):
+            r.read(0, [1, 2], np.empty((3, s.row_values), s.np_dtype))
+    with pytest.raises(FlashnbError, match="closed"):
+        r.read(0, [1])
+    with pytest.raises(FlashnbError, match="threads must be at least 1"):
+        NeuronReader(s, ReaderConfig(threads=0))
+
+
+def test_short_reads_and_eintr_are_retried(stores, monkeypatch):
+    s, ref = stores[("opt128", "bundled", "fp16")]
+    real = os.preadv
+    calls = {"n": 0}
+
+    def flaky(fd, iov, off):
+        calls["n"] += 1
+        if calls["n"] % 3 == 1:
+            raise InterruptedError(errno.EINTR, "interrupted")
+        if calls["n"] % 3 == 2 and sum(v.nbytes for v in iov) > 512:   # a short read of 512 bytes
+            return real(fd, [iov[0][:512]] if iov[0].nbytes >= 512 else iov[:1], off)
+        return real(fd, iov, off)
+
+    monkeypatch.setattr(reader_mod.os, "preadv", flaky)
+    ids = np.array([9, 3, 100, 101, 102, 250, 3])
+    for direct in (True, False):
+        with NeuronReader(s, ReaderConfig(threads=1, gap_bytes=4096, direct=direct)) as r:
+            res = r.read(0, ids)
+            assert np.array_equal(res.rows, ref[0][ids]) and res.stats.retries > 0
+
+
+def test_end_of_file_is_an_error(tmp_path):
+    f = tmp_path / "short.bin"
+    f.write_bytes(b"x" * 1000)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        buf = AlignedBuffer(4096)
+        with pytest.raises(FlashnbError, match="truncated"):
+            preadv_full(fd, [buf.view[:2048]], 0)
+    finally:
+        os.close(fd)
+
+
+def test_fallback_when_o_direct_is_refused(stores, monkeypatch):
+    s, ref = stores[("opt", "unbundled", "fp32")]
+    real_open = os.open
+    evicted = []
+
+    def no_direct(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(reader_mod.os, "open", no_direct)
+    monkeypatch.setattr(reader_mod, "evict", lambda fd, off=0, ln=0: evicted.append((off, ln)))
+    with NeuronReader(s, ReaderConfig(threads=2)) as r:
+        assert r.direct is False
+        res = r.read(1, [7, 2, 7])
+        assert res.stats.direct is False and np.array_equal(res.rows, ref[1][[7, 2, 7]])
+        regs = s.regions(1)
+        assert evicted == [(regs[0].offset, regs[-1].offset + regs[-1].size - regs[0].offset)]
+
+
+def test_aligned_memory():
+    a = aligned_empty((3, 1000), np.float16)
+    assert a.ctypes.data % 4096 == 0 and a.shape == (3, 1000)
+    b = AlignedBuffer(10)
+    assert b.nbytes == 4096 and b.u8.ctypes.data % 4096 == 0
+    with pytest.raises(FlashnbError, match="too small"):
+        b.array((4097,), np.uint8)
+
+
+def test_reader_accepts_a_path_and_torch_ids(stores):
+    import torch
+
+    s, ref = stores[("llama", "unbundled", "fp16")]
+    with NeuronReader(Path(s.path), ReaderConfig(threads=2)) as r:
+        res = r.read(0, torch.tensor([5, 1]))
+        assert np.array_equal(res.rows, ref[0][[5, 1]])
+        assert res.stats.summary()["neurons_unique"] == 2

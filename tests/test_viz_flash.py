@@ -1,0 +1,58 @@
+"""Notebook 01's figures and widget, on a synthetic profile (no disk access)."""
+
+from __future__ import annotations
+
+from flash_helpers import synthetic_profile
+from flashnb.costmodel import table2
+from flashnb.profile import Profile
+from flashnb.viz_flash import (bundling_figure, format_table2, layouts_figure, read_time_text, read_time_widget,
+                               table2_figure, throughput_figure)
+
+
+def _profile() -> Profile:
+    return Profile(synthetic_profile(latency_s=1e-4, bandwidth=1e9))
+
+
+def test_throughput_figure_has_every_thread_count_and_the_paper():
+    fig = throughput_figure(_profile())
+    names = [t.name for t in fig.data]
+    assert sum("(measured)" in n for n in names) == 4 and any("paper" in n for n in names)
+    measured = [t for t in fig.data if t.name == "8 threads (measured)"][0]
+    assert list(measured.x) == [4096, 16384, 65536, 262144, 1 << 20, 4 << 20]
+    assert measured.y[0] == 4096 / (1e-4 / 8 + 4096 / 1e9) / 1e9
+    assert fig.layout.xaxis.type == "log"
+
+
+def test_read_time_text_and_widget():
+    p = _profile()
+    t = read_time_text(p, 16384, 8)
+    secs = 1e9 / p.throughput(16384, 8)
+    assert f"{secs:.2f} s" in t and "61,036 random reads of 16 KiB" in t and "2.25 GB/s" in t
+    assert "only for 8 KiB" in read_time_text(p, 4096, 1)
+    w = read_time_widget(p)
+    chunk, threads, out = w.children
+    before = out.value
+    chunk.value = 4096
+    assert out.value != before and "of 4 KiB" in out.value
+    threads.value = 1
+    assert "with 1 thread<" in out.value
+
+
+def test_table_and_cost_figures():
+    text = format_table2(table2())
+    lines = text.splitlines()
+    assert len(lines) == 6 and lines[3].startswith("+predictor") and "738" in lines[3]
+    fig = table2_figure(_profile())
+    assert [t.name for t in fig.data] == ["paper (Table 2)", "modeled, paper's device",
+                                         "modeled, this disk (measured profile)"]
+    assert list(fig.data[0].y) == [2196, 1090, 738, 164, 87]
+    b = bundling_figure(_profile())
+    assert len(b.data) == 2 and b.data[1].y[0] < b.data[0].y[0]       # bundled is faster on the paper device
+
+
+def test_layouts_figure():
+    rows = [{"layout": lay, "useful_GBps": g, "requests": r, "calls": 2, "ms_per_call": 3.0,
+             "neurons_per_call": 10, "neuron_bytes": 8192, "threads": 4, "direct": True}
+            for lay, g, r in (("bundled", 0.2, 20), ("unbundled", 0.1, 40))]
+    fig = layouts_figure(rows)
+    assert list(fig.data[0].y) == [0.2, 0.1] and "10 requests/call" in fig.data[0].text[0]
