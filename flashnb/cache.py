@@ -44,7 +44,12 @@ class NeuronCache:
         if window < 0:
             raise FlashnbError(f"window must be >= 0 tokens (0 = no window), got {window}")
         self.num_neurons, self.capacity, self.window = num_neurons, capacity, window
-        self.rows = torch.empty(capacity, bundle_width, dtype=dtype)
+        # page-aligned storage, so direct I/O can land new rows in place (see `reserve`)
+        from flashnb.reader import aligned_empty
+
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        self.array = aligned_empty((capacity, bundle_width), np_dtype)
+        self.rows = torch.from_numpy(self.array)
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.slot = np.full(num_neurons, -1, dtype=np.int64)
         self.last_used = np.full(num_neurons, np.iinfo(np.int64).min // 2, dtype=np.int64)
@@ -95,6 +100,26 @@ class NeuronCache:
         """Evict `plan.evict`, then append `loaded_rows` (one row per id of `plan.load`, same order)."""
         self.delete(plan.evict)
         self.append(plan.load, loaded_rows)
+        self._advance(plan)
+
+    def reserve(self, plan: StepPlan) -> np.ndarray:
+        """Evict `plan.evict` and return the free rows [n, n + len(plan.load)) for the reader to fill
+        in place; `commit(plan)` then appends them. (The engine's zero-copy path.)"""
+        self.delete(plan.evict)
+        k = plan.load.size
+        if self.n + k > self.capacity:
+            raise FlashnbError(f"cache overflow: {self.n} + {k} rows > capacity {self.capacity}")
+        return self.array[self.n:self.n + k]
+
+    def commit(self, plan: StepPlan) -> None:
+        """Register the rows written into `reserve(plan)` as neurons `plan.load`."""
+        k = plan.load.size
+        self.ids[self.n:self.n + k] = plan.load
+        self.slot[plan.load] = np.arange(self.n, self.n + k)
+        self.n += k
+        self._advance(plan)
+
+    def _advance(self, plan: StepPlan) -> None:
         self.token += 1
         self.last_used[plan.needed] = self.token
 

@@ -44,8 +44,88 @@ def cmd_demo(args) -> None:
     from flashnb.paths import shipped_model_dir
 
     folder = shipped_model_dir()
-    print(f"flashnb demo: the shipped model {folder.name}, dense in DRAM\n", file=sys.stderr)
-    _generate_dense(str(folder), args.prompt, args.n, 0.0, 1.0, 0)
+    if args.dense:
+        print(f"flashnb demo: the shipped model {folder.name}, dense in DRAM\n", file=sys.stderr)
+        _generate_dense(str(folder), args.prompt, args.n, 0.0, 1.0, 0)
+        return
+    _generate_flash(folder, None, args.prompt, args.n, args.memory, args.window, args.threads, args.table)
+
+
+def _generate_flash(folder, predictors_dir, prompt: str, n: int, memory: float, window: int, threads: int,
+                    table: bool) -> None:
+    """Convert `folder` to a temporary bundled store and generate with the flash engine."""
+    import tempfile
+    from pathlib import Path
+
+    from flashnb.engine import FlashEngine, Policy
+    from flashnb.predictor import load_predictors
+    from flashnb.profile import load_default_profile
+    from flashnb.store import ConvertConfig, convert
+    from flashnb.tokenizer import Tokenizer
+    from flashnb.checkpoint import read_config
+
+    folder = Path(folder)
+    pred_dir = Path(predictors_dir) if predictors_dir else folder.parent / f"{folder.name}-predictors"
+    config = read_config(folder)
+    tok = Tokenizer.from_folder(folder, bos_id=config.bos_token_id)
+    predictors = load_predictors(pred_dir)
+    with tempfile.TemporaryDirectory(prefix="flashnb-demo-") as work:
+        store = convert(folder, Path(work) / "store", ConvertConfig(layout="bundled", progress=False))
+        policy = Policy("learned", window, memory, threads)
+        with FlashEngine(store, policy, predictors=predictors, profile=load_default_profile()) as eng:
+            mem = eng.memory
+            print(f"flashnb: {folder.name} from flash: FFN on disk (direct I/O), {mem.used_bytes / 2**20:.1f} MiB "
+                  f"of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of {mem.model_bytes / 2**20:.1f} MiB "
+                  f"(budget {memory:g}); low-rank predictors, window {window}, row-column bundles\n",
+                  file=sys.stderr)
+            ids = tok.encode(prompt)
+            out = list(eng.generate(ids, n, eos_id=config.eos_token_id))
+            print(prompt + tok.decode(out))
+            steps = eng.steps[len(ids):]
+            if table:
+                print(per_token_table(steps, tok, out), file=sys.stderr)
+            if steps:
+                tot = [s.totals() for s in steps]
+                mean = lambda k: sum(t[k] for t in tot) / len(tot)  # noqa: E731
+                print(f"\nper generated token (mean of {len(steps)}, measured): "
+                      f"{mean('bytes_read') / 1e6:.3f} MB read in {mean('requests'):.0f} requests, "
+                      f"I/O {mean('io_seconds') * 1e3:.2f} ms, memory management {mean('mm_seconds') * 1e3:.2f} ms, "
+                      f"compute {mean('compute_seconds') * 1e3:.2f} ms, total {mean('wall_seconds') * 1e3:.2f} ms; "
+                      f"the whole FFN would be {st_ffn_mb(eng):.2f} MB", file=sys.stderr)
+
+
+def st_ffn_mb(eng) -> float:
+    st = eng.store
+    return st.num_layers * st.ffn_dim * st.neuron_bytes / 1e6
+
+
+def per_token_table(steps, tok, out_ids) -> str:
+    """One line per generated token: neurons predicted / already cached / read, bytes and times."""
+    lines = [f"{'token':<14} {'predicted':>9} {'cached':>7} {'read':>6} {'KB read':>8} {'I/O ms':>7} "
+             f"{'mem ms':>7} {'compute ms':>10}"]
+    for s, tid in zip(steps, out_ids):
+        t = s.totals()
+        text = repr(tok.decode([tid]))[:14]
+        lines.append(f"{text:<14} {t['predicted']:>9} {t['cached']:>7} {t['read']:>6} {t['bytes_read'] / 1e3:>8.1f} "
+                     f"{t['io_seconds'] * 1e3:>7.2f} {t['mm_seconds'] * 1e3:>7.2f} {t['compute_seconds'] * 1e3:>10.2f}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> None:
+    import json
+    from pathlib import Path
+
+    from flashnb.bench import BenchConfig, format_table, run_bench
+
+    cfg = BenchConfig(model=args.model, predictors=args.predictors, prompt=args.prompt, tokens=args.tokens,
+                      window=args.window, memory=args.memory, threads=args.threads, dir=args.dir,
+                      configs=tuple(args.configs.split(",")) if args.configs else BenchConfig.configs,
+                      profile=args.profile)
+    result = run_bench(cfg)
+    print(format_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
 
 
 def cmd_train(args) -> None:
@@ -57,6 +137,29 @@ def cmd_train(args) -> None:
     h = card["heldout"]
     print(f"wrote {args.out}: held-out perplexity {h['perplexity']:.1f}, "
           f"FFN sparsity {h['sparsity_mean']:.1%} (training_card.json has the rest)")
+
+
+def cmd_train_predictors(args) -> None:
+    from flashnb.predictor_build import BuildConfig, build, card_summary
+    from flashnb.predictor_train import PredictorTrainConfig
+
+    ranks = None
+    if args.ranks:
+        try:
+            ranks = [int(r) for r in args.ranks.split(",")]
+        except ValueError:
+            raise FlashnbError(f"--ranks {args.ranks!r} must be comma-separated integers, one per layer") from None
+    tcfg = PredictorTrainConfig(rank=args.rank, ranks=ranks, threshold=args.threshold, epochs=args.epochs,
+                                lr=args.lr, pos_weight=args.pos_weight, init=args.init, seed=args.seed)
+    from flashnb.paths import SHIPPED_MODEL, data_dir, shipped_model_dir
+
+    model = args.model or str(shipped_model_dir())
+    out = args.out or str(data_dir() / f"{SHIPPED_MODEL}-predictors")
+    cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens,
+                      eval_tokens=args.eval_tokens, threads=args.threads, train=tcfg)
+    card = build(cfg, log=lambda m: print(m, file=sys.stderr))
+    print(card_summary(card))
+    print(f"wrote {out} (predictors.safetensors, metrics.json, heldout_slice.safetensors)")
 
 
 def cmd_convert(args) -> None:
@@ -142,11 +245,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashnb", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="run the shipped model and print the text",
-                       description="Run the model flashnb ships (data/) on a prompt and print the text.")
+    d = sub.add_parser("demo", help="run the shipped model from flash at half memory and print the text",
+                       description="Run the model flashnb ships (data/) with its FFN on disk: the flash engine "
+                                   "at 50%% of the model's bytes in DRAM, low-rank predictors, a window of "
+                                   "recent tokens and row-column bundles; prints the text and, per token, "
+                                   "what was read and where the time went.")
     d.add_argument("--prompt", default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
-    d.add_argument("-n", type=int, default=40, help="new tokens (default: %(default)s)")
+    d.add_argument("-n", type=int, default=32, help="new tokens (default: %(default)s)")
+    d.add_argument("--memory", type=float, default=0.5,
+                   help="DRAM budget for weights: fraction of the model's bytes, or bytes if > 1 (default: %(default)s)")
+    d.add_argument("--window", type=int, default=4, help="window of recent tokens (default: %(default)s)")
+    d.add_argument("--threads", type=int, default=8, help="reader threads (default: %(default)s)")
+    d.add_argument("--no-table", dest="table", action="store_false", help="do not print the per-token table")
+    d.add_argument("--dense", action="store_true", help="run dense in DRAM instead (the reference)")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="every configuration side by side: naive ... all techniques, and peers",
+                       description="Generate the same tokens with naive loading, hybrid, +predictor, "
+                                   "+windowing, +bundling (all), mmap streaming and accelerate disk offload, in "
+                                   "one process with direct I/O; print ms per token (I/O / memory / compute), "
+                                   "bytes per token, ratio vs naive and the cost model's prediction.")
+    b.add_argument("--model", default=None, help="HF model folder (default: the shipped model)")
+    b.add_argument("--predictors", default=None, help="predictor folder (default: MODEL-predictors beside it)")
+    b.add_argument("--prompt", default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
+    b.add_argument("--tokens", type=int, default=16, help="generated tokens per configuration (default: %(default)s)")
+    b.add_argument("--window", type=int, default=4, help="window for +windowing and all (default: %(default)s)")
+    b.add_argument("--memory", type=float, default=0.5, help="DRAM budget, fraction of the model (default: %(default)s)")
+    b.add_argument("--threads", type=int, default=8, help="reader threads (default: %(default)s)")
+    b.add_argument("--configs", default=None, help="comma-separated subset of: naive,hybrid,predictor,windowing,"
+                                                   "all,mmap,accelerate (default: all of them)")
+    b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")
+    b.add_argument("--profile", default=None, help="device profile JSON (default: the saved one, else a quick one)")
+    b.add_argument("--out", default=None, help="write the JSON result here")
+    b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="generate text from a Hugging Face model folder",
                        description="Generate text with a model folder (config.json, *.safetensors, "
@@ -169,6 +300,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sparsity-target", type=float, default=0.94,
                    help="FFN sparsity the L1 weight is steered to (default: %(default)s)")
     t.set_defaults(func=cmd_train)
+
+    tp = sub.add_parser("train-predictors", help="train the per-layer FFN activation predictors",
+                        description="Trace the model on the corpus training split, train a low-rank "
+                                    "predictor per layer (balanced BCE), evaluate on the held-out split "
+                                    "(recall, over-selection, perplexity, top-1 agreement) and write "
+                                    "OUT/predictors.safetensors + OUT/metrics.json. The defaults "
+                                    "reproduce the shipped set.")
+    tp.add_argument("--model", default=None, help="model folder (default: the shipped model, data/flashnb-opt-21m)")
+    tp.add_argument("--out", default=None,
+                    help="output folder (default: the shipped set, data/flashnb-opt-21m-predictors)")
+    tp.add_argument("--train-tokens", type=int, default=65_536,
+                    help="training-split tokens to trace (default: %(default)s)")
+    tp.add_argument("--eval-tokens", type=int, default=16_384,
+                    help="held-out tokens to evaluate on (default: %(default)s)")
+    tp.add_argument("--rank", type=int, default=64, help="predictor rank of every layer (default: %(default)s)")
+    tp.add_argument("--ranks", default=None, help="per-layer ranks, comma-separated (overrides --rank)")
+    tp.add_argument("--threshold", type=float, default=0.5,
+                    help="select a neuron when its probability exceeds this (default: %(default)s)")
+    tp.add_argument("--epochs", type=int, default=4, help="passes over the trace (default: %(default)s)")
+    tp.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    tp.add_argument("--pos-weight", type=float, default=1.0,
+                    help="weight of active neurons, times the negative/positive ratio (default: %(default)s)")
+    tp.add_argument("--init", choices=["random", "pca"], default="random",
+                    help="random, or the FFN's rank-r principal projection (default: %(default)s)")
+    tp.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    tp.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    tp.set_defaults(func=cmd_train_predictors)
     _add_flash_commands(sub)
     return p
 

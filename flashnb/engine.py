@@ -34,6 +34,19 @@ from flashnb.store import FlashStore
 PREDICTORS = ("learned", "oracle", "none")
 
 
+def process_read_bytes() -> int:
+    """Bytes this process has caused to be fetched from storage (/proc/self/io read_bytes; 0 where
+    the kernel does not report it)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class Policy:
     """How the engine loads the FFN.
@@ -82,6 +95,8 @@ class TokenStep:
     token: int
     layers: list[LayerStep] = field(default_factory=list)
     wall_seconds: float = 0.0
+    storage_read_bytes: int = 0  # what the kernel fetched from storage for this process (/proc/self/io)
+    needed: list[np.ndarray] = field(default_factory=list)  # neuron ids each layer used: a trace for simulate
 
     @property
     def io_seconds(self) -> float:
@@ -104,7 +119,8 @@ class TokenStep:
         keys = ("predicted", "cached", "read", "evicted", "bytes_read", "bytes_needed", "requests")
         out = {k: sum(getattr(s, k) for s in self.layers) for k in keys}
         out.update(token=self.token, io_seconds=self.io_seconds, mm_seconds=self.mm_seconds,
-                   compute_seconds=self.compute_seconds, wall_seconds=self.wall_seconds)
+                   compute_seconds=self.compute_seconds, wall_seconds=self.wall_seconds,
+                   storage_read_bytes=self.storage_read_bytes)
         return out
 
 
@@ -146,12 +162,14 @@ class FlashFFN(nn.Module):
         needed = eng.select(self.layer, x[0, -1])                        # 1. predict
         t0 = time.perf_counter()
         plan = self.cache.plan(needed)                                   # 2. window bookkeeping
+        free_rows = self.cache.reserve(plan)                             #    delete evicted rows
         t1 = time.perf_counter()
-        got = eng.reader.read(self.layer, plan.load)                     # 3. flash -> DRAM
+        got = eng.reader.read(self.layer, plan.load, out=free_rows)      # 3. flash -> DRAM, in place
         t2 = time.perf_counter()
-        self.cache.apply(plan, torch.from_numpy(got.rows))               # 4. delete + append rows
+        self.cache.commit(plan)                                          # 4. append the new rows
         t3 = time.perf_counter()
         y = self.compute(x, plan.needed)                                 # 5. FFN from rows[:n]
+        eng.steps[-1].needed.append(plan.needed)
         eng.steps[-1].layers.append(LayerStep(
             predicted=plan.needed.size, cached=plan.hits.size, read=plan.load.size, evicted=plan.evict.size,
             bytes_read=got.stats.bytes_read, bytes_needed=got.stats.bytes_needed, requests=got.stats.requests,
@@ -179,7 +197,63 @@ class FlashFFN(nn.Module):
         return y if b2 is None else y + b2
 
 
-class FlashEngine:
+class TokenLoop:
+    """Runs `self.model` one token at a time and keeps a `TokenStep` per token in `self.steps`.
+
+    Subclasses build `self.model` (a resident model whose FFNs append LayerSteps) and `self.limit`.
+    """
+
+    model: nn.Module
+    steps: list[TokenStep]
+
+    @torch.no_grad()
+    def step(self, token: int, kv) -> torch.Tensor:
+        """Run one token through the model; returns its logits [vocab] (float32)."""
+        self.steps.append(TokenStep(token))
+        self.before_token()
+        r0, t0 = process_read_bytes(), time.perf_counter()
+        logits = self.model(torch.tensor([[token]]), kv)[0, -1]
+        self.steps[-1].wall_seconds = time.perf_counter() - t0
+        self.steps[-1].storage_read_bytes = process_read_bytes() - r0
+        return logits
+
+    def before_token(self) -> None:
+        """Hook run before each token, outside its timing (baselines evict the page cache here)."""
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling=None,
+                 eos_id: int | None = None) -> Iterator[int]:
+        """Yield new token ids; the prompt runs token by token too, so every step is recorded."""
+        from flashnb.generate import SamplingConfig, sample_next
+
+        sampling = sampling or SamplingConfig()
+        limit = self.model.config.max_position_embeddings
+        if not prompt_ids or len(prompt_ids) + max_new_tokens > limit:
+            raise FlashnbError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens must be between "
+                               f"1 and the model's context of {limit} positions")
+        gen = torch.Generator().manual_seed(sampling.seed)
+        kv = self.model.new_cache(1, len(prompt_ids) + max_new_tokens)
+        for tok in prompt_ids:
+            logits = self.step(tok, kv)
+        for i in range(max_new_tokens):
+            tok = sample_next(logits, sampling, gen)
+            if tok == eos_id:
+                return
+            yield tok
+            if i + 1 < max_new_tokens:
+                logits = self.step(tok, kv)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FlashEngine(TokenLoop):
     """A model run from a flash store under a memory budget, token by token.
 
     `predictors`: a LowRankPredictors set for policy.predictor == "learned" (ignored otherwise).
@@ -226,30 +300,10 @@ class FlashEngine:
         return predictors
 
     def _plan_memory(self) -> MemoryPlan:
-        st, pol = self.store, self.policy
-        item = st.np_dtype.itemsize
-        dram_bytes = _dram_file_bytes(st)  # held at the store's precision
-        ffn_bytes = st.num_layers * st.ffn_dim * st.neuron_bytes
-        model_bytes = dram_bytes + ffn_bytes
-        budget = int(pol.memory_budget * model_bytes) if pol.memory_budget <= 1 else int(pol.memory_budget)
         pred_bytes = 0
-        if pol.predictor == "learned":
+        if self.policy.predictor == "learned":
             pred_bytes = sum(_tensor_bytes(p.parameters()) for p in self.predictors.layers)
-        row_bytes = st.neuron_bytes + 3 * 8  # the row plus its pointer-array entries (ids, slot, last)
-        free = budget - dram_bytes - pred_bytes
-        caches = 1 if pol.window == 0 else st.num_layers
-        capacity = min(st.ffn_dim, max(0, free) // (caches * row_bytes))
-        need = st.ffn_dim if pol.predictor == "none" else 1
-        c = st.config
-        kv = 2 * c.num_hidden_layers * c.num_kv_heads * c.head_dim * c.max_position_embeddings * item
-        mem = MemoryPlan(model_bytes, budget, dram_bytes, pred_bytes, caches * capacity * row_bytes, capacity, kv)
-        if capacity < need:
-            raise FlashnbError(
-                f"memory budget of {budget / 2**20:.1f} MiB ({_pct(budget, model_bytes)} of the model's "
-                f"{model_bytes / 2**20:.1f} MiB) is too small: DRAM tensors take {dram_bytes / 2**20:.1f} MiB, "
-                f"predictors {pred_bytes / 2**20:.1f} MiB, leaving room for {capacity} neuron rows per cache "
-                f"where {need} are needed; raise the budget (e.g. --memory {min(1.0, (dram_bytes + pred_bytes + need * caches * row_bytes) / model_bytes + 0.01):.2f})")
-        return mem
+        return memory_plan(self.store, self.policy, pred_bytes)
 
     # -- the token loop ----------------------------------------------------------------------
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
@@ -258,46 +312,34 @@ class FlashEngine:
             return self._all
         return self.predictors.predict_ids(layer, x).numpy()
 
-    @torch.no_grad()
-    def step(self, token: int, kv) -> torch.Tensor:
-        """Run one token through the model; returns its logits [vocab] (float32)."""
-        self.steps.append(TokenStep(token))
-        t0 = time.perf_counter()
-        logits = self.model(torch.tensor([[token]]), kv)[0, -1]
-        self.steps[-1].wall_seconds = time.perf_counter() - t0
-        return logits
-
-    @torch.no_grad()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling=None,
-                 eos_id: int | None = None) -> Iterator[int]:
-        """Yield new token ids; the prompt runs token by token too, so every step is recorded."""
-        from flashnb.generate import SamplingConfig, sample_next
-
-        sampling = sampling or SamplingConfig()
-        limit = self.store.config.max_position_embeddings
-        if not prompt_ids or len(prompt_ids) + max_new_tokens > limit:
-            raise FlashnbError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens must be between "
-                               f"1 and the model's context of {limit} positions")
-        gen = torch.Generator().manual_seed(sampling.seed)
-        kv = self.model.new_cache(1, len(prompt_ids) + max_new_tokens)
-        for tok in prompt_ids:
-            logits = self.step(tok, kv)
-        for i in range(max_new_tokens):
-            tok = sample_next(logits, sampling, gen)
-            if tok == eos_id:
-                return
-            yield tok
-            if i + 1 < max_new_tokens:
-                logits = self.step(tok, kv)
-
     def close(self) -> None:
         self.reader.close()
 
-    def __enter__(self) -> "FlashEngine":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+def memory_plan(store: FlashStore, policy: Policy, predictor_bytes: int = 0) -> MemoryPlan:
+    """Split the budget: DRAM tensors and predictors first, the rest to neuron caches (one per layer,
+    or one shared when window = 0). Raises a clear error when too little is left."""
+    st = store
+    item = st.np_dtype.itemsize
+    dram_bytes = _dram_file_bytes(st)  # held at the store's precision
+    ffn_bytes = st.num_layers * st.ffn_dim * st.neuron_bytes
+    model_bytes = dram_bytes + ffn_bytes
+    budget = int(policy.memory_budget * model_bytes) if policy.memory_budget <= 1 else int(policy.memory_budget)
+    row_bytes = st.neuron_bytes + 3 * 8  # the row plus its pointer-array entries (ids, slot, last use)
+    free = budget - dram_bytes - predictor_bytes
+    caches = 1 if policy.window == 0 else st.num_layers
+    capacity = min(st.ffn_dim, max(0, free) // (caches * row_bytes))
+    need = st.ffn_dim if policy.predictor == "none" else 1
+    c = st.config
+    kv = 2 * c.num_hidden_layers * c.num_kv_heads * c.head_dim * c.max_position_embeddings * item
+    if capacity < need:
+        fits = (dram_bytes + predictor_bytes + need * caches * row_bytes) / model_bytes
+        raise FlashnbError(
+            f"memory budget of {budget / 2**20:.2f} MiB ({_pct(budget, model_bytes)} of the model's "
+            f"{model_bytes / 2**20:.2f} MiB) is too small: DRAM tensors take {dram_bytes / 2**20:.2f} MiB, "
+            f"predictors {predictor_bytes / 2**20:.2f} MiB, leaving room for {capacity} neuron rows per cache "
+            f"where at least {need} are needed; raise the budget to at least {min(1.0, fits):.2f} of the model")
+    return MemoryPlan(model_bytes, budget, dram_bytes, predictor_bytes, caches * capacity * row_bytes, capacity, kv)
 
 
 def _pct(a: float, b: float) -> str:

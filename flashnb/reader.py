@@ -324,7 +324,6 @@ class NeuronReader:
             bad = ids[(ids < 0) | (ids >= st.ffn_dim)]
             raise FlashnbError(f"neuron ids {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} are out of range "
                                f"for layer {layer} of {st.path} (valid ids: 0..{st.ffn_dim - 1})")
-        row_bytes = st.neuron_bytes
         if out is None:
             out = aligned_empty((n, st.row_values), st.np_dtype)
         elif (out.dtype != st.np_dtype or out.shape != (n, st.row_values) or not out.flags.c_contiguous
@@ -333,13 +332,8 @@ class NeuronReader:
                                f"{(n, st.row_values)}, got {out.dtype} {out.shape}")
         if n == 0:
             return ReadResult(out, self._stats(layer, 0, 0, np.zeros(0, np.int64), 0, t0, "scatter"))
-        if n > 1 and bool(np.all(ids[1:] > ids[:-1])):  # sorted and unique: the engine's usual case
-            uniq, first, inv = ids, np.arange(n), None
-        else:
-            uniq, first, inv = np.unique(ids, return_index=True, return_inverse=True)
         out_u8 = out.reshape(-1).view(np.uint8)
-        scatter = (not self.direct) or (self._scatter_ok and out_u8.ctypes.data % self.io_align == 0)
-        plan = self._plan_scatter(regs, uniq, first, row_bytes) if scatter else self._plan_staging(regs, uniq)
+        uniq, first, inv, scatter, plan = self._plan(regs, ids, out_u8.ctypes.data % self.io_align == 0)
         dst = memoryview(out_u8) if scatter else self._staging_view(int(plan.req_len.sum()))
         retries = self._run(plan, dst, scatter)
         if not scatter:
@@ -353,6 +347,28 @@ class NeuronReader:
             evict(self.fd, lo, regs[-1].offset + regs[-1].size - lo)
         stats = self._stats(layer, n, uniq.size, plan.req_len, retries, t0, "scatter" if scatter else "staging")
         return ReadResult(out, stats)
+
+    def _plan(self, regs: tuple[Region, ...], ids: np.ndarray, out_aligned: bool):
+        """Unique ids, first occurrences, inverse (None if already sorted and unique), path, plan."""
+        n = ids.size
+        if n > 1 and bool(np.all(ids[1:] > ids[:-1])):  # sorted and unique: the engine's usual case
+            uniq, first, inv = ids, np.arange(n), None
+        else:
+            uniq, first, inv = np.unique(ids, return_index=True, return_inverse=True)
+        scatter = (not self.direct) or (self._scatter_ok and out_aligned)
+        plan = (self._plan_scatter(regs, uniq, first, self.store.neuron_bytes) if scatter
+                else self._plan_staging(regs, uniq))
+        return uniq, first, inv, scatter, plan
+
+    def request_sizes(self, layer: int, ids, out_aligned: bool = True) -> np.ndarray:
+        """Bytes of every request `read(layer, ids)` would issue (into a block-aligned `out` unless
+        `out_aligned` is False), without reading anything: what `flashnb.simulate` counts."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            return np.zeros(0, np.int64)
+        if ids.min() < 0 or ids.max() >= self.store.ffn_dim:
+            raise FlashnbError(f"neuron ids must lie in 0..{self.store.ffn_dim - 1} for layer {layer}")
+        return np.asarray(self._plan(self.store.regions(layer), ids, out_aligned)[4].req_len, dtype=np.int64)
 
     def _stats(self, layer, n, n_u, req_len, retries, t0, path) -> ReadStats:
         return ReadStats(layer=layer, neurons_requested=int(n), neurons_unique=int(n_u), requests=int(req_len.size),

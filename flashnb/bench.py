@@ -1,0 +1,230 @@
+"""`flashnb bench`: every configuration side by side, in one process, as JSON and a table.
+
+On the shipped model (or any Hugging Face folder with predictors), each configuration generates the
+same number of tokens after the same prompt, reading its FFN with direct I/O (cold: nothing is
+served from the page cache). Per generated token it reports I/O, memory management and compute
+milliseconds, bytes read, requests, throughput and the ratio to naive, and beside each the cost
+model's prediction (flashnb.costmodel) from the model shape, the policy statistics measured in the
+same run and this machine's device profile.
+
+Configurations (the paper's Table 2 ladder, then the peers):
+    naive       the whole FFN of every layer read every token (large sequential reads)
+    hybrid      as much of the FFN as the budget allows pinned in DRAM, the rest read every token
+    predictor   + low-rank predictors: only predicted neurons, unbundled store (2 reads a neuron)
+    windowing   + window of recent tokens' neurons kept in DRAM, unbundled
+    all         + row-column bundling (1 read a neuron)
+    mmap        the FFN memory-mapped, page cache dropped before each token (llama.cpp's regime)
+    accelerate  transformers + accelerate disk offload of the whole checkpoint, cache dropped per token
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashnb.errors import FlashnbError
+
+CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "mmap", "accelerate")
+LABELS = {"naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor",
+          "windowing": "+windowing", "all": "+bundling (all)", "mmap": "mmap streaming",
+          "accelerate": "accelerate disk offload"}
+
+
+@dataclass
+class BenchConfig:
+    """What to run. Sizes in bytes; `memory` <= 1 is a fraction of the model's bytes."""
+
+    model: str | None = None          # HF folder; None = the shipped model
+    predictors: str | None = None     # predictor folder; None = the shipped set
+    prompt: str = "Return a new list containing"
+    tokens: int = 16
+    window: int = 4
+    memory: float = 0.5
+    threads: int = 8
+    dir: str | None = None            # where the scratch stores go (None: system temp folder)
+    configs: tuple[str, ...] = CONFIGS
+    profile: str | None = None        # profile JSON; None = the saved default, else a quick profile
+    progress: bool = True
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else 0.0
+
+
+def summarize(steps, model_ffn_neurons: int) -> dict:
+    """Per-token means over `steps` (TokenStep list): ms, bytes, counts."""
+    tot = [s.totals() for s in steps]
+    io = _mean(t["io_seconds"] for t in tot)
+    mm = _mean(t["mm_seconds"] for t in tot)
+    wall = _mean(t["wall_seconds"] for t in tot)
+    have_split = any(s.layers for s in steps)
+    out = {"tokens": len(steps), "total_ms": wall * 1e3,
+           "io_ms": io * 1e3 if have_split else None, "mm_ms": mm * 1e3 if have_split else None,
+           "compute_ms": (wall - io - mm) * 1e3 if have_split else None,
+           "bytes_read_per_token": _mean(t["bytes_read"] for t in tot) if have_split else None,
+           "storage_read_bytes_per_token": _mean(t["storage_read_bytes"] for t in tot),
+           "requests_per_token": _mean(t["requests"] for t in tot) if have_split else None}
+    if have_split:
+        out["io_throughput_GBps"] = (out["bytes_read_per_token"] / io / 1e9) if io > 0 else None
+        pred = _mean(t["predicted"] for t in tot)
+        out["predicted_share"] = pred / model_ffn_neurons
+        out["window_hit_share"] = _mean(t["cached"] for t in tot) / pred if pred else 0.0
+        out["neurons_read_per_token"] = _mean(t["read"] for t in tot)
+    return out
+
+
+def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device) -> dict:
+    """The cost model's prediction for configuration `name`, fed the policy statistics measured."""
+    from flashnb import costmodel as cm
+
+    other = shape.other_bytes / shape.total_bytes
+    base = cm.Policy(name=name, memory_budget=other, threads=cfg.threads)
+    if name in ("naive", "mmap"):
+        pol = replace(base, predictor=False)
+    elif name == "hybrid":
+        pinned = runner.pinned * shape.num_layers * shape.neuron_bytes
+        pol = replace(base, predictor=False, memory_budget=(shape.other_bytes + pinned) / shape.total_bytes)
+    elif name == "accelerate":
+        pol = replace(base, hybrid=False, predictor=False)
+    else:
+        share = measured["predicted_share"]
+        pol = replace(base, sparsity=1.0 - share, overselect=1.0, bundling=(name == "all"))
+        if name in ("windowing", "all"):
+            cached = runner.memory.capacity_rows / shape.ffn_dim
+            pol = replace(pol, window=cfg.window, window_reuse=measured["window_hit_share"],
+                          window_cached_fraction=cached)
+    c = cm.token_cost(shape, pol, device)
+    ms = lambda s: None if s is None else s * 1e3  # noqa: E731
+    return {"io_ms": ms(c.io_seconds), "mm_ms": ms(c.mm_seconds), "compute_ms": ms(c.compute_seconds),
+            "total_ms": ms(c.total_seconds), "bytes_read_per_token": c.io_bytes}
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Run every configuration in `cfg.configs`; returns the JSON-ready result."""
+    from flashnb.baselines import AccelerateOffload, HybridEngine, MmapEngine
+    from flashnb.checkpoint import read_config
+    from flashnb.costmodel import ModelShape, as_device
+    from flashnb.engine import FlashEngine, Policy
+    from flashnb.generate import SamplingConfig
+    from flashnb.paths import data_dir, shipped_model_dir
+    from flashnb.predictor import load_predictors
+    from flashnb.profile import Profile, ProfileConfig, load_default_profile, machine_info, run_profile
+    from flashnb.store import ConvertConfig, convert
+    from flashnb.tokenizer import Tokenizer
+
+    unknown = set(cfg.configs) - set(CONFIGS)
+    if unknown:
+        raise FlashnbError(f"unknown configurations {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    if cfg.tokens < 1:
+        raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
+    model_dir = Path(cfg.model) if cfg.model else shipped_model_dir()
+    pred_dir = Path(cfg.predictors) if cfg.predictors else data_dir() / f"{model_dir.name}-predictors"
+    config = read_config(model_dir)
+    tok = Tokenizer.from_folder(model_dir, bos_id=config.bos_token_id)
+    prompt = tok.encode(cfg.prompt)
+    workroot = Path(cfg.dir or tempfile.gettempdir())
+    if not workroot.is_dir():
+        raise FlashnbError(f"--dir {workroot} does not exist; create it or pick another folder")
+    if cfg.profile:
+        profile = Profile.load(cfg.profile)
+        profile_source = cfg.profile
+    else:
+        profile = load_default_profile()
+        profile_source = "saved default"
+        if profile is None:
+            profile = run_profile(ProfileConfig.quick(dir=str(workroot), progress=cfg.progress))
+            profile_source = "quick profile measured by this run"
+    device = as_device(profile)
+    shape = ModelShape.from_config(config, 2, model_dir.name)
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="flashnb-bench-", dir=workroot) as work:
+        stores = {}
+        for layout in ("bundled", "unbundled"):
+            stores[layout] = convert(model_dir, Path(work) / layout, ConvertConfig(layout=layout, progress=False))
+        predictors = None
+        if {"predictor", "windowing", "all"} & set(cfg.configs):
+            predictors = load_predictors(pred_dir)
+        sampling = SamplingConfig()
+        for name in cfg.configs:
+            t0 = time.perf_counter()
+            if name == "naive":
+                runner = FlashEngine(stores["bundled"], Policy("none", 0, cfg.memory, cfg.threads), profile=profile)
+            elif name == "hybrid":
+                runner = HybridEngine(stores["bundled"], cfg.memory, cfg.threads, profile)
+            elif name in ("predictor", "windowing", "all"):
+                window = 0 if name == "predictor" else cfg.window
+                layout = "bundled" if name == "all" else "unbundled"
+                runner = FlashEngine(stores[layout], Policy("learned", window, cfg.memory, cfg.threads),
+                                     predictors=predictors, profile=profile)
+            elif name == "mmap":
+                runner = MmapEngine(stores["bundled"])
+            else:
+                runner = AccelerateOffload(model_dir, dtype=torch.float16, offload_dir=str(Path(work) / "offload"))
+            try:
+                if name == "accelerate":
+                    logits = None
+                    for t in prompt:
+                        logits = runner.step(t)
+                    out = []
+                    for _ in range(cfg.tokens):
+                        nxt = int(torch.argmax(logits))
+                        out.append(nxt)
+                        logits = runner.step(nxt)
+                    generated = runner.steps[len(prompt):]
+                else:
+                    out = list(runner.generate(prompt, cfg.tokens + 1, sampling))[:cfg.tokens]
+                    generated = runner.steps[len(prompt):]
+                m = summarize(generated, shape.ffn_dim * shape.num_layers)
+                m["label"] = LABELS[name]
+                m["text"] = tok.decode(out)
+                m["seconds"] = time.perf_counter() - t0
+                if hasattr(runner, "memory"):
+                    m["dram_bytes"] = runner.memory.used_bytes
+                    m["budget_bytes"] = runner.memory.budget_bytes
+                elif hasattr(runner, "used_bytes"):
+                    m["dram_bytes"], m["budget_bytes"] = runner.used_bytes, runner.budget_bytes
+                m["modeled"] = _modeled(name, shape, m, runner, cfg, device)
+                results[name] = m
+            finally:
+                runner.close()
+            if cfg.progress:
+                print(f"  {LABELS[name]:<24} {results[name]['total_ms']:9.2f} ms/token", flush=True)
+    naive = results.get("naive", {}).get("total_ms")
+    for m in results.values():
+        m["speedup_vs_naive"] = naive / m["total_ms"] if naive else None
+        mod = m["modeled"]["total_ms"]
+        m["model_vs_measured"] = mod / m["total_ms"] if mod else None
+    return {"flashnb_bench_version": 1, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {**machine_info(workroot), "python": platform.python_version(), "torch": torch.__version__,
+                        "torch_threads": torch.get_num_threads()},
+            "model": str(model_dir), "model_bytes": shape.total_bytes, "ffn_bytes": shape.ffn_bytes,
+            "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+            "io": "direct I/O (O_DIRECT) for flashnb's reader; page cache dropped before each token for "
+                  "mmap and accelerate",
+            "profile_source": profile_source, "profile": profile.summary(), "results": results}
+
+
+def format_table(result: dict) -> str:
+    """The result as a fixed-width text table (ms per token; MB = 1e6 bytes)."""
+    def f(x, spec):
+        return "—" if x is None else format(x, spec)
+    head = (f"{'configuration':<24} {'I/O':>8} {'mem':>7} {'compute':>8} {'total':>8} {'MB/token':>9} "
+            f"{'GB/s':>6} {'vs naive':>8} {'modeled':>8}")
+    lines = [head, "-" * len(head)]
+    for m in result["results"].values():
+        mb = m["bytes_read_per_token"] if m["bytes_read_per_token"] is not None else m["storage_read_bytes_per_token"]
+        lines.append(f"{m['label']:<24} {f(m['io_ms'], '8.2f')} {f(m['mm_ms'], '7.2f')} {f(m['compute_ms'], '8.2f')} "
+                     f"{m['total_ms']:8.2f} {mb / 1e6:9.3f} {f(m.get('io_throughput_GBps'), '6.2f')} "
+                     f"{f(m['speedup_vs_naive'], '7.1f')}x {f(m['modeled']['total_ms'], '8.2f')}")
+    lines.append("ms per generated token, measured on this machine; 'modeled' = flashnb.costmodel with this run's "
+                 "policy statistics and device profile. MB/token for mmap/accelerate = bytes the kernel read.")
+    return "\n".join(lines)

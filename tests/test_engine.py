@@ -1,0 +1,124 @@
+"""The flash engine against the dense model: exact with the oracle, budgets, baselines, simulate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flashnb import FlashnbError
+from flashnb.baselines import HybridEngine, MmapEngine
+from flashnb.checkpoint import load_model
+from flashnb.engine import FlashEngine, Policy
+from flashnb.generate import generate
+from flashnb.store import ConvertConfig, convert
+
+from conftest import make_tiny_llama, make_tiny_opt
+
+PROMPT = [2, 17, 42, 99, 7]
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def tiny(request, tmp_path_factory):
+    """(HF folder, {layout: fp32 store}) for a tiny random model of each architecture."""
+    root = tmp_path_factory.mktemp(request.param)
+    folder = (make_tiny_opt if request.param == "opt" else make_tiny_llama)(root / "hf", max_position_embeddings=80)
+    stores = {layout: convert(folder, root / layout, ConvertConfig(layout=layout, dtype="fp32", progress=False))
+              for layout in ("bundled", "unbundled")}
+    return folder, stores
+
+
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+@pytest.mark.parametrize("window", [0, 1, 4])
+def test_oracle_engine_equals_dense_over_64_tokens(tiny, layout, window):
+    folder, stores = tiny
+    dense = load_model(folder)
+    expected = list(generate(dense, PROMPT, 64))
+    with FlashEngine(stores[layout], Policy("oracle", window, memory_budget=1.0, threads=2)) as eng:
+        got = list(eng.generate(PROMPT, 64))
+        assert got == expected
+        seq = PROMPT + got
+        kv = dense.new_cache(1, len(seq))
+        with torch.no_grad():
+            ref = dense(torch.tensor([seq[:-1]]), kv)[0]
+        # the engine's logits for every position, recomputed token by token on a fresh engine
+    with FlashEngine(stores[layout], Policy("oracle", window, memory_budget=1.0, threads=2)) as eng:
+        kv = eng.model.new_cache(1, len(seq))
+        logits = torch.stack([eng.step(t, kv) for t in seq[:-1]])
+    assert (logits - ref).abs().max().item() <= 1e-4
+
+
+def test_window_reduces_reads_and_keeps_the_window(tiny):
+    _, stores = tiny
+    reads = {}
+    for window in (0, 4):
+        with FlashEngine(stores["bundled"], Policy("oracle", window, memory_budget=1.0, threads=2)) as eng:
+            list(eng.generate(PROMPT, 20))
+            reads[window] = sum(s.totals()["read"] for s in eng.steps)
+            t = eng.steps[-1].totals()
+            assert t["predicted"] == t["cached"] + t["read"]
+            if window == 0:
+                assert t["cached"] == 0
+    assert reads[4] < reads[0]
+
+
+def test_budget_too_small_is_one_clear_error_before_any_work(tiny):
+    _, stores = tiny
+    with pytest.raises(FlashnbError, match=r"memory budget .* is too small.*raise the budget"):
+        FlashEngine(stores["bundled"], Policy("none", 0, memory_budget=0.05))
+    with pytest.raises(FlashnbError, match="no predictors were given"):
+        FlashEngine(stores["bundled"], Policy("learned", 2))
+
+
+def test_bad_policy_values():
+    with pytest.raises(FlashnbError, match="predictor must be one of"):
+        Policy("magic")
+    with pytest.raises(FlashnbError, match="window must be >= 0"):
+        Policy("oracle", -1)
+
+
+def test_naive_reads_every_byte_of_the_ffn(tiny):
+    _, stores = tiny
+    with FlashEngine(stores["bundled"], Policy("none", 0, memory_budget=1.0, threads=2)) as eng:
+        kv = eng.model.new_cache(1, 8)
+        for t in PROMPT:
+            eng.step(t, kv)
+        st = eng.store
+        full = st.num_layers * st.ffn_dim * st.neuron_bytes
+        assert all(s.bytes_read == full for s in eng.steps)
+
+
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+def test_baselines_equal_dense(tiny, layout):
+    folder, stores = tiny
+    dense = load_model(folder)
+    with torch.no_grad():
+        ref = dense(torch.tensor([PROMPT]))[0]
+    for runner in (HybridEngine(stores[layout], memory_budget=0.95, threads=2), MmapEngine(stores[layout])):
+        kv = runner.model.new_cache(1, len(PROMPT))
+        out = torch.stack([runner.step(t, kv) for t in PROMPT])
+        runner.close()
+        assert (out - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("gap", [0, 8192])
+def test_simulate_from_a_dense_trace_equals_engine_bytes(tiny, gap):
+    """The preview computed from a trace of the dense model alone equals what the engine reads."""
+    from flashnb.simulate import needed_from_trace, simulate
+    from flashnb.traces import record
+
+    folder, stores = tiny
+    dense = load_model(folder)
+    seq = PROMPT + list(generate(dense, PROMPT, 30))
+    trace = record(dense, seq)
+    sets = needed_from_trace(trace)
+    for layout in ("bundled", "unbundled"):
+        for window in (0, 3):
+            pol = Policy("oracle", window, memory_budget=1.0, threads=2, gap_bytes=gap)
+            with FlashEngine(stores[layout], pol) as eng:
+                kv = eng.model.new_cache(1, len(seq))
+                for t in seq:
+                    eng.step(t, kv)
+                measured = [(s.bytes_read, s.totals()["requests"], s.totals()["evicted"]) for s in eng.steps]
+            sim = simulate(sets, stores[layout], pol)
+            assert [(s.bytes_read, s.totals()["requests"], s.totals()["evicted"]) for s in sim] == measured
