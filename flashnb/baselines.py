@@ -181,6 +181,10 @@ class AccelerateOffload:
         self.offloaded_bytes = sum(f.stat().st_size for f in self.files)
         self.steps: list[TokenStep] = []
         self.past = None
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def before_token(self) -> None:
         for f in self.files:
@@ -197,8 +201,13 @@ class AccelerateOffload:
         self.steps.append(TokenStep(token))
         self.before_token()
         r0, t0 = process_read_bytes(), time.perf_counter()
-        out = self.model(input_ids=torch.tensor([[token]]), past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+        ids = torch.tensor([[token]])
+        if self._cache_kw == "cache":  # transformers >= 5.x names the KV cache argument `cache`
+            out = self.model(input_ids=ids, cache=self.past, use_cache=True)
+            self.past = getattr(out, "cache", None) or out.past_key_values
+        else:
+            out = self.model(input_ids=ids, past_key_values=self.past, use_cache=True)
+            self.past = out.past_key_values
         self.steps[-1].wall_seconds = time.perf_counter() - t0
         self.steps[-1].storage_read_bytes = process_read_bytes() - r0
         return out.logits[0, -1].float()

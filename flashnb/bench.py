@@ -51,6 +51,8 @@ class BenchConfig:
     dir: str | None = None            # where the scratch stores go (None: system temp folder)
     configs: tuple[str, ...] = CONFIGS
     profile: str | None = None        # profile JSON; None = the saved default, else a quick profile
+    replay: bool = False              # also replay the predictor run's sets at OPT 6.7B's shape (~17 GB of files)
+    keep_replay: bool = False         # keep the replay files in `dir` for the next run
     progress: bool = True
 
 
@@ -194,10 +196,21 @@ def run_bench(cfg: BenchConfig) -> dict:
                     m["dram_bytes"], m["budget_bytes"] = runner.used_bytes, runner.budget_bytes
                 m["modeled"] = _modeled(name, shape, m, runner, cfg, device)
                 results[name] = m
+                if name == "predictor":  # its sets drive the replay
+                    replay_sets = [s.needed for s in generated]
             finally:
                 runner.close()
             if cfg.progress:
                 print(f"  {LABELS[name]:<24} {results[name]['total_ms']:9.2f} ms/token", flush=True)
+        replay = None
+        if cfg.replay:
+            from flashnb.replay import run_replay
+
+            if "predictor" not in cfg.configs:
+                raise FlashnbError("--replay replays the +predictor run's neuron sets: include 'predictor' in --configs")
+            replay_dir = Path(work) if not cfg.keep_replay else workroot
+            replay = run_replay(replay_sets, config.ffn_dim, replay_dir, cfg.window, cfg.memory, cfg.threads,
+                                tokens=cfg.tokens, profile=profile, progress=cfg.progress)
     naive = results.get("naive", {}).get("total_ms")
     for m in results.values():
         m["speedup_vs_naive"] = naive / m["total_ms"] if naive else None
@@ -210,7 +223,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},
             "io": "direct I/O (O_DIRECT) for flashnb's reader; page cache dropped before each token for "
                   "mmap and accelerate",
-            "profile_source": profile_source, "profile": profile.summary(), "results": results}
+            "profile_source": profile_source, "profile": profile.summary(), "results": results, "replay": replay}
 
 
 def format_table(result: dict) -> str:
@@ -227,4 +240,13 @@ def format_table(result: dict) -> str:
                      f"{f(m['speedup_vs_naive'], '7.1f')}x {f(m['modeled']['total_ms'], '8.2f')}")
     lines.append("ms per generated token, measured on this machine; 'modeled' = flashnb.costmodel with this run's "
                  "policy statistics and device profile. MB/token for mmap/accelerate = bytes the kernel read.")
+    rp = result.get("replay")
+    if rp:
+        lines += ["", rp["label"] + f"; window {rp['window']}, {rp['cache_rows_per_layer']} cache rows per layer",
+                  f"{'configuration':<24} {'I/O ms':>9} {'MB/token':>9} {'requests':>9} {'GB/s':>6} {'vs naive':>8}"]
+        for name, m in rp["results"].items():
+            lines.append(f"{LABELS[name]:<24} {m['io_ms']:9.1f} {m['bytes_per_token'] / 1e6:9.1f} "
+                         f"{m['requests_per_token']:9.0f} {m['GBps']:6.2f} {m['io_vs_naive']:7.1f}x")
+        lines.append("paper, OPT 6.7B on an M1 Max (Table 2), I/O ms: naive 2196, +predictor 738, +windowing 164, "
+                     "+bundling 87")
     return "\n".join(lines)

@@ -24,6 +24,18 @@ import torch
 from flashnb.errors import FlashnbError
 
 
+def split_needed(needed: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """A token's neuron ids in parts of at most `capacity`: one part when they fit the cache.
+
+    A token that needs more neurons than a cache holds is served part by part (each part planned,
+    read and computed in turn, the outputs summed); its window then covers fewer tokens.
+    """
+    needed = np.unique(np.asarray(needed, dtype=np.int64))
+    if needed.size <= capacity:
+        return [needed]
+    return np.array_split(needed, -(-needed.size // capacity))
+
+
 @dataclass
 class StepPlan:
     """What one token changes in one layer's cache (neuron ids, int64 arrays)."""

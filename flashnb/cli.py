@@ -120,7 +120,7 @@ def cmd_bench(args) -> None:
     cfg = BenchConfig(model=args.model, predictors=args.predictors, prompt=args.prompt, tokens=args.tokens,
                       window=args.window, memory=args.memory, threads=args.threads, dir=args.dir,
                       configs=tuple(args.configs.split(",")) if args.configs else BenchConfig.configs,
-                      profile=args.profile)
+                      profile=args.profile, replay=args.replay, keep_replay=args.keep_replay)
     result = run_bench(cfg)
     print(format_table(result))
     if args.out:
@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "all,mmap,accelerate (default: all of them)")
     b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")
     b.add_argument("--profile", default=None, help="device profile JSON (default: the saved one, else a quick one)")
+    b.add_argument("--replay", action="store_true",
+                   help="also replay the +predictor run's neuron sets on random FFN files of OPT 6.7B's shape "
+                        "(two files of ~8.6 GB in --dir, created with a progress bar, removed afterwards)")
+    b.add_argument("--keep-replay", action="store_true", help="keep the replay files in --dir for the next run")
     b.add_argument("--out", default=None, help="write the JSON result here")
     b.set_defaults(func=cmd_bench)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flashnb.cache import NeuronCache
+from flashnb.cache import NeuronCache, split_needed
 from flashnb.errors import FlashnbError
 from flashnb.models.common import activation
 from flashnb.reader import NeuronReader, ReaderConfig
@@ -160,24 +160,28 @@ class FlashFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [1, 1, d_model], one token
         eng = self.engine
         needed = eng.select(self.layer, x[0, -1])                        # 1. predict
-        t0 = time.perf_counter()
-        plan = self.cache.plan(needed)                                   # 2. window bookkeeping
-        free_rows = self.cache.reserve(plan)                             #    delete evicted rows
-        t1 = time.perf_counter()
-        got = eng.reader.read(self.layer, plan.load, out=free_rows)      # 3. flash -> DRAM, in place
-        t2 = time.perf_counter()
-        self.cache.commit(plan)                                          # 4. append the new rows
-        t3 = time.perf_counter()
-        y = self.compute(x, plan.needed)                                 # 5. FFN from rows[:n]
-        eng.steps[-1].needed.append(plan.needed)
-        eng.steps[-1].layers.append(LayerStep(
-            predicted=plan.needed.size, cached=plan.hits.size, read=plan.load.size, evicted=plan.evict.size,
-            bytes_read=got.stats.bytes_read, bytes_needed=got.stats.bytes_needed, requests=got.stats.requests,
-            io_seconds=t2 - t1, mm_seconds=(t1 - t0) + (t3 - t2)))
-        return y
+        eng.steps[-1].needed.append(np.unique(needed))
+        y = 0
+        for part in split_needed(needed, self.cache.capacity):           # (one part unless it overflows)
+            t0 = time.perf_counter()
+            plan = self.cache.plan(part)                                 # 2. window bookkeeping
+            free_rows = self.cache.reserve(plan)                         #    delete evicted rows
+            t1 = time.perf_counter()
+            got = eng.reader.read(self.layer, plan.load, out=free_rows)  # 3. flash -> DRAM, in place
+            t2 = time.perf_counter()
+            self.cache.commit(plan)                                      # 4. append the new rows
+            t3 = time.perf_counter()
+            y = y + self.compute(x, plan.needed)                         # 5. FFN from rows[:n]
+            eng.steps[-1].layers.append(LayerStep(
+                predicted=plan.needed.size, cached=plan.hits.size, read=plan.load.size, evicted=plan.evict.size,
+                bytes_read=got.stats.bytes_read, bytes_needed=got.stats.bytes_needed, requests=got.stats.requests,
+                io_seconds=t2 - t1, mm_seconds=(t1 - t0) + (t3 - t2)))
+        b2 = self.biases.get("fc2", self.biases.get("down_proj"))
+        return y if b2 is None else y + b2
 
     def compute(self, x: torch.Tensor, needed: np.ndarray) -> torch.Tensor:
-        """The FFN output from the cached rows; rows of neurons this token does not need are masked."""
+        """The FFN output (without the down bias) from the cached rows; rows of neurons not in
+        `needed` are masked."""
         c, d = self.cache, self.d
         rows, ids = c.rows[: c.n], torch.from_numpy(c.ids[: c.n])
         mask = None if c.n == needed.size else c.mask(needed).to(rows.dtype)
@@ -192,9 +196,7 @@ class FlashFFN(nn.Module):
             down = rows[:, d:]
         if mask is not None:
             h = h * mask
-        y = h @ down
-        b2 = self.biases.get("fc2", self.biases.get("down_proj"))
-        return y if b2 is None else y + b2
+        return h @ down  # the down projection's bias is added once per token, in forward
 
 
 class TokenLoop:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flashnb.cache import NeuronCache
+from flashnb.cache import NeuronCache, split_needed
 from flashnb.engine import LayerStep, Policy, memory_plan
 from flashnb.reader import NeuronReader, ReaderConfig
 from flashnb.store import FlashStore
@@ -66,12 +66,13 @@ def simulate(needed: list[list[np.ndarray]], store: FlashStore | str, policy: Po
         for token_sets in needed:
             layers = []
             for layer, ids in enumerate(token_sets):
-                plan = caches[layer].plan(ids)
-                req = reader.request_sizes(layer, plan.load)
-                caches[layer].apply(plan, empty.new_empty(plan.load.size, 0))
-                layers.append(LayerStep(predicted=plan.needed.size, cached=plan.hits.size, read=plan.load.size,
-                                        evicted=plan.evict.size, bytes_read=int(req.sum()),
-                                        bytes_needed=plan.load.size * st.neuron_bytes, requests=int(req.size),
-                                        io_seconds=0.0, mm_seconds=0.0))
+                for part in split_needed(ids, caches[layer].capacity):  # as the engine does
+                    plan = caches[layer].plan(part)
+                    req = reader.request_sizes(layer, plan.load)
+                    caches[layer].apply(plan, empty.new_empty(plan.load.size, 0))
+                    layers.append(LayerStep(predicted=plan.needed.size, cached=plan.hits.size,
+                                            read=plan.load.size, evicted=plan.evict.size, bytes_read=int(req.sum()),
+                                            bytes_needed=plan.load.size * st.neuron_bytes, requests=int(req.size),
+                                            io_seconds=0.0, mm_seconds=0.0))
             out.append(SimStep(layers))
     return out

@@ -26,7 +26,9 @@ def window_sweep(needed, store, policy, windows=range(0, 9), predictor_bytes: in
 
     from flashnb.engine import memory_plan
     from flashnb.simulate import simulate
+    from flashnb.store import FlashStore
 
+    store = store if isinstance(store, FlashStore) else FlashStore.open(store)
     rows = []
     for w in windows:
         pol = replace(policy, window=int(w))

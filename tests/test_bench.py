@@ -30,7 +30,7 @@ def test_every_configuration_runs_and_reports(tmp_path):
     folder = make_tiny_opt(tmp_path / "hf")
     preds = tiny_predictors(folder, tmp_path / "preds")
     (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
-    cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=4, memory=0.95,
+    cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=4, memory=1.0,
                       threads=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"), progress=False)
     result = run_bench(cfg)
     assert list(result["results"]) == list(CONFIGS)

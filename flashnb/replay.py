@@ -1,0 +1,176 @@
+"""Trace replay at OPT 6.7B's shapes: real I/O on a big FFN file, driven by the shipped model's sets.
+
+This machine cannot run OPT 6.7B's weights, but its disk can hold an FFN file of OPT 6.7B's shape:
+32 layers x 16384 neurons, bundles of 2 x 4096 fp16 values (16 KiB; unbundled rows 8 KiB), about
+8.6 GB per layout, filled with random bytes. The neuron sets come from a recorded run of the
+shipped model (its predictors' selections), mapped onto the wider layers: wide layer l uses the
+sets of shipped layer l * L_small // 32, and each shipped neuron j stands for 8 wide neurons
+perm[8j .. 8j+7] of a fixed random permutation (so sparsity and reuse across tokens are kept, and
+contiguity is not flattered). Each configuration then reads, with the engine's reader and cache
+logic, exactly what the engine would read; only I/O is measured (no compute): label it
+*trace replay*, the closest this machine comes to the paper's Table 2.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from flashnb.cache import NeuronCache
+from flashnb.errors import FlashnbError
+from flashnb.models.opt import OPTConfig
+from flashnb.reader import NeuronReader, ReaderConfig, aligned_empty
+from flashnb.store import ALIGNMENT, FlashStore, Region
+
+OPT_6_7B = dict(layers=32, d_model=4096, ffn_dim=16384)
+
+
+@dataclass
+class ReplayShape:
+    layers: int = 32
+    d_model: int = 4096
+    ffn_dim: int = 16384
+    itemsize: int = 2  # fp16
+
+
+def _manifest(shape: ReplayShape, layout: str) -> tuple[dict, int]:
+    parts = ["fc1", "fc2"]
+    layers, off = [], 0
+    groups = [("bundles", parts)] if layout == "bundled" else [(p, [p]) for p in parts]
+    for _ in range(shape.layers):
+        regs = []
+        for name, rparts in groups:
+            row = len(rparts) * shape.d_model * shape.itemsize
+            size = shape.ffn_dim * row
+            regs.append({"name": name, "offset": off, "size": size, "rows": shape.ffn_dim, "row_bytes": row,
+                         "parts": rparts, "sha256": ""})
+            off = -(-(off + size) // ALIGNMENT) * ALIGNMENT
+        layers.append(regs)
+    cfg = OPTConfig(vocab_size=50272, hidden_size=shape.d_model, ffn_dim=shape.ffn_dim,
+                    num_hidden_layers=shape.layers, num_attention_heads=32, max_position_embeddings=2048)
+    m = {"format": "flashnb-store", "format_version": 1, "layout": layout, "dtype": "fp16", "alignment": ALIGNMENT,
+         "model_type": "opt", "model_config": cfg.to_hf(), "d_model": shape.d_model, "ffn_dim": shape.ffn_dim,
+         "num_layers": shape.layers, "parts": parts, "layers": layers,
+         "ffn_file": {"name": "ffn.bin", "bytes": off}, "dram_file": {"name": "dram.safetensors"}}
+    return m, off
+
+
+def replay_store(folder: str | Path, layout: str, shape: ReplayShape | None = None,
+                 progress: bool = True) -> FlashStore:
+    """An FFN-only store of random fp16 bytes at `shape` (default OPT 6.7B) in `folder`/`layout`;
+    created on first use (about 8.6 GB for OPT 6.7B), reused afterwards."""
+    shape = shape or ReplayShape()
+    manifest, nbytes = _manifest(shape, layout)
+    d = Path(folder) / f"replay-{layout}-{shape.layers}x{shape.ffn_dim}x{shape.d_model}"
+    f = d / "ffn.bin"
+    if not (f.is_file() and f.stat().st_size == nbytes):
+        d.mkdir(parents=True, exist_ok=True)
+        free = os.statvfs(d).f_bavail * os.statvfs(d).f_frsize
+        if free < nbytes + (1 << 30):
+            raise FlashnbError(f"trace replay needs {nbytes / 1e9:.1f} GB free in {d} (has {free / 1e9:.1f} GB); "
+                               "pass --dir on a larger disk")
+        block = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8).tobytes()
+        tmp = f.with_suffix(".tmp")
+        with open(tmp, "wb") as out, tqdm(total=nbytes, unit="B", unit_scale=True, disable=not progress,
+                                          desc=f"replay store ({layout})") as bar:
+            left = nbytes
+            while left:
+                n = min(left, len(block))
+                out.write(block[:n])
+                left -= n
+                bar.update(n)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(f)
+    config = OPTConfig.from_hf(manifest["model_config"])
+    return FlashStore(d, manifest, config)
+
+
+def widen(sets_small: list[list[np.ndarray]], small_ffn: int, shape: ReplayShape, seed: int = 0) -> list[list[np.ndarray]]:
+    """Map per-token, per-layer neuron sets of a small model onto `shape` (see the module doc)."""
+    factor = shape.ffn_dim // small_ffn
+    if factor < 1 or shape.ffn_dim % small_ffn:
+        raise FlashnbError(f"the replay FFN ({shape.ffn_dim}) must be a multiple of the traced FFN ({small_ffn})")
+    perm = np.random.default_rng(seed).permutation(shape.ffn_dim)
+    L = len(sets_small[0])
+    out = []
+    for token in sets_small:
+        layers = []
+        for wl in range(shape.layers):
+            ids = token[wl * L // shape.layers]
+            wide = (ids[:, None] * factor + np.arange(factor)[None, :]).reshape(-1)
+            layers.append(np.sort(perm[wide]))
+        out.append(layers)
+    return out
+
+
+def replay(store: FlashStore, sets: list[list[np.ndarray]] | None, window: int, capacity: int,
+           threads: int = 8, gap_bytes: int | None = None, profile=None) -> dict:
+    """Read what the engine would read for each token (sets None = every neuron: naive); returns
+    per-token means: io_ms, bytes, requests, GB/s (measured, direct I/O)."""
+    L, F = store.num_layers, store.ffn_dim
+    caches = [NeuronCache(F, capacity, 0, window) for _ in range(L)]
+    buf = aligned_empty((F, store.row_values), store.np_dtype)
+    every = np.arange(F)
+    io, nbytes, reqs = [], [], []
+    with NeuronReader(store, ReaderConfig(threads=threads, gap_bytes=gap_bytes), profile) as reader:
+        tokens = sets if sets is not None else [None] * 2
+        for token in tokens:
+            t_io, b, r = 0.0, 0, 0
+            for layer in range(L):
+                ids = every if token is None else token[layer]
+                plan = caches[layer].plan(ids)
+                t0 = time.perf_counter()
+                got = reader.read(layer, plan.load, out=buf[: plan.load.size])
+                t_io += time.perf_counter() - t0
+                caches[layer].apply(plan, torch.empty(plan.load.size, 0))
+                b += got.stats.bytes_read
+                r += got.stats.requests
+            io.append(t_io)
+            nbytes.append(b)
+            reqs.append(r)
+    skip = 1 if len(io) > 2 else 0  # the first token finds empty caches
+    mean = lambda xs: float(np.mean(xs[skip:]))  # noqa: E731
+    return {"tokens": len(io) - skip, "io_ms": mean(io) * 1e3, "bytes_per_token": mean(nbytes),
+            "requests_per_token": mean(reqs), "GBps": mean(nbytes) / mean(io) / 1e9 if mean(io) else 0.0}
+
+
+def run_replay(sets_small: list[list[np.ndarray]], small_ffn: int, folder: str | Path, window: int = 4,
+               memory: float = 0.5, threads: int = 8, tokens: int = 8, profile=None, progress: bool = True) -> dict:
+    """naive / +predictor / +windowing / +bundling replayed at OPT 6.7B's shape (see the module doc).
+
+    The window caches get what a `memory` budget leaves of OPT 6.7B's bytes after its DRAM-resident
+    part (from flashnb.costmodel.opt_6_7b), like the paper's half-memory setting.
+    """
+    from flashnb.costmodel import opt_6_7b
+
+    shape = ReplayShape()
+    big = opt_6_7b()
+    free = memory * big.total_bytes - big.other_bytes
+    row = 2 * shape.d_model * shape.itemsize + 24
+    capacity = int(min(shape.ffn_dim, max(0, free) // (shape.layers * row)))
+    wide = widen(sets_small[: tokens + 1], small_ffn, shape)
+    stores = {layout: replay_store(folder, layout, shape, progress) for layout in ("bundled", "unbundled")}
+    most = max(len(ids) for t in wide for ids in t)
+    runs = {"naive": (stores["bundled"], None, 0, shape.ffn_dim),
+            "predictor": (stores["unbundled"], wide, 0, max(most, 1)),
+            "windowing": (stores["unbundled"], wide, window, max(capacity, most)),
+            "all": (stores["bundled"], wide, window, max(capacity, most))}
+    out = {}
+    for name, (store, sets, w, cap) in runs.items():
+        out[name] = replay(store, sets, w, cap, threads, profile=profile)
+        if progress:
+            print(f"  replay {name:<10} {out[name]['io_ms']:9.1f} ms I/O per token", flush=True)
+    naive = out["naive"]["io_ms"]
+    for m in out.values():
+        m["io_vs_naive"] = naive / m["io_ms"] if m["io_ms"] else None
+    return {"shape": {"layers": shape.layers, "d_model": shape.d_model, "ffn_dim": shape.ffn_dim, "dtype": "fp16"},
+            "window": window, "cache_rows_per_layer": capacity, "memory_budget": memory,
+            "label": "trace replay: I/O only, random weights at OPT 6.7B's shape, the shipped model's predicted "
+                     "sets widened x" + str(shape.ffn_dim // small_ffn), "results": out}
