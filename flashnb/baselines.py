@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from flashnb.engine import LayerStep, TokenLoop, TokenStep, _dram_file_bytes
 from flashnb.errors import FlashnbError
 from flashnb.models.common import activation
-from flashnb.reader import NeuronReader, ReaderConfig, evict
+from flashnb.reader import NeuronReader, ReaderConfig, aligned_empty, evict
 from flashnb.resident import resident_model
 from flashnb.store import FlashStore
 
@@ -66,21 +66,21 @@ class HybridFFN(nn.Module):
         st = eng.store
         self.pinned = torch.from_numpy(eng.reader.read(layer, np.arange(eng.pinned)).rows.copy())
         self.streamed_ids = np.arange(eng.pinned, st.ffn_dim)
-        self.b1_ids = torch.from_numpy(self.streamed_ids)
 
     def forward(self, x):
         eng, st = self.eng, self.eng.store
-        t0 = time.perf_counter()
-        got = eng.reader.read(self.layer, self.streamed_ids, out=eng.scratch)
-        t1 = time.perf_counter()
-        rows = torch.from_numpy(got.rows)
         y = dense_ffn(x, self.pinned, st.d_model, eng.act, eng.gated, self.biases)
-        y = y + dense_ffn(x, rows, st.d_model, eng.act, eng.gated, self.biases, self.b1_ids)
+        pieces = max(1, -(-self.streamed_ids.size // len(eng.scratch))) if len(eng.scratch) else 0
+        for ids in np.array_split(self.streamed_ids, pieces) if pieces else []:  # the buffer may hold less than a layer
+            t0 = time.perf_counter()
+            got = eng.reader.read(self.layer, ids, out=eng.scratch[: ids.size])
+            t1 = time.perf_counter()
+            y = y + dense_ffn(x, torch.from_numpy(got.rows), st.d_model, eng.act, eng.gated, self.biases,
+                              torch.from_numpy(ids))
+            eng.steps[-1].layers.append(LayerStep(
+                predicted=ids.size, cached=0, read=ids.size, evicted=ids.size, bytes_read=got.stats.bytes_read,
+                bytes_needed=got.stats.bytes_needed, requests=got.stats.requests, io_seconds=t1 - t0, mm_seconds=0.0))
         b2 = _down_bias(self.biases)
-        eng.steps[-1].layers.append(LayerStep(
-            predicted=st.ffn_dim, cached=eng.pinned, read=self.streamed_ids.size, evicted=self.streamed_ids.size,
-            bytes_read=got.stats.bytes_read, bytes_needed=got.stats.bytes_needed, requests=got.stats.requests,
-            io_seconds=t1 - t0, mm_seconds=0.0))
         return y if b2 is None else y + b2
 
 
@@ -94,16 +94,18 @@ class HybridEngine(TokenLoop):
         model_bytes = dram + st.num_layers * st.ffn_dim * st.neuron_bytes
         budget = int(memory_budget * model_bytes) if memory_budget <= 1 else int(memory_budget)
         nb, L, n = st.neuron_bytes, st.num_layers, st.ffn_dim
-        # L * pinned + (n - pinned) read-buffer rows must fit: pinned = (free - n*nb) / ((L-1)*nb)
+        # pinned rows in every layer + one read buffer of the rest: L * pinned + (n - pinned) rows must fit;
+        # with less room nothing is pinned and the buffer streams each layer in pieces
         free = budget - dram
-        if free < n * nb:
-            raise FlashnbError(f"memory budget {budget / 2**20:.1f} MiB cannot hold the DRAM tensors "
-                               f"({dram / 2**20:.1f} MiB) plus one layer's FFN read buffer; raise it")
-        self.pinned = int(min(n, (free - n * nb) // max(1, (L - 1) * nb)))
+        if free < nb:
+            raise FlashnbError(f"memory budget {budget / 2**20:.1f} MiB leaves no room for reading FFN rows beside "
+                               f"the DRAM tensors ({dram / 2**20:.1f} MiB); raise it")
+        self.pinned = int(min(n, max(0, (free - n * nb) // max(1, (L - 1) * nb))))
+        buffer_rows = int(min(n - self.pinned, free // nb - L * self.pinned))
         self.budget_bytes, self.model_bytes = budget, model_bytes
-        self.used_bytes = dram + (L * self.pinned + (n - self.pinned)) * nb
+        self.used_bytes = dram + (L * self.pinned + buffer_rows) * nb
         self.reader = NeuronReader(st, ReaderConfig(threads=threads), profile)
-        self.scratch = np.empty((n - self.pinned, st.row_values), dtype=st.np_dtype)
+        self.scratch = aligned_empty((buffer_rows, st.row_values), st.np_dtype)
         self.act, self.gated = _act(st), st.config.model_type != "opt"
         self.steps: list[TokenStep] = []
         self.model = resident_model(st, lambda i, b: HybridFFN(self, i, b), dtype=st.dtype)

@@ -36,7 +36,18 @@ def _generate_dense(folder: str, prompt: str, n: int, temperature: float, top_p:
           file=sys.stderr)
 
 
+def _decode_threads() -> None:
+    """Token-at-a-time decoding runs many tiny matrix-vector products: one torch thread is fastest and
+    leaves the other cores to I/O. FLASHNB_TORCH_THREADS overrides it."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("FLASHNB_TORCH_THREADS", "1")))
+
+
 def cmd_generate(args) -> None:
+    _decode_threads()
     _generate_dense(args.model, args.prompt, args.n, args.temperature, args.top_p, args.seed)
 
 
@@ -44,6 +55,7 @@ def cmd_demo(args) -> None:
     from flashnb.paths import shipped_model_dir
 
     folder = shipped_model_dir()
+    _decode_threads()
     if args.dense:
         print(f"flashnb demo: the shipped model {folder.name}, dense in DRAM\n", file=sys.stderr)
         _generate_dense(str(folder), args.prompt, args.n, 0.0, 1.0, 0)
@@ -117,6 +129,7 @@ def cmd_bench(args) -> None:
 
     from flashnb.bench import BenchConfig, format_table, run_bench
 
+    _decode_threads()
     cfg = BenchConfig(model=args.model, predictors=args.predictors, prompt=args.prompt, tokens=args.tokens,
                       window=args.window, memory=args.memory, threads=args.threads, dir=args.dir,
                       configs=tuple(args.configs.split(",")) if args.configs else BenchConfig.configs,

@@ -331,7 +331,7 @@ def memory_plan(store: FlashStore, policy: Policy, predictor_bytes: int = 0) -> 
     free = budget - dram_bytes - predictor_bytes
     caches = 1 if policy.window == 0 else st.num_layers
     capacity = min(st.ffn_dim, max(0, free) // (caches * row_bytes))
-    need = st.ffn_dim if policy.predictor == "none" else 1
+    need = 1  # a token needing more neurons than a cache holds is served in parts (cache.split_needed)
     c = st.config
     kv = 2 * c.num_hidden_layers * c.num_kv_heads * c.head_dim * c.max_position_embeddings * item
     if capacity < need:
