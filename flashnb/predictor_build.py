@@ -8,7 +8,7 @@ Steps, all deterministic for a given model, corpus and seed:
      recall, precision, false negatives and over-selection per layer, perplexity dense vs
      predicted-only and top-1 agreement (flashnb.predicted_ffn), sparsity and temporal reuse
      (flashnb.tracestats), and the closest-friend bundling experiment (friends counted on the
-     training trace, bytes measured on the held-out one);
+     training trace, at most FRIEND_TOKENS evenly spaced tokens; bytes measured on the held-out one);
   4. the folder: predictors.safetensors, metrics.json (the card) and heldout_slice.safetensors
      (the held-out token ids the card was measured on, so tests and notebooks reuse them without
      rebuilding the corpus).
@@ -32,6 +32,7 @@ from flashnb.predictor import Selection, mean_selection, selection_metrics
 from flashnb.predictor_train import PredictorTrainConfig, train_predictors
 
 HELDOUT = "heldout_slice.safetensors"
+FRIEND_TOKENS = 16_384  # at most this many (evenly spaced) training-trace tokens count friends
 TARGETS = {"recall_min": 0.95, "over_selection_max": 3.0, "perplexity_increase_max": 0.03,
            "top1_agreement_min": 0.95}
 PAPER = {"source": "Alizadeh et al., LLM in a flash (ACL 2024), OPT 6.7B",
@@ -100,6 +101,16 @@ def evaluate(model, predictors, heldout_trace, heldout_ids: np.ndarray, context:
             "targets": TARGETS, "targets_met": met}
 
 
+def _shown(path: str) -> str:
+    """`path` relative to the repository (data/...) when it lies inside it, else as given."""
+    from flashnb.paths import data_dir
+
+    try:
+        return str(Path(path).resolve().relative_to(data_dir().resolve().parent))
+    except (ValueError, FlashnbError):
+        return str(path)
+
+
 def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     """Run steps 1-4 of the module docstring; returns the card written to cfg.out/metrics.json."""
     from flashnb import tracestats
@@ -113,6 +124,7 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model)
     tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)
+    cfg.train.layer_ranks(model.config.num_hidden_layers)  # fail before the slow steps
     if cfg.context > model.config.max_position_embeddings:
         raise FlashnbError(f"--context {cfg.context} exceeds the model's {model.config.max_position_embeddings}")
     log("collecting the corpus (docstrings of the stdlib and torch) ...")
@@ -127,12 +139,12 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     heldout = evaluate(model, predictors, held_trace, held, cfg.context)
     summary = tracestats.summarize(held_trace, k_max=16)
     neuron_bytes = 2 * model.config.hidden_size * 2  # fp16 up column + down row
-    friends = tracestats.friends_per_layer(train_trace)
+    friends = tracestats.friends_per_layer(train_trace, max_tokens=FRIEND_TOKENS)
     bundling = tracestats.friend_experiment(held_trace, neuron_bytes, friends)
     c = model.config
     card = {
         "what": f"low-rank FFN activation predictors for {Path(cfg.model).name}",
-        "command": (f"flashnb train-predictors --model {cfg.model} --out {cfg.out} --train-tokens "
+        "command": (f"flashnb train-predictors --model {_shown(cfg.model)} --out {_shown(cfg.out)} --train-tokens "
                     f"{cfg.train_tokens} --eval-tokens {cfg.eval_tokens} --rank {cfg.train.rank}"
                     + (f" --ranks {','.join(map(str, cfg.train.ranks))}" if cfg.train.ranks else "")
                     + f" --threshold {cfg.train.threshold} --epochs {cfg.train.epochs} --init {cfg.train.init}"
@@ -148,7 +160,8 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
                                 "reuse_k1_to_16_mean_over_layers": summary.reuse.mean(0).tolist(),
                                 "s_agg_k1_to_16_mean_over_layers": summary.s_agg.mean(0).tolist()},
         "closest_friend_bundling": {"neuron_bytes": neuron_bytes,
-                                    "friends_from": "training trace", "measured_on": "held-out trace",
+                                    "friends_from": f"training trace, at most {FRIEND_TOKENS} evenly spaced tokens",
+                                    "measured_on": "held-out trace",
                                     "per_layer": [b.to_dict() for b in bundling]},
         "paper": PAPER,
         "measured": {"machine": platform.machine(), "threads": cfg.threads, "torch": torch.__version__,

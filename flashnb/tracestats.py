@@ -184,9 +184,12 @@ def summarize(trace, k_max: int = 16) -> TraceSummary:
                         np.stack([aggregated_usage(m, pos, k_max) for m in masks]), k_max)
 
 
-def friends_per_layer(trace) -> list[np.ndarray]:
-    """Every layer's closest friends, counted over `trace`."""
-    return [closest_friends(coactivation(trace.mask(i))) for i in range(trace.n_layers)]
+def friends_per_layer(trace, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Every layer's closest friends, counted over `trace`: all tokens, or every s-th token with s
+    chosen so at most `max_tokens` are used (the count is a [T, F] x [T, F] product: cap T to bound
+    the time)."""
+    stride = -(-trace.n_tokens // max_tokens) if max_tokens else 1
+    return [closest_friends(coactivation(trace.mask(i)[::stride])) for i in range(trace.n_layers)]
 
 
 def friend_experiment(trace, neuron_bytes: int, friends: list[np.ndarray] | None = None) -> list[FriendBundling]:

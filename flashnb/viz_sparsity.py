@@ -76,26 +76,43 @@ def reuse_figure(reuse: np.ndarray, s_agg: np.ndarray) -> go.Figure:
     return fig
 
 
+SELECTION_PANELS = [  # (Selection field, panel title, paper value for OPT 6.7B or None, number format)
+    ("recall", "recall (1 - false negatives)", 1 - PAPER["false_negative_rate"], ".0%"),
+    ("precision", "precision (selected that fire)", None, ".0%"),
+    ("false_positive_rate", "false positives (of inactive)", PAPER["false_positive_rate"], ".1%"),
+    ("over_selection", "over-selection (selected / active)", PAPER["over_selection"], ".1f"),
+]
+
+
 def selection_figure(per_layer: list[Selection], title: str = "") -> go.Figure:
-    """Per-layer recall, false-positive rate and over-selection of a predictor (measured), each
-    with the paper's OPT 6.7B figure (5% false negatives, 7% false positives, ~3x over-selection)."""
+    """Per-layer recall, precision, false-positive rate and over-selection of a predictor
+    (measured), with the paper's OPT 6.7B figures where it states one (5% false negatives, 7% false
+    positives, ~3x over-selection). Each bar trace carries its field name in `meta`."""
     layers = [f"L{i}" for i in range(len(per_layer))]
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("recall (1 - false negatives)",
-                                                        "false-positive rate (of inactive neurons)",
-                                                        "over-selection (selected / active)"))
-    panels = [("recall", 1 - PAPER["false_negative_rate"], ".0%"),
-              ("false_positive_rate", PAPER["false_positive_rate"], ".0%"),
-              ("over_selection", PAPER["over_selection"], ".1f")]
-    for col, (key, ref, fmt) in enumerate(panels, start=1):
+    fig = make_subplots(rows=1, cols=len(SELECTION_PANELS), subplot_titles=[p[1] for p in SELECTION_PANELS])
+    for col, (key, _, ref, fmt) in enumerate(SELECTION_PANELS, start=1):
         y = [getattr(s, key) for s in per_layer]
         fig.add_trace(go.Bar(x=layers, y=y, marker_color=OURS, name="ours (measured)", showlegend=col == 1,
-                             text=[format(v, fmt) for v in y], textposition="outside"), row=1, col=col)
-        fig.add_trace(go.Scatter(x=layers, y=[ref] * len(layers), mode="lines", name="paper (OPT 6.7B)",
-                                 line=dict(color=PAPER_COLOR, dash="dash"), showlegend=col == 1), row=1, col=col)
-    fig.update_yaxes(range=[0, 1.08], tickformat=".0%", row=1, col=1)
-    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+                             text=[format(v, fmt) for v in y], textposition="outside", meta=key), row=1, col=col)
+        if ref is not None:
+            fig.add_trace(go.Scatter(x=layers, y=[ref] * len(layers), mode="lines", name="paper (OPT 6.7B)",
+                                     line=dict(color=PAPER_COLOR, dash="dash"), showlegend=col == 1),
+                          row=1, col=col)
+    for col in (1, 2):
+        fig.update_yaxes(range=[0, 1.1], tickformat=".0%", row=1, col=col)
+    fig.update_yaxes(tickformat=".0%", row=1, col=3)
     fig.update_layout(title=title or "Predictor quality per layer", height=400, legend=dict(orientation="h", y=-0.15))
     return fig
+
+
+def update_selection_figure(fig, per_layer: list[Selection]) -> None:
+    """Put new per-layer values into the bars of a `selection_figure` (or its FigureWidget)."""
+    fmts = {key: fmt for key, _, _, fmt in SELECTION_PANELS}
+    for trace in fig.data:
+        if trace.meta in fmts:
+            y = [getattr(s, trace.meta) for s in per_layer]
+            trace.y = y
+            trace.text = [format(v, fmts[trace.meta]) for v in y]
 
 
 def tradeoff_figure(curve: dict, threshold: float | None = None) -> go.Figure:
@@ -180,7 +197,7 @@ class ThresholdExplorer:
     def summary_html(m: dict, threshold: float) -> str:
         s, q = m["mean"], m["quality"]
         return html.escape(
-            f"threshold {threshold:.2f}: recall {s.recall:.1%} (paper 95%), false positives "
+            f"threshold {threshold:.2f}: recall {s.recall:.1%} (paper 95%), precision {s.precision:.1%}, false positives "
             f"{s.false_positive_rate:.1%} (paper 7%), over-selection {s.over_selection:.2f}x (paper ~3x), "
             f"loads {s.selected_share:.1%} of the FFN per token | perplexity dense {q['dense_perplexity']:.2f} "
             f"-> predicted-only {q['predicted_perplexity']:.2f} ({q['perplexity_increase']:+.1%}), "
@@ -199,13 +216,8 @@ class ThresholdExplorer:
         def redraw(change):
             t = float(change["new"])
             res = self.measure(t)
-            keys = ("recall", "false_positive_rate", "over_selection")
             with fig.batch_update():
-                for panel, key in enumerate(keys):
-                    y = [getattr(s, key) for s in res["per_layer"]]
-                    fmt = ".1f" if key == "over_selection" else ".0%"
-                    fig.data[2 * panel].y = y
-                    fig.data[2 * panel].text = [format(v, fmt) for v in y]
+                update_selection_figure(fig, res["per_layer"])
             label.value = self.summary_html(res, t)
 
         slider.observe(redraw, names="value")

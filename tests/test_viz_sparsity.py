@@ -50,8 +50,11 @@ def test_threshold_explorer_redraws(setup):
     assert len(vs.tradeoff_figure(curve, 0.5).data) == 3
     box = ex.widget(0.5)
     slider, label, fig = box.children
-    before = list(fig.data[4].y)
+    bars = {t.meta: t for t in fig.data if t.meta}
+    assert sorted(bars) == ["false_positive_rate", "over_selection", "precision", "recall"]
+    before = list(bars["over_selection"].y)
     slider.value = 0.1  # the observer redraws
-    assert list(fig.data[4].y) == pytest.approx([s.over_selection for s in ex.selection(0.1)])
-    assert list(fig.data[4].y) != before and "threshold 0.10" in label.value
+    assert list(bars["over_selection"].y) == pytest.approx([s.over_selection for s in ex.selection(0.1)])
+    assert list(bars["precision"].y) == pytest.approx([s.precision for s in ex.selection(0.1)])
+    assert list(bars["over_selection"].y) != before and "threshold 0.10" in label.value
 

@@ -1,0 +1,179 @@
+"""Predictors: the oracle is exact, low-rank predictors train/save/load, bad files fail clearly,
+and the shipped predictor set reaches its recall target on the shipped held-out slice."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sparsity_helpers import tiny, tiny_llama
+
+from flashnb.cli import main
+from flashnb.errors import FlashnbError
+from flashnb.predicted_ffn import dense_window_logits, quality, restricted_ffns
+from flashnb.predictor import (LowRankPredictors, OraclePredictor, Selection, load_predictors,
+                               mean_selection, selection_metrics)
+from flashnb.predictor_train import PredictorTrainConfig, train_predictors
+from flashnb.traces import record
+
+
+def test_selection_metrics_exact():
+    active = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=bool)
+    selected = np.array([[1, 0, 1, 1], [1, 0, 0, 1]], dtype=bool)
+    s = Selection.of(selected, active)
+    assert s.recall == pytest.approx(2 / 3) and s.precision == pytest.approx(2 / 5)
+    assert s.false_negative_rate == pytest.approx(1 / 3) and s.over_selection == pytest.approx(5 / 3)
+    assert s.false_positive_rate == pytest.approx(3 / 5)
+    assert s.active_share == pytest.approx(3 / 8) and s.selected_share == pytest.approx(5 / 8)
+    assert mean_selection([s, s]).recall == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("make", [tiny, tiny_llama], ids=["opt", "llama"])
+def test_oracle_equals_dense_active_set(make):
+    m = make()
+    oracle = OraclePredictor(m)
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 50, 32))[None]
+    checked = []
+
+    def check(mod, args, output, i):
+        want = mod.last_activation != 0
+        got = oracle.predict(i, args[0])
+        assert torch.equal(got, want)
+        assert oracle.predict_ids(i, args[0][0, 5]).tolist() == torch.nonzero(want[0, 5]).reshape(-1).tolist()
+        checked.append(i)
+
+    hooks = []
+    for i, b in enumerate(m.layers):
+        b.ffn.record = True
+        hooks.append(b.ffn.register_forward_hook(lambda mod, a, o, i=i: check(mod, a, o, i)))
+    with torch.no_grad():
+        m(ids)
+    for h in hooks:
+        h.remove()
+    assert checked == [0, 1]
+
+
+@pytest.mark.parametrize("make", [tiny, tiny_llama], ids=["opt", "llama"])
+def test_oracle_restricted_model_is_exact(make):
+    m = make()
+    ids = np.random.default_rng(2).integers(0, 50, 65)
+    with torch.no_grad():
+        dense = m(torch.from_numpy(ids)[None, :32])
+        with restricted_ffns(m, OraclePredictor(m)):
+            restricted = m(torch.from_numpy(ids)[None, :32])
+    assert torch.equal(dense, restricted)
+    q = quality(m, OraclePredictor(m), ids, context=32)
+    assert q["perplexity_increase"] == 0.0 and q["top1_agreement"] == 1.0 and q["tokens"] == 64
+    assert m.layers[0].ffn.forward.__func__ is type(m.layers[0].ffn).forward  # restored
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model, a 256-token trace of it and rank-8 predictors trained on that trace."""
+    m = tiny()
+    tr = record(m, np.random.default_rng(3).integers(0, 50, 256), context=32)
+    cfg = PredictorTrainConfig(rank=8, epochs=10, batch_size=64, lr=3e-2)
+    return m, train_predictors(m, tr, cfg, progress=False), tr
+
+
+def test_low_rank_predictors_train_and_roundtrip(tmp_path, trained):
+    m, preds, tr = trained
+    assert preds.ranks == [8, 8] and preds.ffn_dim == 64 and preds.d_model == 32
+    sel = selection_metrics(preds, tr)
+    assert all(0.0 <= s.recall <= 1.0 for s in sel)
+    # balanced BCE on a tiny random model (about half its neurons fire): well above chance
+    assert mean_selection(sel).recall > 0.7
+    preds.save(tmp_path / "p", card={"note": "test"})
+    back = load_predictors(tmp_path / "p", m)
+    assert back.card["note"] == "test" and back.card["fingerprint"] == preds.fingerprint
+    x = torch.from_numpy(tr.inputs[1, :20]).float()
+    half = back.logits(1, x)
+    assert torch.allclose(preds.logits(1, x), half, atol=0.05)  # fp16 weights on disk
+    assert back.predict_ids(1, x[0]).tolist() == torch.nonzero(half[0] > 0).reshape(-1).tolist()
+    lower = back.with_thresholds(0.2)
+    assert lower.predict(1, x).sum() >= back.predict(1, x).sum()
+    q = quality(m, back, np.arange(65) % 50, context=32,
+                dense_logits=dense_window_logits(m, np.arange(65) % 50, 32))
+    assert q["tokens"] == 64 and 0.0 <= q["top1_agreement"] <= 1.0
+
+
+def test_predictors_of_another_model_are_refused(tmp_path, trained):
+    m, preds, _ = trained
+    preds.save(tmp_path / "p")
+    with pytest.raises(FlashnbError, match="another model"):
+        load_predictors(tmp_path / "p", tiny(seed=1))  # same shapes, other weights
+    with pytest.raises(FlashnbError, match="another model"):
+        load_predictors(tmp_path / "p", tiny(ffn=48))
+    with pytest.raises(FlashnbError, match="is missing"):
+        load_predictors(tmp_path / "nowhere", m)
+    with pytest.raises(FlashnbError, match="covers"):
+        with restricted_ffns(tiny(layers=3), preds):
+            pass
+
+
+def test_predictor_file_with_wrong_shapes_is_refused(tmp_path, trained):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    m, preds, _ = trained
+    preds.save(tmp_path / "p")
+    f = tmp_path / "p" / "predictors.safetensors"
+    with safe_open(str(f), framework="pt") as h:
+        meta = h.metadata()
+    tensors = load_file(str(f))
+    tensors["layers.1.up.weight"] = tensors["layers.1.up.weight"][:, :4].contiguous()
+    save_file(tensors, str(f), metadata=meta)
+    with pytest.raises(FlashnbError, match=r"layers.1.up.weight is shape \[64, 4\], expected \[64, 8\]"):
+        load_predictors(tmp_path / "p", m)
+    f.write_bytes(b"garbage")
+    with pytest.raises(FlashnbError, match="not a readable"):
+        load_predictors(tmp_path / "p")
+
+
+def test_bad_thresholds_and_ranks(trained):
+    _, preds, _ = trained
+    with pytest.raises(FlashnbError, match="strictly between"):
+        preds.with_thresholds(1.0)
+    with pytest.raises(FlashnbError, match="one threshold per layer"):
+        LowRankPredictors(preds.layers, [0.5], "x")
+    with pytest.raises(FlashnbError, match="one per layer"):
+        PredictorTrainConfig(ranks=[4]).layer_ranks(2)
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    assert main(["train-predictors", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flashnb: error:") and "none" in err[0]
+    assert main(["train-predictors", "--ranks", "4,x"]) == 2
+
+
+def test_shipped_predictors_reach_recall_on_heldout_slice():
+    from flashnb.checkpoint import load_model
+    from flashnb.paths import data_dir, shipped_model_dir
+    from flashnb.predictor_build import load_heldout
+
+    folder = data_dir() / "flashnb-opt-21m-predictors"
+    model = load_model(shipped_model_dir())
+    preds = load_predictors(folder, model)
+    ids = load_heldout(folder, tokens=2048)
+    tr = record(model, ids, context=256)
+    mean = mean_selection(selection_metrics(preds, tr))
+    assert mean.recall >= 0.95, mean
+    assert mean.over_selection <= 3.0, mean
+    card = json.loads((folder / "metrics.json").read_text())
+    assert card["fingerprint"] == preds.fingerprint and len(card["heldout"]["per_layer"]) == 6
+
+
+def test_build_helpers(tmp_path):
+    from flashnb.predictor_build import load_heldout, save_heldout, train_windows
+
+    stream = np.arange(1000, dtype=np.uint16)
+    w = train_windows(stream, 300, 100, seed=0)
+    assert w.shape == (300,) and all(np.all(np.diff(w[i:i + 100]) == 1) for i in range(0, 300, 100))
+    assert np.array_equal(w, train_windows(stream, 300, 100, seed=0))  # deterministic
+    with pytest.raises(FlashnbError, match="fewer than one window"):
+        train_windows(stream[:50], 300, 100, seed=0)
+    save_heldout(tmp_path, np.arange(10), "sha")
+    assert load_heldout(tmp_path, 4).tolist() == [0, 1, 2, 3]
+    with pytest.raises(FlashnbError, match="flashnb train-predictors"):
+        load_heldout(tmp_path / "none")
