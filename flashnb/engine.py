@@ -222,28 +222,14 @@ class TokenLoop:
     def before_token(self) -> None:
         """Hook run before each token, outside its timing (baselines evict the page cache here)."""
 
-    @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling=None,
                  eos_id: int | None = None) -> Iterator[int]:
         """Yield new token ids; the prompt runs token by token too, so every step is recorded."""
-        from flashnb.generate import SamplingConfig, sample_next
+        from flashnb.generate import check_context, decode
 
-        sampling = sampling or SamplingConfig()
-        limit = self.model.config.max_position_embeddings
-        if not prompt_ids or len(prompt_ids) + max_new_tokens > limit:
-            raise FlashnbError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens must be between "
-                               f"1 and the model's context of {limit} positions")
-        gen = torch.Generator().manual_seed(sampling.seed)
+        check_context(prompt_ids, max_new_tokens, self.model.config.max_position_embeddings)
         kv = self.model.new_cache(1, len(prompt_ids) + max_new_tokens)
-        for tok in prompt_ids:
-            logits = self.step(tok, kv)
-        for i in range(max_new_tokens):
-            tok = sample_next(logits, sampling, gen)
-            if tok == eos_id:
-                return
-            yield tok
-            if i + 1 < max_new_tokens:
-                logits = self.step(tok, kv)
+        return decode(lambda ids: [self.step(t, kv) for t in ids][-1], prompt_ids, max_new_tokens, sampling, eos_id)
 
     def close(self) -> None:
         pass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,31 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator 
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def check_context(prompt_ids: list[int], max_new_tokens: int, limit: int) -> None:
+    """One clear error when the prompt is empty or prompt + new tokens exceed the context."""
+    if not prompt_ids:
+        raise FlashnbError("the prompt is empty after tokenization; give at least one token")
+    if len(prompt_ids) + max_new_tokens > limit:
+        raise FlashnbError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceeds the "
+                           f"model's context of {limit} positions; shorten the prompt or ask for fewer tokens")
+
+
+def decode(run: Callable[[list[int]], torch.Tensor], prompt_ids: list[int], max_new_tokens: int,
+           sampling: SamplingConfig | None = None, eos_id: int | None = None) -> Iterator[int]:
+    """The sampling loop: `run(ids)` appends ids to the model's KV cache and returns the logits of
+    the last one; it is called once with the prompt, then once per new token."""
+    sampling = sampling or SamplingConfig()
+    gen = torch.Generator().manual_seed(sampling.seed)
+    logits = run(list(prompt_ids))
+    for i in range(max_new_tokens):
+        tok = sample_next(logits, sampling, gen)
+        if tok == eos_id:
+            return
+        yield tok
+        if i + 1 < max_new_tokens:
+            logits = run([tok])
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
              eos_id: int | None = None) -> Iterator[int]:
@@ -43,20 +68,6 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
     The prompt is run once (prefill) into a KV cache; each later step feeds only the newest token.
     Stops early at `eos_id` (not yielded) when given.
     """
-    sampling = sampling or SamplingConfig()
-    if not prompt_ids:
-        raise FlashnbError("the prompt is empty after tokenization; give at least one token")
-    limit = model.config.max_position_embeddings
-    if len(prompt_ids) + max_new_tokens > limit:
-        raise FlashnbError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceeds the "
-                           f"model's context of {limit} positions; shorten the prompt or ask for fewer tokens")
-    gen = torch.Generator().manual_seed(sampling.seed)
+    check_context(prompt_ids, max_new_tokens, model.config.max_position_embeddings)
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    logits = model(torch.tensor([prompt_ids]), cache)[0, -1]
-    for i in range(max_new_tokens):
-        tok = sample_next(logits, sampling, gen)
-        if tok == eos_id:
-            return
-        yield tok
-        if i + 1 < max_new_tokens:
-            logits = model(torch.tensor([[tok]]), cache)[0, -1]
+    return decode(lambda ids: model(torch.tensor([ids]), cache)[0, -1], prompt_ids, max_new_tokens, sampling, eos_id)
