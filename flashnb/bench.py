@@ -56,6 +56,12 @@ class BenchConfig:
     progress: bool = True
 
 
+def _has(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return float(np.mean(xs)) if xs else 0.0
@@ -156,8 +162,14 @@ def run_bench(cfg: BenchConfig) -> dict:
         if {"predictor", "windowing", "all"} & set(cfg.configs):
             predictors = load_predictors(pred_dir)
         sampling = SamplingConfig()
+        skipped: dict[str, str] = {}
         for name in cfg.configs:
             t0 = time.perf_counter()
+            if name == "accelerate" and not _has("transformers", "accelerate"):
+                skipped[name] = "transformers and accelerate are not installed: pip install 'flashnb[bench]'"
+                if cfg.progress:
+                    print(f"  {LABELS[name]:<24} skipped: {skipped[name]}", flush=True)
+                continue
             if name == "naive":
                 runner = FlashEngine(stores["bundled"], Policy("none", 0, cfg.memory, cfg.threads), profile=profile)
             elif name == "hybrid":
@@ -223,7 +235,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},
             "io": "direct I/O (O_DIRECT) for flashnb's reader; page cache dropped before each token for "
                   "mmap and accelerate",
-            "profile_source": profile_source, "profile": profile.summary(), "results": results, "replay": replay}
+            "profile_source": profile_source, "profile": profile.summary(), "results": results,
+            "skipped": skipped, "replay": replay}
 
 
 def format_table(result: dict) -> str:
@@ -238,6 +251,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{m['label']:<24} {f(m['io_ms'], '8.2f')} {f(m['mm_ms'], '7.2f')} {f(m['compute_ms'], '8.2f')} "
                      f"{m['total_ms']:8.2f} {mb / 1e6:9.3f} {f(m.get('io_throughput_GBps'), '6.2f')} "
                      f"{f(m['speedup_vs_naive'], '7.1f')}x {f(m['modeled']['total_ms'], '8.2f')}")
+    for name, why in result.get("skipped", {}).items():
+        lines.append(f"{LABELS[name]:<24} skipped: {why}")
     lines.append("ms per generated token, measured on this machine; 'modeled' = flashnb.costmodel with this run's "
                  "policy statistics and device profile. MB/token for mmap/accelerate = bytes the kernel read.")
     rp = result.get("replay")
