@@ -67,13 +67,13 @@ def _mean(xs) -> float:
     return float(np.mean(xs)) if xs else 0.0
 
 
-def summarize(steps, model_ffn_neurons: int) -> dict:
-    """Per-token means over `steps` (TokenStep list): ms, bytes, counts."""
+def summarize(steps, model_ffn_neurons: int, have_split: bool = True) -> dict:
+    """Per-token means over `steps` (TokenStep list): ms, bytes, counts. `have_split`: the runner
+    records I/O and memory time per layer (mmap and accelerate cannot separate them from compute)."""
     tot = [s.totals() for s in steps]
     io = _mean(t["io_seconds"] for t in tot)
     mm = _mean(t["mm_seconds"] for t in tot)
     wall = _mean(t["wall_seconds"] for t in tot)
-    have_split = any(s.layers for s in steps)
     out = {"tokens": len(steps), "total_ms": wall * 1e3,
            "io_ms": io * 1e3 if have_split else None, "mm_ms": mm * 1e3 if have_split else None,
            "compute_ms": (wall - io - mm) * 1e3 if have_split else None,
@@ -197,7 +197,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 else:
                     out = list(runner.generate(prompt, cfg.tokens + 1, sampling))[:cfg.tokens]
                     generated = runner.steps[len(prompt):]
-                m = summarize(generated, shape.ffn_dim * shape.num_layers)
+                m = summarize(generated, shape.ffn_dim * shape.num_layers, name not in ("mmap", "accelerate"))
                 m["label"] = LABELS[name]
                 m["text"] = tok.decode(out)
                 m["seconds"] = time.perf_counter() - t0
