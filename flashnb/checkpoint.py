@@ -115,6 +115,16 @@ def build_model(config, dtype: torch.dtype = torch.float32, device: str = "cpu")
     return model.to(device=device, dtype=dtype)
 
 
+def materialize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Give a model built on the meta device real (uninitialised) CPU storage in `dtype`, and
+    recompute its non-persistent buffers (Llama's rotary frequencies), which to_empty leaves empty."""
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    if hasattr(model, "inv_freq"):
+        model.inv_freq = llama.rope_inv_freq(model.config)
+    return model
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """flashnb's model with the weights of the Hugging Face folder `path`, in `dtype`, on the CPU."""
     config = read_config(path)
@@ -122,11 +132,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
     arch = architecture(config)
     with torch.device("meta"):
         model = MODELS[config.model_type](config)
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    if hasattr(model, "inv_freq"):  # non-persistent buffer: recompute after to_empty
-        model.inv_freq = 1.0 / (config.rope_theta ** (
-            torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+    materialize(model, dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(index.get(arch.hf_key(name), tuple(p.shape)).to(dtype))

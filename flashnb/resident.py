@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from flashnb.checkpoint import MODELS
+from flashnb.checkpoint import MODELS, materialize
 from flashnb.errors import FlashnbError
 
 
@@ -31,11 +31,7 @@ def resident_model(store, make_ffn: Callable[[int, dict[str, torch.Tensor]], nn.
         model = MODELS[c.model_type](c)
     for block in model.layers:
         block.ffn = nn.Identity()  # placeholder: no FFN matrices are allocated
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    if hasattr(model, "inv_freq"):  # non-persistent buffer: recompute after to_empty
-        model.inv_freq = 1.0 / (c.rope_theta ** (
-            torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+    materialize(model, dtype)
     dram = store.dram_tensors()
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(dram))

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from flashnb.checkpoint import CONFIGS, MODELS, TensorIndex, architecture, read_config
+from flashnb.checkpoint import CONFIGS, MODELS, TensorIndex, architecture, materialize, read_config
 from flashnb.errors import FlashnbError
 
 FORMAT = "flashnb-store"
@@ -423,11 +423,7 @@ class FlashStore:
         dtype = dtype or self.dtype
         c = self.config
         model = _meta_model(c)
-        model.to_empty(device="cpu")
-        model.to(dtype)
-        if hasattr(model, "inv_freq"):  # non-persistent buffer: recompute after to_empty
-            model.inv_freq = 1.0 / (c.rope_theta ** (
-                torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+        materialize(model, dtype)
         params = dict(model.named_parameters())
         dram = self.dram_tensors()
         with torch.no_grad():

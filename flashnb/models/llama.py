@@ -85,6 +85,11 @@ class LlamaConfig:
         return d
 
 
+def rope_inv_freq(c: LlamaConfig) -> torch.Tensor:
+    """The rotary frequencies 1 / theta^(2i / head_dim), float32 [head_dim / 2]."""
+    return 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -170,8 +175,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaBlock(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c, p = self.config, next(self.parameters())
