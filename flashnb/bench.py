@@ -47,7 +47,7 @@ class BenchConfig:
     tokens: int = 16
     window: int = 4
     memory: float = 0.5
-    threads: int = 8
+    threads: int = 64
     dir: str | None = None            # where the scratch stores go (None: system temp folder)
     configs: tuple[str, ...] = CONFIGS
     profile: str | None = None        # profile JSON; None = the saved default, else a quick profile
@@ -79,7 +79,8 @@ def summarize(steps, model_ffn_neurons: int, have_split: bool = True) -> dict:
            "compute_ms": (wall - io - mm) * 1e3 if have_split else None,
            "bytes_read_per_token": _mean(t["bytes_read"] for t in tot) if have_split else None,
            "storage_read_bytes_per_token": _mean(t["storage_read_bytes"] for t in tot),
-           "requests_per_token": _mean(t["requests"] for t in tot) if have_split else None}
+           "requests_per_token": _mean(t["requests"] for t in tot) if have_split else None,
+           "reader_calls_per_token": _mean(len(s.layers) for s in steps) if have_split else None}
     if have_split:
         out["io_throughput_GBps"] = (out["bytes_read_per_token"] / io / 1e9) if io > 0 else None
         pred = _mean(t["predicted"] for t in tot)
@@ -89,12 +90,20 @@ def summarize(steps, model_ffn_neurons: int, have_split: bool = True) -> dict:
     return out
 
 
-def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device) -> dict:
-    """The cost model's prediction for configuration `name`, fed the policy statistics measured."""
+def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device, calibration) -> dict:
+    """The cost model's prediction for configuration `name`, fed the policy statistics measured in
+    this run (predicted share, window hits, request sizes) and this machine's device profile and
+    calibration (flashnb.calibrate)."""
     from flashnb import costmodel as cm
 
     other = shape.other_bytes / shape.total_bytes
     base = cm.Policy(name=name, memory_budget=other, threads=cfg.threads)
+    if measured.get("requests_per_token"):
+        calls = measured["reader_calls_per_token"] or shape.num_layers
+        base = replace(base, request_bytes=int(measured["bytes_read_per_token"] / measured["requests_per_token"]),
+                       requests_per_call=measured["requests_per_token"] / calls)
+    if getattr(runner, "predictors", None) is not None and runner.policy.predictor == "learned":
+        base = replace(base, predictor_bytes=runner.memory.predictor_bytes)
     if name in ("naive", "mmap"):
         pol = replace(base, predictor=False)
     elif name == "hybrid":
@@ -109,7 +118,9 @@ def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device)
             cached = runner.memory.capacity_rows / shape.ffn_dim
             pol = replace(pol, window=cfg.window, window_reuse=measured["window_hit_share"],
                           window_cached_fraction=cached)
-    c = cm.token_cost(shape, pol, device)
+    c = cm.token_cost(shape, pol, device, None if name == "accelerate" else calibration)
+    if name == "mmap":  # the page cache does mmap's bookkeeping: no neuron cache steps
+        c = replace(c, mm_seconds=c.mm_bytes / device.memcpy_bps if c.mm_bytes and device.memcpy_bps else 0.0)
     ms = lambda s: None if s is None else s * 1e3  # noqa: E731
     return {"io_ms": ms(c.io_seconds), "mm_ms": ms(c.mm_seconds), "compute_ms": ms(c.compute_seconds),
             "total_ms": ms(c.total_seconds), "bytes_read_per_token": c.io_bytes}
@@ -152,6 +163,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             profile_source = "quick profile measured by this run"
     device = as_device(profile)
     shape = ModelShape.from_config(config, 2, model_dir.name)
+    from flashnb.calibrate import calibrate
+
+    calibration = calibrate(model_dir, shape, cfg.window)
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="flashnb-bench-", dir=workroot) as work:
@@ -206,7 +220,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                     m["budget_bytes"] = runner.memory.budget_bytes
                 elif hasattr(runner, "used_bytes"):
                     m["dram_bytes"], m["budget_bytes"] = runner.used_bytes, runner.budget_bytes
-                m["modeled"] = _modeled(name, shape, m, runner, cfg, device)
+                m["modeled"] = _modeled(name, shape, m, runner, cfg, device, calibration)
                 results[name] = m
                 if name == "predictor":  # its sets drive the replay
                     replay_sets = [s.needed for s in generated]
@@ -235,7 +249,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},
             "io": "direct I/O (O_DIRECT) for flashnb's reader; page cache dropped before each token for "
                   "mmap and accelerate",
-            "profile_source": profile_source, "profile": profile.summary(), "results": results,
+            "profile_source": profile_source, "profile": profile.summary(),
+            "calibration": calibration.summary(),
+            "dense_in_dram_ms": calibration.dense_token_s * 1e3, "results": results,
             "skipped": skipped, "replay": replay}
 
 
@@ -253,8 +269,12 @@ def format_table(result: dict) -> str:
                      f"{f(m['speedup_vs_naive'], '7.1f')}x {f(m['modeled']['total_ms'], '8.2f')}")
     for name, why in result.get("skipped", {}).items():
         lines.append(f"{LABELS[name]:<24} skipped: {why}")
+    if result.get("dense_in_dram_ms"):
+        lines.append(f"{'dense in DRAM (reference)':<24} {'':>8} {'':>7} {'':>8} {result['dense_in_dram_ms']:8.2f}"
+                     "    (the whole model in memory: the floor)")
     lines.append("ms per generated token, measured on this machine; 'modeled' = flashnb.costmodel with this run's "
-                 "policy statistics and device profile. MB/token for mmap/accelerate = bytes the kernel read.")
+                 "policy statistics, device profile and compute/memory calibration (flashnb.calibrate). "
+                 "MB/token for mmap/accelerate = bytes the kernel read.")
     rp = result.get("replay")
     if rp:
         lines += ["", rp["label"] + f"; window {rp['window']}, {rp['cache_rows_per_layer']} cache rows per layer",

@@ -11,7 +11,8 @@ hole is ever left), new neurons are appended at n, and the FFN is computed strai
 row order does not change the result.
 
 Windowing: the cache keeps every neuron that the last `window` tokens needed. For a new token it
-evicts the neurons that left the window and loads only the needed neurons that are not cached.
+evicts the neurons that left the window (unless the new token needs them again) and loads only the
+needed neurons that are not cached.
 """
 
 from __future__ import annotations
@@ -24,13 +25,21 @@ import torch
 from flashnb.errors import FlashnbError
 
 
+def sorted_unique(ids) -> np.ndarray:
+    """`ids` as a sorted int64 array without duplicates (no copy when it already is one)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+        ids = np.unique(ids)
+    return ids
+
+
 def split_needed(needed: np.ndarray, capacity: int) -> list[np.ndarray]:
     """A token's neuron ids in parts of at most `capacity`: one part when they fit the cache.
 
     A token that needs more neurons than a cache holds is served part by part (each part planned,
     read and computed in turn, the outputs summed); its window then covers fewer tokens.
     """
-    needed = np.unique(np.asarray(needed, dtype=np.int64))
+    needed = sorted_unique(needed)
     if needed.size <= capacity:
         return [needed]
     return np.array_split(needed, -(-needed.size // capacity))
@@ -81,11 +90,12 @@ class NeuronCache:
         """Decide, for the next token, which neurons to evict and which to load (changes nothing).
 
         Window k: the cache keeps the neurons needed by the previous k tokens, so this token reads
-        only what none of them needed (k = 0: nothing is kept, every needed neuron is read). If the
-        kept neurons and the new ones exceed the capacity, the least recently used of the kept
-        neurons that this token does not need are evicted too.
+        only the needed neurons that are not cached (k = 0: nothing is kept between tokens). Cached
+        neurons that left the window are evicted unless this token needs them again. If the kept
+        neurons and the new ones exceed the capacity, the least recently used of the kept neurons
+        that this token does not need are evicted too.
         """
-        needed = np.unique(np.asarray(needed, dtype=np.int64))
+        needed = sorted_unique(needed)
         if needed.size and (needed[0] < 0 or needed[-1] >= self.num_neurons):
             raise FlashnbError(f"neuron ids must be in 0..{self.num_neurons - 1}, got "
                                f"{needed[0]}..{needed[-1]}")
@@ -94,17 +104,17 @@ class NeuronCache:
                                "rows; raise the memory budget (or the cache capacity)")
         t = self.token + 1
         cached = self.cached()
-        last = self.last_used[cached]
-        keep = last >= t - self.window                      # still inside the window
-        is_needed = np.zeros(self.num_neurons, dtype=bool)
-        is_needed[needed] = True
-        kept_needed = keep & is_needed[cached]
-        hits = np.sort(cached[kept_needed])
-        load = needed[~np.isin(needed, hits, assume_unique=True)]
+        slots = self.slot[needed]
+        hit = slots >= 0 if self.window else np.zeros(needed.size, dtype=bool)  # k = 0: nothing carries over
+        hits, load = needed[hit], needed[~hit]
+        keep = self.last_used[cached] >= t - self.window    # still inside the window
+        now = np.zeros(self.n, dtype=bool)
+        now[slots[hit]] = True                                 # needed again: stays
+        keep |= now
         overflow = int(keep.sum()) + load.size - self.capacity
         if overflow > 0:
-            candidates = np.flatnonzero(keep & ~kept_needed)
-            order = candidates[np.argsort(last[candidates], kind="stable")]
+            candidates = np.flatnonzero(keep & ~now)
+            order = candidates[np.argsort(self.last_used[cached[candidates]], kind="stable")]
             keep[order[:overflow]] = False
         return StepPlan(needed, hits, load, cached[~keep])
 
@@ -145,11 +155,12 @@ class NeuronCache:
         if (where < 0).any():
             raise FlashnbError(f"neurons {neurons[where < 0][:5].tolist()} are not cached")
         new_n = self.n - neurons.size
-        holes = np.sort(where[where < new_n])               # freed rows inside the kept prefix
-        tail = np.arange(new_n, self.n)
-        movers = tail[~np.isin(self.ids[tail], neurons)]    # tail rows that stay: move them down
+        dead = np.zeros(self.n, dtype=bool)
+        dead[where] = True
+        holes = np.flatnonzero(dead[:new_n])                 # freed rows inside the kept prefix
         if holes.size:
-            self.rows[torch.from_numpy(holes)] = self.rows[torch.from_numpy(movers)]
+            movers = new_n + np.flatnonzero(~dead[new_n:])   # tail rows that stay: move them down
+            self.array[holes] = self.array[movers]           # numpy: a row copy each, any dtype
             self.ids[holes] = self.ids[movers]
             self.slot[self.ids[holes]] = holes
         self.slot[neurons] = -1

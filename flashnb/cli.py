@@ -237,10 +237,11 @@ def _add_flash_commands(sub) -> None:
     v.add_argument("store", metavar="STORE", help="store folder")
     v.set_defaults(func=cmd_verify)
 
-    pr = sub.add_parser("profile", help="measure this disk's read throughput by chunk size and threads",
-                        description="Random direct-I/O reads of 4 KiB..4 MiB chunks with 1..32 threads on a "
+    pr = sub.add_parser("profile", help="measure this disk's read throughput by chunk size and queue depth",
+                        description="Random direct-I/O reads of 4 KiB..4 MiB chunks with 1..64 requests in flight "
+                                    "(native AIO where available, else threads) on a "
                                     "scratch file (created and removed), plus sequential reads; writes a JSON "
-                                    "profile with a fitted throughput model. About 70 s; --quick about 10 s.")
+                                    "profile with a fitted throughput model. About 80 s; --quick about 10 s.")
     pr.add_argument("--dir", default=None, help="folder for the scratch file (default: the system temp folder)")
     pr.add_argument("--size", type=int, default=None, help="scratch file bytes (default: 1 GiB; --quick 256 MiB)")
     pr.add_argument("--quick", action="store_true", help="fewer cells, shorter: about 10 s")
@@ -248,7 +249,8 @@ def _add_flash_commands(sub) -> None:
     pr.add_argument("--use", default=None, metavar="FILE", help="load this profile instead of measuring")
     pr.add_argument("--reader-check", default=None, metavar="STORE",
                     help="then read random neuron sets of STORE and print achieved / modeled throughput")
-    pr.add_argument("--threads", type=int, default=8, help="reader threads for --reader-check (default: %(default)s)")
+    pr.add_argument("--threads", type=int, default=64,
+                    help="requests in flight (AIO queue depth) for --reader-check (default: %(default)s)")
     pr.add_argument("--fraction", type=float, default=0.1,
                     help="fraction of each layer's neurons per read for --reader-check (default: %(default)s)")
     pr.set_defaults(func=cmd_profile)
@@ -268,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--memory", type=float, default=0.5,
                    help="DRAM budget for weights: fraction of the model's bytes, or bytes if > 1 (default: %(default)s)")
     d.add_argument("--window", type=int, default=4, help="window of recent tokens (default: %(default)s)")
-    d.add_argument("--threads", type=int, default=8, help="reader threads (default: %(default)s)")
+    d.add_argument("--threads", type=int, default=64,
+                   help="reads in flight: the AIO queue depth, or reader threads where AIO is unavailable "
+                        "(default: %(default)s)")
     d.add_argument("--no-table", dest="table", action="store_false", help="do not print the per-token table")
     d.add_argument("--dense", action="store_true", help="run dense in DRAM instead (the reference)")
     d.set_defaults(func=cmd_demo)
@@ -284,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=16, help="generated tokens per configuration (default: %(default)s)")
     b.add_argument("--window", type=int, default=4, help="window for +windowing and all (default: %(default)s)")
     b.add_argument("--memory", type=float, default=0.5, help="DRAM budget, fraction of the model (default: %(default)s)")
-    b.add_argument("--threads", type=int, default=8, help="reader threads (default: %(default)s)")
+    b.add_argument("--threads", type=int, default=64,
+                   help="reads in flight: the AIO queue depth, or reader threads where AIO is unavailable "
+                        "(default: %(default)s)")
     b.add_argument("--configs", default=None, help="comma-separated subset of: naive,hybrid,predictor,windowing,"
                                                    "all,mmap,accelerate (default: all of them)")
     b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")

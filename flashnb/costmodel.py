@@ -135,7 +135,11 @@ class Policy:
     window_cached_fraction: float = 0.0
     bundling: bool = False
     memory_budget: float = 0.5
-    threads: int = 32
+    threads: int = 64
+    # statistics measured by a run of this policy (0 = derive them from the fields above):
+    request_bytes: int = 0        # mean bytes per flash request (alignment and coalescing included)
+    requests_per_call: float = 0  # requests per reader call (one layer): the concurrency available
+    predictor_bytes: int = 0      # predictor weights multiplied per token
 
     @property
     def predicted_fraction(self) -> float:
@@ -253,8 +257,20 @@ class TokenCost:
         return self.dram_bytes <= self.budget_bytes
 
 
-def token_cost(shape: ModelShape, policy: Policy, device=None) -> TokenCost:
-    """Latency per token of `shape` served with `policy` on `device` (see the module doc)."""
+def compute_bytes(shape: ModelShape, used_ffn_bytes: int) -> int:
+    """Weight bytes one token multiplies: everything but the embedding tables (the lm head counted),
+    plus the FFN bytes it uses."""
+    return (shape.other_params - shape.embedding_params + shape.lm_head_params) * shape.bytes_per_value \
+        + used_ffn_bytes
+
+
+def token_cost(shape: ModelShape, policy: Policy, device=None, calibration=None) -> TokenCost:
+    """Latency per token of `shape` served with `policy` on `device` (see the module doc).
+
+    `calibration` (flashnb.calibrate.Calibration, measured on this machine) replaces the plain
+    bytes/rate compute and memory-management terms by measured lines: compute = fixed + bytes/rate;
+    memory management = layer calls x per-call cost + neurons planned x per-neuron cost (+ copies).
+    """
     dev = as_device(device)
     if not 0 <= policy.sparsity <= 1 or policy.overselect <= 0 or not 0 <= policy.window_reuse <= 1:
         raise FlashnbError(f"policy {policy.name!r}: sparsity must be in [0, 1], overselect > 0 and "
@@ -272,14 +288,24 @@ def token_cost(shape: ModelShape, policy: Policy, device=None) -> TokenCost:
         chunk = shape.neuron_bytes if policy.bundling else shape.row_bytes
         reads = int(round(neurons * (1 if policy.bundling else shape.parts)))
         dram = O + (int(F * policy.window_cached_fraction) if policy.window else 0)
-    thr = dev.dense_throughput() if chunk == 0 else dev.sparse_throughput(chunk, policy.threads)
+    threads = policy.threads
+    if policy.request_bytes and io:  # measured request sizes: reads of that size, that many in flight
+        chunk, reads = int(policy.request_bytes), max(1, int(round(io / policy.request_bytes)))
+        threads = max(1, min(policy.threads, int(round(policy.requests_per_call or policy.threads))))
+        thr = dev.sparse_throughput(chunk, threads)
+    else:
+        thr = dev.dense_throughput() if chunk == 0 else dev.sparse_throughput(chunk, threads)
     io_s = io / thr if io else 0.0
     mm_bytes = io if (policy.predictor and policy.hybrid and policy.window) else 0
     mm_s = mm_bytes / dev.memcpy_bps if dev.memcpy_bps else (0.0 if mm_bytes == 0 else None)
     used_ffn = int(F * policy.predicted_fraction) if (policy.predictor and policy.hybrid) else F
-    comp_bytes = (shape.other_params - shape.embedding_params + shape.lm_head_params) * shape.bytes_per_value \
-        + used_ffn
+    comp_bytes = compute_bytes(shape, used_ffn) + policy.predictor_bytes
     comp_s = comp_bytes / dev.matvec_bps if dev.matvec_bps else None
+    if calibration is not None:
+        comp_s = calibration.compute_fixed_s + comp_bytes / calibration.compute_bps
+        if policy.hybrid:  # flashnb's engine: one cache step per layer for the neurons it plans
+            planned = shape.ffn_dim * (policy.predicted_fraction if policy.predictor else 1.0)
+            mm_s = shape.num_layers * (calibration.mm_call_s + planned * calibration.mm_neuron_s) + (mm_s or 0.0)
     return TokenCost(policy.name, dev.name, io, chunk, reads, thr, io_s, mm_bytes, mm_s, comp_bytes, comp_s,
                      dram, budget)
 

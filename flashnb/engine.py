@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flashnb.cache import NeuronCache, split_needed
+from flashnb.cache import NeuronCache, sorted_unique, split_needed
 from flashnb.errors import FlashnbError
 from flashnb.models.common import activation
 from flashnb.reader import NeuronReader, ReaderConfig
@@ -55,13 +55,14 @@ class Policy:
         needs the dense FFN, to prove the engine exact), "none" (every neuron, every token).
     window: keep the neurons needed by the previous `window` tokens in DRAM (0 = keep nothing).
     memory_budget: DRAM for the model's weights: a fraction of the model's bytes if <= 1, else bytes.
-    threads: reader threads. gap_bytes: the reader's coalescing gap (None = from the device profile).
+    threads: reads in flight: the AIO queue depth (reader threads where native AIO is unavailable).
+    gap_bytes: the reader's coalescing gap (None = from the device profile).
     """
 
     predictor: str = "learned"
     window: int = 4
     memory_budget: float = 0.5
-    threads: int = 8
+    threads: int = 64
     gap_bytes: int | None = None
 
     def __post_init__(self):
@@ -159,8 +160,8 @@ class FlashFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [1, 1, d_model], one token
         eng = self.engine
-        needed = eng.select(self.layer, x[0, -1])                        # 1. predict
-        eng.steps[-1].needed.append(np.unique(needed))
+        needed = sorted_unique(eng.select(self.layer, x[0, -1]))          # 1. predict
+        eng.steps[-1].needed.append(needed)
         y = 0
         for part in split_needed(needed, self.cache.capacity):           # (one part unless it overflows)
             t0 = time.perf_counter()
@@ -180,23 +181,32 @@ class FlashFFN(nn.Module):
         return y if b2 is None else y + b2
 
     def compute(self, x: torch.Tensor, needed: np.ndarray) -> torch.Tensor:
-        """The FFN output (without the down bias) from the cached rows; rows of neurons not in
-        `needed` are masked."""
+        """The FFN output (without the down bias) of this token's neurons `needed`, all cached.
+
+        When the cache holds exactly these neurons (window 0) the rows are rows[:n]; with a window
+        it also holds neighbours' neurons, and this token's rows are gathered by their slots. The up
+        projection runs at the store's precision; the down projection only over the neurons whose
+        activation is not zero (a ReLU zero contributes nothing), upcast to float32, because
+        half-precision vector-matrix products of this shape are slow on CPUs without native fp16.
+        """
         c, d = self.cache, self.d
-        rows, ids = c.rows[: c.n], torch.from_numpy(c.ids[: c.n])
-        mask = None if c.n == needed.size else c.mask(needed).to(rows.dtype)
+        rows, ids = c.rows[: c.n], c.ids[: c.n]
+        if c.n != needed.size:
+            rows, ids = torch.index_select(rows, 0, torch.from_numpy(c.slot[needed])), needed
         if self.gated:
-            h = self.act(F.linear(x, rows[:, :d])) * F.linear(x, rows[:, d:2 * d])
             if "gate_proj" in self.biases:
                 raise FlashnbError("gated FFNs with biases (mlp_bias) are not supported by the engine")
-            down = rows[:, 2 * d:]
+            h = self.act(F.linear(x, rows[:, :d])) * F.linear(x, rows[:, d:2 * d])
+            col = 2 * d
         else:
             b1 = self.biases.get("fc1")
-            h = self.act(F.linear(x, rows[:, :d], None if b1 is None else b1[ids]))
-            down = rows[:, d:]
-        if mask is not None:
-            h = h * mask
-        return h @ down  # the down projection's bias is added once per token, in forward
+            h = self.act(F.linear(x, rows[:, :d], None if b1 is None else b1.index_select(0, torch.from_numpy(ids))))
+            col = d
+        h = h.reshape(-1)
+        live = torch.nonzero(h).reshape(-1)
+        down = torch.index_select(rows, 0, live)[:, col:].float()
+        y = h.index_select(0, live).float() @ down
+        return y.to(x.dtype).reshape(x.shape)  # the down projection's bias is added once per token, in forward
 
 
 class TokenLoop:

@@ -1,7 +1,8 @@
-"""Your disk's read profile: throughput by chunk size and thread count, measured with direct I/O.
+"""Your disk's read profile: throughput by chunk size and concurrency, measured with direct I/O.
 
 `run_profile` creates a scratch file (random bytes), reads it at random 4 KiB-aligned offsets in
-chunks of 4 KiB..4 MiB with 1..32 threads (each cell for a fixed time), reads it sequentially, and
+chunks of 4 KiB..4 MiB with 1..64 requests in flight (each cell for a fixed time), reads it
+sequentially, and
 removes it again (also on Ctrl-C). The result is a `Profile`: the measured grid as JSON (with machine
 information, the date, and whether direct I/O or the buffered + fadvise fallback was used) and a
 model fitted to it:
@@ -15,6 +16,11 @@ model fitted to it:
 - `Profile.fit`: per thread count a least-squares fit t(s) = latency + s / bandwidth, and
   `Profile.coalesce_gap(threads)` = latency x bandwidth: the unneeded bytes that cost as much as one
   more request, i.e. the reader's break-even coalescing gap.
+
+Requests are issued as the reader issues them: through Linux native AIO with `threads` requests
+in flight (the queue depth, like fio's libaio iodepth) where the kernel allows it, else from that
+many threads; the JSON says which ("backend"). The API keeps the name `threads` for this
+concurrency.
 
 Numbers from here are *measured* on this machine; everything derived from them is *modeled*.
 """
@@ -41,8 +47,8 @@ PROFILE_VERSION = 1
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_CHUNKS = tuple(4 * KiB << i for i in range(11))       # 4 KiB .. 4 MiB
 QUICK_CHUNKS = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
-DEFAULT_THREADS = (1, 2, 4, 8, 16, 32)
-QUICK_THREADS = (1, 4, 16, 32)
+DEFAULT_THREADS = (1, 2, 4, 8, 16, 32, 64)
+QUICK_THREADS = (1, 4, 16, 64)
 
 
 def default_profile_path() -> Path:
@@ -69,6 +75,7 @@ class ProfileConfig:
     sequential_chunk: int = 4 * MiB
     seed: int = 0
     progress: bool = True
+    backend: str = "auto"   # "aio" / "threads" / "auto": how requests are issued, as in ReaderConfig
 
     @classmethod
     def quick(cls, **kw) -> "ProfileConfig":
@@ -171,9 +178,70 @@ class _Scratch:
             self.path = None
 
 
+def _cell_aio(fd: int, file_bytes: int, chunk: int, depth: int, seconds: float, rng: np.random.Generator,
+              sequential: bool = False) -> dict:
+    """Read `chunk`-byte requests, `depth` in flight through native AIO (flashnb.aio, as the reader
+    does), for `seconds`; the cell's measurements. Latencies are per batch of 4 x depth requests,
+    converted to per-request latency by Little's law (in-flight requests / completion rate)."""
+    from flashnb.aio import AioContext, pread_iocbs
+
+    n_slots = max(1, (file_bytes - chunk) // 4096)
+    nseq = max(1, file_bytes // chunk)
+    batch = 4 * depth
+    buf = AlignedBuffer(depth * chunk)  # requests share depth slots of it: the bytes are not kept
+    addrs = buf.u8.ctypes.data + (np.arange(batch, dtype=np.uint64) % depth) * chunk
+    lens = np.full(batch, chunk, dtype=np.int64)
+    ctx = AioContext(depth)
+    lat: list[float] = []
+    reads = k = 0
+    try:
+        t_start = time.perf_counter()
+        end = t_start + seconds
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= end and reads:
+                break
+            if sequential:
+                offs = ((k + np.arange(batch)) % nseq) * chunk
+            else:
+                offs = rng.integers(0, n_slots, batch) * 4096
+            res = ctx.run(pread_iocbs(fd, offs.astype(np.int64), addrs, lens))
+            if (res != chunk).any():
+                bad = res[res != chunk][0]
+                raise FlashnbError(f"profile read failed: {os.strerror(-bad) if bad < 0 else 'short read'}")
+            dt = time.perf_counter() - t0
+            lat.append(dt * min(depth, batch) / batch)
+            reads += batch
+            k += batch
+        elapsed = time.perf_counter() - t_start
+    finally:
+        ctx.close()
+    return {"chunk_bytes": chunk, "threads": depth, "reads": reads, "bytes": reads * chunk, "seconds": elapsed,
+            "throughput_bytes_per_s": reads * chunk / elapsed, "latency_p50_s": float(np.percentile(lat, 50)),
+            "latency_p99_s": float(np.percentile(lat, 99))}
+
+
+def _aio_usable(backend: str) -> bool:
+    """Whether cells run through native AIO: backend 'aio' (required), 'auto' (where available), 'threads'."""
+    if backend not in ("auto", "aio", "threads"):
+        raise FlashnbError(f"profile backend must be 'auto', 'aio' or 'threads', got {backend!r}")
+    if backend == "threads":
+        return False
+    from flashnb import aio
+
+    if aio.available():
+        return True
+    if backend == "aio":
+        raise FlashnbError("native AIO is unavailable on this machine; profile with backend 'threads'")
+    return False
+
+
 def _cell(fd: int, direct: bool, file_bytes: int, chunk: int, threads: int, seconds: float,
-          rng: np.random.Generator, sequential: bool = False) -> dict:
-    """Read `chunk`-byte requests with `threads` threads for `seconds`; the cell's measurements."""
+          rng: np.random.Generator, sequential: bool = False, use_aio: bool = False) -> dict:
+    """Read `chunk`-byte requests, `threads` in flight, for `seconds`; the cell's measurements.
+    `use_aio`: through one native AIO context (queue depth = threads), else `threads` threads."""
+    if use_aio and direct:
+        return _cell_aio(fd, file_bytes, chunk, threads, seconds, rng, sequential)
     n_slots = max(1, (file_bytes - chunk) // 4096)
     counts = [0] * threads
     lat: list[list[float]] = [[] for _ in range(threads)]
@@ -257,6 +325,7 @@ def run_profile(cfg: ProfileConfig | None = None) -> "Profile":
     if any(c % 4096 or c <= 0 for c in cfg.chunk_sizes) or any(t < 1 for t in cfg.threads):
         raise FlashnbError("chunk sizes must be positive multiples of 4096 bytes and threads >= 1")
     rng = np.random.default_rng(cfg.seed)
+    use_aio = _aio_usable(cfg.backend)
     t_begin = time.perf_counter()
     info = machine_info(folder)
     date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -277,13 +346,14 @@ def run_profile(cfg: ProfileConfig | None = None) -> "Profile":
             with tqdm(total=len(cells) + len(seq_threads), desc="profile", unit="cell", disable=not cfg.progress,
                       leave=False) as bar:
                 for c, t in cells:
-                    random_rows.append(_cell(fd, direct, cfg.size, c, t, cfg.seconds_per_cell, rng))
+                    random_rows.append(_cell(fd, direct, cfg.size, c, t, cfg.seconds_per_cell, rng,
+                                             use_aio=use_aio))
                     gbps = random_rows[-1]["throughput_bytes_per_s"] / 1e9
                     bar.set_postfix_str(f"{c // 1024} KiB x {t}: {gbps:.2f} GB/s")
                     bar.update(1)
                 for t in seq_threads:
                     row = _cell(fd, direct, cfg.size, cfg.sequential_chunk, t, cfg.sequential_seconds, rng,
-                                sequential=True)
+                                sequential=True, use_aio=use_aio)
                     seq_rows.append(row)
                     bar.update(1)
         finally:
@@ -296,6 +366,7 @@ def run_profile(cfg: ProfileConfig | None = None) -> "Profile":
         "dir": str(folder.resolve()),
         "file_bytes": cfg.size,
         "direct": direct,
+        "backend": "aio" if (use_aio and direct) else "threads",
         "cache_state": "direct I/O (page cache bypassed)" if direct else
                        "buffered reads, each request evicted with posix_fadvise(DONTNEED)",
         "config": asdict(cfg),
@@ -472,7 +543,7 @@ def load_default_profile() -> Profile | None:
 # Reader efficiency: achieved vs modeled on a real store
 
 
-def reader_efficiency(store_path: str | Path, profile: Profile | None = None, threads: int = 8,
+def reader_efficiency(store_path: str | Path, profile: Profile | None = None, threads: int = 64,
                       fraction: float = 0.1, rounds: int = 6, calls_per_round: int = 3, cell_seconds: float = 0.2,
                       seed: int = 0, gap_bytes: int | None = None) -> dict:
     """The reader's achieved throughput over the throughput a profile predicts for the same requests.
@@ -507,7 +578,8 @@ def reader_efficiency(store_path: str | Path, profile: Profile | None = None, th
         for rnd in range(rounds):
             for c in grid:  # same-time profile cells, on the same file
                 if 4 * c <= fsize:
-                    cells.append(_cell(r.fd, r.direct, fsize, c, threads, cell_seconds, rng))
+                    cells.append(_cell(r.fd, r.direct, fsize, c, threads, cell_seconds, rng,
+                                       use_aio=r.backend == "aio"))
             for j in range(calls_per_round):
                 ids = np.sort(rng.choice(store.ffn_dim, k, replace=False))
                 st = r.read((rnd * calls_per_round + j) % store.num_layers, ids, out).stats

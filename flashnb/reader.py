@@ -12,8 +12,14 @@ How a call goes:
    `gap_bytes` (reading a few unneeded bundles is cheaper than another request; the break-even gap
    comes from the device profile: per-request latency x bandwidth); split requests longer than
    `max_request_bytes` so that threads can share them.
-2. Read: the requests are dealt, in file order and balanced by bytes, to `threads` worker threads;
-   each issues `os.preadv` calls (retrying short reads and EINTR).
+2. Read, with one of two backends:
+   - "aio" (default on Linux): every request becomes a kernel iocb (flashnb.aio), built for the whole
+     batch by numpy; `threads` of them are kept in flight with one io_submit and one io_getevents
+     call per round, as fio's libaio engine does. A request that comes back short is re-read
+     synchronously.
+   - "threads": the requests are dealt, in file order and balanced by bytes, to `threads` worker
+     threads; each issues `os.preadv` calls (retrying short reads and EINTR).
+   Both fill the destination the same way:
    - scatter path (rows a multiple of the direct-I/O block, `out` block-aligned, e.g. from
      `aligned_empty`): one preadv per request whose iovecs point straight at the caller's rows, the
      unneeded gap rows going to a small sink buffer. No copy.
@@ -51,6 +57,10 @@ if TYPE_CHECKING:
 PAGE = mmap.PAGESIZE
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+# A profile's break-even gap (latency x bandwidth) comes from a fit that is least certain for small
+# chunks; a noisy profile can ask for 80 KiB, which for 2 KiB bundles reads many times the needed
+# bytes. Gaps taken from a profile are capped here (bytes); an explicit gap_bytes is used as given.
+MAX_PROFILE_GAP = 16 * 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,17 +104,23 @@ def aligned_empty(shape: Sequence[int] | int, dtype) -> np.ndarray:
 class ReaderConfig:
     """How a NeuronReader reads.
 
-    threads: worker threads issuing requests concurrently.
+    threads: requests in flight: the AIO queue depth (backend "aio"), or worker threads each issuing
+        one request at a time (backend "threads").
+    backend: "aio" (Linux native AIO, flashnb.aio: one system call submits a whole batch, like fio's
+        libaio engine), "threads" (os.preadv from a thread pool), or "auto" (aio where the kernel
+        allows it, else threads).
     gap_bytes: merge two spans into one request when at most this many unneeded bytes lie between
-        them; None = the device profile's break-even gap (`Profile.coalesce_gap`), or 0 without one.
+        them; None = the device profile's break-even gap (`Profile.coalesce_gap`, at most
+        MAX_PROFILE_GAP), or 0 without one.
     max_request_bytes: longer merged requests are split (bytes) so threads can share them.
     direct: try O_DIRECT (False: buffered reads + fadvise eviction, e.g. for tests of the fallback).
     io_align: direct-I/O block size in bytes; None = probe (512 where the device accepts it, else 4096).
     """
 
-    threads: int = 8
+    threads: int = 64
     gap_bytes: int | None = None
     max_request_bytes: int = 1 << 20
+    backend: str = "auto"
     direct: bool = True
     io_align: int | None = None
 
@@ -135,6 +151,7 @@ class ReadStats:
     path: str  # "scatter" (straight into the caller's rows) or "staging" (aligned buffer + gather)
     gap_bytes: int
     chunk_sizes: np.ndarray = field(repr=False)  # bytes of each request, in file order
+    backend: str = "threads"  # "aio" or "threads": how the requests were issued
 
     @property
     def throughput(self) -> float:
@@ -161,7 +178,8 @@ class ReadStats:
                 "neurons_unique": self.neurons_unique, "requests": self.requests, "retries": self.retries,
                 "bytes_needed": self.bytes_needed, "bytes_read": self.bytes_read,
                 "wall_seconds": self.wall_seconds, "throughput_bytes_per_s": self.throughput,
-                "threads": self.threads, "direct": self.direct, "path": self.path, "gap_bytes": self.gap_bytes,
+                "threads": self.threads, "backend": self.backend, "direct": self.direct, "path": self.path,
+                "gap_bytes": self.gap_bytes,
                 "chunk_histogram": {str(k): v for k, v in self.chunk_histogram.items()}}
 
 
@@ -269,9 +287,22 @@ class NeuronReader:
         if self.config.gap_bytes is not None:
             self.gap_bytes, self.gap_source = int(self.config.gap_bytes), "config"
         elif profile is not None:
-            self.gap_bytes, self.gap_source = int(profile.coalesce_gap(self.config.threads)), "profile"
+            gap = min(int(profile.coalesce_gap(self.config.threads)), MAX_PROFILE_GAP)
+            self.gap_bytes, self.gap_source = gap, "profile"
         else:
             self.gap_bytes, self.gap_source = 0, "none"
+        if self.config.backend not in ("auto", "aio", "threads"):
+            raise FlashnbError(f"reader backend must be 'auto', 'aio' or 'threads', got {self.config.backend!r}")
+        self._aio = None
+        if self.config.backend in ("auto", "aio"):
+            from flashnb.aio import AioContext
+
+            try:
+                self._aio = AioContext(self.config.threads)
+            except OSError as e:
+                if self.config.backend == "aio":
+                    raise FlashnbError(f"native AIO is unavailable here ({e.strerror}); use backend='threads'") from None
+        self.backend = "aio" if self._aio is not None else "threads"
         self._pool = ThreadPoolExecutor(max(1, self.config.threads - 1), thread_name_prefix="flashnb-read")
         self._staging: AlignedBuffer | None = None
         self._sink = AlignedBuffer(self.gap_bytes + self.io_align + max(r.row_bytes for r in self.store.regions(0)))
@@ -287,6 +318,8 @@ class NeuronReader:
     def close(self) -> None:
         if self.fd >= 0:
             self._pool.shutdown(wait=True)
+            if self._aio is not None:
+                self._aio.close()
             os.close(self.fd)
             self.fd = -1
 
@@ -335,7 +368,8 @@ class NeuronReader:
         out_u8 = out.reshape(-1).view(np.uint8)
         uniq, first, inv, scatter, plan = self._plan(regs, ids, out_u8.ctypes.data % self.io_align == 0)
         dst = memoryview(out_u8) if scatter else self._staging_view(int(plan.req_len.sum()))
-        retries = self._run(plan, dst, scatter)
+        base = out_u8.ctypes.data if scatter else self._staging.u8.ctypes.data
+        retries = self._run(plan, dst, base, scatter)
         if not scatter:
             self._gather(plan, regs, uniq.size, first, out)
         if inv is not None and uniq.size < n:  # duplicates: copy from the first occurrence
@@ -375,7 +409,7 @@ class NeuronReader:
                          retries=int(retries), bytes_needed=int(n_u) * self.store.neuron_bytes,
                          bytes_read=int(req_len.sum()), wall_seconds=time.perf_counter() - t0,
                          threads=self.config.threads, direct=self.direct, path=path, gap_bytes=self.gap_bytes,
-                         chunk_sizes=np.asarray(req_len, dtype=np.int64))
+                         chunk_sizes=np.asarray(req_len, dtype=np.int64), backend=self.backend)
 
     # -- planning ----------------------------------------------------------------------------
     def _plan_scatter(self, regs: tuple[Region, ...], uniq: np.ndarray, first: np.ndarray,
@@ -473,7 +507,39 @@ class NeuronReader:
             out[first, c0:c0 + rb // it] = rows[pos // g]
 
     # -- executing ---------------------------------------------------------------------------
-    def _run(self, plan: _Plan, dst: memoryview, scatter: bool) -> int:
+    def _run(self, plan: _Plan, dst: memoryview, base: int, scatter: bool) -> int:
+        """Issue the plan's requests (into `dst`, whose address is `base`); returns the retries."""
+        if self._aio is not None:
+            return self._run_aio(plan, dst, base, scatter)
+        return self._run_threads(plan, dst, scatter)
+
+    def _run_aio(self, plan: _Plan, dst: memoryview, base: int, scatter: bool) -> int:
+        """All requests through one AIO context, `threads` in flight; short or failed ones are re-read
+        synchronously (which raises the clear error where the file really is short)."""
+        from flashnb import aio
+
+        n = plan.req_off.size
+        if scatter:  # iovecs: each run of rows, then its gap (into the sink) where it has one
+            has_gap = plan.run_gap > 0
+            per_run = 1 + has_gap
+            first = np.concatenate(([0], np.cumsum(per_run)[:-1]))
+            iov = np.zeros(int(per_run.sum()), aio.IOVEC)
+            iov["base"][first] = base + plan.run_dst
+            iov["len"][first] = plan.run_len
+            iov["base"][first[has_gap] + 1] = self._sink.u8.ctypes.data
+            iov["len"][first[has_gap] + 1] = plan.run_gap[has_gap]
+            iov_start = np.append(first, iov.size)[plan.run_start]
+            cbs = aio.preadv_iocbs(self.fd, plan.req_off, iov, iov_start)
+        else:
+            stage = np.concatenate(([0], np.cumsum(plan.req_len)[:-1]))
+            cbs = aio.pread_iocbs(self.fd, plan.req_off, base + stage, plan.req_len)
+        res = self._aio.run(cbs)
+        bad = np.flatnonzero(res != plan.req_len).tolist()
+        work = self._work_scatter if scatter else self._work_staging
+        stage = None if scatter else np.concatenate(([0], np.cumsum(plan.req_len)[:-1]))
+        return len(bad) + sum(work(plan, dst, stage, i, i + 1) for i in bad)
+
+    def _run_threads(self, plan: _Plan, dst: memoryview, scatter: bool) -> int:
         """Issue the plan's requests over the thread pool; returns the retries.
 
         The requests are cut into up to 32 batches per thread (of at least 4 requests) of similar

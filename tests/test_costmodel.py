@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from flash_helpers import synthetic_profile
+from flashnb.calibrate import Calibration, calibrate
 from flashnb.costmodel import (GB, ModelShape, PaperDevice, Policy, ProfileDevice, opt_6_7b, paper_data,
                                paper_device, paper_policies, table2, time_to_read, token_cost)
 from flashnb.errors import FlashnbError
@@ -91,3 +92,32 @@ def test_bad_policy():
         token_cost(opt_6_7b(), Policy(sparsity=1.2))
     with pytest.raises(FlashnbError, match="unknown device"):
         token_cost(opt_6_7b(), Policy(), device="fast")
+
+
+def test_measured_request_sizes_and_calibration_drive_the_terms():
+    prof = Profile(synthetic_profile(latency_s=1e-4, bandwidth=1e9))
+    s = opt_6_7b()
+    pol = Policy(sparsity=0.97, overselect=2.0, bundling=True, threads=32)
+    plain = token_cost(s, pol, prof)
+    # measured: 48 KiB requests (coalesced), 8 in flight per layer call
+    seen = token_cost(s, replace(pol, request_bytes=48 * 1024, requests_per_call=8, predictor_bytes=1000), prof)
+    assert seen.io_bytes == plain.io_bytes and seen.read_bytes == 48 * 1024
+    assert seen.io_throughput == pytest.approx(prof.throughput(48 * 1024, 8))
+    assert seen.reads == round(seen.io_bytes / (48 * 1024))
+    assert seen.compute_bytes == plain.compute_bytes + 1000
+    cal = Calibration(compute_fixed_s=0.01, compute_bps=5e9, dense_token_s=0.0, no_ffn_token_s=0.0,
+                      mm_call_s=1e-4, mm_neuron_s=1e-7, torch_threads=1)
+    c = token_cost(s, pol, prof, cal)
+    assert c.compute_seconds == pytest.approx(0.01 + c.compute_bytes / 5e9)
+    planned = s.ffn_dim * pol.predicted_fraction
+    assert c.mm_seconds == pytest.approx(s.num_layers * (1e-4 + planned * 1e-7) + plain.mm_seconds)
+
+
+def test_calibration_measures_this_machine(tiny_opt_dir):
+    from flashnb.checkpoint import read_config
+
+    s = ModelShape.from_config(read_config(tiny_opt_dir), 2)
+    cal = calibrate(tiny_opt_dir, s, window=2, tokens=4)
+    assert cal.dense_token_s > 0 and cal.no_ffn_token_s > 0 and cal.compute_bps > 0
+    assert cal.compute_fixed_s >= 0 and cal.mm_call_s >= 0 and cal.mm_neuron_s >= 0
+    assert set(cal.summary()) >= {"compute_fixed_s", "compute_bps", "mm_call_s", "mm_neuron_s"}

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import make_tiny_llama, make_tiny_opt
 from flash_helpers import reference_rows
+from flashnb import aio
 from flashnb import reader as reader_mod
 from flashnb.errors import FlashnbError
 from flashnb.reader import AlignedBuffer, NeuronReader, ReaderConfig, aligned_empty, preadv_full
@@ -48,8 +49,11 @@ def test_rows_equal_checkpoint_exactly(stores, model, layout, dtype):
     s, ref = stores[(model, layout, dtype)]
     rng = np.random.default_rng(hash((model, layout, dtype)) % 2**32)
     paths = set()
+    backends = set()
     for cfg in (ReaderConfig(threads=3, gap_bytes=0),
+                ReaderConfig(threads=3, gap_bytes=0, backend="threads"),
                 ReaderConfig(threads=2, gap_bytes=1 << 20, max_request_bytes=4096),
+                ReaderConfig(threads=2, gap_bytes=4096, max_request_bytes=8192, backend="threads"),
                 ReaderConfig(threads=4, direct=False, gap_bytes=1024)):
         with NeuronReader(s, cfg) as r:
             for layer in range(s.num_layers):
@@ -69,8 +73,10 @@ def test_rows_equal_checkpoint_exactly(stores, model, layout, dtype):
                         assert sum(st.chunk_histogram.values()) == st.requests
                         assert st.direct == (cfg.direct and r.direct)
                         paths.add(st.path)
+                        backends.add(st.backend)
             split = s.split_rows(r.read(0, [4, 1]).rows)
             assert list(split) == list(s.parts) and all(v.shape == (2, s.d_model) for v in split.values())
+    assert backends == ({"aio", "threads"} if aio.available() else {"threads"})
     if model == "opt128" and layout == "bundled":
         assert "scatter" in paths   # 512 B+ bundles into an aligned buffer: no staging copy
     if model == "opt":
@@ -103,7 +109,7 @@ def test_gap_from_profile(stores):
     prof = Profile(synthetic_profile(latency_s=1e-4, bandwidth=1e9))
     s, _ = stores[("opt", "bundled", "fp16")]
     with NeuronReader(s, ReaderConfig(threads=4), profile=prof) as r:
-        assert r.gap_source == "profile" and r.gap_bytes == prof.coalesce_gap(4) > 0
+        assert r.gap_source == "profile" and r.gap_bytes == min(prof.coalesce_gap(4), reader_mod.MAX_PROFILE_GAP) > 0
     with NeuronReader(s, ReaderConfig(threads=4)) as r:
         assert (r.gap_source, r.gap_bytes) == ("none", 0)
 
@@ -140,9 +146,34 @@ def test_short_reads_and_eintr_are_retried(stores, monkeypatch):
     monkeypatch.setattr(reader_mod.os, "preadv", flaky)
     ids = np.array([9, 3, 100, 101, 102, 250, 3])
     for direct in (True, False):
-        with NeuronReader(s, ReaderConfig(threads=1, gap_bytes=4096, direct=direct)) as r:
+        with NeuronReader(s, ReaderConfig(threads=1, gap_bytes=4096, direct=direct, backend="threads")) as r:
             res = r.read(0, ids)
             assert np.array_equal(res.rows, ref[0][ids]) and res.stats.retries > 0
+
+
+@pytest.mark.skipif(not aio.available(), reason="native AIO (io_setup) is not available on this kernel")
+def test_aio_short_or_failed_requests_are_reread(stores, monkeypatch):
+    s, ref = stores[("opt128", "bundled", "fp16")]
+    real = aio.AioContext.run
+
+    def flaky(self, iocbs):  # the kernel reports the first request short and the second failed
+        res = real(self, iocbs)
+        res[:1] //= 2
+        res[1:2] = -errno.EIO
+        return res
+
+    monkeypatch.setattr(aio.AioContext, "run", flaky)
+    ids = np.array([9, 3, 100, 101, 102, 250, 3])
+    for out in (None, np.empty((ids.size, s.row_values), s.np_dtype)):  # scatter and staging paths
+        with NeuronReader(s, ReaderConfig(threads=4, gap_bytes=0, backend="aio")) as r:
+            res = r.read(0, ids, out)
+            assert np.array_equal(res.rows, ref[0][ids]) and res.stats.retries == 2 and res.stats.backend == "aio", res.stats
+
+
+def test_unknown_backend_is_an_error(stores):
+    s, _ = stores[("opt128", "bundled", "fp16")]
+    with pytest.raises(FlashnbError, match="backend must be 'auto', 'aio' or 'threads'"):
+        NeuronReader(s, ReaderConfig(backend="uring"))
 
 
 def test_end_of_file_is_an_error(tmp_path):
