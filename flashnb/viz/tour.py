@@ -1,0 +1,187 @@
+"""Figures for the tour notebooks (00 quickstart, 06 end to end, 07 bring your own model).
+
+Colours, marks and axis titles come from `flashnb.viz.style`: one colour per technique or latency
+component; *measured* solid, *modeled* hatched or dashed, *paper* outlined, starred or dotted; every
+legend entry names its source. The numbers come from `flashnb.tour` (engine runs, `run_bench`, the
+budget sweep); the budget slider that redraws `budget_figure` is in `flashnb.widgets.tour`.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from flashnb.viz import style as S
+
+MB = 1e6
+COMPONENTS = ("io", "mm", "compute")
+
+
+def _totals(steps) -> list[dict]:
+    """TokenStep.totals() dicts from TokenSteps (or the dicts themselves)."""
+    return [s if isinstance(s, dict) else s.totals() for s in steps]
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook 00
+
+
+def data_moved_figure(steps, ffn_bytes: int, token_text: list[str] | None = None) -> go.Figure:
+    """Per generated token (measured): left, MB read from flash beside the whole FFN (what naive reads
+    every token); right, the token's predicted neurons split into those already in DRAM (window hits)
+    and those read from flash."""
+    tot = _totals(steps)
+    x = list(range(1, len(tot) + 1))
+    hover = token_text if token_text is not None else None
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("data read from flash per token",
+                                                        "predicted neurons per token: cached vs read"))
+    fig.add_trace(go.Bar(x=x, y=[t["bytes_read"] / MB for t in tot], name=S.label("all", "measured"),
+                         hovertext=hover, **S.bar("all", "measured")), 1, 1)
+    fig.add_trace(go.Scatter(x=[x[0] - 0.5, x[-1] + 0.5] if x else [], y=[ffn_bytes / MB] * (2 if x else 0),
+                             name="whole FFN, what naive reads (measured: store size)",
+                             **S.scatter("naive", "measured", mode="lines")), 1, 1)
+    fig.add_trace(go.Bar(x=x, y=[t["cached"] for t in tot], name="already in DRAM: window hits (measured)",
+                         hovertext=hover, **S.bar("windowing", "measured")), 1, 2)
+    fig.add_trace(go.Bar(x=x, y=[t["read"] for t in tot], name="read from flash (measured)", hovertext=hover,
+                         **S.bar("io", "measured")), 1, 2)
+    S.layout(fig, "What moves per token (all techniques, measured)", height=400, barmode="stack")
+    fig.update_xaxes(title_text=S.axis_title("generated token", None))
+    fig.update_yaxes(title_text=S.axis_title("read from flash", "MB"), type="log", row=1, col=1)
+    fig.update_yaxes(title_text=S.axis_title("neurons, all layers", "count"), row=1, col=2)
+    return fig
+
+
+def time_breakdown_figure(steps, token_text: list[str] | None = None) -> go.Figure:
+    """Per generated token (measured): wall time stacked as I/O, memory management and compute."""
+    tot = _totals(steps)
+    x = list(range(1, len(tot) + 1))
+    keys = {"io": "io_seconds", "mm": "mm_seconds", "compute": "compute_seconds"}
+    fig = go.Figure()
+    for comp in COMPONENTS:
+        fig.add_trace(go.Bar(x=x, y=[t[keys[comp]] * 1e3 for t in tot], name=S.label(comp, "measured"),
+                             hovertext=token_text, **S.bar(comp, "measured")))
+    return S.layout(fig, "Where the time goes, token by token (measured)", x=("generated token", None),
+                    y=("time per token", "ms"), barmode="stack")
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook 06
+
+
+def breakdown_figure(result: dict) -> go.Figure:
+    """Latency per token of every configuration of a `run_bench` result: measured (I/O, memory
+    management, compute stacked; one unsplit bar where the runner cannot separate them) beside the
+    cost model's prediction (hatched)."""
+    from flashnb.bench import LABELS
+
+    res = result["results"]
+    names = list(res)
+    fig = go.Figure()
+    cats = ([LABELS[n] for n in names for _ in ("measured", "modeled")], [s for _ in names for s in ("measured", "modeled")])
+    for comp in COMPONENTS:
+        for source in ("measured", "modeled"):
+            numbers = {n: (res[n] if source == "measured" else res[n]["modeled"]).get(f"{comp}_ms") for n in names}
+            y = [numbers[n] if s == source else None for n in names for s in ("measured", "modeled")]
+            fig.add_trace(go.Bar(x=cats, y=y, name=S.label(comp, source), legendgroup=comp, **S.bar(comp, source)))
+    unsplit = [n for n in names if res[n]["io_ms"] is None]
+    if unsplit:
+        y = [res[n]["total_ms"] if (n in unsplit and s == "measured") else None for n in names
+             for s in ("measured", "modeled")]
+        colors = [S.color(n) for n in names for _ in ("measured", "modeled")]
+        fig.add_trace(go.Bar(x=cats, y=y, name="total, not split (measured)", marker=dict(color=colors)))
+    return S.layout(fig, "Latency per token by configuration: measured beside modeled", x=("configuration", None),
+                    y=("time per token", "ms"), height=440, barmode="stack")
+
+
+def _bars(names: list[str], source: str) -> dict:
+    """go.Bar keyword arguments colouring each bar by its technique, marked as `source`."""
+    colors = [S.color(n) for n in names]
+    kw = S.bar(names[0], source)
+    marker = dict(kw["marker"])
+    if source == "paper":
+        marker["line"] = dict(color=colors, width=2)
+    else:
+        marker["color"] = colors
+    return dict(marker=marker)
+
+
+def ladder_figure(rows: list[dict]) -> go.Figure:
+    """The paper's Table 2 ladder beside ours (`flashnb.tour.table2_beside` rows): I/O time per token
+    relative to naive, the paper's (OPT 6.7B, M1 Max), measured here and modeled here."""
+    names = [r["name"] for r in rows]
+    labels = [r["label"] for r in rows]
+    fig = go.Figure()
+    series = (("paper", "paper_io_vs_naive", "paper: OPT 6.7B, M1 Max, Table 2"),
+              ("measured", "io_vs_naive", "this model on this disk"),
+              ("modeled", "modeled_io_vs_naive", "cost model, this run's statistics"))
+    for source, key, what in series:
+        fig.add_trace(go.Bar(x=labels, y=[r[key] for r in rows], name=f"{what} ({source})",
+                             text=[None if r[key] is None else f"{r[key]:.1f}x" for r in rows], textposition="outside",
+                             **_bars(names, source)))
+    S.layout(fig, "I/O speed-up over naive, technique by technique", x=("configuration", None),
+             y=("naive I/O time / this I/O time", "x, log scale"), height=420, barmode="group")
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def budget_figure(sweep, budget: float | None = None) -> go.Figure:
+    """Latency per token (left) and data read per token (right) vs DRAM budget for all techniques and
+    hybrid: modeled curves (dashed) through the budget grid, engine runs at a few budgets (filled
+    markers), the paper's operating point (about half the model) dotted, `budget` marked."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("latency per token", "data read from flash per token"))
+    for name in ("all", "hybrid"):
+        for source in ("modeled", "measured"):
+            rows = getattr(sweep, source)[name]
+            x = [100 * r["budget"] for r in rows]
+            mode = "lines+markers" if source == "modeled" else "markers"
+            for col, key in ((1, "total_ms"), (2, "mb_per_token")):
+                fig.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], name=S.label(name, source), legendgroup=f"{name}{source}",
+                                         showlegend=col == 1, **S.scatter(name, source, mode=mode)), 1, col)
+    for col in (1, 2):
+        fig.add_vline(x=50, line=dict(S.scatter("naive", "paper", S.PAPER)["line"], width=1), row=1, col=col)
+    fig.add_trace(go.Scatter(x=[None], y=[None], name="paper: about half of OPT 6.7B in DRAM (paper, Table 2)",
+                             **S.scatter("naive", "paper", S.PAPER, mode="lines")), 1, 1)
+    S.layout(fig, f"Memory-latency trade-off: {sweep.window}-token window, {sweep.tokens} tokens per run", height=420)
+    fig.update_xaxes(title_text=S.axis_title("DRAM budget", "% of the model's bytes"))
+    fig.update_yaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=1)
+    fig.update_yaxes(title_text=S.axis_title("read from flash", "MB per token"), type="log", row=1, col=2)
+    if budget is not None:
+        mark_budget(fig, budget)
+    return fig
+
+
+def mark_budget(fig, budget: float) -> None:
+    """Draw (or move) the chosen budget's vertical line on both panels of `budget_figure`."""
+    x = 100 * budget
+    mine = [s for s in (fig.layout.shapes or ()) if s.name == "chosen budget"]
+    if mine:
+        for s in mine:
+            s.x0 = s.x1 = x
+        return
+    for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
+        fig.add_shape(type="line", name="chosen budget", xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1,
+                      line=dict(color="black", width=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook 07
+
+
+def costs_figure(rows: list[dict], model_bytes: int) -> go.Figure:
+    """Per-token cost of each run (`flashnb.tour.costs_table` rows, measured): time stacked as I/O,
+    memory management and compute (left); DRAM held for weights beside the model's size (right)."""
+    names = [r["name"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("time per token", "DRAM for weights"))
+    for comp in COMPONENTS:
+        fig.add_trace(go.Bar(x=names, y=[r[f"{comp}_ms"] for r in rows], name=S.label(comp, "measured"),
+                             **S.bar(comp, "measured")), 1, 1)
+    colors = [S.color("dense") if n.startswith("dense") else S.color("all") for n in names]
+    fig.add_trace(go.Bar(x=names, y=[r["dram_mb"] for r in rows], name="DRAM for weights (measured: bytes held)",
+                         marker=dict(color=colors)), 1, 2)
+    fig.add_trace(go.Scatter(x=names, y=[model_bytes / MB] * len(names), name="whole model (measured: file bytes)",
+                             **S.scatter("naive", "measured", mode="lines")), 1, 2)
+    S.layout(fig, "Dense in DRAM vs from flash (measured)", height=420, barmode="stack")
+    fig.update_xaxes(title_text=S.axis_title("run", None))
+    fig.update_yaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=1)
+    fig.update_yaxes(title_text=S.axis_title("DRAM", "MB"), row=1, col=2)
+    return fig

@@ -1,0 +1,46 @@
+"""The tour notebooks' widgets: notebook 06's DRAM-budget slider, notebook 07's model-folder box.
+
+Each builder's default value is what CI runs headless (see `flashnb.widgets`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from flashnb.tour import ENV_BYO_MODEL, BudgetSweep, budget_text
+from flashnb.viz.tour import budget_figure, mark_budget
+
+
+def budget_explorer(sweep: BudgetSweep, budget: float = 0.5):
+    """A slider over the sweep's modeled budgets that moves the chosen-budget line of `budget_figure`
+    and rewrites `budget_text` below it. Returns (VBox, slider, FigureWidget); the slider starts at the
+    budget nearest to `budget`."""
+    import html
+
+    import ipywidgets as W
+    import plotly.graph_objects as go
+
+    options = [(f"{b:.0%}", b) for b in sweep.budgets("all")]
+    start = min(sweep.budgets("all"), key=lambda b: abs(b - budget))
+    fig = go.FigureWidget(budget_figure(sweep, start))
+    text = W.HTML(html.escape(budget_text(sweep, start)))
+    slider = W.SelectionSlider(options=options, value=start, description="DRAM budget", continuous_update=False,
+                               style={"description_width": "initial"})
+
+    def redraw(change):
+        with fig.batch_update():
+            mark_budget(fig, change["new"])
+        text.value = html.escape(budget_text(sweep, change["new"]))
+
+    slider.observe(redraw, names="value")
+    return W.VBox([slider, text, fig]), slider, fig
+
+
+def model_folder_box(default: str | None = None):
+    """A text box for a Hugging Face model folder, pre-filled from `default` or $FLASHNB_BYO_MODEL
+    (empty in CI: notebook 07 then builds a tiny random model)."""
+    import ipywidgets as W
+
+    value = default if default is not None else os.environ.get(ENV_BYO_MODEL, "")
+    return W.Text(value=value, description="model folder", placeholder="e.g. ~/models/opt-1.3b (empty: a tiny random OPT)",
+                  layout=W.Layout(width="80%"), style={"description_width": "initial"})
