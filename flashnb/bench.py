@@ -102,6 +102,8 @@ def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device,
         calls = measured["reader_calls_per_token"] or shape.num_layers
         base = replace(base, request_bytes=int(measured["bytes_read_per_token"] / measured["requests_per_token"]),
                        requests_per_call=measured["requests_per_token"] / calls)
+    if measured.get("reader_calls_per_token"):
+        base = replace(base, calls_per_layer=measured["reader_calls_per_token"] / shape.num_layers)
     if getattr(runner, "predictors", None) is not None and runner.policy.predictor == "learned":
         base = replace(base, predictor_bytes=runner.memory.predictor_bytes)
     if name in ("naive", "mmap"):
@@ -118,6 +120,8 @@ def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device,
             cached = runner.memory.capacity_rows / shape.ffn_dim
             pol = replace(pol, window=cfg.window, window_reuse=measured["window_hit_share"],
                           window_cached_fraction=cached)
+    if name in ("mmap", "accelerate"):  # the dense model's kernels, not the engine's sparse ones
+        calibration = replace(calibration, ffn_call_s=0.0, ffn_neuron_s=0.0)
     c = cm.token_cost(shape, pol, device, None if name == "accelerate" else calibration)
     if name == "mmap":  # the page cache does mmap's bookkeeping: no neuron cache steps
         c = replace(c, mm_seconds=c.mm_bytes / device.memcpy_bps if c.mm_bytes and device.memcpy_bps else 0.0)
@@ -163,9 +167,6 @@ def run_bench(cfg: BenchConfig) -> dict:
             profile_source = "quick profile measured by this run"
     device = as_device(profile)
     shape = ModelShape.from_config(config, 2, model_dir.name)
-    from flashnb.calibrate import calibrate
-
-    calibration = calibrate(model_dir, shape, cfg.window)
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="flashnb-bench-", dir=workroot) as work:
@@ -175,6 +176,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         predictors = None
         if {"predictor", "windowing", "all"} & set(cfg.configs):
             predictors = load_predictors(pred_dir)
+        from flashnb.calibrate import calibrate
+
+        calibration = calibrate(model_dir, shape, cfg.window, predictors=predictors)
         sampling = SamplingConfig()
         skipped: dict[str, str] = {}
         for name in cfg.configs:

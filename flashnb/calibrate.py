@@ -1,16 +1,17 @@
 """This machine's compute and memory-management constants, measured for the cost model.
 
 The cost model (flashnb.costmodel) needs, besides the disk's profile, what a token's arithmetic and
-the neuron cache's bookkeeping cost on this CPU. Both are measured here on the model being
-benchmarked, never on the configurations the model is then compared with:
+the neuron cache's bookkeeping cost on this CPU. They are measured here with the same kernels the
+engine runs, on synthetic inputs of the benchmarked model's shapes, never by timing the
+configurations the model is then compared with:
 
-- compute: a token costs `compute_fixed_s + weight bytes multiplied / compute_bps`. Two points fix
-  the line: the dense model decoding in DRAM (every weight), and the same model with every FFN
-  replaced by zeros (no FFN bytes). `compute_fixed_s` is what does not scale with bytes: Python,
-  operator dispatch, attention over the context, norms.
-- memory management: one layer's cache step (plan, evict with swap-with-last, append) costs
-  `mm_call_s + neurons x mm_neuron_s`, from a NeuronCache of the model's bundle width stepped with
-  random sets of two sizes.
+- everything but the FFN: the dense model decoding in DRAM with every FFN replaced by zeros
+  (`no_ffn_token_s`), and with its real FFNs (`dense_token_s`, the reference floor). Their
+  difference gives a weight-bytes rate (`compute_bps`) for models the engine does not run.
+- one layer's sparse FFN (flashnb.engine.sparse_ffn on random bundles): `ffn_call_s + neurons x
+  ffn_neuron_s`, from two set sizes; one predictor call (`predictor_call_s`, when predictors are given).
+- one layer's cache step (plan, evict with swap-with-last, append): `mm_call_s + neurons x
+  mm_neuron_s`, from a NeuronCache of the model's bundle width stepped with random sets of two sizes.
 
 Everything here is *measured*; the cost model's use of it is *modeled*.
 """
@@ -30,13 +31,16 @@ import torch.nn as nn
 class Calibration:
     """Seconds and bytes/s measured on this machine (see the module doc)."""
 
-    compute_fixed_s: float     # per token
+    compute_fixed_s: float     # per token, what does not scale with weight bytes
     compute_bps: float         # weight bytes per second through matrix-vector products
     dense_token_s: float       # the dense model in DRAM, per token (measured)
     no_ffn_token_s: float      # the same with every FFN replaced by zeros (measured)
     mm_call_s: float           # one layer's cache step, fixed part
     mm_neuron_s: float         # ... per neuron planned
     torch_threads: int
+    ffn_call_s: float = 0.0    # one layer's sparse FFN, fixed part
+    ffn_neuron_s: float = 0.0  # ... per neuron computed
+    predictor_call_s: float = 0.0  # one layer's predictor (0: none measured)
 
     def summary(self) -> dict:
         return asdict(self)
@@ -79,27 +83,63 @@ def _mm_seconds(ffn_dim: int, width: int, needed: int, capacity: int, window: in
     return float(np.median(times[2:]))
 
 
-def calibrate(model_dir: str | Path, shape, window: int = 4, tokens: int = 12) -> Calibration:
+def _median_seconds(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls + 2):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
+
+
+def _line(n_small: int, t_small: float, n_big: int, t_big: float) -> tuple[float, float]:
+    """(fixed, per-unit) of the line through two timings, both clamped at >= 0."""
+    per = max(0.0, (t_big - t_small) / max(1, n_big - n_small))
+    return max(0.0, t_small - n_small * per), per
+
+
+def calibrate(model_dir: str | Path, shape, window: int = 4, tokens: int = 12, predictors=None) -> Calibration:
     """Measure the constants for the Hugging Face folder `model_dir` of cost-model shape `shape`
-    (flashnb.costmodel.ModelShape) at the store's precision (fp16)."""
+    (flashnb.costmodel.ModelShape) at the store's precision; `predictors` (LowRankPredictors) adds
+    the predictor's cost per layer."""
     from flashnb.checkpoint import load_model
     from flashnb.costmodel import compute_bytes
+    from flashnb.engine import sparse_ffn
+    from flashnb.models.common import activation
 
     dtype = torch.float16 if shape.bytes_per_value == 2 else torch.float32
     model = load_model(model_dir, dtype=dtype).eval()
-    vocab = model.config.vocab_size
+    c = model.config
+    vocab = c.vocab_size
     dense = _token_seconds(model, tokens, vocab)
     for block in model.layers:
         block.ffn = _ZeroFFN()
     no_ffn = _token_seconds(model, tokens, vocab)
-    ffn_bytes = shape.ffn_bytes
-    rate = ffn_bytes / max(dense - no_ffn, 1e-9)
+    rate = shape.ffn_bytes / max(dense - no_ffn, 1e-9)
     fixed = max(0.0, no_ffn - compute_bytes(shape, 0) / rate)
-    width = shape.parts * shape.d_model
+
+    gated = c.model_type != "opt"
+    act = activation(c.hidden_act if gated else c.activation_function, "config.json")
+    d, width = shape.d_model, shape.parts * shape.d_model
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, d, generator=rng).to(dtype)
+    bias = None if gated else torch.randn(shape.ffn_dim, generator=rng).to(dtype) * 0.1
     small = max(1, shape.ffn_dim // 20)  # about a predicted set
+    timings = {}
+    for n in (small, shape.ffn_dim):
+        rows = (torch.randn(n, width, generator=rng) * 0.05).to(dtype)
+        ids = np.sort(np.random.default_rng(n).choice(shape.ffn_dim, n, replace=False))
+        timings[n] = _median_seconds(lambda: sparse_ffn(x, rows, ids, bias, act, gated, d), 30 if n == small else 8)
+    ffn_call, ffn_neuron = _line(small, timings[small], shape.ffn_dim, timings[shape.ffn_dim])
+    pred = 0.0
+    if predictors is not None:
+        for p in predictors.layers:  # as the engine holds them
+            p.to(dtype)
+        xs = x[0, -1]
+        pred = _median_seconds(lambda: predictors.predict_ids(0, xs), 30)
+
     t_small = _mm_seconds(shape.ffn_dim, width, small, 2 * small, window, 40, dtype)
     t_all = _mm_seconds(shape.ffn_dim, width, shape.ffn_dim, shape.ffn_dim, 0, 12, dtype)
-    per_neuron = max(0.0, (t_all - t_small) / (shape.ffn_dim - small))
-    call = max(0.0, t_small - small * per_neuron)
-    return Calibration(fixed, rate, dense, no_ffn, call, per_neuron, torch.get_num_threads())
-
+    mm_call, mm_neuron = _line(small, t_small, shape.ffn_dim, t_all)
+    return Calibration(fixed, rate, dense, no_ffn, mm_call, mm_neuron, torch.get_num_threads(),
+                       ffn_call, ffn_neuron, pred)

@@ -140,6 +140,7 @@ class Policy:
     request_bytes: int = 0        # mean bytes per flash request (alignment and coalescing included)
     requests_per_call: float = 0  # requests per reader call (one layer): the concurrency available
     predictor_bytes: int = 0      # predictor weights multiplied per token
+    calls_per_layer: float = 1    # reader/compute calls per layer (a set bigger than the cache is served in parts)
 
     @property
     def predicted_fraction(self) -> float:
@@ -302,10 +303,18 @@ def token_cost(shape: ModelShape, policy: Policy, device=None, calibration=None)
     comp_bytes = compute_bytes(shape, used_ffn) + policy.predictor_bytes
     comp_s = comp_bytes / dev.matvec_bps if dev.matvec_bps else None
     if calibration is not None:
-        comp_s = calibration.compute_fixed_s + comp_bytes / calibration.compute_bps
-        if policy.hybrid:  # flashnb's engine: one cache step per layer for the neurons it plans
+        cal = calibration
+        if policy.hybrid and cal.ffn_call_s:
+            # flashnb's engine: the model without its FFNs, then per layer a predictor call, a sparse
+            # FFN over the neurons it planned and one cache step for them
             planned = shape.ffn_dim * (policy.predicted_fraction if policy.predictor else 1.0)
-            mm_s = shape.num_layers * (calibration.mm_call_s + planned * calibration.mm_neuron_s) + (mm_s or 0.0)
+            calls = max(1, policy.calls_per_layer)
+            pred_s = cal.predictor_call_s if (policy.predictor and policy.predictor_bytes) else 0.0
+            comp_s = cal.no_ffn_token_s + shape.num_layers * (
+                pred_s + calls * cal.ffn_call_s + planned * cal.ffn_neuron_s)
+            mm_s = shape.num_layers * (calls * cal.mm_call_s + planned * cal.mm_neuron_s) + (mm_s or 0.0)
+        else:  # another program's dense model: bytes through the measured matrix-vector rate
+            comp_s = cal.compute_fixed_s + comp_bytes / cal.compute_bps
     return TokenCost(policy.name, dev.name, io, chunk, reads, thr, io_s, mm_bytes, mm_s, comp_bytes, comp_s,
                      dram, budget)
 

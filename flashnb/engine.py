@@ -184,29 +184,37 @@ class FlashFFN(nn.Module):
         """The FFN output (without the down bias) of this token's neurons `needed`, all cached.
 
         When the cache holds exactly these neurons (window 0) the rows are rows[:n]; with a window
-        it also holds neighbours' neurons, and this token's rows are gathered by their slots. The up
-        projection runs at the store's precision; the down projection only over the neurons whose
-        activation is not zero (a ReLU zero contributes nothing), upcast to float32, because
-        half-precision vector-matrix products of this shape are slow on CPUs without native fp16.
+        it also holds neighbours' neurons, and this token's rows are gathered by their slots.
         """
-        c, d = self.cache, self.d
+        c = self.cache
         rows, ids = c.rows[: c.n], c.ids[: c.n]
         if c.n != needed.size:
             rows, ids = torch.index_select(rows, 0, torch.from_numpy(c.slot[needed])), needed
-        if self.gated:
-            if "gate_proj" in self.biases:
-                raise FlashnbError("gated FFNs with biases (mlp_bias) are not supported by the engine")
-            h = self.act(F.linear(x, rows[:, :d])) * F.linear(x, rows[:, d:2 * d])
-            col = 2 * d
-        else:
-            b1 = self.biases.get("fc1")
-            h = self.act(F.linear(x, rows[:, :d], None if b1 is None else b1.index_select(0, torch.from_numpy(ids))))
-            col = d
-        h = h.reshape(-1)
-        live = torch.nonzero(h).reshape(-1)
-        down = torch.index_select(rows, 0, live)[:, col:].float()
-        y = h.index_select(0, live).float() @ down
-        return y.to(x.dtype).reshape(x.shape)  # the down projection's bias is added once per token, in forward
+        if self.gated and "gate_proj" in self.biases:
+            raise FlashnbError("gated FFNs with biases (mlp_bias) are not supported by the engine")
+        return sparse_ffn(x, rows, ids, self.biases.get("fc1"), self.act, self.gated, self.d)
+
+
+def sparse_ffn(x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray, up_bias: torch.Tensor | None, act,
+               gated: bool, d: int) -> torch.Tensor:
+    """One token's FFN output (without the down bias) from the bundles `rows` of neurons `ids`.
+
+    rows: [n, P * d] bundles (up | down, or gate | up | down when `gated`). The up projection runs
+    at the rows' precision; the down projection only over the neurons whose activation is not zero
+    (a ReLU zero contributes nothing), upcast to float32, because half-precision vector-matrix
+    products of this shape are slow on CPUs without native fp16 arithmetic.
+    """
+    if gated:
+        h = act(F.linear(x, rows[:, :d])) * F.linear(x, rows[:, d:2 * d])
+        col = 2 * d
+    else:
+        h = act(F.linear(x, rows[:, :d], None if up_bias is None else up_bias.index_select(0, torch.from_numpy(ids))))
+        col = d
+    h = h.reshape(-1)
+    live = torch.nonzero(h).reshape(-1)
+    down = torch.index_select(rows, 0, live)[:, col:].float()
+    y = h.index_select(0, live).float() @ down
+    return y.to(x.dtype).reshape(x.shape)
 
 
 class TokenLoop:

@@ -105,12 +105,18 @@ def test_measured_request_sizes_and_calibration_drive_the_terms():
     assert seen.io_throughput == pytest.approx(prof.throughput(48 * 1024, 8))
     assert seen.reads == round(seen.io_bytes / (48 * 1024))
     assert seen.compute_bytes == plain.compute_bytes + 1000
-    cal = Calibration(compute_fixed_s=0.01, compute_bps=5e9, dense_token_s=0.0, no_ffn_token_s=0.0,
-                      mm_call_s=1e-4, mm_neuron_s=1e-7, torch_threads=1)
-    c = token_cost(s, pol, prof, cal)
+    # another program's dense model: bytes through the measured rate, after a fixed part
+    dense_cal = Calibration(compute_fixed_s=0.01, compute_bps=5e9, dense_token_s=0.3, no_ffn_token_s=0.2,
+                            mm_call_s=1e-4, mm_neuron_s=1e-7, torch_threads=1)
+    c = token_cost(s, pol, prof, dense_cal)
     assert c.compute_seconds == pytest.approx(0.01 + c.compute_bytes / 5e9)
+    # flashnb's engine: the model without FFNs + per layer predictor, sparse FFN calls and cache steps
+    cal = replace(dense_cal, ffn_call_s=2e-4, ffn_neuron_s=1e-6, predictor_call_s=5e-5)
+    pol2 = replace(pol, predictor_bytes=1000, calls_per_layer=2)
+    c = token_cost(s, pol2, prof, cal)
     planned = s.ffn_dim * pol.predicted_fraction
-    assert c.mm_seconds == pytest.approx(s.num_layers * (1e-4 + planned * 1e-7) + plain.mm_seconds)
+    assert c.compute_seconds == pytest.approx(0.2 + s.num_layers * (5e-5 + 2 * 2e-4 + planned * 1e-6))
+    assert c.mm_seconds == pytest.approx(s.num_layers * (2 * 1e-4 + planned * 1e-7) + plain.mm_seconds)
 
 
 def test_calibration_measures_this_machine(tiny_opt_dir):
@@ -120,4 +126,5 @@ def test_calibration_measures_this_machine(tiny_opt_dir):
     cal = calibrate(tiny_opt_dir, s, window=2, tokens=4)
     assert cal.dense_token_s > 0 and cal.no_ffn_token_s > 0 and cal.compute_bps > 0
     assert cal.compute_fixed_s >= 0 and cal.mm_call_s >= 0 and cal.mm_neuron_s >= 0
+    assert cal.ffn_call_s + cal.ffn_neuron_s > 0 and cal.predictor_call_s == 0  # no predictors given
     assert set(cal.summary()) >= {"compute_fixed_s", "compute_bps", "mm_call_s", "mm_neuron_s"}
