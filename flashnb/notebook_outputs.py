@@ -1,13 +1,15 @@
 """Execute notebooks and commit only their small, stable outputs (for strict nbval).
 
     python -m flashnb.notebook_outputs notebooks/03_windowing.ipynb [more.ipynb ...] [--timeout 600]
+                                      [--sanitize-with tests/nbval_sanitize.cfg]
 
 For each notebook: run every cell top to bottom in a fresh kernel of *this* Python environment (the
 kernel nbval's --nbval-current-env uses, started in the notebook's folder), then write the notebook back
 with
 
 - the outputs and execution counts of ordinary cells kept: these are what `pytest --nbval` compares
-  (after tests/nbval_sanitize.cfg), so they must be small and deterministic;
+  (after tests/nbval_sanitize.cfg), so they must be small and deterministic; the sanitizer is applied
+  to them here too (a scratch folder is committed as TEMP_DIR), so a rerun rewrites the same bytes;
 - the outputs of cells marked `# NBVAL_IGNORE_OUTPUT` (plots, widgets, timings, disk measurements) or
   `# NBVAL_SKIP` removed, and their execution counts cleared;
 - no widget state (notebook metadata `widgets`), no per-cell timing metadata.
@@ -20,6 +22,7 @@ outputs are stable by running `python -m pytest notebooks/NAME.ipynb` twice.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -38,15 +41,38 @@ def output_ignored(cell) -> bool:
     return any(tag in IGNORE_TAGS for tag in cell.get("metadata", {}).get("tags", []))
 
 
+def sanitize_patterns(cfg: Path | None) -> list[tuple[str, str]]:
+    """The (regex, replacement) pairs of an nbval sanitize file, read as nbval reads them."""
+    if cfg is None:
+        return []
+    return re.findall(r"^regex: (.*)$\n^replace: (.*)$", cfg.read_text(), flags=re.MULTILINE)
+
+
+def default_sanitize_file(notebook: Path) -> Path | None:
+    """tests/nbval_sanitize.cfg of the repository holding `notebook`, if there is one."""
+    for folder in notebook.resolve().parents:
+        if (folder / "tests" / "nbval_sanitize.cfg").is_file():
+            return folder / "tests" / "nbval_sanitize.cfg"
+    return None
+
+
+def _sanitize(text, patterns):
+    if not isinstance(text, str):
+        return text
+    for regex, replace in patterns:
+        text = re.sub(regex, replace, text)
+    return text
+
+
 def _output_text(output) -> str:
     if output.get("output_type") == "stream":
         return output.get("text", "")
     return "".join(str(v) for v in output.get("data", {}).values())
 
 
-def clean(nb, path: str = "notebook") -> list[str]:
-    """Strip `nb` in place as described in the module docstring; returns one problem per offending
-    kept cell (empty when the notebook may be committed)."""
+def clean(nb, path: str = "notebook", patterns: list[tuple[str, str]] = ()) -> list[str]:
+    """Strip `nb` in place as described in the module docstring and apply the sanitize `patterns` to the
+    text of kept outputs; returns one problem per offending kept cell (empty when it may be committed)."""
     problems = []
     nb.metadata.pop("widgets", None)
     for i, cell in enumerate(nb.cells):
@@ -58,6 +84,11 @@ def clean(nb, path: str = "notebook") -> list[str]:
             cell.execution_count = None
             continue
         for out in cell.outputs:
+            if "text" in out:
+                out["text"] = _sanitize(out["text"], patterns)
+            for mime, value in out.get("data", {}).items():
+                if mime.startswith("text/"):
+                    out["data"][mime] = _sanitize(value, patterns)
             bad = [m for m in UNSTABLE_MIME if m in out.get("data", {})]
             if bad or "plotly" in out.get("data", {}).get("text/html", ""):
                 problems.append(f"{path}: cell {i} shows a widget or plot ({bad or 'plotly html'}); "
@@ -71,7 +102,7 @@ def clean(nb, path: str = "notebook") -> list[str]:
     return problems
 
 
-def _current_env_kernel_manager(cwd: Path):
+def _current_env_kernel_manager():
     """A kernel manager for a Python kernel of this interpreter (as nbval --nbval-current-env)."""
     import ipykernel.kernelspec
     from jupyter_client import KernelManager
@@ -91,19 +122,24 @@ def execute(path: Path, timeout: int = 600):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, km=_current_env_kernel_manager(path.parent), timeout=timeout,
-                            store_widget_state=False, record_timing=False,
+    km = _current_env_kernel_manager()
+    client = NotebookClient(nb, km=km, timeout=timeout, store_widget_state=False, record_timing=False,
                             resources={"metadata": {"path": str(path.parent.resolve())}})
-    client.execute(cwd=str(path.parent.resolve()))
+    try:
+        client.execute(cwd=str(path.parent.resolve()))
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     return nb
 
 
-def refresh(path: Path, timeout: int = 600) -> list[str]:
-    """Execute, clean and (when clean found no problem) write back one notebook; returns the problems."""
+def refresh(path: Path, timeout: int = 600, sanitize_with: Path | None = None) -> list[str]:
+    """Execute, clean and (when clean found no problem) write back one notebook; returns the problems.
+    sanitize_with: an nbval sanitize file (default: the repository's tests/nbval_sanitize.cfg)."""
     import nbformat
 
     nb = execute(path, timeout)
-    problems = clean(nb, str(path))
+    problems = clean(nb, str(path), sanitize_patterns(sanitize_with or default_sanitize_file(path)))
     if not problems:
         nbformat.validate(nb)
         text = nbformat.writes(nb) + "\n"
@@ -115,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flashnb.notebook_outputs", description=__doc__.split("\n\n")[0])
     ap.add_argument("notebooks", nargs="+", type=Path, help="the .ipynb files to execute and rewrite")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
+    ap.add_argument("--sanitize-with", type=Path, default=None,
+                    help="nbval sanitize file applied to kept outputs (default: tests/nbval_sanitize.cfg above "
+                         "the notebook)")
     args = ap.parse_args(argv)
     failed = False
     for path in args.notebooks:
@@ -122,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"notebook_outputs: error: {path} is not a file", file=sys.stderr)
             return 2
         try:
-            problems = refresh(path, args.timeout)
+            problems = refresh(path, args.timeout, args.sanitize_with)
         except Exception as e:  # nbclient's CellExecutionError names the cell and carries its traceback
             problems = [f"{path} did not run to the end (nothing written):\n{e}"]
         for p in problems:

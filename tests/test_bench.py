@@ -50,7 +50,8 @@ def test_every_configuration_runs_and_reports(tmp_path):
 def test_window_sweep_and_layout_summary(tmp_path):
     from flashnb.engine import Policy
     from flashnb.store import ConvertConfig, convert
-    from flashnb.viz_engine import layout_summary, window_figure, window_sweep
+    from flashnb.viz.engine import layout_summary, window_figure, window_sweep
+    from flashnb.widgets.engine import window_explorer
 
     folder = make_tiny_opt(tmp_path / "hf")
     store = convert(folder, tmp_path / "store", ConvertConfig(dtype="fp32", progress=False))
@@ -60,6 +61,9 @@ def test_window_sweep_and_layout_summary(tmp_path):
     assert [r["window"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["hit_share"] == 0.0 and rows[3]["mb_per_token"] < rows[0]["mb_per_token"]
     fig = window_figure(rows, 2)
-    assert list(fig.data[1].y) == rows[2]["per_token_mb"]
+    assert list(fig.data[1].y) == rows[2]["per_token_mb"] and fig.data[0].marker.opacity[2] == 1.0
+    box, slider, widget = window_explorer(rows, 64, window=2)
+    slider.value = 3                                    # the observer redraws the right panel
+    assert list(widget.data[1].y) == rows[3]["per_token_mb"] and "window 3:" in box.children[1].value
     s = layout_summary({"bundled": [{"requests": 2, "bytes_read": 4096, "io_seconds": 0.001}]})
     assert s["bundled"]["mean_request_bytes"] == 2048 and abs(s["bundled"]["gbps"] - 0.004096) < 1e-12

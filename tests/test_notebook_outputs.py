@@ -48,3 +48,20 @@ def test_markers_are_comment_lines_as_nbval_reads_them():
     assert output_ignored(new_code_cell("x = 1\n#  NBVAL_IGNORE_OUTPUT\n"))
     assert output_ignored(new_code_cell("# NBVAL_SKIP\nslow()"))
     assert not output_ignored(new_code_cell("print('NBVAL_IGNORE_OUTPUT')"))
+
+
+def test_the_repository_sanitizer_is_applied_to_kept_outputs_and_is_idempotent():
+    from pathlib import Path
+
+    from flashnb.notebook_outputs import default_sanitize_file, sanitize_patterns
+
+    cfg = default_sanitize_file(Path(__file__).parent.parent / "notebooks" / "01_flash_characteristics.ipynb")
+    assert cfg is not None and cfg.name == "nbval_sanitize.cfg"
+    patterns = sanitize_patterns(cfg)
+    text = ("FlashStore('/home/ci/tmp/flashnb-nb-lyr9jeb0/bundled', opt, bundled) at 0x7f3a2b1c9d10; "
+            "/tmp/tmpab12cd/x.bin; 12 ms\n")
+    cell = new_code_cell("store", execution_count=1, outputs=[new_output("stream", name="stdout", text=text)])
+    assert clean(_nb(cell), patterns=patterns) == []
+    once = cell.outputs[0]["text"]
+    assert once == "FlashStore('TEMP_DIR/bundled', opt, bundled) at 0xADDRESS; TEMP_PATH; 12 ms\n"
+    assert clean(_nb(cell), patterns=patterns) == [] and cell.outputs[0]["text"] == once

@@ -1,12 +1,13 @@
-"""Notebook 01's figures and widget, on a synthetic profile (no disk access)."""
+"""Notebook 01's figures (flashnb.viz.flash) and widget (flashnb.widgets.flash), on a synthetic profile."""
 
 from __future__ import annotations
 
 from flash_helpers import synthetic_profile
 from flashnb.costmodel import table2
 from flashnb.profile import Profile
-from flashnb.viz_flash import (bundling_figure, format_table2, layouts_figure, read_time_text, read_time_widget,
-                               table2_figure, throughput_figure)
+from flashnb.viz import style as S
+from flashnb.viz.flash import bundling_figure, format_table2, layouts_figure, table2_figure, throughput_figure
+from flashnb.widgets.flash import read_time_text, read_time_widget
 
 
 def _profile() -> Profile:
@@ -16,11 +17,16 @@ def _profile() -> Profile:
 def test_throughput_figure_has_every_thread_count_and_the_paper():
     fig = throughput_figure(_profile())
     names = [t.name for t in fig.data]
-    assert sum("(measured)" in n for n in names) == 4 and any("paper" in n for n in names)
+    assert sum(n.endswith("(measured)") for n in names) == 4
+    assert sum("(modeled, fitted profile)" in n for n in names) == 4
     measured = [t for t in fig.data if t.name == "8 threads (measured)"][0]
     assert list(measured.x) == [4096, 16384, 65536, 262144, 1 << 20, 4 << 20]
     assert measured.y[0] == 4096 / (1e-4 / 8 + 4096 / 1e9) / 1e9
     assert fig.layout.xaxis.type == "log"
+    paper = [t for t in fig.data if t.name.endswith("(paper)")]
+    assert [t.marker.color for t in paper] == [S.color("unbundled"), S.color("bundled")]
+    assert all(t.marker.symbol == "star" for t in paper)
+    assert any("measured on synthetic" in a.text for a in fig.layout.annotations)
 
 
 def test_read_time_text_and_widget():
@@ -43,11 +49,16 @@ def test_table_and_cost_figures():
     lines = text.splitlines()
     assert len(lines) == 6 and lines[3].startswith("+predictor") and "738" in lines[3]
     fig = table2_figure(_profile())
-    assert [t.name for t in fig.data] == ["paper (Table 2)", "modeled, paper's device",
-                                         "modeled, this disk (measured profile)"]
+    assert [t.name for t in fig.data] == ["Table 2, M1 Max (paper)", "paper's device (modeled, cost model)",
+                                         "this disk (modeled, cost model)"]
     assert list(fig.data[0].y) == [2196, 1090, 738, 164, 87]
+    techniques = [S.color(n) for n in ("naive", "hybrid", "predictor", "windowing", "all")]
+    assert list(fig.data[0].marker.line.color) == techniques                 # paper: outlined
+    assert list(fig.data[1].marker.color) == techniques and fig.data[1].marker.pattern.shape == "/"  # modeled
+    assert fig.data[2].xaxis == "x2"                                         # this disk on its own panel
     b = bundling_figure(_profile())
     assert len(b.data) == 2 and b.data[1].y[0] < b.data[0].y[0]       # bundled is faster on the paper device
+    assert [t.marker.color for t in b.data] == [S.color("unbundled"), S.color("bundled")]
 
 
 def test_layouts_figure():
@@ -55,4 +66,5 @@ def test_layouts_figure():
              "neurons_per_call": 10, "neuron_bytes": 8192, "threads": 4, "direct": True}
             for lay, g, r in (("bundled", 0.2, 20), ("unbundled", 0.1, 40))]
     fig = layouts_figure(rows)
-    assert list(fig.data[0].y) == [0.2, 0.1] and "10 requests/call" in fig.data[0].text[0]
+    assert [t.y[0] for t in fig.data] == [0.2, 0.1] and "10 requests/call" in fig.data[0].text[0]
+    assert [t.name for t in fig.data] == ["bundled (measured)", "unbundled (measured)"]

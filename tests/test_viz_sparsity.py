@@ -1,14 +1,16 @@
-"""Notebook 02's figures and threshold widget, on a tiny model (no files needed)."""
+"""Notebook 02's figures (flashnb.viz.sparsity) and threshold widget (flashnb.widgets.sparsity), on a tiny
+model (no files needed)."""
 
 import numpy as np
 import pytest
 from sparsity_helpers import tiny
 
 from flashnb import tracestats as ts
-from flashnb import viz_sparsity as vs
 from flashnb.predictor import Selection
 from flashnb.predictor_train import PredictorTrainConfig, train_predictors
 from flashnb.traces import record
+from flashnb.viz import sparsity as vs
+from flashnb.widgets.sparsity import ThresholdExplorer, threshold_widget
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_static_figures(setup):
 
 def test_threshold_explorer_redraws(setup):
     m, ids, tr, preds = setup
-    ex = vs.ThresholdExplorer(m, preds, tr, ids, context=32)
+    ex = ThresholdExplorer(m, preds, tr, ids, context=32)
     low, high = ex.measure(0.1), ex.measure(0.9)
     assert low["mean"].recall >= high["mean"].recall
     assert low["mean"].over_selection >= high["mean"].over_selection
@@ -48,7 +50,7 @@ def test_threshold_explorer_redraws(setup):
     curve = ex.curve([0.2, 0.5, 0.8])
     assert curve["recall"] == sorted(curve["recall"], reverse=True)
     assert len(vs.tradeoff_figure(curve, 0.5).data) == 3
-    box = ex.widget(0.5)
+    box = threshold_widget(ex, 0.5)
     slider, label, fig = box.children
     bars = {t.meta: t for t in fig.data if t.meta}
     assert sorted(bars) == ["false_positive_rate", "over_selection", "precision", "recall"]

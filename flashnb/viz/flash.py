@@ -1,0 +1,146 @@
+"""Figures for notebook 01 (flash characteristics), in the visual language of `flashnb.viz.style`.
+
+Every trace says what is *measured* (this machine, direct I/O or the fallback), *modeled* (the
+profile's fitted model or the cost model) and *paper* (Alizadeh et al. 2024, M1 Max, Table 2).
+Figures are plain `go.Figure`s; the read-time slider lives in `flashnb.widgets.flash`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from flashnb.costmodel import GB, PaperDevice, ProfileDevice, as_device, opt_6_7b, paper_policies, table2, \
+    token_cost
+from flashnb.profile import Profile
+from flashnb.viz import style as S
+
+
+def size_text(n: float) -> str:
+    """4096 -> '4 KiB', 1.5 MiB -> '1.5 MiB'."""
+    n = float(n)
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            v = n / div
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def where(profile: Profile) -> str:
+    """Which disk, how it was read and when: 'measured on vda (ext4), direct I/O, 2026-11-26'."""
+    disk = profile.data.get("machine", {}).get("disk", {})
+    how = "direct I/O" if profile.direct else "buffered + fadvise (O_DIRECT refused)"
+    return (f"measured on {disk.get('device', '?')} ({disk.get('fs_type', '?')}), {how}, "
+            f"{profile.data.get('date', '')[:10]}")
+
+
+def throughput_figure(profile: Profile, paper: PaperDevice | None = None) -> go.Figure:
+    """Random-read throughput vs chunk size, one colour per thread count: measured cells as filled
+    markers, the profile's fitted model between them dashed, the paper's M1 Max reads as stars in the
+    colour of their layout and its sequential rate dotted."""
+    paper = paper or as_device(None)
+    fig = go.Figure()
+    xs = np.geomspace(profile.chunks[0], profile.chunks[-1], 60)
+    threads = profile.thread_counts.astype(int)
+    for t, c in zip(threads, S.sequence(threads.size)):
+        name = f"{t} thread{'s' if t > 1 else ''}"
+        fig.add_trace(go.Scatter(x=profile.chunks, y=profile.grid[list(threads).index(t)] / GB,
+                                 name=S.label(name, "measured"), legendgroup=str(t),
+                                 hovertemplate="%{x:.3s}B: %{y:.3f} GB/s<extra>" + f"{name} (measured)</extra>",
+                                 **S.scatter(name, "measured", c, mode="markers")))
+        fig.add_trace(go.Scatter(x=xs, y=profile.throughput(xs, t) / GB, legendgroup=str(t), showlegend=False,
+                                 name=S.label(name, "modeled", S.FITTED_PROFILE), hoverinfo="skip",
+                                 **S.scatter(name, "modeled", c, mode="lines")))
+    for (chunk, bps), layout, what in zip(paper.sparse_points, ("unbundled", "bundled"), ("row", "bundle")):
+        fig.add_trace(go.Scatter(x=[chunk], y=[bps / GB], text=[f"{what} {size_text(chunk)}"],
+                                 textposition="top center", name=S.label(f"M1 Max {layout} {size_text(chunk)} reads",
+                                                                         "paper"),
+                                 **S.scatter(layout, "paper", mode="markers+text")))
+    S.hline(fig, paper.dense_bps / GB, "paper", f"M1 Max sequential {paper.dense_bps / GB:.1f} GB/s (paper, Table 2)",
+            annotation_position="bottom right")
+    seq = profile.sequential_throughput() / GB
+    S.hline(fig, seq, "measured", f"this disk sequential {seq:.2f} GB/s (measured)", annotation_position="top left")
+    fig.add_annotation(text=where(profile), xref="paper", yref="paper", x=0, y=1.06, showarrow=False,
+                       font=dict(size=10, color=S.TECHNIQUE_COLORS["naive"]))
+    S.layout(fig, "Random-read throughput vs chunk size: measured markers, fitted model dashed, paper stars",
+             x=("chunk size", "bytes, log scale"), y=("throughput", "GB/s, log scale"), height=520)
+    fig.update_xaxes(type="log", tickvals=list(profile.chunks), ticktext=[size_text(c) for c in profile.chunks])
+    fig.update_yaxes(type="log")
+    fig.update_layout(legend=dict(font=dict(size=10), y=-0.25))
+    return fig
+
+
+def format_table2(rows: list[dict]) -> str:
+    """Table 2 rows (from costmodel.table2) as fixed-width text: modeled beside the paper."""
+    lines = [f"{'configuration':<12} {'flash->DRAM':>11} {'read':>8} {'GB/s':>6} {'I/O ms':>8} "
+             f"{'paper ms':>9} {'diff':>7}"]
+    for r in rows:
+        read = size_text(r["read_bytes"]) if r["read_bytes"] else "dense"
+        lines.append(f"{r['name']:<12} {r['flash_to_dram_GB']:>9.2f}GB {read:>8} {r['throughput_GBps']:>6.2f} "
+                     f"{r['io_ms']:>8.0f} {r['paper_io_ms']:>9.0f} {r['rel_error']:>+7.1%}")
+    return "\n".join(lines)
+
+
+def table2_figure(profile: Profile | None = None) -> go.Figure:
+    """I/O ms per token for Table 2's configurations, each in its technique's colour. Left: the paper's
+    M1 Max, paper (outlined) beside the cost model (hatched). Right (with a profile): the cost model on
+    this disk's measured profile. Log scale."""
+    paper_rows = table2()
+    names = [r["name"] for r in paper_rows]
+    colors = [S.color(n) for n in names]
+    cols = 2 if profile is not None else 1
+    fig = make_subplots(rows=1, cols=cols, shared_yaxes=True, subplot_titles=(
+        "paper's M1 Max: paper vs modeled", "this disk: modeled from the measured profile")[:cols])
+    fig.add_trace(go.Bar(x=names, y=[r["paper_io_ms"] for r in paper_rows], name=S.label("Table 2, M1 Max", "paper"),
+                         **S.bar("naive", "paper", colors)), 1, 1)
+    fig.add_trace(go.Bar(x=names, y=[r["io_ms"] for r in paper_rows], textposition="outside",
+                         name=S.label("paper's device", "modeled", S.COST_MODEL),
+                         text=[f"{r['rel_error']:+.1%}" for r in paper_rows], **S.bar("naive", "modeled", colors)),
+                  1, 1)
+    if profile is not None:
+        mine = table2(profile)
+        fig.add_trace(go.Bar(x=names, y=[r["io_ms"] for r in mine], textposition="outside",
+                             name=S.label("this disk", "modeled", S.COST_MODEL),
+                             text=[f"{r['io_ms']:.0f}" for r in mine], **S.bar("naive", "modeled", colors)), 1, 2)
+    S.layout(fig, "Flash I/O per token, OPT 6.7B fp16, half the model in DRAM: paper (Table 2) vs modeled",
+             x=("configuration", None), y=("I/O per token", "ms, log scale"), height=440, barmode="group")
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def bundling_figure(profile: Profile) -> go.Figure:
+    """Modeled I/O per token for OPT 6.7B with predictor + window, unbundled vs bundled, on the paper's
+    device and on this disk: same bytes, bigger reads."""
+    shape = opt_6_7b()
+    win = {p.name: p for p in paper_policies()}
+    devices = [("paper's M1 Max", None), ("this disk (measured profile)", ProfileDevice(profile))]
+    fig = go.Figure()
+    for layout, what, pol in (("unbundled", "2 reads of 8 KiB per neuron", win["+windowing"]),
+                              ("bundled", "1 read of 16 KiB per neuron", win["+bundling"])):
+        costs = [token_cost(shape, pol, dev) for _, dev in devices]
+        fig.add_trace(go.Bar(x=[d for d, _ in devices], y=[c.io_seconds * 1e3 for c in costs],
+                             name=S.label(f"{layout}: {what}", "modeled", S.COST_MODEL),
+                             text=[f"{c.io_seconds * 1e3:.0f} ms at {c.io_throughput / GB:.2f} GB/s" for c in costs],
+                             textposition="outside", **S.bar(layout, "modeled")))
+    S.layout(fig, "Same 0.2 GB per token, read unbundled or bundled (modeled, OPT 6.7B, window k=5)",
+             x=("device", None), y=("I/O per token", "ms, log scale"), height=420, barmode="group")
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def layouts_figure(rows: list[dict]) -> go.Figure:
+    """Measured: the same neuron sets read from a bundled and an unbundled store (from
+    flashnb.profile.compare_layouts): useful GB/s (bytes needed / wall time) and requests."""
+    fig = go.Figure()
+    for r in rows:
+        fig.add_trace(go.Bar(x=[r["layout"]], y=[r["useful_GBps"]], name=S.label(r["layout"], "measured"),
+                             text=[f"{r['useful_GBps']:.3f} GB/s<br>{r['requests'] // r['calls']} requests/call<br>"
+                                   f"{r['ms_per_call']:.1f} ms/call"], textposition="outside",
+                             **S.bar(r["layout"], "measured")))
+    r0 = rows[0]
+    S.layout(fig, f"Measured here: {r0['neurons_per_call']} random neurons of {size_text(r0['neuron_bytes'])} per "
+                  f"call, {r0['threads']} threads, {'direct I/O' if r0.get('direct') else 'fallback I/O'}",
+             x=("store layout", None), y=("useful throughput: bytes needed / wall time", "GB/s"), height=420)
+    fig.update_yaxes(rangemode="tozero")
+    return fig

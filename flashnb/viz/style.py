@@ -1,0 +1,141 @@
+"""flashnb's visual language: one colour per technique, one mark per source, units on every axis.
+
+Every figure in the notebooks takes its colours and marks from here, so "+windowing" is the same
+green in notebook 03 and notebook 06, and a reader can tell at a glance whether a number was
+
+    measured  on this machine        solid bars, filled markers, solid lines
+    modeled   by flashnb.costmodel   hatched bars, open markers, dashed lines
+              or flashnb.simulate
+    paper     Alizadeh et al. 2024   bars outlined in the technique's colour, star markers, dotted lines
+
+Latency breakdowns use one colour per component (I/O, memory management, compute).
+"""
+
+from __future__ import annotations
+
+SOURCES = ("measured", "modeled", "paper")
+
+# One colour per configuration of the paper's ladder and per peer (colour-blind-safe Okabe-Ito order).
+TECHNIQUE_COLORS: dict[str, str] = {
+    "naive": "#7f7f7f",        # grey: whole FFN every token
+    "hybrid": "#a6761d",       # brown: half resident, half streamed
+    "predictor": "#e69f00",    # orange: + low-rank predictors
+    "windowing": "#009e73",    # green: + window of recent tokens
+    "all": "#0072b2",          # blue: + row-column bundling = all techniques
+    "mmap": "#cc79a7",         # pink: llama.cpp-style mmap streaming
+    "accelerate": "#d55e00",   # vermillion: transformers + accelerate disk offload
+    "dense": "#000000",        # black: the whole model in DRAM (the reference)
+}
+TECHNIQUE_LABELS: dict[str, str] = {
+    "naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
+    "all": "+bundling (all)", "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
+    "dense": "dense in DRAM",
+}
+# Other spellings of the techniques (costmodel.paper_policies, flashnb bench, the paper's Table 2).
+TECHNIQUE_ALIASES: dict[str, str] = {
+    "+predictor": "predictor", "+windowing": "windowing", "+bundling": "all", "+bundling (all)": "all",
+    "bundling": "all", "naive (whole FFN)": "naive", "accelerate disk offload": "accelerate",
+    "mmap streaming": "mmap",
+}
+# Store layouts share the colours of the techniques they stand for.
+LAYOUT_COLORS: dict[str, str] = {"bundled": TECHNIQUE_COLORS["all"], "unbundled": TECHNIQUE_COLORS["predictor"]}
+
+# Latency components (stacked bars).
+COMPONENT_COLORS: dict[str, str] = {"io": "#56b4e9", "mm": "#f0e442", "compute": "#999999"}
+COMPONENT_LABELS: dict[str, str] = {"io": "I/O", "mm": "memory management", "compute": "compute"}
+
+# Anything that is neither a technique nor a component: this machine's data series / the paper's.
+OURS = TECHNIQUE_COLORS["all"]
+PAPER = "#d62728"
+
+# Series that are not techniques (thread counts, layers): a neutral ramp from light to dark grey-blue.
+_SEQUENCE = ("#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
+
+# How a modeled number was made, for label(..., via=...): one spelling in every figure.
+SIMULATE = "simulate"            # flashnb.simulate replaying recorded neuron sets (a preview)
+COST_MODEL = "cost model"        # flashnb.costmodel
+FITTED_PROFILE = "fitted profile"  # flashnb.profile's interpolation between measured cells
+
+_BAR_PATTERN = {"measured": "", "modeled": "/", "paper": ""}
+_MARKER_SYMBOL = {"measured": "circle", "modeled": "circle-open", "paper": "star"}
+_DASH = {"measured": "solid", "modeled": "dash", "paper": "dot"}
+
+
+def _check(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+
+
+def technique(name: str) -> str:
+    """The key of TECHNIQUE_COLORS for any spelling of a technique: '+bundling' -> 'all'."""
+    return TECHNIQUE_ALIASES.get(name, name)
+
+
+def color(technique: str) -> str:
+    """The colour of a technique (any spelling in TECHNIQUE_ALIASES), layout or latency component."""
+    technique = TECHNIQUE_ALIASES.get(technique, technique)
+    for table in (TECHNIQUE_COLORS, LAYOUT_COLORS, COMPONENT_COLORS):
+        if technique in table:
+            return table[technique]
+    raise KeyError(f"no colour for {technique!r}; known: {sorted({**TECHNIQUE_COLORS, **LAYOUT_COLORS, **COMPONENT_COLORS})}")
+
+
+def sequence(n: int) -> list[str]:
+    """`n` colours for series that are not techniques (thread counts, layers), light to dark."""
+    if n <= 1:
+        return [_SEQUENCE[-2]] * n
+    return [_SEQUENCE[round(i * (len(_SEQUENCE) - 1) / (n - 1))] for i in range(n)]
+
+
+def label(name: str, source: str, via: str | None = None) -> str:
+    """A legend entry that says where the number comes from: '+windowing (measured)',
+    '+windowing (modeled, simulate)' with via=SIMULATE."""
+    _check(source)
+    name = TECHNIQUE_ALIASES.get(name, name)
+    return f"{TECHNIQUE_LABELS.get(name, COMPONENT_LABELS.get(name, name))} ({source}{', ' + via if via else ''})"
+
+
+def bar(name: str, source: str, color_: str | None = None) -> dict:
+    """Keyword arguments for go.Bar: colour of `name`, marked as `source`."""
+    _check(source)
+    c = color_ or color(name)
+    if source == "paper":
+        return dict(marker=dict(color="rgba(0,0,0,0)", line=dict(color=c, width=2)))
+    return dict(marker=dict(color=c, pattern=dict(shape=_BAR_PATTERN[source], fillmode="overlay",
+                                                  fgcolor="white" if source == "modeled" else None)))
+
+
+def scatter(name: str, source: str, color_: str | None = None, mode: str = "lines+markers") -> dict:
+    """Keyword arguments for go.Scatter: colour of `name`, marker and dash marked as `source`."""
+    _check(source)
+    c = color_ or color(name)
+    return dict(mode=mode, marker=dict(color=c, symbol=_MARKER_SYMBOL[source], size=9 if source == "paper" else 7),
+                line=dict(color=c, dash=_DASH[source]))
+
+
+def hline(fig, y: float, source: str, text: str, color_: str | None = None, **kwargs):
+    """A horizontal reference line dashed as `source`, its annotation `text` marked as `source`
+    (a text that already names its source is kept as it is)."""
+    _check(source)
+    if not any(s in text for s in SOURCES):
+        text = f"{text} ({source})"
+    c = color_ or (PAPER if source == "paper" else OURS)
+    fig.add_hline(y=y, line_dash=_DASH[source], line_color=c, annotation_text=text, **kwargs)
+    return fig
+
+
+def axis_title(quantity: str, unit: str | None) -> str:
+    """'bytes read per token (MB)'; unit None for counts and ratios is written as such."""
+    return f"{quantity} ({unit})" if unit else quantity
+
+
+def layout(fig, title: str, x: tuple[str, str | None] | None = None, y: tuple[str, str | None] | None = None,
+           height: int = 380, **kwargs):
+    """Apply the common layout: white template, title, axis titles with units, legend below."""
+    fig.update_layout(template="plotly_white", title=title, height=height,
+                      margin=dict(l=60, r=20, t=60, b=60), legend=dict(orientation="h", y=-0.2), **kwargs)
+    if x is not None:
+        fig.update_xaxes(title_text=axis_title(*x))
+    if y is not None:
+        fig.update_yaxes(title_text=axis_title(*y))
+    return fig

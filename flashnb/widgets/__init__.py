@@ -1,0 +1,14 @@
+"""flashnb's interactive pieces for the notebooks: ipywidgets sliders that redraw a figure or a line
+of text from numbers computed once.
+
+One module per lesson, beside the figures of `flashnb.viz` it redraws:
+
+    flashnb.widgets.flash     read_time_widget: chunk size x threads -> seconds to read 1 GB (notebook 01)
+    flashnb.widgets.sparsity  ThresholdExplorer / threshold_widget: predictor threshold (notebook 02)
+    flashnb.widgets.engine    window_explorer: window size -> data read per token (notebook 03)
+
+Each builder returns a plain ipywidgets box whose default value is what CI runs headless. Figures inside
+a widget are `go.FigureWidget`s built from a `flashnb.viz` figure, so colours, marks (measured / modeled /
+paper) and axis titles are those of `flashnb.viz.style`. A notebook cell that shows a widget starts
+with `# NBVAL_IGNORE_OUTPUT`, and widget state is never committed (see flashnb.notebook_outputs).
+"""
