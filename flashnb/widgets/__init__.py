@@ -6,7 +6,7 @@ One module per lesson, beside the figures of `flashnb.viz` it redraws:
     flashnb.widgets.flash     read_time_widget: chunk size x threads -> seconds to read 1 GB (notebook 01)
     flashnb.widgets.sparsity  ThresholdExplorer / threshold_widget: predictor threshold (notebook 02)
     flashnb.widgets.engine    window_explorer: window size -> data read per token (notebook 03)
-    flashnb.widgets.tour      memory_widget: DRAM budget -> latency per token (notebook 06)
+    flashnb.widgets.tour      budget_explorer: DRAM budget -> latency (06); model_folder_box (07)
 
 Each builder returns a plain ipywidgets box whose default value is what CI runs headless. Figures inside
 a widget are `go.FigureWidget`s built from a `flashnb.viz` figure, so colours, marks (measured / modeled /
