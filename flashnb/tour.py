@@ -30,10 +30,17 @@ MiB = 1 << 20
 KiB = 1 << 10
 
 # A profile short enough for a notebook cell (a few seconds, most of it writing the 64 MiB scratch file):
-# 5 chunk sizes x {1, 8} threads (the engine's default reader threads), 0.1 s a cell. `flashnb profile`
+# 5 chunk sizes x {1, the engine's default reads in flight} (threads=None), 0.1 s a cell. `flashnb profile`
 # measures the full grid; save it and the notebooks use it instead.
-SHORT_PROFILE = dict(size=64 * MiB, chunk_sizes=(4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB), threads=(1, 8),
+SHORT_PROFILE = dict(size=64 * MiB, chunk_sizes=(4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB), threads=None,
                      seconds_per_cell=0.1, sequential_seconds=0.2)
+
+
+def engine_threads() -> int:
+    """The engine's default number of reads in flight (flashnb.engine.Policy.threads)."""
+    from flashnb.engine import Policy
+
+    return Policy().threads
 
 # data/paper.json table2 row names for the bench's configurations
 PAPER_ROW = {"naive": "naive", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
@@ -59,7 +66,10 @@ def device_profile(dir: str | Path, use_saved: bool = True, progress: bool = Fal
         saved = load_default_profile()
         if saved is not None:
             return saved, f"saved profile {default_profile_path()} ({saved.data.get('date')})", default_profile_path()
-    prof = run_profile(ProfileConfig.quick(dir=str(dir), progress=progress, **SHORT_PROFILE))
+    short = dict(SHORT_PROFILE)
+    if short.get("threads") is None:
+        short["threads"] = tuple(sorted({1, engine_threads()}))
+    prof = run_profile(ProfileConfig.quick(dir=str(dir), progress=progress, **short))
     path = prof.save(Path(dir) / "profile.json")
     how = "direct I/O" if prof.direct else "buffered reads + fadvise(DONTNEED)"
     return prof, (f"short profile measured now in {Path(dir)} ({prof.data['seconds_total']:.1f} s, {how}); "
@@ -250,7 +260,7 @@ def predictor_bytes(predictors, store) -> int:
     return sum(p.numel() * store.np_dtype.itemsize for layer in predictors.layers for p in layer.parameters())
 
 
-def min_budget(store, window: int, predictor_bytes: int, threads: int = 8) -> float:
+def min_budget(store, window: int, predictor_bytes: int) -> float:
     """The smallest budget fraction (to 0.001) at which the engine fits one neuron row per cache."""
     from flashnb.engine import Policy, memory_plan
 
@@ -258,7 +268,7 @@ def min_budget(store, window: int, predictor_bytes: int, threads: int = 8) -> fl
     for _ in range(12):
         mid = (lo + hi) / 2
         try:
-            memory_plan(store, Policy("learned", window, mid, threads), predictor_bytes)
+            memory_plan(store, Policy("learned", window, mid), predictor_bytes)
             hi = mid
         except FlashnbError:
             lo = mid
@@ -276,11 +286,16 @@ def _cost_row(budget: float, cost) -> dict:
 
 
 def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.5, 0.75, 1.0),
-                 modeled: int | list[float] = 12, tokens: int = 4, window: int = 4, threads: int = 8,
-                 progress=None) -> BudgetSweep:
+                 modeled: int | list[float] = 12, tokens: int = 4, window: int = 4, threads: int | None = None,
+                 bench: dict | None = None, calibration=None, progress=None) -> BudgetSweep:
     """Run 'all' (learned predictors, window, bundled store) and 'hybrid' at each budget in `measured`
     for `tokens` generated tokens after `prompt_ids`, and model both on `modeled` budgets (a list, or
-    a count spread from the smallest feasible budget to 1.0). Budgets are fractions of the model's bytes."""
+    a count spread from the smallest feasible budget to 1.0). Budgets are fractions of the model's bytes.
+
+    `bench`: a `run_bench` result of the same model, prompt, window, threads and token count: its 'all'
+    and 'hybrid' runs join the measured rows at its budget instead of being run again, and its calibration
+    (flashnb.calibrate: this machine's compute and memory-management constants) feeds the cost model
+    unless `calibration` is given. `threads`: reads in flight (None: the bench's, else the engine's default)."""
     from dataclasses import replace
 
     from flashnb import costmodel as cm
@@ -292,15 +307,27 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
     st = store if isinstance(store, FlashStore) else FlashStore.open(store)
     if st.layout != "bundled":
         raise FlashnbError(f"budget_sweep runs all techniques and needs a bundled store; {st.path} is {st.layout}")
+    if threads is None:
+        threads = bench["settings"]["threads"] if bench is not None else engine_threads()
+    if calibration is None and bench is not None and bench.get("calibration"):
+        from flashnb.calibrate import Calibration
+
+        calibration = Calibration(**bench["calibration"])
     ffn_neurons = st.num_layers * st.ffn_dim
     pred_bytes = predictor_bytes(predictors, st)
-    lo = min_budget(st, window, pred_bytes, threads)
+    lo = min_budget(st, window, pred_bytes)
     bad = [b for b in measured if b < lo or b > 1]
     if bad:
         raise FlashnbError(f"budgets {bad} are outside [{lo:.3f}, 1]: below {lo:.3f} of the model the DRAM tensors "
                            "and predictors leave no room for neuron rows")
     n_prompt = len(prompt_ids)
     meas: dict[str, list[dict]] = {"all": [], "hybrid": []}
+    if bench is not None:
+        meas = _bench_rows(bench, window, tokens, threads)
+        measured = [b for b in measured if all(abs(b - r["budget"]) > 1e-9 for r in meas["all"])]
+        if not measured:
+            raise FlashnbError("budget_sweep needs at least one budget to run besides the bench's (it records "
+                               "the neuron sets the modeled curve replays)")
     needed = None
     for b in measured:
         with FlashEngine(st, Policy("learned", window, b, threads), predictors=predictors, profile=profile) as eng:
@@ -319,8 +346,10 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
                                    "mb_per_token": m["bytes_read_per_token"] / MB, "pinned_rows": hyb.pinned})
         if progress:
             progress(b)
+    for rows in meas.values():
+        rows.sort(key=lambda r: r["budget"])
     if isinstance(modeled, int):  # a grid from the smallest feasible budget to 1, through the measured ones
-        grid = sorted({float(x) for x in np.round(np.linspace(lo, 1.0, modeled), 3)} | {float(b) for b in measured})
+        grid = sorted({float(x) for x in np.round(np.linspace(lo, 1.0, modeled), 3)} | {float(r["budget"]) for r in meas["all"]})
     else:
         grid = sorted(float(b) for b in modeled)
     device = cm.as_device(profile)
@@ -330,20 +359,44 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
     for b in grid:
         pol = Policy("learned", window, b, threads)
         sim = [s.totals() for s in simulate(needed, st, pol, pred_bytes, profile)[gen]]
-        pred = float(np.mean([t["predicted"] for t in sim]))
-        hit = float(np.mean([t["cached"] for t in sim])) / pred if pred else 0.0
+        mean = {k: float(np.mean([t[k] for t in sim])) for k in ("predicted", "cached", "requests", "bytes_read")}
+        hit = mean["cached"] / mean["predicted"] if mean["predicted"] else 0.0
         cap = memory_plan(st, pol, pred_bytes).capacity_rows
-        base = cm.Policy(name="all", predictor=True, sparsity=1.0 - pred / ffn_neurons, overselect=1.0, window=window,
-                         window_reuse=hit, window_cached_fraction=cap / st.ffn_dim, bundling=True,
-                         memory_budget=b, threads=threads)
-        mod["all"].append(dict(_cost_row(b, cm.token_cost(shape, base, device)), hit_share=hit))
-        hyb = replace(base, name="hybrid", predictor=False, window=0, window_reuse=0.0, window_cached_fraction=0.0,
-                      bundling=False)
-        mod["hybrid"].append(_cost_row(b, cm.token_cost(shape, hyb, device)))
-    notes = [f"measured: {tokens} generated tokens per run after a {n_prompt}-token prompt, direct I/O",
-             "modeled 'all': cost model with the window hit share simulate finds at each budget",
+        base = cm.Policy(name="all", predictor=True, sparsity=1.0 - mean["predicted"] / ffn_neurons, overselect=1.0,
+                         window=window, window_reuse=hit, window_cached_fraction=cap / st.ffn_dim, bundling=True,
+                         memory_budget=b, threads=threads, predictor_bytes=pred_bytes)
+        if mean["requests"]:  # the request sizes the reader would issue (simulate plans them as it does)
+            base = replace(base, request_bytes=int(mean["bytes_read"] / mean["requests"]),
+                           requests_per_call=mean["requests"] / st.num_layers)
+        mod["all"].append(dict(_cost_row(b, cm.token_cost(shape, base, device, calibration)), hit_share=hit))
+        hyb = cm.Policy(name="hybrid", predictor=False, memory_budget=b, threads=threads)
+        mod["hybrid"].append(_cost_row(b, cm.token_cost(shape, hyb, device, calibration)))
+    notes = [f"measured: {tokens} generated tokens per run after a {n_prompt}-token prompt, direct I/O"
+             + (" (the bench's runs at its budget)" if bench is not None else ""),
+             "modeled 'all': cost model with the window hit share and request sizes simulate finds at each budget"
+             + (", compute and memory management calibrated on this machine" if calibration is not None else ""),
              "modeled 'hybrid': cost model, the budget resident and the rest of the FFN streamed"]
     return BudgetSweep(meas, mod, shape.total_bytes, window, tokens, device.name, notes)
+
+
+def _bench_rows(result: dict, window: int, tokens: int, threads: int) -> dict[str, list[dict]]:
+    """The 'all' and 'hybrid' runs of a run_bench result as BudgetSweep measured rows."""
+    st = result["settings"]
+    if (st["window"], st["tokens"], st["threads"]) != (window, tokens, threads):
+        raise FlashnbError(f"the bench ran window {st['window']}, {st['tokens']} tokens, {st['threads']} threads; "
+                           f"the sweep asks for {window}, {tokens}, {threads}: run both with the same settings")
+    out: dict[str, list[dict]] = {"all": [], "hybrid": []}
+    for name in out:
+        m = result["results"].get(name)
+        if m is None:
+            continue
+        row = {"budget": st["memory"], "dram_bytes": m.get("dram_bytes"), "io_ms": m["io_ms"], "mm_ms": m["mm_ms"],
+               "compute_ms": m["compute_ms"], "total_ms": m["total_ms"],
+               "mb_per_token": m["bytes_read_per_token"] / MB, "from": "run_bench"}
+        if name == "all":
+            row["hit_share"] = m["window_hit_share"]
+        out[name].append(row)
+    return out
 
 
 def budget_text(sweep: BudgetSweep, budget: float) -> str:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from flashnb import tour
+from flashnb import FlashnbError, tour
 from flashnb.bench import LABELS, BenchConfig, run_bench
 from flashnb.engine import FlashEngine, Policy
 from flashnb.profile import Profile
@@ -172,3 +172,17 @@ def test_model_folder_box_defaults_to_the_environment(monkeypatch):
     assert W.model_folder_box("/elsewhere").value == "/elsewhere"
     monkeypatch.delenv(tour.ENV_BYO_MODEL)
     assert W.model_folder_box().value == ""
+
+
+def test_budget_sweep_reuses_the_bench_runs_at_its_budget(setup):
+    result, store, preds, profile, prompt = (setup[k] for k in ("result", "store", "preds", "profile", "prompt"))
+    sweep = tour.budget_sweep(store, preds, prompt, profile, measured=(0.5, 1.0), modeled=3, tokens=3, window=4,
+                              threads=2, bench=result)
+    assert [r["budget"] for r in sweep.measured["all"]] == [0.5, 1.0]             # 0.5 not run again
+    first = sweep.measured["all"][0]
+    assert first["from"] == "run_bench" and first["total_ms"] == result["results"]["all"]["total_ms"]
+    assert sweep.measured["hybrid"][0]["mb_per_token"] == result["results"]["hybrid"]["bytes_read_per_token"] / 1e6
+    assert 0.5 in sweep.budgets("all") and 1.0 in sweep.budgets("all")
+    assert "bench's runs" in sweep.notes[0] and "calibrated on this machine" in sweep.notes[1]
+    with pytest.raises(FlashnbError, match="same settings"):
+        tour.budget_sweep(store, preds, prompt, profile, measured=(1.0,), tokens=5, window=4, threads=2, bench=result)

@@ -127,7 +127,8 @@ def ladder_figure(rows: list[dict]) -> go.Figure:
 def budget_figure(sweep, budget: float | None = None) -> go.Figure:
     """Latency per token (left) and data read per token (right) vs DRAM budget for all techniques and
     hybrid: modeled curves (dashed) through the budget grid, engine runs at a few budgets (filled
-    markers), the paper's operating point (about half the model) dotted, `budget` marked."""
+    markers), the paper's operating point (about half the model) dotted, `budget` marked by a grey band.
+    Budgets at which nothing is read are left off the log-scaled right panel."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("latency per token", "data read from flash per token"))
     for name in ("all", "hybrid"):
         for source in ("modeled", "measured"):
@@ -135,7 +136,8 @@ def budget_figure(sweep, budget: float | None = None) -> go.Figure:
             x = [100 * r["budget"] for r in rows]
             mode = "lines+markers" if source == "modeled" else "markers"
             for col, key in ((1, "total_ms"), (2, "mb_per_token")):
-                fig.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], name=S.label(name, source), legendgroup=f"{name}{source}",
+                y = [r[key] if (col == 1 or r[key]) else None for r in rows]  # nothing read: off the log axis
+                fig.add_trace(go.Scatter(x=x, y=y, name=S.label(name, source), legendgroup=f"{name}{source}",
                                          showlegend=col == 1, **S.scatter(name, source, mode=mode)), 1, col)
     for col in (1, 2):
         fig.add_vline(x=50, line=dict(S.scatter("naive", "paper", S.PAPER)["line"], width=1), row=1, col=col)
@@ -159,8 +161,8 @@ def mark_budget(fig, budget: float) -> None:
             s.x0 = s.x1 = x
         return
     for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
-        fig.add_shape(type="line", name="chosen budget", xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1,
-                      line=dict(color="black", width=2))
+        fig.add_shape(type="line", name="chosen budget", xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below",
+                      line=dict(color="rgba(0,0,0,0.35)", width=4))
 
 
 # ----------------------------------------------------------------------------------------------
