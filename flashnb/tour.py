@@ -108,10 +108,10 @@ def store_text(store) -> str:
     """What `flashnb.store.convert` wrote: the files and the FFN layout (bytes, deterministic)."""
     dram = store.dram_path.stat().st_size
     ffn = store.ffn_path.stat().st_size
-    return (f"{store.layout} {store.dtype_name} store: {store.ffn_path.name} {ffn / MB:.2f} MB on flash = {store.num_layers} "
-            f"layers x {store.ffn_dim} neurons x {store.neuron_bytes} B bundles ({' + '.join(store.parts)} of one "
-            f"neuron side by side, each layer's region {store.alignment} B-aligned); {store.dram_path.name} "
-            f"{dram / MB:.2f} MB for DRAM (embeddings, attention, norms, FFN biases)")
+    return (f"{store.layout} {store.dtype_name} store: {store.ffn_path.name} {ffn / MB:.2f} MB on flash = "
+            f"{store.num_layers} layers x {store.ffn_dim} neurons x {store.neuron_bytes} B bundles "
+            f"({' + '.join(store.parts)} of one neuron side by side, each layer's region {store.alignment} B-aligned); "
+            f"{store.dram_path.name} {dram / MB:.2f} MB for DRAM (embeddings, attention, norms, FFN biases)")
 
 
 def token_means(steps, ffn_neurons: int) -> dict:
@@ -199,7 +199,8 @@ def table3_beside(result: dict) -> dict:
     res = result["results"]
     out = {"ref": t["ref"], "paper_cpu_naive_ms": t["cpu_naive"], "paper_cpu_all_ms": t["cpu_ours"],
            "paper_cpu_speedup": t["cpu_naive"] / t["cpu_ours"], "paper_gpu_naive_ms": t["gpu_rtx4090_naive"],
-           "paper_gpu_all_ms": t["gpu_rtx4090_ours"], "paper_gpu_speedup": t["gpu_rtx4090_naive"] / t["gpu_rtx4090_ours"],
+           "paper_gpu_all_ms": t["gpu_rtx4090_ours"],
+           "paper_gpu_speedup": t["gpu_rtx4090_naive"] / t["gpu_rtx4090_ours"],
            "naive_ms": None, "all_ms": None, "speedup": None, "modeled_speedup": None}
     if "naive" in res and "all" in res:
         n, a = res["naive"], res["all"]
@@ -349,7 +350,8 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
     for rows in meas.values():
         rows.sort(key=lambda r: r["budget"])
     if isinstance(modeled, int):  # a grid from the smallest feasible budget to 1, through the measured ones
-        grid = sorted({float(x) for x in np.round(np.linspace(lo, 1.0, modeled), 3)} | {float(r["budget"]) for r in meas["all"]})
+        spread = {float(x) for x in np.round(np.linspace(lo, 1.0, modeled), 3)}
+        grid = sorted(spread | {float(r["budget"]) for r in meas["all"]})
     else:
         grid = sorted(float(b) for b in modeled)
     device = cm.as_device(profile)
@@ -598,7 +600,8 @@ def quick_predictors(folder: str | Path, ids: list[int], rank: int = 32, epochs:
 
 
 def predictor_text(m: dict) -> str:
-    return (f"learned predictors (rank {m['rank']}, {m['epochs']} epochs on {m['train_tokens']} tokens, trained just now): "
+    return (f"learned predictors (rank {m['rank']}, {m['epochs']} epochs on {m['train_tokens']} tokens, "
+            "trained just now): "
             f"on {m['heldout_tokens']} held-out tokens recall {m['recall']:.1%}, over-selection "
             f"{m['over_selection']:.2f}x; {m['active_share']:.1%} of the FFN fires per token, they select "
             f"{m['selected_share']:.1%}. Paper (OPT 6.7B): 5% false negatives, ~3x over-selection (Section 3.1).")

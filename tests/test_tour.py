@@ -22,7 +22,8 @@ def test_tiny_backends_write_the_same_checkpoint_shape(tmp_path, make):
     assert shapes == {n: tuple(p.shape) for n, p in mb.named_parameters()}
     assert (b / "tokenizer.json").is_file() and read_config(b).model_type == read_config(a).model_type
     # the same initialisation scheme: weights ~ N(0, 0.02), biases zero
-    w = dict(mb.named_parameters())["layers.0.ffn.fc1.weight" if make is make_tiny_opt else "layers.0.ffn.up_proj.weight"]
+    name = "layers.0.ffn.fc1.weight" if make is make_tiny_opt else "layers.0.ffn.up_proj.weight"
+    w = dict(mb.named_parameters())[name]
     assert 0.01 < w.std().item() < 0.03
     with pytest.raises(FlashnbError, match="backend must be one of"):
         make(tmp_path / "x", backend="jax")

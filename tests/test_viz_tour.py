@@ -109,7 +109,8 @@ def test_table2_beside_and_ladder_figure(setup):
     assert [r["paper_io_ms"] for r in rows] == [2196, 1090, 738, 164, 87]
     assert rows[0]["io_vs_naive"] == pytest.approx(1.0) and rows[0]["paper_io_vs_naive"] == 1.0
     assert rows[4]["paper_io_vs_naive"] == pytest.approx(2196 / 87)
-    assert rows[2]["io_vs_naive"] == pytest.approx(result["results"]["naive"]["io_ms"] / result["results"]["predictor"]["io_ms"])
+    res = result["results"]
+    assert rows[2]["io_vs_naive"] == pytest.approx(res["naive"]["io_ms"] / res["predictor"]["io_ms"])
     text = tour.format_table2_beside(rows)
     assert "Table 2" in text and len(text.splitlines()) == 2 + 5 + 1
     fig = V.ladder_figure(rows)
@@ -158,8 +159,9 @@ def test_costs_figure_from_dense_and_flash_runs(setup):
     flash = tour.flash_run(store, Policy("oracle", 2, 0.5, threads=2), prompt, 4, name="flash, oracle")
     rows = tour.costs_table([dense, flash])
     fig = V.costs_figure(rows, dense.dram_bytes)
-    assert [t.name for t in fig.data] == ["I/O (measured)", "memory management (measured)", "compute (measured)",
-                                          "DRAM for weights (measured: bytes held)", "whole model (measured: file bytes)"]
+    assert [t.name for t in fig.data] == [
+        "I/O (measured)", "memory management (measured)", "compute (measured)",
+        "DRAM for weights (measured: bytes held)", "whole model (measured: file bytes)"]
     assert list(fig.data[3].y) == [dense.dram_bytes / 1e6, flash.dram_bytes / 1e6]
     assert list(fig.data[3].marker.color) == [S.color("dense"), S.color("all")]
     assert fig.data[0].y[0] == 0.0 and fig.data[2].y[0] == dense.means["total_ms"]   # dense: all compute

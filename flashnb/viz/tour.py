@@ -77,7 +77,8 @@ def breakdown_figure(result: dict) -> go.Figure:
     res = result["results"]
     names = list(res)
     fig = go.Figure()
-    cats = ([LABELS[n] for n in names for _ in ("measured", "modeled")], [s for _ in names for s in ("measured", "modeled")])
+    sources = ("measured", "modeled")
+    cats = ([LABELS[n] for n in names for _ in sources], [s for _ in names for s in sources])
     for comp in COMPONENTS:
         for source in ("measured", "modeled"):
             numbers = {n: (res[n] if source == "measured" else res[n]["modeled"]).get(f"{comp}_ms") for n in names}

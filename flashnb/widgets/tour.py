@@ -42,5 +42,6 @@ def model_folder_box(default: str | None = None):
     import ipywidgets as W
 
     value = default if default is not None else os.environ.get(ENV_BYO_MODEL, "")
-    return W.Text(value=value, description="model folder", placeholder="e.g. ~/models/opt-1.3b (empty: a tiny random OPT)",
+    return W.Text(value=value, description="model folder",
+                  placeholder="e.g. ~/models/opt-1.3b (empty: a tiny random OPT)",
                   layout=W.Layout(width="80%"), style={"description_width": "initial"})
