@@ -111,7 +111,7 @@ def store_text(store) -> str:
     return (f"{store.layout} {store.dtype_name} store: {store.ffn_path.name} {ffn / MB:.2f} MB on flash = "
             f"{store.num_layers} layers x {store.ffn_dim} neurons x {store.neuron_bytes} B bundles "
             f"({' + '.join(store.parts)} of one neuron side by side, each layer's region {store.alignment} B-aligned); "
-            f"{store.dram_path.name} {dram / MB:.2f} MB for DRAM (embeddings, attention, norms, FFN biases)")
+            f"{store.dram_path.name} {dram / MB:.2f} MB for DRAM (embeddings, attention, norms and any FFN biases)")
 
 
 def token_means(steps, ffn_neurons: int) -> dict:
@@ -436,7 +436,7 @@ def byo_model(path: str | None, workdir: str | Path) -> tuple[Path, bool, str]:
     if path:
         folder = Path(path).expanduser()
         config = read_config(folder)  # a clear error if this is not a model folder flashnb runs
-        return folder, True, f"your model: {folder} ({config.model_type}, {_params(config) / 1e6:.0f} M parameters)"
+        return folder, True, f"your model: {folder} ({config.model_type}, {_params(config) / 1e6:.3g} M parameters)"
     from flashnb.tiny import make_tiny_opt
 
     folder = make_tiny_opt(Path(workdir) / "tiny-random-opt", backend="flashnb", **TINY_BYO)
@@ -551,22 +551,38 @@ def flash_run(store, policy, prompt_ids: list[int], n: int, predictors=None, pro
         return Run(name, out, logits, means, eng.memory.used_bytes)
 
 
-def compare(ref: Run, run: Run) -> dict:
+def compare(ref: Run, run: Run, rounding: float = 1e-2) -> dict:
     """Tokens and logits of `run` against `ref` (both greedy after the same prompt). Logits are compared
-    up to and including the first position where the chosen tokens differ (after it the contexts differ)."""
+    up to and including the first position where the chosen tokens differ (after it the contexts differ).
+
+    `rounding_only`: the runs agree up to rounding: the logits differ by at most `rounding` of the largest
+    logit (fp16 keeps about 3 significant digits), and the tokens are the same or, at the first difference,
+    the two tokens' logits in `ref` lie within twice that difference (a near tie that rounding flipped).
+    """
     n = min(len(ref.tokens), len(run.tokens))
     diverge = next((i for i in range(n) if ref.tokens[i] != run.tokens[i]), None)
     upto = n if diverge is None else diverge + 1
     diff = (ref.logits[:upto] - run.logits[:upto]).abs()
+    worst = diff.max().item() if upto else 0.0
     scale = ref.logits[:upto].abs().max().item() or 1.0
+    margin = None
+    if diverge is not None:
+        row = ref.logits[diverge]
+        margin = (row[ref.tokens[diverge]] - row[run.tokens[diverge]]).item()
     return {"tokens": n, "same_tokens": diverge is None, "first_difference": diverge,
-            "max_abs_logit_diff": diff.max().item() if upto else 0.0,
-            "max_rel_logit_diff": (diff.max().item() / scale) if upto else 0.0}
+            "max_abs_logit_diff": worst, "max_rel_logit_diff": worst / scale,
+            "margin_at_difference": margin,
+            "rounding_only": worst <= rounding * scale and (diverge is None or margin <= 2 * worst)}
 
 
 def compare_text(name: str, c: dict) -> str:
-    same = (f"all {c['tokens']} greedy tokens identical" if c["same_tokens"] else
-            f"tokens identical up to position {c['first_difference']} of {c['tokens']}")
+    if c["same_tokens"]:
+        same = f"all {c['tokens']} greedy tokens identical"
+    else:
+        margin = c["margin_at_difference"]
+        why = (f"a near tie: the dense model's two candidates {margin:.2g} apart" if c["rounding_only"]
+               else f"the dense model preferred its token by {margin:.2g}")
+        same = f"tokens identical up to position {c['first_difference']} of {c['tokens']} ({why})"
     return (f"{name} vs dense: {same}; largest logit difference {c['max_abs_logit_diff']:.2g} "
             f"({c['max_rel_logit_diff']:.1e} of the largest logit)")
 

@@ -60,7 +60,7 @@ def test_oracle_flash_run_matches_dense_and_compare_finds_differences(tiny):
     assert dense.tokens == list(generate(load_model(folder), prompt, 12))
     oracle = tour.flash_run(store, Policy("oracle", 2, 1.0, threads=2), prompt, 12, name="oracle")
     c = tour.compare(dense, oracle)
-    assert c["same_tokens"] and c["first_difference"] is None and c["max_abs_logit_diff"] < 1e-4
+    assert c["same_tokens"] and c["rounding_only"] and c["first_difference"] is None and c["max_abs_logit_diff"] < 1e-4
     assert oracle.means["tokens"] == 11 and oracle.means["bytes_read_per_token"] > 0
     assert dense.dram_bytes == sum(p.numel() * 4 for p in load_model(folder).parameters())
     # a run that picks another token at position 3: compared up to and including it
@@ -70,7 +70,11 @@ def test_oracle_flash_run_matches_dense_and_compare_finds_differences(tiny):
     other.logits[5] += 9.0   # after the divergence: not compared
     c = tour.compare(dense, other)
     assert not c["same_tokens"] and c["first_difference"] == 3 and c["max_abs_logit_diff"] == pytest.approx(1.0)
+    margin = (dense.logits[3, dense.tokens[3]] - dense.logits[3, dense.tokens[3] + 1]).item()
+    assert c["margin_at_difference"] == pytest.approx(margin)
+    assert not c["rounding_only"]                       # logits 1.0 off: far beyond fp16 rounding of these logits
     assert "identical up to position 3 of 12" in tour.compare_text("other", c)
+    assert "preferred its token by" in tour.compare_text("other", c)
     assert "all 12 greedy tokens identical" in tour.compare_text("oracle", tour.compare(dense, oracle))
     text = tour.format_costs(tour.costs_table([dense, oracle]))
     assert text.splitlines()[2].startswith("dense") and "oracle" in text
@@ -123,3 +127,19 @@ def test_sample_text_is_real_text_any_tokenizer_encodes(tiny):
     assert len(text) == 500 and text.count(" ") > 50
     tok = tour.load_tokenizer(folder, read_config(folder))
     assert len(tok.encode(text)) > 100
+
+
+def test_compare_tells_a_rounding_tie_from_a_real_difference():
+    ref = tour.Run("dense", [0, 1], torch.tensor([[1.0, 0.999, 0.0], [0.0, 1.0, 0.0]]), {}, 0)
+    tie = tour.Run("flash", [1, 1], torch.tensor([[0.9995, 1.0, 0.0], [0.0, 1.0, 0.0]]), {}, 0)
+    c = tour.compare(ref, tie)
+    assert c["first_difference"] == 0 and c["rounding_only"]
+    assert c["margin_at_difference"] == pytest.approx(0.001, abs=1e-6)
+    assert "a near tie" in tour.compare_text("flash", c)
+    wrong = tour.Run("flash", [2, 1], ref.logits.clone(), {}, 0)       # same logits, another token
+    c = tour.compare(ref, wrong)
+    assert not c["rounding_only"] and c["margin_at_difference"] == pytest.approx(1.0)
+    assert "preferred its token by 1" in tour.compare_text("flash", c)
+    noisy = tour.Run("flash", [0, 1], ref.logits + 0.5, {}, 0)         # same tokens, logits far off
+    c = tour.compare(ref, noisy)
+    assert c["same_tokens"] and not c["rounding_only"]
