@@ -298,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--replay", action="store_true",
                    help="also replay the +predictor run's neuron sets on random FFN files of OPT 6.7B's shape "
                         "(two files of ~8.6 GB in --dir, created with a progress bar, removed afterwards)")
-    b.add_argument("--keep-replay", action="store_true", help="keep the replay files in --dir for the next run")
+    b.add_argument("--keep-replay", action="store_true",
+                   help="keep the replay files in --dir (folders replay-bundled-* and replay-unbundled-*) for the "
+                        "next run; delete those folders to free the space")
     b.add_argument("--out", default=None, help="write the JSON result here")
     b.set_defaults(func=cmd_bench)
 
