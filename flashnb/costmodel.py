@@ -138,7 +138,7 @@ class Policy:
     threads: int = 64
     # statistics measured by a run of this policy (0 = derive them from the fields above):
     request_bytes: int = 0        # mean bytes per flash request (alignment and coalescing included)
-    requests_per_call: float = 0  # requests per reader call (one layer): the concurrency available
+    requests_per_call: float = 0  # requests per reader call (one layer's part): the concurrency available
     predictor_bytes: int = 0      # predictor weights multiplied per token
     calls_per_layer: float = 1    # reader/compute calls per layer (a set bigger than the cache is served in parts)
 
@@ -176,6 +176,10 @@ class PaperDevice:
     def dense_throughput(self) -> float:
         return self.dense_bps
 
+    def first_request_latency(self) -> float:
+        """Seconds before a batch's first read completes: the paper gives none."""
+        return 0.0
+
     def sparse_throughput(self, chunk_bytes: int, threads: int) -> float:
         xs = np.log2([p[0] for p in self.sparse_points])
         ys = [p[1] for p in self.sparse_points]
@@ -206,6 +210,10 @@ class ProfileDevice:
 
     def sparse_throughput(self, chunk_bytes: int, threads: int) -> float:
         return float(self.profile.throughput(chunk_bytes, threads))
+
+    def first_request_latency(self) -> float:
+        """Seconds before a batch's first read completes: the fitted latency at one request in flight."""
+        return float(self.profile.fit.latency_s[0])
 
     @property
     def memcpy_bps(self) -> float | None:
@@ -290,13 +298,19 @@ def token_cost(shape: ModelShape, policy: Policy, device=None, calibration=None)
         reads = int(round(neurons * (1 if policy.bundling else shape.parts)))
         dram = O + (int(F * policy.window_cached_fraction) if policy.window else 0)
     threads = policy.threads
-    if policy.request_bytes and io:  # measured request sizes: reads of that size, that many in flight
-        chunk, reads = int(policy.request_bytes), max(1, int(round(io / policy.request_bytes)))
-        threads = max(1, min(policy.threads, int(round(policy.requests_per_call or policy.threads))))
+    if policy.request_bytes and policy.requests_per_call and io:
+        # measured requests: per layer call, requests_per_call reads of request_bytes (coalescing and
+        # alignment included), min(queue depth, requests) in flight, after one request's latency
+        chunk = int(policy.request_bytes)
+        calls = shape.num_layers * max(1.0, policy.calls_per_layer)
+        reads = int(round(calls * policy.requests_per_call))
+        io = reads * chunk
+        threads = max(1, min(policy.threads, int(round(policy.requests_per_call))))
         thr = dev.sparse_throughput(chunk, threads)
+        io_s = calls * (dev.first_request_latency() + policy.requests_per_call * chunk / thr)
     else:
         thr = dev.dense_throughput() if chunk == 0 else dev.sparse_throughput(chunk, threads)
-    io_s = io / thr if io else 0.0
+        io_s = io / thr if io else 0.0
     mm_bytes = io if (policy.predictor and policy.hybrid and policy.window) else 0
     mm_s = mm_bytes / dev.memcpy_bps if dev.memcpy_bps else (0.0 if mm_bytes == 0 else None)
     used_ffn = int(F * policy.predicted_fraction) if (policy.predictor and policy.hybrid) else F

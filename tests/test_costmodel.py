@@ -101,9 +101,10 @@ def test_measured_request_sizes_and_calibration_drive_the_terms():
     plain = token_cost(s, pol, prof)
     # measured: 48 KiB requests (coalesced), 8 in flight per layer call
     seen = token_cost(s, replace(pol, request_bytes=48 * 1024, requests_per_call=8, predictor_bytes=1000), prof)
-    assert seen.io_bytes == plain.io_bytes and seen.read_bytes == 48 * 1024
+    calls = s.num_layers  # one reader call per layer
+    assert seen.reads == calls * 8 and seen.io_bytes == seen.reads * 48 * 1024 and seen.read_bytes == 48 * 1024
     assert seen.io_throughput == pytest.approx(prof.throughput(48 * 1024, 8))
-    assert seen.reads == round(seen.io_bytes / (48 * 1024))
+    assert seen.io_seconds == pytest.approx(calls * (prof.fit.latency_s[0] + 8 * 48 * 1024 / seen.io_throughput))
     assert seen.compute_bytes == plain.compute_bytes + 1000
     # another program's dense model: bytes through the measured rate, after a fixed part
     dense_cal = Calibration(compute_fixed_s=0.01, compute_bps=5e9, dense_token_s=0.3, no_ffn_token_s=0.2,
