@@ -61,9 +61,14 @@ def test_window_sweep_and_layout_summary(tmp_path):
     assert [r["window"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["hit_share"] == 0.0 and rows[3]["mb_per_token"] < rows[0]["mb_per_token"]
     fig = window_figure(rows, 2)
-    assert list(fig.data[1].y) == rows[2]["per_token_mb"] and fig.data[0].marker.opacity[2] == 1.0
+    tokens = next(t for t in fig.data if t.type == "scatter")
+    opacity = {w: o for t in fig.data if t.type == "bar" for w, o in zip(t.x, t.marker.opacity)}
+    assert list(tokens.y) == rows[2]["per_token_mb"] and opacity == {0: 0.35, 1: 0.35, 2: 1.0, 3: 0.35}
     box, slider, widget = window_explorer(rows, 64, window=2)
-    slider.value = 3                                    # the observer redraws the right panel
-    assert list(widget.data[1].y) == rows[3]["per_token_mb"] and "window 3:" in box.children[1].value
+    slider.value = 3                                    # the observer redraws both panels
+    tokens = next(t for t in widget.data if t.type == "scatter")
+    opacity = {w: o for t in widget.data if t.type == "bar" for w, o in zip(t.x, t.marker.opacity)}
+    assert list(tokens.y) == rows[3]["per_token_mb"] and "window 3:" in box.children[1].value
+    assert opacity == {0: 0.35, 1: 0.35, 2: 0.35, 3: 1.0}
     s = layout_summary({"bundled": [{"requests": 2, "bytes_read": 4096, "io_seconds": 0.001}]})
     assert s["bundled"]["mean_request_bytes"] == 2048 and abs(s["bundled"]["gbps"] - 0.004096) < 1e-12

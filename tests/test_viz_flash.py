@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flash_helpers import synthetic_profile
+from viz_helpers import bar_series
 from flashnb.costmodel import table2
 from flashnb.profile import Profile
 from flashnb.viz import style as S
@@ -49,13 +50,17 @@ def test_table_and_cost_figures():
     lines = text.splitlines()
     assert len(lines) == 6 and lines[3].startswith("+predictor") and "738" in lines[3]
     fig = table2_figure(_profile())
-    assert [t.name for t in fig.data] == ["Table 2, M1 Max (paper)", "paper's device (modeled, cost model)",
-                                         "this disk (modeled, cost model)"]
-    assert list(fig.data[0].y) == [2196, 1090, 738, 164, 87]
+    series = ["Table 2, M1 Max (paper)", "paper's device (modeled, cost model)", "this disk (modeled, cost model)"]
+    assert [t.name for t in fig.data if t.showlegend is not False] == series  # one trace per colour, one legend entry
+    names = [r["name"] for r in table2()]
+    paper, modeled, mine = (bar_series(fig, s) for s in series)
+    assert [paper[n][0] for n in names] == [2196, 1090, 738, 164, 87]
     techniques = [S.color(n) for n in ("naive", "hybrid", "predictor", "windowing", "all")]
-    assert list(fig.data[0].marker.line.color) == techniques                 # paper: outlined
-    assert list(fig.data[1].marker.color) == techniques and fig.data[1].marker.pattern.shape == "/"  # modeled
-    assert fig.data[2].xaxis == "x2"                                         # this disk on its own panel
+    assert [paper[n][1] for n in names] == techniques                      # paper: outlined in each colour
+    assert [modeled[n][1] for n in names] == techniques == [mine[n][1] for n in names]
+    assert {t.marker.pattern.shape for t in fig.data if "modeled" in t.name} == {"/"}  # modeled: hatched
+    assert {t.xaxis for t in fig.data if t.name == series[2]} == {"x2"}     # this disk on its own panel
+    assert {t.offsetgroup for t in fig.data if t.xaxis == "x"} == {"paper", "modeled"}  # two bars per configuration
     b = bundling_figure(_profile())
     assert len(b.data) == 2 and b.data[1].y[0] < b.data[0].y[0]       # bundled is faster on the paper device
     assert [t.marker.color for t in b.data] == [S.color("unbundled"), S.color("bundled")]

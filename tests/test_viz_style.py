@@ -6,17 +6,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import plotly.graph_objects as go
 import pytest
-from flash_helpers import synthetic_profile
-from sparsity_helpers import tiny
+from viz_helpers import FIGURE_FUNCTIONS, WINDOW_ROWS, bar_series, style_figures, tour_figures
 
-from flashnb import tracestats as ts
-from flashnb.predictor import Selection
-from flashnb.profile import Profile
-from flashnb.traces import record
 from flashnb.viz import engine as ve
-from flashnb.viz import flash as vf
-from flashnb.viz import sparsity as vs
 from flashnb.viz import style as S
 
 SOURCE = re.compile(r"\b(measured|modeled|paper)\b", re.IGNORECASE)
@@ -26,35 +20,7 @@ MARKS = {"measured": ("circle", "solid", ""), "modeled": ("circle-open", "dash",
 
 @pytest.fixture(scope="module")
 def figures() -> dict:
-    profile = Profile(synthetic_profile())
-    model = tiny()
-    trace = record(model, np.random.default_rng(1).integers(0, 50, 64), context=32, inputs=False)
-    summary = ts.summarize(trace, k_max=4)
-    sel = [Selection.of(trace.mask(i), trace.mask(i)) for i in range(trace.n_layers)]
-    layouts = [{"layout": lay, "useful_GBps": g, "requests": r, "calls": 2, "ms_per_call": 3.0,
-                "neurons_per_call": 10, "neuron_bytes": 8192, "threads": 4, "direct": True}
-               for lay, g, r in (("bundled", 0.2, 20), ("unbundled", 0.1, 40))]
-    rows = [{"window": w, "mb_per_token": 1.0 / (w + 1), "neurons_read": 10.0, "predicted": 20.0, "hit_share": 0.5,
-             "capacity_rows": 30, "per_token_mb": [1.0, 0.5 / (w + 1)]} for w in range(4)]
-    steps = {lay: [{"requests": r, "bytes_read": 4096, "io_seconds": 1e-3}] for lay, r in (("bundled", 2),
-                                                                                      ("unbundled", 4))}
-    return {
-        "flash.throughput": vf.throughput_figure(profile),
-        "flash.table2": vf.table2_figure(profile),
-        "flash.bundling": vf.bundling_figure(profile),
-        "flash.layouts": vf.layouts_figure(layouts),
-        "sparsity.sparsity": vs.sparsity_figure(summary.sparsity, trace.n_tokens),
-        "sparsity.activity": vs.activity_heatmap(trace.mask(0), tokens=16, neurons=8, layer=0),
-        "sparsity.reuse": vs.reuse_figure(summary.reuse, summary.s_agg),
-        "sparsity.selection": vs.selection_figure(sel),
-        "sparsity.tradeoff": vs.tradeoff_figure({"thresholds": [0.3, 0.5], "recall": [0.99, 0.9],
-                                                 "over_selection": [2.0, 1.2]}, 0.5),
-        "sparsity.friends": vs.friend_figure(ts.friend_experiment(trace, neuron_bytes=128)),
-        "engine.window": ve.window_figure(rows, 2),
-        "engine.memory": ve.memory_figure({1: {"preallocated": 1e-5, "naive": 3e-5},
-                                           4: {"preallocated": 2e-5, "naive": 9e-5}}),
-        "engine.layout": ve.layout_figure(ve.layout_summary(steps)),
-    }
+    return style_figures()
 
 
 def _axis(fig, ref: str):
@@ -139,13 +105,14 @@ def _bar_color(fig, name_start: str, i: int = 0) -> str:
 
 def test_a_technique_has_one_colour_in_every_module(figures):
     f = figures
-    table2 = dict(zip(["naive", "hybrid", "predictor", "windowing", "all"], f["flash.table2"].data[1].marker.color))
-    window_bars = f["engine.window"].data[0].marker.color           # window 0 = predictor alone, then windowing
-    seen = {
+    table2 = {S.technique(x): c for x, (_, c) in bar_series(f["flash.table2"], "paper's device").items()}
+    window_bars = {w: c for w, (_, c) in bar_series(f["engine.window"], "mean per token").items()}
+    window_tokens = next(t for t in f["engine.window"].data if t.type == "scatter")
+    seen = {                                                        # window 0 = predictor alone, then windowing
         "predictor": [table2["predictor"], window_bars[0], _bar_color(f["sparsity.selection"], "+predictor"),
                       f["sparsity.tradeoff"].data[0].line.color],
         "windowing": [table2["windowing"], window_bars[1], f["sparsity.reuse"].data[-2].line.color,
-                      f["engine.window"].data[1].line.color],
+                      window_tokens.line.color],
         "all": [table2["all"], _bar_color(f["engine.memory"], "preallocated")],
         "naive": [table2["naive"], _bar_color(f["engine.memory"], "reallocate")],
         "bundled": [_bar_color(f["flash.layouts"], "bundled"), _bar_color(f["engine.layout"], "bundled"),
@@ -167,3 +134,75 @@ def test_style_helpers():
         S.label("naive", "guessed")
     with pytest.raises(KeyError):
         S.color("turbo")
+
+
+def test_bar_refuses_colours_it_cannot_hatch():
+    """plotly.js cannot hatch bars of an array of colours (tests/test_viz_browser.py sees its warning):
+    modeled bars get one colour per trace; solid and outlined bars may take a list."""
+    with pytest.raises(ValueError, match="style.bars"):
+        S.bar("naive", "modeled", [S.color("naive"), S.color("all")])
+    assert S.bar("naive", "measured", ["#000000", "#7f7f7f"])["marker"]["color"] == ["#000000", "#7f7f7f"]
+    assert S.bar("naive", "paper", ("#000000",))["marker"]["line"]["color"] == ["#000000"]
+    assert S.bar("naive", "modeled", "#000000")["marker"]["pattern"]["shape"] == "/"
+
+
+def test_bars_one_trace_per_colour_in_one_slot():
+    grey, green = S.color("naive"), S.color("windowing")
+    traces = S.bars(["a", "b", "c"], [1, 2, 3], [grey, green, grey], "modeled", "x (modeled)",
+                    text=["1", "2", "3"], textposition="outside", hovertext=("h1", "h2", "h3"))
+    assert [t.marker.color for t in traces] == [grey, green]                  # first-appearance order
+    assert [list(t.x) for t in traces] == [["a", "c"], ["b"]] and [list(t.y) for t in traces] == [[1, 3], [2]]
+    assert [list(t.text) for t in traces] == [["1", "3"], ["2"]]               # per-bar arguments split
+    assert [list(t.hovertext) for t in traces] == [["h1", "h3"], ["h2"]]
+    assert {t.textposition for t in traces} == {"outside"}                     # the others go to every trace
+    assert {t.offsetgroup for t in traces} == {t.legendgroup for t in traces} == {"x (modeled)"}
+    assert [t.showlegend for t in traces] == [True, False] and {t.name for t in traces} == {"x (modeled)"}
+    assert {t.marker.pattern.shape for t in traces} == {"/"}
+    hidden = S.bars(["a"], [1], [grey], "paper", "p (paper)", offsetgroup="paper", showlegend=False)
+    assert hidden[0].offsetgroup == "paper" and hidden[0].showlegend is False
+    assert hidden[0].marker.line.color == grey
+    with pytest.raises(ValueError, match="one entry per bar"):
+        S.bars(["a", "b"], [1, 2], [grey], "measured", "x (measured)")
+
+
+def test_window_figure_highlight_follows_the_window():
+    fig = ve.window_figure(WINDOW_ROWS, 2)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert [list(t.x) for t in bars] == [[0], [1, 2, 3]]                        # predictor alone, then windowing
+    assert len({t.offsetgroup for t in bars}) == 1
+    ve.highlight(fig, WINDOW_ROWS, 3)
+    assert {w: o for t in bars for w, o in zip(t.x, t.marker.opacity)} == {0: 0.35, 1: 0.35, 2: 0.35, 3: 1.0}
+    tokens = next(t for t in fig.data if t.type == "scatter")
+    assert list(tokens.y) == WINDOW_ROWS[3]["per_token_mb"] and "window 3" in tokens.name
+    ve.highlight(fig, WINDOW_ROWS, 0)
+    assert bars[0].marker.opacity == (1.0,) and tokens.line.color == S.color("predictor")
+
+
+def test_hline_label_sits_on_its_line_on_a_log_axis(figures):
+    """plotly places an annotation on a log axis at log10(y): S.hline gives it that, so the label of a
+    reference line is drawn beside the line (and does not stretch the axis)."""
+    fig = figures["flash.throughput"]
+    assert fig.layout.yaxis.type == "log"
+    labels = [a for a in fig.layout.annotations if a.yref == "y"]
+    assert len(labels) == 2
+    for a, shape in zip(labels, fig.layout.shapes):
+        assert a.y == pytest.approx(np.log10(shape.y0))
+    lin = S.hline(go.Figure(), 0.5, "paper", "half")
+    assert lin.layout.annotations[0].y == 0.5 and lin.layout.annotations[0].text == "half (paper)"
+
+
+def test_the_helpers_build_every_figure_of_flashnb_viz():
+    """tests/viz_helpers.py (and so tests/test_viz_browser.py) covers every function of flashnb.viz that
+    returns a figure, one figure each."""
+    import importlib
+    import inspect
+
+    found = set()
+    for module in ("flash", "sparsity", "engine", "tour"):
+        mod = importlib.import_module(f"flashnb.viz.{module}")
+        for name, f in inspect.getmembers(mod, inspect.isfunction):
+            if f.__module__ == mod.__name__ and inspect.signature(f).return_annotation in ("go.Figure", go.Figure):
+                found.add(f"{module}.{name}")
+    assert found == FIGURE_FUNCTIONS
+    built = {**style_figures(), **tour_figures()}
+    assert len(built) == len(FIGURE_FUNCTIONS) and all(isinstance(f, go.Figure) for f in built.values())

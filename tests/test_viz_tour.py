@@ -19,6 +19,7 @@ from flashnb.viz import tour as V
 from flashnb.widgets import tour as W
 
 from flash_helpers import synthetic_profile
+from viz_helpers import bar_series
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "mmap")  # accelerate: tests/test_bench.py
 
@@ -114,12 +115,15 @@ def test_table2_beside_and_ladder_figure(setup):
     text = tour.format_table2_beside(rows)
     assert "Table 2" in text and len(text.splitlines()) == 2 + 5 + 1
     fig = V.ladder_figure(rows)
-    paper, measured, modeled = fig.data
-    assert "(paper)" in paper.name and "(measured)" in measured.name and "(modeled)" in modeled.name
-    assert list(paper.y) == [r["paper_io_vs_naive"] for r in rows]
+    legend = [t.name for t in fig.data if t.showlegend is not False]        # one trace per colour and series
+    assert ["(paper)" in legend[0], "(measured)" in legend[1], "(modeled)" in legend[2]] == [True] * 3
+    paper, measured, modeled = (bar_series(fig, name) for name in legend)
+    labels = [r["label"] for r in rows]
+    assert [paper[x][0] for x in labels] == [r["paper_io_vs_naive"] for r in rows]
     techniques = [S.color(n) for n in ("naive", "hybrid", "predictor", "windowing", "all")]
-    assert list(measured.marker.color) == techniques and list(paper.marker.line.color) == techniques
-    assert modeled.marker.pattern.shape == "/"
+    assert [measured[x][1] for x in labels] == techniques == [paper[x][1] for x in labels]
+    assert {t.marker.pattern.shape for t in fig.data if t.name == legend[2]} == {"/"}
+    assert [t.offsetgroup for t in fig.data if t.showlegend is not False] == ["paper", "measured", "modeled"]
     assert fig.layout.yaxis.type == "log" and "(x, log scale)" in fig.layout.yaxis.title.text
     t3 = tour.table3_beside(result)
     assert t3["paper_cpu_speedup"] == pytest.approx(3182 / 669)

@@ -51,16 +51,14 @@ def _window_technique(window: int) -> str:
 def window_figure(rows: list[dict], window: int) -> go.Figure:
     """Left: mean MB read per token vs window (modeled by simulate; window 0 is the predictor alone,
     in its colour), the chosen window opaque. Right: MB read token by token at the chosen window."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "mean per token vs window (modeled, simulate)", "token by token at the chosen window (modeled, simulate)"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean per token, by window", "token by token, chosen window"))
     ws = [r["window"] for r in rows]
-    fig.add_trace(go.Bar(x=ws, y=[r["mb_per_token"] for r in rows],
-                         name=S.label("mean per token", "modeled", S.SIMULATE),
-                         **S.bar("windowing", "modeled", [S.color(_window_technique(w)) for w in ws])), 1, 1)
+    fig.add_traces(S.bars(ws, [r["mb_per_token"] for r in rows], [S.color(_window_technique(w)) for w in ws],
+                          "modeled", S.label("mean per token", "modeled", S.SIMULATE)), rows=1, cols=1)
     fig.add_trace(go.Scatter(y=[], **S.scatter("windowing", "modeled")), 1, 2)
-    S.layout(fig, "Data read from flash per token, every window previewed from one recorded run (modeled, simulate)",
-             height=400, showlegend=False)
-    fig.update_layout(margin=dict(t=80, b=50))
+    S.layout(fig, "Data read from flash per token, one recorded run (modeled, simulate)", height=400,
+             showlegend=False)
+    fig.update_layout(margin=dict(b=50))
     fig.update_xaxes(title_text=S.axis_title("window", "tokens"), row=1, col=1)
     fig.update_yaxes(title_text=S.axis_title("read per token", "MB"), row=1, col=1)
     fig.update_xaxes(title_text=S.axis_title("generated token", "index"), row=1, col=2)
@@ -70,13 +68,17 @@ def window_figure(rows: list[dict], window: int) -> go.Figure:
 
 
 def highlight(fig, rows: list[dict], window: int) -> None:
-    """Show `window` in a `window_figure` (or its FigureWidget): its bar opaque, its tokens on the right."""
-    fig.data[0].marker.opacity = [1.0 if r["window"] == window else 0.35 for r in rows]
+    """Show `window` in a `window_figure` (or its FigureWidget): its bar opaque, its tokens on the right.
+    (The left panel's bars are one trace per colour: window 0 and the windows after it.)"""
+    for t in fig.data:
+        if t.type == "bar":
+            t.marker.opacity = [1.0 if w == window else 0.35 for w in t.x]
     sel = next(r for r in rows if r["window"] == window)
     c = S.color(_window_technique(window))
-    fig.data[1].y = sel["per_token_mb"]
-    fig.data[1].marker.color, fig.data[1].line.color = c, c
-    fig.data[1].name = S.label(f"window {window}", "modeled", S.SIMULATE)
+    tokens = next(t for t in fig.data if t.type == "scatter")
+    tokens.y = sel["per_token_mb"]
+    tokens.marker.color, tokens.line.color = c, c
+    tokens.name = S.label(f"window {window}", "modeled", S.SIMULATE)
 
 
 # -- notebook 05: memory management --------------------------------------------------------------
@@ -147,8 +149,8 @@ def layout_figure(summary: dict[str, dict]) -> go.Figure:
     """Requests per token, mean request size and I/O ms per token, bundled vs unbundled (measured),
     each layout in its colour."""
     names = list(summary)
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("requests per token (measured)",
-                                                        "mean request size (measured)", "I/O per token (measured)"))
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.1,
+                        subplot_titles=("requests per token", "mean request size", "I/O per token"))
     for n in names:
         v = summary[n]
         kw = dict(name=S.label(n, "measured"), legendgroup=n, **S.bar(n, "measured"))

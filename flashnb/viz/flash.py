@@ -57,17 +57,17 @@ def throughput_figure(profile: Profile, paper: PaperDevice | None = None) -> go.
                                  textposition="top center", name=S.label(f"M1 Max {layout} {size_text(chunk)} reads",
                                                                          "paper"),
                                  **S.scatter(layout, "paper", mode="markers+text")))
+    fig.update_yaxes(type="log")  # before the reference lines: S.hline places their labels on the log axis
     S.hline(fig, paper.dense_bps / GB, "paper", f"M1 Max sequential {paper.dense_bps / GB:.1f} GB/s (paper, Table 2)",
             annotation_position="bottom right")
     seq = profile.sequential_throughput() / GB
     S.hline(fig, seq, "measured", f"this disk sequential {seq:.2f} GB/s (measured)", annotation_position="top left")
     fig.add_annotation(text=where(profile), xref="paper", yref="paper", x=0, y=1.06, showarrow=False,
                        font=dict(size=10, color=S.TECHNIQUE_COLORS["naive"]))
-    S.layout(fig, "Random-read throughput vs chunk size: measured markers, fitted model dashed, paper stars",
+    S.layout(fig, "Random reads vs chunk size: measured dots, fitted model dashed, paper stars",
              x=("chunk size", "bytes, log scale"), y=("throughput", "GB/s, log scale"), height=520)
     fig.update_xaxes(type="log", tickvals=list(profile.chunks), ticktext=[size_text(c) for c in profile.chunks])
-    fig.update_yaxes(type="log")
-    fig.update_layout(legend=dict(font=dict(size=10), y=-0.25))
+    fig.update_layout(legend=dict(font=dict(size=10)))
     return fig
 
 
@@ -85,27 +85,28 @@ def format_table2(rows: list[dict]) -> str:
 def table2_figure(profile: Profile | None = None) -> go.Figure:
     """I/O ms per token for Table 2's configurations, each in its technique's colour. Left: the paper's
     M1 Max, paper (outlined) beside the cost model (hatched). Right (with a profile): the cost model on
-    this disk's measured profile. Log scale."""
+    this disk's measured profile. Log scale. Each series is one trace per technique (`style.bars`)."""
     paper_rows = table2()
     names = [r["name"] for r in paper_rows]
     colors = [S.color(n) for n in names]
     cols = 2 if profile is not None else 1
     fig = make_subplots(rows=1, cols=cols, shared_yaxes=True, subplot_titles=(
-        "paper's M1 Max: paper vs modeled", "this disk: modeled from the measured profile")[:cols])
-    fig.add_trace(go.Bar(x=names, y=[r["paper_io_ms"] for r in paper_rows], name=S.label("Table 2, M1 Max", "paper"),
-                         **S.bar("naive", "paper", colors)), 1, 1)
-    fig.add_trace(go.Bar(x=names, y=[r["io_ms"] for r in paper_rows], textposition="outside",
-                         name=S.label("paper's device", "modeled", S.COST_MODEL),
-                         text=[f"{r['rel_error']:+.1%}" for r in paper_rows], **S.bar("naive", "modeled", colors)),
-                  1, 1)
+        "paper's M1 Max: paper vs modeled", "this disk: modeled from its profile")[:cols])
+    # One trace per technique colour and series (S.bars), each series in its own offsetgroup: paper | modeled.
+    fig.add_traces(S.bars(names, [r["paper_io_ms"] for r in paper_rows], colors, "paper",
+                          S.label("Table 2, M1 Max", "paper"), offsetgroup="paper"), rows=1, cols=1)
+    fig.add_traces(S.bars(names, [r["io_ms"] for r in paper_rows], colors, "modeled",
+                          S.label("paper's device", "modeled", S.COST_MODEL), offsetgroup="modeled",
+                          text=[f"{r['rel_error']:+.1%}" for r in paper_rows], textposition="outside"), rows=1, cols=1)
     if profile is not None:
         mine = table2(profile)
-        fig.add_trace(go.Bar(x=names, y=[r["io_ms"] for r in mine], textposition="outside",
-                             name=S.label("this disk", "modeled", S.COST_MODEL),
-                             text=[f"{r['io_ms']:.0f}" for r in mine], **S.bar("naive", "modeled", colors)), 1, 2)
-    S.layout(fig, "Flash I/O per token, OPT 6.7B fp16, half the model in DRAM: paper (Table 2) vs modeled",
+        fig.add_traces(S.bars(names, [r["io_ms"] for r in mine], colors, "modeled",
+                              S.label("this disk", "modeled", S.COST_MODEL), offsetgroup="modeled",
+                              text=[f"{r['io_ms']:.0f}" for r in mine], textposition="outside"), rows=1, cols=2)
+    S.layout(fig, "Flash I/O per token, OPT 6.7B fp16, half in DRAM: paper (Table 2) vs modeled",
              x=("configuration", None), y=("I/O per token", "ms, log scale"), height=440, barmode="group")
     fig.update_yaxes(type="log")
+    fig.update_layout(legend_tracegroupgap=0)  # legend groups of S.bars: rows as close as ungrouped entries
     return fig
 
 

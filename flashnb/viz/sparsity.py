@@ -42,8 +42,8 @@ def activity_heatmap(mask: np.ndarray, tokens: int = 64, neurons: int = 256, lab
                                showscale=False, name=S.label("active", "measured"),
                                hovertemplate="token %{x}<br>neuron %{y}<br>active %{z} (measured)<extra></extra>"))
     where = f"layer {layer}, " if layer is not None else ""
-    S.layout(fig, f"Neuron activity ({where}measured): filled = active; the {neurons} most active neurons of "
-                  f"{mask.shape[1]}, sorted by frequency", x=("token", "position:text"),
+    S.layout(fig, f"Which neurons fire ({where}measured): top {len(order)} of {mask.shape[1]}, filled = active",
+             x=("token", "position:text"),
              y=("neuron", "id, most active on top"), height=480)
     fig.update_xaxes(showticklabels=tokens <= 64, tickangle=-60)
     fig.update_yaxes(autorange="reversed", showticklabels=False)
@@ -55,8 +55,7 @@ def reuse_figure(reuse: np.ndarray, s_agg: np.ndarray) -> go.Figure:
     its increment s_agg(k+1) - s_agg(k), as in the paper's Figure 4a. Inputs [layers, k_max]; measured."""
     k = np.arange(1, reuse.shape[1] + 1)
     fig = make_subplots(rows=1, cols=2, specs=[[{}, {"secondary_y": True}]], subplot_titles=(
-        "reuse: a token's active neurons already active in the last k tokens (measured)",
-        "aggregated usage s_agg(k) and its increment (measured; cf. paper Fig. 4a)"))
+        "reuse within the last k tokens", "s_agg(k) and its increment (cf. Fig. 4a)"))
     for i, (r, c) in enumerate(zip(reuse, S.sequence(len(reuse)))):
         fig.add_trace(go.Scatter(x=k, y=r, name=S.label(f"layer {i}", "measured"),
                                  **S.scatter(f"layer {i}", "measured", c)), row=1, col=1)
@@ -88,24 +87,28 @@ def selection_figure(per_layer: list[Selection], title: str = "") -> go.Figure:
     """Per-layer recall, precision, false-positive rate and over-selection of a predictor
     (measured, in the predictor's colour), with the paper's OPT 6.7B figures dotted where it states one
     (5% false negatives, 7% false positives, ~3x over-selection). Each bar trace carries its field name
-    in `meta`."""
+    in `meta`. Two panels by two, so that each keeps room for its title at a notebook's width."""
     layers = [f"L{i}" for i in range(len(per_layer))]
-    fig = make_subplots(rows=1, cols=len(SELECTION_PANELS), subplot_titles=[p[1] for p in SELECTION_PANELS])
-    for col, (key, _, ref, fmt, axis) in enumerate(SELECTION_PANELS, start=1):
+    fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.14, vertical_spacing=0.22,
+                        subplot_titles=[p[1] for p in SELECTION_PANELS])
+    for i, (key, _, ref, fmt, axis) in enumerate(SELECTION_PANELS):
+        row, col = divmod(i, 2)
+        at = dict(row=row + 1, col=col + 1)
         y = [getattr(s, key) for s in per_layer]
-        fig.add_trace(go.Bar(x=layers, y=y, name=S.label("predictor", "measured"), showlegend=col == 1,
+        fig.add_trace(go.Bar(x=layers, y=y, name=S.label("predictor", "measured"), showlegend=i == 0,
                              text=[format(v, fmt) for v in y], textposition="outside", meta=key,
-                             **S.bar("predictor", "measured")), row=1, col=col)
+                             **S.bar("predictor", "measured")), **at)
         if ref is not None:
             fig.add_trace(go.Scatter(x=layers, y=[ref] * len(layers), name=S.label("OPT 6.7B", "paper"),
-                                     showlegend=col == 1, **S.scatter("paper", "paper", S.PAPER, mode="lines")),
-                          row=1, col=col)
-        fig.update_yaxes(title_text=S.axis_title(*axis), row=1, col=col)
-        fig.update_xaxes(title_text="layer", row=1, col=col)
-    for col in (1, 2):
-        fig.update_yaxes(range=[0, 1.1], tickformat=".0%", row=1, col=col)
-    fig.update_yaxes(tickformat=".0%", row=1, col=3)
-    S.layout(fig, title or "Predictor quality per layer (measured; paper dotted)", height=420)
+                                     showlegend=i == 0, **S.scatter("paper", "paper", S.PAPER, mode="lines")), **at)
+        fig.update_yaxes(title_text=S.axis_title(*axis), **at)
+        fig.update_xaxes(title_text="layer", **at)
+        if fmt.endswith("%"):
+            fig.update_yaxes(tickformat=".0%", **at)
+    for key in ("recall", "precision"):
+        row, col = divmod([p[0] for p in SELECTION_PANELS].index(key), 2)
+        fig.update_yaxes(range=[0, 1.1], row=row + 1, col=col + 1)
+    S.layout(fig, title or "Predictor quality per layer (measured; paper dotted)", height=620)
     return fig
 
 
@@ -134,7 +137,7 @@ def tradeoff_figure(curve: dict, threshold: float | None = None) -> go.Figure:
         fig.add_trace(go.Scatter(x=[curve["over_selection"][i]], y=[curve["recall"][i]], mode="markers",
                                  marker=dict(color=S.TECHNIQUE_COLORS["dense"], size=11, symbol="circle"),
                                  name=S.label(f"threshold {threshold:.2f}", "measured")))
-    S.layout(fig, "Recall vs over-selection as the threshold varies (measured, mean over layers; paper star)",
+    S.layout(fig, "Recall vs over-selection by threshold (measured, mean of layers; paper star)",
              x=("over-selection: selected / truly active", "x"), y=("recall", "% of active neurons selected"),
              height=420)
     fig.update_yaxes(tickformat=".0%")
@@ -145,8 +148,8 @@ def friend_figure(results: list) -> go.Figure:
     """The closest-friend bundling experiment per layer (measured): bytes and reads with friend
     bundles relative to plain neuron reads (1.0 = no change), and where the friends point."""
     layers = [f"L{i}" for i in range(len(results))]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "with friend bundles / without (measured)", "neurons whose closest friend is a top-5% hot neuron (measured)"))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
+        "friend bundles vs plain reads", "closest friend is a top-5% hot neuron"))
     bytes_c, reads_c = S.sequence(2)
     fig.add_trace(go.Bar(x=layers, y=[r.bytes_ratio for r in results], name=S.label("bytes read", "measured"),
                          **S.bar("bytes", "measured", bytes_c)), row=1, col=1)

@@ -8,10 +8,19 @@ green in notebook 03 and notebook 06, and a reader can tell at a glance whether 
               or flashnb.simulate
     paper     Alizadeh et al. 2024   bars outlined in the technique's colour, star markers, dotted lines
 
-Latency breakdowns use one colour per component (I/O, memory management, compute).
+Latency breakdowns use one colour per component (I/O, memory management, compute). A series whose
+bars differ in colour (one per technique) is one trace per colour, made by `bars`: plotly.js cannot hatch
+bars given an array of colours, and `bar` refuses one for a hatched source.
 """
 
 from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
 
 SOURCES = ("measured", "modeled", "paper")
 
@@ -96,13 +105,50 @@ def label(name: str, source: str, via: str | None = None) -> str:
 
 
 def bar(name: str, source: str, color_: str | None = None) -> dict:
-    """Keyword arguments for go.Bar: colour of `name`, marked as `source`."""
+    """Keyword arguments for go.Bar: colour of `name` (or `color_`), marked as `source`.
+
+    One colour per trace where the source is hatched: plotly.js cannot hatch bars of an array of colours
+    (it logs 'Invalid color specifier' and draws the hatching black), so bars of several colours in one
+    series are one trace per colour, made by `bars`."""
     _check(source)
+    if not (color_ is None or isinstance(color_, str)):
+        if _BAR_PATTERN[source]:
+            raise ValueError(f"one colour per {source} bar trace: plotly.js cannot hatch bars of an array of "
+                             f"colours; use flashnb.viz.style.bars (one trace per colour), got {color_!r}")
+        color_ = list(color_)
     c = color_ or color(name)
     if source == "paper":
         return dict(marker=dict(color="rgba(0,0,0,0)", line=dict(color=c, width=2)))
     return dict(marker=dict(color=c, pattern=dict(shape=_BAR_PATTERN[source], fillmode="overlay",
                                                   fgcolor="white" if source == "modeled" else None)))
+
+
+def bars(x: Sequence, y: Sequence, colors: Sequence[str], source: str, name: str, *, offsetgroup: str | None = None,
+         legendgroup: str | None = None, showlegend: bool = True, **kwargs) -> list[go.Bar]:
+    """One series of bars in several colours (bar i in colors[i]), marked as `source`: one go.Bar per
+    colour, in first-appearance order, each holding the bars of its colour.
+
+    They share `offsetgroup` and `legendgroup` (default: `name`), so that in barmode 'group' the series
+    takes one slot per x, its bars as wide and placed as one trace's would be (give every other bar trace
+    of the subplot an offsetgroup too), and the legend shows it once, in its first bar's colour.
+    Per-bar keyword arguments (a list, tuple or array as long as `x`: text, hovertext, customdata, ...)
+    are split with the bars; anything else goes to every trace. Add them with
+    `fig.add_traces(bars(...), rows=r, cols=c)`."""
+    _check(source)
+    n = len(x)
+    if len(y) != n or len(colors) != n:
+        raise ValueError(f"x, y and colors must have one entry per bar, got {n}, {len(y)}, {len(colors)}")
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(colors):
+        groups.setdefault(c, []).append(i)
+    per_bar = {k for k, v in kwargs.items() if isinstance(v, (list, tuple, np.ndarray)) and len(v) == n}
+    traces = []
+    for j, (c, idx) in enumerate(groups.items()):
+        kw = {k: ([v[i] for i in idx] if k in per_bar else v) for k, v in kwargs.items()}
+        traces.append(go.Bar(x=[x[i] for i in idx], y=[y[i] for i in idx], name=name,
+                             offsetgroup=offsetgroup or name, legendgroup=legendgroup or name,
+                             showlegend=showlegend and j == 0, **kw, **bar(name, source, c)))
+    return traces
 
 
 def scatter(name: str, source: str, color_: str | None = None, mode: str = "lines+markers") -> dict:
@@ -115,12 +161,16 @@ def scatter(name: str, source: str, color_: str | None = None, mode: str = "line
 
 def hline(fig, y: float, source: str, text: str, color_: str | None = None, **kwargs):
     """A horizontal reference line dashed as `source`, its annotation `text` marked as `source`
-    (a text that already names its source is kept as it is)."""
+    (a text that already names its source is kept as it is). On a log axis, make the axis log first."""
     _check(source)
     if not any(s in text for s in SOURCES):
         text = f"{text} ({source})"
     c = color_ or (PAPER if source == "paper" else OURS)
     fig.add_hline(y=y, line_dash=_DASH[source], line_color=c, annotation_text=text, **kwargs)
+    note = fig.layout.annotations[-1]
+    on_axis = re.fullmatch(r"y(\d*)", note.yref or "")
+    if on_axis and fig.layout["yaxis" + on_axis.group(1)].type == "log":  # plotly puts it at log10(its y)
+        note.y = math.log10(y)
     return fig
 
 
@@ -131,9 +181,13 @@ def axis_title(quantity: str, unit: str | None) -> str:
 
 def layout(fig, title: str, x: tuple[str, str | None] | None = None, y: tuple[str, str | None] | None = None,
            height: int = 380, **kwargs):
-    """Apply the common layout: white template, title, axis titles with units, legend below."""
+    """Apply the common layout: white template, title, axis titles with units, legend below everything
+    (at the figure's bottom edge, its height reserved, so it never covers an axis title). Subplot titles
+    get room below the title."""
+    subplot_titles = any(a.yref == "paper" and a.yanchor == "bottom" for a in fig.layout.annotations)
     fig.update_layout(template="plotly_white", title=title, height=height,
-                      margin=dict(l=60, r=20, t=60, b=60), legend=dict(orientation="h", y=-0.2), **kwargs)
+                      margin=dict(l=60, r=20, t=80 if subplot_titles else 60, b=60),
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"), **kwargs)
     if x is not None:
         fig.update_xaxes(title_text=axis_title(*x))
     if y is not None:

@@ -34,7 +34,7 @@ def data_moved_figure(steps, ffn_bytes: int, token_text: list[str] | None = None
     x = list(range(1, len(tot) + 1))
     hover = token_text if token_text is not None else None
     fig = make_subplots(rows=1, cols=2, subplot_titles=("data read from flash per token",
-                                                        "predicted neurons per token: cached vs read"))
+                                                        "predicted neurons: cached vs read"))
     fig.add_trace(go.Bar(x=x, y=[t["bytes_read"] / MB for t in tot], name=S.label("all", "measured"),
                          hovertext=hover, **S.bar("all", "measured")), 1, 1)
     fig.add_trace(go.Scatter(x=[x[0] - 0.5, x[-1] + 0.5] if x else [], y=[ffn_bytes / MB] * (2 if x else 0),
@@ -94,18 +94,6 @@ def breakdown_figure(result: dict) -> go.Figure:
                     y=("time per token", "ms"), height=440, barmode="stack")
 
 
-def _bars(names: list[str], source: str) -> dict:
-    """go.Bar keyword arguments colouring each bar by its technique, marked as `source`."""
-    colors = [S.color(n) for n in names]
-    kw = S.bar(names[0], source)
-    marker = dict(kw["marker"])
-    if source == "paper":
-        marker["line"] = dict(color=colors, width=2)
-    else:
-        marker["color"] = colors
-    return dict(marker=marker)
-
-
 def ladder_figure(rows: list[dict]) -> go.Figure:
     """The paper's Table 2 ladder beside ours (`flashnb.tour.table2_beside` rows): I/O time per token
     relative to naive, the paper's (OPT 6.7B, M1 Max), measured here and modeled here."""
@@ -115,13 +103,15 @@ def ladder_figure(rows: list[dict]) -> go.Figure:
     series = (("paper", "paper_io_vs_naive", "paper: OPT 6.7B, M1 Max, Table 2"),
               ("measured", "io_vs_naive", "this model on this disk"),
               ("modeled", "modeled_io_vs_naive", "cost model, this run's statistics"))
-    for source, key, what in series:
-        fig.add_trace(go.Bar(x=labels, y=[r[key] for r in rows], name=f"{what} ({source})",
-                             text=[None if r[key] is None else f"{r[key]:.1f}x" for r in rows], textposition="outside",
-                             **_bars(names, source)))
+    colors = [S.color(n) for n in names]
+    for source, key, what in series:   # each series one trace per technique colour, in one offsetgroup
+        fig.add_traces(S.bars(labels, [r[key] for r in rows], colors, source, f"{what} ({source})",
+                              offsetgroup=source, text=[None if r[key] is None else f"{r[key]:.1f}x" for r in rows],
+                              textposition="outside"))
     S.layout(fig, "I/O speed-up over naive, technique by technique", x=("configuration", None),
              y=("naive I/O time / this I/O time", "x, log scale"), height=420, barmode="group")
     fig.update_yaxes(type="log")
+    fig.update_layout(legend_tracegroupgap=0)  # legend groups of S.bars: rows as close as ungrouped entries
     return fig
 
 
