@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from flashnb.engine import LayerStep, TokenLoop, TokenStep, _dram_file_bytes
+from flashnb.engine import LayerStep, TokenLoop, TokenStep, _dram_file_bytes, sparse_ffn
 from flashnb.errors import FlashnbError
 from flashnb.models.common import activation
 from flashnb.reader import NeuronReader, ReaderConfig, aligned_empty, evict
@@ -36,18 +35,14 @@ from flashnb.store import FlashStore
 
 def dense_ffn(x: torch.Tensor, rows: torch.Tensor, d: int, act, gated: bool,
               biases: dict[str, torch.Tensor], b1_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """FFN output for x from store rows [n, P*d_model] (neuron-major: up row(s), then down row).
+    """FFN output for x from store rows [n, P*d_model] (neuron-major: up row(s), then down row), with
+    the engine's own kernel (flashnb.engine.sparse_ffn), so every baseline computes alike.
 
     Without biases of the down projection (callers add it once). `b1_ids`: which fc1 bias entries
     belong to the rows (None: rows are neurons 0..n-1).
     """
-    if gated:
-        h = act(F.linear(x, rows[:, :d])) * F.linear(x, rows[:, d:2 * d])
-        return h @ rows[:, 2 * d:]
-    b1 = biases.get("fc1")
-    if b1 is not None:
-        b1 = b1[: rows.shape[0]] if b1_ids is None else b1[b1_ids]
-    return act(F.linear(x, rows[:, :d], b1)) @ rows[:, d:]
+    ids = np.arange(rows.shape[0]) if b1_ids is None else np.asarray(b1_ids, dtype=np.int64)
+    return sparse_ffn(x, rows, ids, None if gated else biases.get("fc1"), act, gated, d)
 
 
 def _act(store: FlashStore):

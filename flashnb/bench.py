@@ -19,11 +19,10 @@ Configurations (the paper's Table 2 ladder, then the peers):
 
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +89,13 @@ def summarize(steps, model_ffn_neurons: int, have_split: bool = True) -> dict:
     return out
 
 
-def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device, calibration) -> dict:
+def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device, calibration,
+             cpu: dict | None = None) -> dict:
     """The cost model's prediction for configuration `name`, fed the policy statistics measured in
     this run (predicted share, window hits, request sizes) and this machine's device profile and
-    calibration (flashnb.calibrate)."""
+    calibration (flashnb.calibrate). `cpu`: the engine's compute and memory-management seconds per
+    token measured with the store in RAM (calibrate.engine_cpu_seconds); they replace the modeled
+    CPU terms, so that the model's job is the I/O."""
     from flashnb import costmodel as cm
 
     other = shape.other_bytes / shape.total_bytes
@@ -125,9 +127,17 @@ def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device,
     c = cm.token_cost(shape, pol, device, None if name == "accelerate" else calibration)
     if name == "mmap":  # the page cache does mmap's bookkeeping: no neuron cache steps
         c = replace(c, mm_seconds=c.mm_bytes / device.memcpy_bps if c.mm_bytes and device.memcpy_bps else 0.0)
+    if cpu:
+        # the reader's CPU work per token (planning, submitting): its time with the store in RAM
+        # minus the memory copies that direct I/O does not make
+        copy_s = cpu["bytes_read"] / device.memcpy_bps if device.memcpy_bps else 0.0
+        reader_cpu = max(0.0, cpu["io_s_in_ram"] - copy_s)
+        c = replace(c, io_seconds=c.io_seconds + reader_cpu, compute_seconds=cpu["compute_s"],
+                    mm_seconds=cpu["mm_s"])
     ms = lambda s: None if s is None else s * 1e3  # noqa: E731
     return {"io_ms": ms(c.io_seconds), "mm_ms": ms(c.mm_seconds), "compute_ms": ms(c.compute_seconds),
-            "total_ms": ms(c.total_seconds), "bytes_read_per_token": c.io_bytes}
+            "total_ms": ms(c.total_seconds), "bytes_read_per_token": c.io_bytes,
+            "cpu_terms": "measured with the store in RAM" if cpu else "calibrated kernels"}
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -176,9 +186,17 @@ def run_bench(cfg: BenchConfig) -> dict:
         predictors = None
         if {"predictor", "windowing", "all"} & set(cfg.configs):
             predictors = load_predictors(pred_dir)
-        from flashnb.calibrate import calibrate
+        from flashnb.calibrate import calibrate, engine_cpu_seconds
 
         calibration = calibrate(model_dir, shape, cfg.window, predictors=predictors)
+        cpu_runs = {"naive": ("bundled", Policy("none", 0, cfg.memory, cfg.threads)),
+                    "predictor": ("unbundled", Policy("learned", 0, cfg.memory, cfg.threads)),
+                    "windowing": ("unbundled", Policy("learned", cfg.window, cfg.memory, cfg.threads)),
+                    "all": ("bundled", Policy("learned", cfg.window, cfg.memory, cfg.threads))}
+        cpu_runs = {k: v for k, v in cpu_runs.items() if k in cfg.configs and (predictors or k == "naive")}
+        engine_cpu = engine_cpu_seconds({k: stores[lay] for k, (lay, _) in cpu_runs.items()},
+                                        {k: pol for k, (_, pol) in cpu_runs.items()}, prompt,
+                                        min(cfg.tokens, 8), predictors)
         sampling = SamplingConfig()
         skipped: dict[str, str] = {}
         for name in cfg.configs:
@@ -224,7 +242,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                     m["budget_bytes"] = runner.memory.budget_bytes
                 elif hasattr(runner, "used_bytes"):
                     m["dram_bytes"], m["budget_bytes"] = runner.used_bytes, runner.budget_bytes
-                m["modeled"] = _modeled(name, shape, m, runner, cfg, device, calibration)
+                m["modeled"] = _modeled(name, shape, m, runner, cfg, device, calibration,
+                                        engine_cpu.get("naive" if name == "hybrid" else name))
                 results[name] = m
                 if name == "predictor":  # its sets drive the replay
                     replay_sets = [s.needed for s in generated]
@@ -254,7 +273,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             "io": "direct I/O (O_DIRECT) for flashnb's reader; page cache dropped before each token for "
                   "mmap and accelerate",
             "profile_source": profile_source, "profile": profile.summary(),
-            "calibration": calibration.summary(),
+            "calibration": calibration.summary(), "engine_cpu_in_ram": engine_cpu,
             "dense_in_dram_ms": calibration.dense_token_s * 1e3, "results": results,
             "skipped": skipped, "replay": replay}
 
@@ -276,9 +295,11 @@ def format_table(result: dict) -> str:
     if result.get("dense_in_dram_ms"):
         lines.append(f"{'dense in DRAM (reference)':<24} {'':>8} {'':>7} {'':>8} {result['dense_in_dram_ms']:8.2f}"
                      "    (the whole model in memory: the floor)")
-    lines.append("ms per generated token, measured on this machine; 'modeled' = flashnb.costmodel with this run's "
-                 "policy statistics, device profile and compute/memory calibration (flashnb.calibrate). "
-                 "MB/token for mmap/accelerate = bytes the kernel read.")
+    lines.append("ms per generated token, measured on this machine; 'modeled' = flashnb.costmodel: the disk's I/O "
+                 "from this run's request statistics and the device profile, CPU terms (the reader's own work, "
+                 "memory management, compute) from flashnb.calibrate, measured with the store in RAM; for mmap and "
+                 "accelerate only weight bytes at measured rates. MB/token for mmap/accelerate = bytes the kernel "
+                 "read.")
     rp = result.get("replay")
     if rp:
         lines += ["", rp["label"] + f"; window {rp['window']}, {rp['cache_rows_per_layer']} cache rows per layer",

@@ -13,11 +13,17 @@ configurations the model is then compared with:
 - one layer's cache step (plan, evict with swap-with-last, append): `mm_call_s + neurons x
   mm_neuron_s`, from a NeuronCache of the model's bundle width stepped with random sets of two sizes.
 
+`engine_cpu_seconds` measures the engine's whole CPU side per policy (compute, memory management
+and the reader's own work per call, with the store's FFN file held in RAM), for the benchmark's
+modeled column: there the device profile predicts the disk's part of the I/O, and the CPU terms are
+these measurements.
+
 Everything here is *measured*; the cost model's use of it is *modeled*.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,3 +149,34 @@ def calibrate(model_dir: str | Path, shape, window: int = 4, tokens: int = 12, p
     mm_call, mm_neuron = _line(small, t_small, shape.ffn_dim, t_all)
     return Calibration(fixed, rate, dense, no_ffn, mm_call, mm_neuron, torch.get_num_threads(),
                        ffn_call, ffn_neuron, pred)
+
+
+def engine_cpu_seconds(store_dirs: dict, policies: dict, prompt_ids: list[int], tokens: int = 8,
+                       predictors=None) -> dict[str, dict]:
+    """The engine's own CPU cost per generated token, without the disk: for each named policy, the
+    mean compute and memory-management seconds of a FlashEngine run whose store is a copy in RAM
+    (tmpfs: its reads are memory copies). `store_dirs[name]` is the store folder to copy,
+    `policies[name]` the engine Policy. Empty where no tmpfs (/dev/shm) is available."""
+    import shutil
+    import tempfile
+
+    from flashnb.engine import FlashEngine
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        return {}
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="flashnb-calibrate-", dir=shm) as tmp:
+        copies: dict[str, Path] = {}
+        for name, policy in policies.items():
+            src = Path(store_dirs[name])
+            if src not in copies:
+                copies[src] = Path(shutil.copytree(src, Path(tmp) / f"store{len(copies)}"))
+            with FlashEngine(copies[src], policy, predictors=predictors) as eng:
+                list(eng.generate(prompt_ids, tokens))
+                steps = eng.steps[len(prompt_ids):]
+                out[name] = {"compute_s": float(np.mean([s.compute_seconds for s in steps])),
+                             "mm_s": float(np.mean([s.mm_seconds for s in steps])),
+                             "io_s_in_ram": float(np.mean([s.io_seconds for s in steps])),
+                             "bytes_read": float(np.mean([s.bytes_read for s in steps])), "tokens": len(steps)}
+    return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -269,7 +269,7 @@ class FlashEngine(TokenLoop):
     def __init__(self, store: FlashStore | str, policy: Policy | None = None, predictors=None, profile=None):
         self.store = store if isinstance(store, FlashStore) else FlashStore.open(store)
         self.policy = policy = policy or Policy()
-        st, c = self.store, self.store.config
+        st = self.store
         self.dtype = st.dtype
         self.predictors = self._select_predictors(predictors)
         self.memory = self._plan_memory()

@@ -528,7 +528,7 @@ class Profile:
                 f"random_64KiB_{tmax}threads_GBps": at(65536, tmax),
                 f"random_4MiB_{tmax}threads_GBps": at(4 << 20, tmax),
                 "random_4KiB_1thread_GBps": at(4096, 1),
-                f"latency_s_1thread": round(self.fit.latency_s[0], 6),
+                "latency_s_1thread": round(self.fit.latency_s[0], 6),
                 f"coalesce_gap_bytes_{tmax}threads": self.coalesce_gap(tmax),
                 "fit_max_rel_error": round(self.fit.max_rel_error, 3)}
 

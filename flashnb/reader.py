@@ -518,7 +518,6 @@ class NeuronReader:
         synchronously (which raises the clear error where the file really is short)."""
         from flashnb import aio
 
-        n = plan.req_off.size
         if scatter:  # iovecs: each run of rows, then its gap (into the sink) where it has one
             has_gap = plan.run_gap > 0
             per_run = 1 + has_gap

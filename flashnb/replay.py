@@ -26,7 +26,7 @@ from flashnb.cache import NeuronCache
 from flashnb.errors import FlashnbError
 from flashnb.models.opt import OPTConfig
 from flashnb.reader import NeuronReader, ReaderConfig, aligned_empty
-from flashnb.store import ALIGNMENT, FlashStore, Region
+from flashnb.store import ALIGNMENT, FlashStore
 
 OPT_6_7B = dict(layers=32, d_model=4096, ffn_dim=16384)
 
