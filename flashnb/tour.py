@@ -84,7 +84,7 @@ def disk_text(profile) -> str:
     fs = disk.get("fs_type") or ""
     t = int(profile.thread_counts[-1])
     return (f"{name}{' / ' + fs if fs else ''}: sequential {profile.sequential_throughput() / 1e9:.2f} GB/s, "
-            f"random 16 KiB reads with {t} threads {profile.throughput(16384, t) / 1e9:.2f} GB/s "
+            f"random 16 KiB reads with {t} in flight {profile.throughput(16384, t) / 1e9:.2f} GB/s "
             f"({'direct I/O' if profile.direct else 'buffered + fadvise'}; measured). "
             "Paper's M1 Max: 6.1 GB/s sequential, 2.25 GB/s for 16 KiB bundles (Table 2).")
 
@@ -385,7 +385,8 @@ def _bench_rows(result: dict, window: int, tokens: int, threads: int) -> dict[st
     """The 'all' and 'hybrid' runs of a run_bench result as BudgetSweep measured rows."""
     st = result["settings"]
     if (st["window"], st["tokens"], st["threads"]) != (window, tokens, threads):
-        raise FlashnbError(f"the bench ran window {st['window']}, {st['tokens']} tokens, {st['threads']} threads; "
+        raise FlashnbError(f"the bench ran window {st['window']}, {st['tokens']} tokens, "
+                           f"{st['threads']} reads in flight; "
                            f"the sweep asks for {window}, {tokens}, {threads}: run both with the same settings")
     out: dict[str, list[dict]] = {"all": [], "hybrid": []}
     for name in out:

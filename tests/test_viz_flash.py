@@ -7,7 +7,8 @@ from viz_helpers import bar_series
 from flashnb.costmodel import table2
 from flashnb.profile import Profile
 from flashnb.viz import style as S
-from flashnb.viz.flash import bundling_figure, format_table2, layouts_figure, table2_figure, throughput_figure
+from flashnb.viz.flash import bundling_figure, format_table2, layouts_figure, table2_figure, throughput_figure, \
+    where
 from flashnb.widgets.flash import read_time_text, read_time_widget
 
 
@@ -15,12 +16,12 @@ def _profile() -> Profile:
     return Profile(synthetic_profile(latency_s=1e-4, bandwidth=1e9))
 
 
-def test_throughput_figure_has_every_thread_count_and_the_paper():
+def test_throughput_figure_has_every_in_flight_count_and_the_paper():
     fig = throughput_figure(_profile())
     names = [t.name for t in fig.data]
     assert sum(n.endswith("(measured)") for n in names) == 4
     assert sum("(modeled, fitted profile)" in n for n in names) == 4
-    measured = [t for t in fig.data if t.name == "8 threads (measured)"][0]
+    measured = [t for t in fig.data if t.name == "8 in flight (measured)"][0]
     assert list(measured.x) == [4096, 16384, 65536, 262144, 1 << 20, 4 << 20]
     assert measured.y[0] == 4096 / (1e-4 / 8 + 4096 / 1e9) / 1e9
     assert fig.layout.xaxis.type == "log"
@@ -30,11 +31,21 @@ def test_throughput_figure_has_every_thread_count_and_the_paper():
     assert any("measured on synthetic" in a.text for a in fig.layout.annotations)
 
 
+def test_where_names_the_backend():
+    p = _profile()
+    assert "AIO" not in where(p) and "threads" not in where(p)   # a profile that does not record it
+    p.data["backend"] = "aio"
+    assert "direct I/O, native AIO, " in where(p)
+    p.data["backend"] = "threads"
+    assert "reader threads" in where(p)
+
+
 def test_read_time_text_and_widget():
     p = _profile()
     t = read_time_text(p, 16384, 8)
     secs = 1e9 / p.throughput(16384, 8)
     assert f"{secs:.2f} s" in t and "61,036 random reads of 16 KiB" in t and "2.25 GB/s" in t
+    assert "with 8 reads in flight</b>" in t
     assert "only for 8 KiB" in read_time_text(p, 4096, 1)
     w = read_time_widget(p)
     chunk, threads, out = w.children
@@ -42,7 +53,7 @@ def test_read_time_text_and_widget():
     chunk.value = 4096
     assert out.value != before and "of 4 KiB" in out.value
     threads.value = 1
-    assert "with 1 thread<" in out.value
+    assert "with 1 read in flight<" in out.value and threads.description == "in flight"
 
 
 def test_table_and_cost_figures():
@@ -73,3 +84,4 @@ def test_layouts_figure():
     fig = layouts_figure(rows)
     assert [t.y[0] for t in fig.data] == [0.2, 0.1] and "10 requests/call" in fig.data[0].text[0]
     assert [t.name for t in fig.data] == ["bundled (measured)", "unbundled (measured)"]
+    assert "4 in flight" in fig.layout.title.text

@@ -27,16 +27,25 @@ def size_text(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def in_flight_text(n: int) -> str:
+    """8 -> '8 in flight': reads in flight (the AIO queue depth; reader threads where native AIO is
+    unavailable), which the API calls `threads`."""
+    return f"{int(n)} in flight"
+
+
 def where(profile: Profile) -> str:
-    """Which disk, how it was read and when: 'measured on vda (ext4), direct I/O, 2026-11-26'."""
+    """Which disk, how it was read and when: 'measured on vda (ext4), direct I/O, native AIO, 2026-11-26'
+    (the backend where the profile records it: 'native AIO', or 'reader threads' where AIO was unavailable)."""
     disk = profile.data.get("machine", {}).get("disk", {})
     how = "direct I/O" if profile.direct else "buffered + fadvise (O_DIRECT refused)"
+    backend = {"aio": "native AIO", "threads": "reader threads"}.get(profile.data.get("backend"))
     return (f"measured on {disk.get('device', '?')} ({disk.get('fs_type', '?')}), {how}, "
-            f"{profile.data.get('date', '')[:10]}")
+            f"{backend + ', ' if backend else ''}{profile.data.get('date', '')[:10]}")
 
 
 def throughput_figure(profile: Profile, paper: PaperDevice | None = None) -> go.Figure:
-    """Random-read throughput vs chunk size, one colour per thread count: measured cells as filled
+    """Random-read throughput vs chunk size, one colour per number of reads in flight (the profile's
+    `thread_counts`: the AIO queue depth, or reader threads without native AIO): measured cells as filled
     markers, the profile's fitted model between them dashed, the paper's M1 Max reads as stars in the
     colour of their layout and its sequential rate dotted."""
     paper = paper or as_device(None)
@@ -44,7 +53,7 @@ def throughput_figure(profile: Profile, paper: PaperDevice | None = None) -> go.
     xs = np.geomspace(profile.chunks[0], profile.chunks[-1], 60)
     threads = profile.thread_counts.astype(int)
     for t, c in zip(threads, S.sequence(threads.size)):
-        name = f"{t} thread{'s' if t > 1 else ''}"
+        name = in_flight_text(t)
         fig.add_trace(go.Scatter(x=profile.chunks, y=profile.grid[list(threads).index(t)] / GB,
                                  name=S.label(name, "measured"), legendgroup=str(t),
                                  hovertemplate="%{x:.3s}B: %{y:.3f} GB/s<extra>" + f"{name} (measured)</extra>",
@@ -141,7 +150,7 @@ def layouts_figure(rows: list[dict]) -> go.Figure:
                              **S.bar(r["layout"], "measured")))
     r0 = rows[0]
     S.layout(fig, f"Measured here: {r0['neurons_per_call']} random neurons of {size_text(r0['neuron_bytes'])} per "
-                  f"call, {r0['threads']} threads, {'direct I/O' if r0.get('direct') else 'fallback I/O'}",
+                  f"call, {in_flight_text(r0['threads'])}, {'direct I/O' if r0.get('direct') else 'fallback I/O'}",
              x=("store layout", None), y=("useful throughput: bytes needed / wall time", "GB/s"), height=420)
     fig.update_yaxes(rangemode="tozero")
     return fig

@@ -57,7 +57,7 @@ COMPONENT_LABELS: dict[str, str] = {"io": "I/O", "mm": "memory management", "com
 OURS = TECHNIQUE_COLORS["all"]
 PAPER = "#d62728"
 
-# Series that are not techniques (thread counts, layers): a neutral ramp from light to dark grey-blue.
+# Series that are not techniques (reads in flight, layers): a neutral ramp from light to dark grey-blue.
 _SEQUENCE = ("#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
 
 # How a modeled number was made, for label(..., via=...): one spelling in every figure.
@@ -90,7 +90,7 @@ def color(technique: str) -> str:
 
 
 def sequence(n: int) -> list[str]:
-    """`n` colours for series that are not techniques (thread counts, layers), light to dark."""
+    """`n` colours for series that are not techniques (reads in flight, layers), light to dark."""
     if n <= 1:
         return [_SEQUENCE[-2]] * n
     return [_SEQUENCE[round(i * (len(_SEQUENCE) - 1) / (n - 1))] for i in range(n)]

@@ -12,7 +12,8 @@ from flashnb.viz.flash import size_text
 
 
 def read_time_text(profile: Profile, chunk_bytes: int, threads: int, nbytes: float = 1e9) -> str:
-    """HTML: modeled seconds to read `nbytes` in random `chunk_bytes` reads, here and on the paper's device."""
+    """HTML: modeled seconds to read `nbytes` in random `chunk_bytes` reads with `threads` reads in flight,
+    here and on the paper's device."""
     mine = time_to_read(nbytes, chunk_bytes, threads, ProfileDevice(profile))
     dev = as_device(None)
     points = dict(dev.sparse_points)
@@ -25,7 +26,7 @@ def read_time_text(profile: Profile, chunk_bytes: int, threads: int, nbytes: flo
         paper_line = "paper's M1 Max: Table 2 gives sparse rates only for 8 KiB (" + \
             f"{points.get(8192, 0) / GB:.2f} GB/s) and 16 KiB ({points.get(16384, 0) / GB:.2f} GB/s) reads"
     return (f"<b>Reading {nbytes / GB:g} GB as {reads:,} random reads of {html.escape(size_text(chunk_bytes))} "
-            f"with {threads} thread{'s' if threads > 1 else ''}</b><br>"
+            f"with {threads} read{'s' if threads > 1 else ''} in flight</b><br>"
             f"this disk (modeled from the measured profile): <b>{mine:.2f} s</b> "
             f"({nbytes / mine / GB:.3f} GB/s)<br>{paper_line}<br>"
             f"sequential, measured here: {nbytes / profile.sequential_throughput():.2f} s; "
@@ -33,15 +34,15 @@ def read_time_text(profile: Profile, chunk_bytes: int, threads: int, nbytes: flo
 
 
 def read_time_widget(profile: Profile, nbytes: float = 1e9, chunk_bytes: int = 16384, threads: int | None = None):
-    """Sliders for chunk size and threads over the profile's measured grid, showing `read_time_text`
-    (an ipywidgets VBox: chunk slider, threads slider, HTML)."""
+    """Sliders for chunk size and reads in flight (the profile's `thread_counts`) over the profile's measured
+    grid, showing `read_time_text` (an ipywidgets VBox: chunk slider, in-flight slider, HTML)."""
     import ipywidgets as w
 
     sizes = [int(c) for c in profile.chunks]
     tcounts = [int(t) for t in profile.thread_counts]
     chunk = w.SelectionSlider(options=[(size_text(c), c) for c in sizes], description="chunk",
                               value=min(sizes, key=lambda c: abs(c - chunk_bytes)), continuous_update=False)
-    thr = w.SelectionSlider(options=tcounts, description="threads", value=threads or tcounts[-1],
+    thr = w.SelectionSlider(options=tcounts, description="in flight", value=threads or tcounts[-1],
                             continuous_update=False)
     out = w.HTML(read_time_text(profile, chunk.value, thr.value, nbytes))
 
