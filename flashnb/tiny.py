@@ -72,35 +72,30 @@ def _save_with_flashnb(hf_config: dict, folder: Path, seed: int) -> None:
     save_model(model, folder, dtype=torch.float32)
 
 
+def _make_tiny(folder: str | Path, model_type: str, kw: dict, seed: int, backend: str) -> Path:
+    """Save a random `model_type` model of config `kw` and the tiny tokenizer in `folder`: through
+    transformers' own classes, or flashnb's writer where transformers is not installed."""
+    folder = Path(folder)
+    if _backend(backend) == "transformers":
+        import transformers
+
+        name = {"opt": "OPT", "llama": "Llama"}[model_type]
+        torch.manual_seed(seed)
+        model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**kw)).eval()
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        _save_with_flashnb(dict(kw, model_type=model_type), folder, seed)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
 def make_tiny_opt(folder: str | Path, seed: int = 0, backend: str = "auto", **overrides) -> Path:
     """A random OPT model (default: vocab 300, d 32, ffn 64, 2 layers; `overrides` change any config
     field) with its tokenizer, saved as a Hugging Face folder `folder` (created). Returns the folder."""
-    folder = Path(folder)
-    kw = dict(OPT_DEFAULTS, **overrides)
-    if _backend(backend) == "transformers":
-        from transformers import OPTConfig, OPTForCausalLM
-
-        torch.manual_seed(seed)
-        model = OPTForCausalLM(OPTConfig(**kw)).eval()
-        model.save_pretrained(folder, safe_serialization=True)
-    else:
-        _save_with_flashnb(dict(kw, model_type="opt"), folder, seed)
-    save_tiny_tokenizer(folder)
-    return folder
+    return _make_tiny(folder, "opt", dict(OPT_DEFAULTS, **overrides), seed, backend)
 
 
 def make_tiny_llama(folder: str | Path, seed: int = 0, backend: str = "auto", **overrides) -> Path:
     """A random Llama model with ReLU gated FFN and grouped-query attention (default: vocab 300, d 32,
     ffn 64, 2 layers, 4 heads, 2 KV heads) with its tokenizer, saved as a Hugging Face folder."""
-    folder = Path(folder)
-    kw = dict(LLAMA_DEFAULTS, **overrides)
-    if _backend(backend) == "transformers":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
-        model.save_pretrained(folder, safe_serialization=True)
-    else:
-        _save_with_flashnb(dict(kw, model_type="llama"), folder, seed)
-    save_tiny_tokenizer(folder)
-    return folder
+    return _make_tiny(folder, "llama", dict(LLAMA_DEFAULTS, **overrides), seed, backend)
