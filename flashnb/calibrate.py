@@ -18,6 +18,10 @@ and the reader's own work per call, with the store's FFN file held in RAM), for 
 modeled column: there the device profile predicts the disk's part of the I/O, and the CPU terms are
 these measurements.
 
+A model whose weights take more than DENSE_SHARE of the available memory is not decoded densely
+(the dense terms are 0), and a store bigger than RAM_STORE_SHARE of it is not copied to tmpfs: the
+machine must not be pushed into swapping to calibrate a model that runs from flash because it is big.
+
 Everything here is *measured*; the cost model's use of it is *modeled*.
 """
 
@@ -50,6 +54,22 @@ class Calibration:
 
     def summary(self) -> dict:
         return asdict(self)
+
+
+DENSE_SHARE = 0.4  # the dense model is timed only if its weights take at most this share of available memory
+RAM_STORE_SHARE = 0.25  # a store is copied to tmpfs for engine_cpu_seconds only up to this share
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable; 0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class _ZeroFFN(nn.Module):
@@ -113,16 +133,23 @@ def calibrate(model_dir: str | Path, shape, window: int = 4, tokens: int = 12, p
     from flashnb.engine import sparse_ffn
     from flashnb.models.common import activation
 
+    from flashnb.checkpoint import read_config
+
     dtype = torch.float16 if shape.bytes_per_value == 2 else torch.float32
-    model = load_model(model_dir, dtype=dtype).eval()
-    c = model.config
-    vocab = c.vocab_size
-    dense = _token_seconds(model, tokens, vocab)
-    for block in model.layers:
-        block.ffn = _ZeroFFN()
-    no_ffn = _token_seconds(model, tokens, vocab)
-    rate = shape.ffn_bytes / max(dense - no_ffn, 1e-9)
-    fixed = max(0.0, no_ffn - compute_bytes(shape, 0) / rate)
+    c = read_config(model_dir)
+    if shape.total_bytes <= DENSE_SHARE * available_memory():
+        model = load_model(model_dir, dtype=dtype).eval()
+        vocab = c.vocab_size
+        dense = _token_seconds(model, tokens, vocab)
+        for block in model.layers:
+            block.ffn = _ZeroFFN()
+        no_ffn = _token_seconds(model, tokens, vocab)
+        del model
+        rate = shape.ffn_bytes / max(dense - no_ffn, 1e-9)
+        fixed = max(0.0, no_ffn - compute_bytes(shape, 0) / rate)
+    else:  # the model does not fit comfortably in DRAM (that is why it runs from flash): not timed
+        dense = no_ffn = fixed = 0.0
+        rate = float("inf")
 
     gated = c.model_type != "opt"
     act = activation(c.hidden_act if gated else c.activation_function, "config.json")
@@ -164,6 +191,9 @@ def engine_cpu_seconds(store_dirs: dict, policies: dict, prompt_ids: list[int], 
 
     shm = Path("/dev/shm")
     if not shm.is_dir() or not os.access(shm, os.W_OK):
+        return {}
+    size = sum(f.stat().st_size for d in set(map(str, store_dirs.values())) for f in Path(d).iterdir() if f.is_file())
+    if size > RAM_STORE_SHARE * available_memory():  # a model too big for DRAM: its store stays on disk
         return {}
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="flashnb-calibrate-", dir=shm) as tmp:

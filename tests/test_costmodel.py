@@ -129,3 +129,15 @@ def test_calibration_measures_this_machine(tiny_opt_dir):
     assert cal.compute_fixed_s >= 0 and cal.mm_call_s >= 0 and cal.mm_neuron_s >= 0
     assert cal.ffn_call_s + cal.ffn_neuron_s > 0 and cal.predictor_call_s == 0  # no predictors given
     assert set(cal.summary()) >= {"compute_fixed_s", "compute_bps", "mm_call_s", "mm_neuron_s"}
+
+
+def test_calibration_leaves_big_models_alone(tiny_opt_dir, monkeypatch):
+    import flashnb.calibrate as cal_mod
+    from flashnb.checkpoint import read_config
+
+    s = ModelShape.from_config(read_config(tiny_opt_dir), 2)
+    monkeypatch.setattr(cal_mod, "available_memory", lambda: s.total_bytes)  # "too big for this machine"
+    cal = calibrate(tiny_opt_dir, s, window=2, tokens=4)
+    assert cal.dense_token_s == cal.no_ffn_token_s == cal.compute_fixed_s == 0.0
+    assert cal.ffn_call_s + cal.ffn_neuron_s > 0  # the engine's kernels are still timed
+    assert cal_mod.engine_cpu_seconds({"x": tiny_opt_dir}, {"x": None}, [1, 2]) == {}
