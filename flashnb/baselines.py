@@ -28,7 +28,7 @@ import torch.nn as nn
 from flashnb.engine import LayerStep, TokenLoop, TokenStep, _dram_file_bytes, sparse_ffn
 from flashnb.errors import FlashnbError
 from flashnb.models.common import activation
-from flashnb.reader import NeuronReader, ReaderConfig, aligned_empty, evict
+from flashnb.reader import IN_FLIGHT, NeuronReader, ReaderConfig, aligned_empty, evict
 from flashnb.resident import resident_model
 from flashnb.store import FlashStore
 
@@ -83,7 +83,7 @@ class HybridEngine(TokenLoop):
     """Pin the first neurons of every layer's FFN in DRAM (as many as the budget allows after the
     DRAM tensors and one layer's read buffer); read the others every token."""
 
-    def __init__(self, store: FlashStore | str, memory_budget: float = 0.5, threads: int = 64, profile=None):
+    def __init__(self, store: FlashStore | str, memory_budget: float = 0.5, threads: int = IN_FLIGHT, profile=None):
         self.store = st = store if isinstance(store, FlashStore) else FlashStore.open(store)
         dram = _dram_file_bytes(st)
         model_bytes = dram + st.num_layers * st.ffn_dim * st.neuron_bytes

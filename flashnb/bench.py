@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from flashnb.errors import FlashnbError
+from flashnb.reader import IN_FLIGHT
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "mmap", "accelerate")
 LABELS = {"naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor",
@@ -46,7 +47,7 @@ class BenchConfig:
     tokens: int = 16
     window: int = 4
     memory: float = 0.5
-    threads: int = 64
+    threads: int = IN_FLIGHT
     dir: str | None = None            # where the scratch stores go (None: system temp folder)
     configs: tuple[str, ...] = CONFIGS
     profile: str | None = None        # profile JSON; None = the saved default, else a quick profile

@@ -249,11 +249,19 @@ def _add_flash_commands(sub) -> None:
     pr.add_argument("--use", default=None, metavar="FILE", help="load this profile instead of measuring")
     pr.add_argument("--reader-check", default=None, metavar="STORE",
                     help="then read random neuron sets of STORE and print achieved / modeled throughput")
-    pr.add_argument("--threads", type=int, default=64,
-                    help="requests in flight (AIO queue depth) for --reader-check (default: %(default)s)")
+    _add_in_flight(pr, "for --reader-check")
     pr.add_argument("--fraction", type=float, default=0.1,
                     help="fraction of each layer's neurons per read for --reader-check (default: %(default)s)")
     pr.set_defaults(func=cmd_profile)
+
+
+def _add_in_flight(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """--threads: reads kept in flight (flashnb.reader.IN_FLIGHT by default)."""
+    from flashnb.reader import IN_FLIGHT
+
+    parser.add_argument("--threads", type=int, default=IN_FLIGHT,
+                        help=f"reads in flight{' ' + what if what else ''}: the AIO queue depth, or reader "
+                             "threads where AIO is unavailable (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,9 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--memory", type=float, default=0.5,
                    help="DRAM budget for weights: fraction of the model's bytes, or bytes if > 1 (default: %(default)s)")
     d.add_argument("--window", type=int, default=4, help="window of recent tokens (default: %(default)s)")
-    d.add_argument("--threads", type=int, default=64,
-                   help="reads in flight: the AIO queue depth, or reader threads where AIO is unavailable "
-                        "(default: %(default)s)")
+    _add_in_flight(d)
     d.add_argument("--no-table", dest="table", action="store_false", help="do not print the per-token table")
     d.add_argument("--dense", action="store_true", help="run dense in DRAM instead (the reference)")
     d.set_defaults(func=cmd_demo)
@@ -288,9 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=16, help="generated tokens per configuration (default: %(default)s)")
     b.add_argument("--window", type=int, default=4, help="window for +windowing and all (default: %(default)s)")
     b.add_argument("--memory", type=float, default=0.5, help="DRAM budget, fraction of the model (default: %(default)s)")
-    b.add_argument("--threads", type=int, default=64,
-                   help="reads in flight: the AIO queue depth, or reader threads where AIO is unavailable "
-                        "(default: %(default)s)")
+    _add_in_flight(b)
     b.add_argument("--configs", default=None, help="comma-separated subset of: naive,hybrid,predictor,windowing,"
                                                    "all,mmap,accelerate (default: all of them)")
     b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")

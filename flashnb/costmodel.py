@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from flashnb.errors import FlashnbError
+from flashnb.reader import IN_FLIGHT
 
 GB = 1e9
 
@@ -135,7 +136,7 @@ class Policy:
     window_cached_fraction: float = 0.0
     bundling: bool = False
     memory_budget: float = 0.5
-    threads: int = 64
+    threads: int = IN_FLIGHT
     # statistics measured by a run of this policy (0 = derive them from the fields above):
     request_bytes: int = 0        # mean bytes per flash request (alignment and coalescing included)
     requests_per_call: float = 0  # requests per reader call (one layer's part): the concurrency available

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from flashnb.cache import NeuronCache, sorted_unique, split_needed
 from flashnb.errors import FlashnbError
 from flashnb.models.common import activation
-from flashnb.reader import NeuronReader, ReaderConfig
+from flashnb.reader import IN_FLIGHT, NeuronReader, ReaderConfig
 from flashnb.resident import resident_model
 from flashnb.store import FlashStore
 
@@ -62,7 +62,7 @@ class Policy:
     predictor: str = "learned"
     window: int = 4
     memory_budget: float = 0.5
-    threads: int = 64
+    threads: int = IN_FLIGHT
     gap_bytes: int | None = None
 
     def __post_init__(self):

@@ -41,7 +41,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from flashnb.errors import FlashnbError
-from flashnb.reader import AlignedBuffer, evict, open_for_reading, preadv_full
+from flashnb.reader import IN_FLIGHT, AlignedBuffer, evict, open_for_reading, preadv_full
 
 PROFILE_VERSION = 1
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -543,7 +543,7 @@ def load_default_profile() -> Profile | None:
 # Reader efficiency: achieved vs modeled on a real store
 
 
-def reader_efficiency(store_path: str | Path, profile: Profile | None = None, threads: int = 64,
+def reader_efficiency(store_path: str | Path, profile: Profile | None = None, threads: int = IN_FLIGHT,
                       fraction: float = 0.1, rounds: int = 6, calls_per_round: int = 3, cell_seconds: float = 0.2,
                       seed: int = 0, gap_bytes: int | None = None) -> dict:
     """The reader's achieved throughput over the throughput a profile predicts for the same requests.

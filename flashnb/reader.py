@@ -61,6 +61,9 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 # chunks; a noisy profile can ask for 80 KiB, which for 2 KiB bundles reads many times the needed
 # bytes. Gaps taken from a profile are capped here (bytes); an explicit gap_bytes is used as given.
 MAX_PROFILE_GAP = 16 * 1024
+# Reads kept in flight by default (the AIO queue depth; reader threads without native AIO). Every
+# default in flashnb (policy, bench, CLI, replay, cost model) takes it from here.
+IN_FLIGHT = 64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ class ReaderConfig:
     io_align: direct-I/O block size in bytes; None = probe (512 where the device accepts it, else 4096).
     """
 
-    threads: int = 64
+    threads: int = IN_FLIGHT
     gap_bytes: int | None = None
     max_request_bytes: int = 1 << 20
     backend: str = "auto"
@@ -509,16 +512,17 @@ class NeuronReader:
     # -- executing ---------------------------------------------------------------------------
     def _run(self, plan: _Plan, dst: memoryview, base: int, scatter: bool) -> int:
         """Issue the plan's requests (into `dst`, whose address is `base`); returns the retries."""
+        stage = None if scatter else np.concatenate(([0], np.cumsum(plan.req_len)[:-1]))  # staging offsets
         if self._aio is not None:
-            return self._run_aio(plan, dst, base, scatter)
-        return self._run_threads(plan, dst, scatter)
+            return self._run_aio(plan, dst, base, stage)
+        return self._run_threads(plan, dst, stage)
 
-    def _run_aio(self, plan: _Plan, dst: memoryview, base: int, scatter: bool) -> int:
+    def _run_aio(self, plan: _Plan, dst: memoryview, base: int, stage: np.ndarray | None) -> int:
         """All requests through one AIO context, `threads` in flight; short or failed ones are re-read
         synchronously (which raises the clear error where the file really is short)."""
         from flashnb import aio
 
-        if scatter:  # iovecs: each run of rows, then its gap (into the sink) where it has one
+        if stage is None:  # scatter: iovecs, each run of rows, then its gap (into the sink) where it has one
             has_gap = plan.run_gap > 0
             per_run = 1 + has_gap
             first = np.concatenate(([0], np.cumsum(per_run)[:-1]))
@@ -530,15 +534,13 @@ class NeuronReader:
             iov_start = np.append(first, iov.size)[plan.run_start]
             cbs = aio.preadv_iocbs(self.fd, plan.req_off, iov, iov_start)
         else:
-            stage = np.concatenate(([0], np.cumsum(plan.req_len)[:-1]))
             cbs = aio.pread_iocbs(self.fd, plan.req_off, base + stage, plan.req_len)
         res = self._aio.run(cbs)
         bad = np.flatnonzero(res != plan.req_len).tolist()
-        work = self._work_scatter if scatter else self._work_staging
-        stage = None if scatter else np.concatenate(([0], np.cumsum(plan.req_len)[:-1]))
+        work = self._work_scatter if stage is None else self._work_staging
         return len(bad) + sum(work(plan, dst, stage, i, i + 1) for i in bad)
 
-    def _run_threads(self, plan: _Plan, dst: memoryview, scatter: bool) -> int:
+    def _run_threads(self, plan: _Plan, dst: memoryview, stage: np.ndarray | None) -> int:
         """Issue the plan's requests over the thread pool; returns the retries.
 
         The requests are cut into up to 32 batches per thread (of at least 4 requests) of similar
@@ -551,8 +553,7 @@ class NeuronReader:
         cum = np.cumsum(plan.req_len)
         cuts = np.searchsorted(cum, cum[-1] * np.arange(1, nb) / nb, side="left") + 1
         bounds = np.unique(np.concatenate(([0], np.minimum(cuts, nreq), [nreq]))).tolist()
-        stage = None if scatter else np.concatenate(([0], cum[:-1]))
-        work = self._work_scatter if scatter else self._work_staging
+        work = self._work_scatter if stage is None else self._work_staging
         if T == 1:
             return work(plan, dst, stage, 0, nreq)
         batches = list(zip(bounds[:-1], bounds[1:]))

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from flashnb.cache import NeuronCache
 from flashnb.errors import FlashnbError
 from flashnb.models.opt import OPTConfig
-from flashnb.reader import NeuronReader, ReaderConfig, aligned_empty
+from flashnb.reader import IN_FLIGHT, NeuronReader, ReaderConfig, aligned_empty
 from flashnb.store import ALIGNMENT, FlashStore
 
 OPT_6_7B = dict(layers=32, d_model=4096, ffn_dim=16384)
@@ -111,7 +111,7 @@ def widen(sets_small: list[list[np.ndarray]], small_ffn: int, shape: ReplayShape
 
 
 def replay(store: FlashStore, sets: list[list[np.ndarray]] | None, window: int, capacity: int,
-           threads: int = 64, gap_bytes: int | None = None, profile=None) -> dict:
+           threads: int = IN_FLIGHT, gap_bytes: int | None = None, profile=None) -> dict:
     """Read what the engine would read for each token (sets None = every neuron: naive); returns
     per-token means: io_ms, bytes, requests, GB/s (measured, direct I/O)."""
     L, F = store.num_layers, store.ffn_dim
@@ -142,7 +142,7 @@ def replay(store: FlashStore, sets: list[list[np.ndarray]] | None, window: int, 
 
 
 def run_replay(sets_small: list[list[np.ndarray]], small_ffn: int, folder: str | Path, window: int = 4,
-               memory: float = 0.5, threads: int = 64, tokens: int = 8, profile=None, progress: bool = True) -> dict:
+               memory: float = 0.5, threads: int = IN_FLIGHT, tokens: int = 8, profile=None, progress: bool = True) -> dict:
     """naive / +predictor / +windowing / +bundling replayed at OPT 6.7B's shape (see the module doc).
 
     The window caches get what a `memory` budget leaves of OPT 6.7B's bytes after its DRAM-resident
