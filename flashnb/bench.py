@@ -56,6 +56,21 @@ class BenchConfig:
     progress: bool = True
 
 
+ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all")  # the flash engine under different policies
+
+
+def _engine_run(name: str, cfg: BenchConfig):
+    """(store layout, engine Policy) of an engine configuration: naive reads every neuron of the
+    bundled store; +predictor and +windowing read predicted neurons from the unbundled store (the
+    latter keeping a window); all = +windowing on the bundled store."""
+    from flashnb.engine import Policy
+
+    if name == "naive":
+        return "bundled", Policy("none", 0, cfg.memory, cfg.threads)
+    window = 0 if name == "predictor" else cfg.window
+    return ("bundled" if name == "all" else "unbundled"), Policy("learned", window, cfg.memory, cfg.threads)
+
+
 def _has(*modules: str) -> bool:
     import importlib.util
 
@@ -146,7 +161,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     from flashnb.baselines import AccelerateOffload, HybridEngine, MmapEngine
     from flashnb.checkpoint import read_config
     from flashnb.costmodel import ModelShape, as_device
-    from flashnb.engine import FlashEngine, Policy
+    from flashnb.engine import FlashEngine
     from flashnb.generate import SamplingConfig
     from flashnb.paths import data_dir, shipped_model_dir
     from flashnb.predictor import load_predictors
@@ -190,11 +205,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         from flashnb.calibrate import calibrate, engine_cpu_seconds
 
         calibration = calibrate(model_dir, shape, cfg.window, predictors=predictors)
-        cpu_runs = {"naive": ("bundled", Policy("none", 0, cfg.memory, cfg.threads)),
-                    "predictor": ("unbundled", Policy("learned", 0, cfg.memory, cfg.threads)),
-                    "windowing": ("unbundled", Policy("learned", cfg.window, cfg.memory, cfg.threads)),
-                    "all": ("bundled", Policy("learned", cfg.window, cfg.memory, cfg.threads))}
-        cpu_runs = {k: v for k, v in cpu_runs.items() if k in cfg.configs and (predictors or k == "naive")}
+        cpu_runs = {k: _engine_run(k, cfg) for k in ENGINE_CONFIGS
+                    if k in cfg.configs and (predictors or k == "naive")}
         engine_cpu = engine_cpu_seconds({k: stores[lay] for k, (lay, _) in cpu_runs.items()},
                                         {k: pol for k, (_, pol) in cpu_runs.items()}, prompt,
                                         min(cfg.tokens, 8), predictors)
@@ -207,15 +219,11 @@ def run_bench(cfg: BenchConfig) -> dict:
                 if cfg.progress:
                     print(f"  {LABELS[name]:<24} skipped: {skipped[name]}", flush=True)
                 continue
-            if name == "naive":
-                runner = FlashEngine(stores["bundled"], Policy("none", 0, cfg.memory, cfg.threads), profile=profile)
+            if name in ENGINE_CONFIGS:
+                layout, policy = _engine_run(name, cfg)
+                runner = FlashEngine(stores[layout], policy, predictors=predictors, profile=profile)
             elif name == "hybrid":
                 runner = HybridEngine(stores["bundled"], cfg.memory, cfg.threads, profile)
-            elif name in ("predictor", "windowing", "all"):
-                window = 0 if name == "predictor" else cfg.window
-                layout = "bundled" if name == "all" else "unbundled"
-                runner = FlashEngine(stores[layout], Policy("learned", window, cfg.memory, cfg.threads),
-                                     predictors=predictors, profile=profile)
             elif name == "mmap":
                 runner = MmapEngine(stores["bundled"])
             else:
