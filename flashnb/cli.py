@@ -37,13 +37,10 @@ def _generate_dense(folder: str, prompt: str, n: int, temperature: float, top_p:
 
 
 def _decode_threads() -> None:
-    """Token-at-a-time decoding runs many tiny matrix-vector products: one torch thread is fastest and
-    leaves the other cores to I/O. FLASHNB_TORCH_THREADS overrides it."""
-    import os
+    """Torch threads for token-at-a-time decoding (flashnb.generate.set_decode_threads)."""
+    from flashnb.generate import set_decode_threads
 
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("FLASHNB_TORCH_THREADS", "1")))
+    set_decode_threads()
 
 
 def cmd_generate(args) -> None:

@@ -26,3 +26,27 @@ def test_every_command_has_help(command):
 def test_bad_sampling_option(tiny_opt_dir, capsys):
     assert main(["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_decode_threads_default_and_override(monkeypatch):
+    import os
+
+    import torch
+
+    from flashnb.generate import DECODE_THREADS, set_decode_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("FLASHNB_TORCH_THREADS", raising=False)
+        assert set_decode_threads() == min(DECODE_THREADS, os.cpu_count() or 1) == torch.get_num_threads()
+        monkeypatch.setenv("FLASHNB_TORCH_THREADS", "1")
+        assert set_decode_threads() == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_thread_variable_is_one_clear_error(tiny_opt_dir, monkeypatch, capsys):
+    monkeypatch.setenv("FLASHNB_TORCH_THREADS", "many")
+    assert main(["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "FLASHNB_TORCH_THREADS must be a whole number >= 1, got 'many'" in err and "Traceback" not in err
