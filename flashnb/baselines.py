@@ -9,6 +9,9 @@
   offload (every weight in an offload folder, loaded per module per forward); the folder is evicted
   before each token.
 
+With `cold=False` mmap and accelerate keep the page cache warm: what they cost the CPU alone, which
+the benchmark's cost model adds to their modeled page-in time.
+
 The naive baseline (the whole FFN of each layer read every token in large sequential reads) is the
 engine itself with `Policy(predictor="none", window=0)`.
 """
@@ -134,8 +137,9 @@ class MmapEngine(TokenLoop):
     """The dense model with ffn.bin memory-mapped; the page cache is dropped before every token.
     I/O cannot be separated from compute here: the kernel reads pages as the matmuls touch them."""
 
-    def __init__(self, store: FlashStore | str):
+    def __init__(self, store: FlashStore | str, cold: bool = True):
         self.store = st = store if isinstance(store, FlashStore) else FlashStore.open(store)
+        self.cold = cold  # False: the page cache stays warm (the CPU's part alone, for the cost model)
         self.fd = os.open(st.ffn_path, os.O_RDONLY)
         self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)  # private: writable views, file untouched
         self.act, self.gated = _act(st), st.config.model_type != "opt"
@@ -143,8 +147,9 @@ class MmapEngine(TokenLoop):
         self.model = resident_model(st, lambda i, b: MmapFFN(self, i, b), dtype=st.dtype)
 
     def before_token(self) -> None:
-        self.map.madvise(mmap.MADV_DONTNEED)  # unmap our pages, so the kernel may drop them ...
-        evict(self.fd)                        # ... and drop them from the page cache
+        if self.cold:
+            self.map.madvise(mmap.MADV_DONTNEED)  # unmap our pages, so the kernel may drop them ...
+            evict(self.fd)                        # ... and drop them from the page cache
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -162,7 +167,8 @@ class AccelerateOffload:
     offload folder and loaded from it module by module on every forward pass. The folder's files are
     evicted from the page cache before each token. Needs `pip install transformers accelerate`."""
 
-    def __init__(self, model_folder: str | Path, dtype: torch.dtype = torch.float16, offload_dir: str | None = None):
+    def __init__(self, model_folder: str | Path, dtype: torch.dtype = torch.float16, offload_dir: str | None = None,
+                 cold: bool = True):
         try:
             from accelerate import disk_offload
             from transformers import AutoModelForCausalLM
@@ -175,6 +181,7 @@ class AccelerateOffload:
         disk_offload(model, offload_dir=str(self.dir), execution_device="cpu")
         self.model = model
         self.files = sorted(self.dir.rglob("*.dat"))
+        self.cold = cold  # False: the page cache stays warm (the CPU's part alone, for the cost model)
         self.offloaded_bytes = sum(f.stat().st_size for f in self.files)
         self.steps: list[TokenStep] = []
         self.past = None
@@ -184,12 +191,20 @@ class AccelerateOffload:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def before_token(self) -> None:
+        if not self.cold:
+            return
         for f in self.files:
             fd = os.open(f, os.O_RDONLY)
             try:
                 evict(fd)
             finally:
                 os.close(fd)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling=None, eos_id: int | None = None):
+        """Yield new token ids after `prompt_ids`, one `step` per token (as TokenLoop.generate)."""
+        from flashnb.generate import decode
+
+        return decode(lambda ids: [self.step(t) for t in ids][-1], prompt_ids, max_new_tokens, sampling, eos_id)
 
     @torch.no_grad()
     def step(self, token: int, kv=None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -179,34 +180,50 @@ def calibrate(model_dir: str | Path, shape, window: int = 4, tokens: int = 12, p
 
 
 def engine_cpu_seconds(store_dirs: dict, policies: dict, prompt_ids: list[int], tokens: int = 8,
-                       predictors=None) -> dict[str, dict]:
-    """The engine's own CPU cost per generated token, without the disk: for each named policy, the
-    mean compute and memory-management seconds of a FlashEngine run whose store is a copy in RAM
-    (tmpfs: its reads are memory copies). `store_dirs[name]` is the store folder to copy,
-    `policies[name]` the engine Policy. Empty where no tmpfs (/dev/shm) is available."""
+                       predictors=None, warm_runners: dict | None = None) -> dict[str, dict]:
+    """The CPU's part of each benchmarked configuration, without the disk (measured).
+
+    For each named engine policy: the mean compute, memory-management and reader seconds per
+    generated token of a FlashEngine whose store is a copy in RAM (tmpfs: its reads are memory
+    copies); `store_dirs[name]` is the store folder to copy, `policies[name]` the Policy. Skipped
+    where no tmpfs (/dev/shm) is available or the store is too big for it.
+    For each of `warm_runners` (baselines built with `cold=False`, e.g. MmapEngine, AccelerateOffload:
+    the prompt pages their weights in and they stay in the page cache): `warm_s`, its mean seconds
+    per generated token.
+    All of them take turns, one token each, as the benchmark's runs on the disk do, so each meets
+    the CPU caches the others leave, as it does there.
+    """
     import shutil
     import tempfile
 
     from flashnb.engine import FlashEngine
+    from flashnb.generate import take_turns
 
+    warm_runners = warm_runners or {}
     shm = Path("/dev/shm")
-    if not shm.is_dir() or not os.access(shm, os.W_OK):
-        return {}
     size = sum(f.stat().st_size for d in set(map(str, store_dirs.values())) for f in Path(d).iterdir() if f.is_file())
-    if size > RAM_STORE_SHARE * available_memory():  # a model too big for DRAM: its store stays on disk
-        return {}
+    if not shm.is_dir() or not os.access(shm, os.W_OK) or size > RAM_STORE_SHARE * available_memory():
+        policies = {}  # no tmpfs, or a model too big for DRAM: its store stays on disk
     out: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="flashnb-calibrate-", dir=shm) as tmp:
-        copies: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="flashnb-calibrate-", dir=shm if policies else None) as tmp, \
+            ExitStack() as stack:
+        copies: dict[Path, Path] = {}
+        runners = {}
         for name, policy in policies.items():
             src = Path(store_dirs[name])
             if src not in copies:
                 copies[src] = Path(shutil.copytree(src, Path(tmp) / f"store{len(copies)}"))
-            with FlashEngine(copies[src], policy, predictors=predictors) as eng:
-                list(eng.generate(prompt_ids, tokens))
-                steps = eng.steps[len(prompt_ids):]
-                out[name] = {"compute_s": float(np.mean([s.compute_seconds for s in steps])),
-                             "mm_s": float(np.mean([s.mm_seconds for s in steps])),
-                             "io_s_in_ram": float(np.mean([s.io_seconds for s in steps])),
-                             "bytes_read": float(np.mean([s.bytes_read for s in steps])), "tokens": len(steps)}
+            runners[name] = stack.enter_context(FlashEngine(copies[src], policy, predictors=predictors))
+        runners.update(warm_runners)
+        first = {name: len(r.steps) + len(prompt_ids) for name, r in runners.items()}
+        take_turns({name: iter(r.generate(prompt_ids, tokens)) for name, r in runners.items()})
+        for name, r in runners.items():
+            steps = r.steps[first[name]:]
+            if name in warm_runners:
+                out[name] = {"warm_s": float(np.mean([s.wall_seconds for s in steps])), "tokens": len(steps)}
+                continue
+            out[name] = {"compute_s": float(np.mean([s.compute_seconds for s in steps])),
+                         "mm_s": float(np.mean([s.mm_seconds for s in steps])),
+                         "io_s_in_ram": float(np.mean([s.io_seconds for s in steps])),
+                         "bytes_read": float(np.mean([s.bytes_read for s in steps])), "tokens": len(steps)}
     return out

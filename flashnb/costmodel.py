@@ -307,7 +307,8 @@ def token_cost(shape: ModelShape, policy: Policy, device=None, calibration=None)
         reads = int(round(calls * policy.requests_per_call))
         io = reads * chunk
         threads = max(1, min(policy.threads, int(round(policy.requests_per_call))))
-        thr = dev.sparse_throughput(chunk, threads)
+        # without a predictor the requests cover whole layers in file order: a sequential stream
+        thr = dev.sparse_throughput(chunk, threads) if policy.predictor else dev.dense_throughput()
         io_s = calls * (dev.first_request_latency() + policy.requests_per_call * chunk / thr)
     else:
         thr = dev.dense_throughput() if chunk == 0 else dev.sparse_throughput(chunk, threads)
@@ -385,6 +386,22 @@ def table2(device=None, shape: ModelShape | None = None) -> list[dict]:
                     "paper_flash_to_dram_GB": ref["flash_to_dram_GB"], "paper_io_ms": ref["io_latency_ms"],
                     "rel_error": ms / ref["io_latency_ms"] - 1.0})
     return out
+
+
+def page_cache_read_seconds(file_bytes, readahead: int, device=None) -> float:
+    """Seconds for the kernel to page in cold files of `file_bytes` (bytes each) as a program touching
+    them in order makes it: per file one request's latency, then the bytes in readahead-sized reads
+    with one in flight (the faulting thread waits for each window). Windows of 1 MiB or more go at
+    the device's large-read rate (`dense_throughput`), smaller ones at its rate for that size with
+    one read in flight (modeled, from the device)."""
+    dev = as_device(device)
+    total = 0.0
+    for n in file_bytes:
+        if n > 0:
+            chunk = int(min(n, readahead))
+            rate = dev.dense_throughput() if chunk >= (1 << 20) else dev.sparse_throughput(chunk, 1)
+            total += dev.first_request_latency() + n / rate
+    return total
 
 
 def time_to_read(nbytes: float, chunk_bytes: int, threads: int, device=None) -> float:

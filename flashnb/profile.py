@@ -103,6 +103,7 @@ def _block_device(path: Path) -> dict:
         for key, rel in [("logical_block_size", "queue/logical_block_size"),
                          ("physical_block_size", "queue/physical_block_size"),
                          ("rotational", "queue/rotational"), ("scheduler", "queue/scheduler"),
+                         ("read_ahead_kb", "queue/read_ahead_kb"),
                          ("model", "device/model"), ("vendor", "device/vendor")]:
             f = real / rel
             if f.exists():
@@ -122,6 +123,19 @@ def _block_device(path: Path) -> dict:
     except OSError:
         pass
     return info
+
+
+DEFAULT_READAHEAD = 128 * 1024  # Linux's default read_ahead_kb, where sysfs does not say
+
+
+def readahead_bytes(path: str | Path) -> int:
+    """The kernel's readahead window (bytes) for files under `path`: how much a page fault or a
+    buffered read of a cold file asks the device for at once (the block device's read_ahead_kb)."""
+    kb = _block_device(Path(path)).get("read_ahead_kb")
+    try:
+        return int(kb) * 1024 if kb and int(kb) > 0 else DEFAULT_READAHEAD
+    except ValueError:
+        return DEFAULT_READAHEAD
 
 
 def machine_info(path: Path) -> dict:

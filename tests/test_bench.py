@@ -72,3 +72,19 @@ def test_window_sweep_and_layout_summary(tmp_path):
     assert opacity == {0: 0.35, 1: 0.35, 2: 0.35, 3: 1.0}
     s = layout_summary({"bundled": [{"requests": 2, "bytes_read": 4096, "io_seconds": 0.001}]})
     assert s["bundled"]["mean_request_bytes"] == 2048 and abs(s["bundled"]["gbps"] - 0.004096) < 1e-12
+
+
+def test_configurations_take_turns_one_token_each():
+    from flashnb.generate import take_turns
+
+    order = []
+
+    def stream(name, n):
+        for i in range(n):
+            order.append(name)
+            yield i
+
+    texts, spent = take_turns({"a": stream("a", 3), "b": stream("b", 1), "c": stream("c", 3)})
+    assert order == ["a", "b", "c", "a", "c", "a", "c"]  # b's text ended after one token
+    assert texts == {"a": [0, 1, 2], "b": [0], "c": [0, 1, 2]}
+    assert set(spent) == {"a", "b", "c"} and all(s >= 0 for s in spent.values())

@@ -141,3 +141,21 @@ def test_calibration_leaves_big_models_alone(tiny_opt_dir, monkeypatch):
     assert cal.dense_token_s == cal.no_ffn_token_s == cal.compute_fixed_s == 0.0
     assert cal.ffn_call_s + cal.ffn_neuron_s > 0  # the engine's kernels are still timed
     assert cal_mod.engine_cpu_seconds({"x": tiny_opt_dir}, {"x": None}, [1, 2]) == {}
+
+
+def test_page_cache_read_seconds_is_latency_plus_readahead_reads():
+    from flashnb.costmodel import PaperDevice, page_cache_read_seconds
+
+    dev = PaperDevice("rates", 6e9, ((4096, 1e8), (1 << 20, 1e9)))  # no latency: the paper gives none
+    # a 4 KiB file reads at the 4 KiB rate; a 4 MiB file in 1 MiB readahead windows at the large-read rate
+    assert page_cache_read_seconds([4096, 4 << 20, 0], 1 << 20, dev) == pytest.approx(4096 / 1e8 + (4 << 20) / 6e9)
+    # with 128 KiB readahead the 4 MiB file goes at the 128 KiB rate (interpolated in log2 size)
+    rate = 1e8 + (1e9 - 1e8) * (17 - 12) / (20 - 12)
+    assert page_cache_read_seconds([4 << 20], 128 << 10, dev) == pytest.approx((4 << 20) / rate)
+
+
+def test_readahead_bytes_is_positive_for_any_folder(tmp_path):
+    from flashnb.profile import DEFAULT_READAHEAD, readahead_bytes
+
+    assert readahead_bytes(tmp_path) > 0
+    assert readahead_bytes(tmp_path / "missing") == DEFAULT_READAHEAD
