@@ -74,40 +74,64 @@ class AioContext:
     def run(self, iocbs: np.ndarray) -> np.ndarray:
         """Submit every iocb (a numpy IOCB array; `data` = its index) keeping `depth` in flight and
         wait for all of them; returns each request's result (bytes read, or -errno), by index."""
-        n = iocbs.size
-        res = np.zeros(n, np.int64)
-        if n == 0:
-            return res
-        ptrs = iocbs.ctypes.data + IOCB.itemsize * np.arange(n, dtype=np.uint64)
-        sub = done = 0
-        lib, ctx = self._lib, ctypes.c_ulong(self._ctx)
-        ev = self._events
+        return self.start(iocbs).wait()
+
+    def start(self, iocbs: np.ndarray) -> "AioBatch":
+        """Submit the first `depth` iocbs and return at once; `AioBatch.wait()` submits the rest as
+        earlier ones complete and returns the results. The caller may compute meanwhile, but must
+        not start another batch on this context before waiting (the iocbs must stay alive too)."""
+        batch = AioBatch(self, iocbs)
+        batch.pump(block=False)
+        return batch
+
+
+class AioBatch:
+    """Requests of one AioContext in flight (see `AioContext.start`)."""
+
+    def __init__(self, ctx: AioContext, iocbs: np.ndarray):
+        self.ctx, self.iocbs = ctx, iocbs
+        self.n = iocbs.size
+        self.res = np.zeros(self.n, np.int64)
+        self.ptrs = iocbs.ctypes.data + IOCB.itemsize * np.arange(self.n, dtype=np.uint64)
+        self.sub = self.done = 0
+
+    def pump(self, block: bool = True) -> None:
+        """Keep `depth` requests in flight; with `block`, until every one has completed, else only
+        submit (one system call) and return."""
+        c = self.ctx
+        lib, ctx, ev = c._lib, ctypes.c_ulong(c._ctx), c._events
         try:
-            while done < n:
-                k = min(n - sub, self.depth - (sub - done))
+            while self.done < self.n:
+                k = min(self.n - self.sub, c.depth - (self.sub - self.done))
                 if k > 0:
-                    r = lib.syscall(ctypes.c_long(self._submit), ctx, ctypes.c_long(k),
-                                    ctypes.c_void_p(ptrs.ctypes.data + 8 * sub))
+                    r = lib.syscall(ctypes.c_long(c._submit), ctx, ctypes.c_long(k),
+                                    ctypes.c_void_p(self.ptrs.ctypes.data + 8 * self.sub))
                     if r < 0:
                         e = ctypes.get_errno()
-                        if e not in (errno.EAGAIN, errno.EINTR) or sub == done:
+                        if e not in (errno.EAGAIN, errno.EINTR) or self.sub == self.done:
                             raise OSError(e, f"io_submit failed: {os.strerror(e)}")
                     else:
-                        sub += r
-                got = lib.syscall(ctypes.c_long(self._getevents), ctx, ctypes.c_long(1),
-                                  ctypes.c_long(self.depth), ctypes.c_void_p(ev.ctypes.data), None)
+                        self.sub += r
+                if not block:
+                    return
+                got = lib.syscall(ctypes.c_long(c._getevents), ctx, ctypes.c_long(1),
+                                  ctypes.c_long(c.depth), ctypes.c_void_p(ev.ctypes.data), None)
                 if got < 0:
                     e = ctypes.get_errno()
                     if e == errno.EINTR:
                         continue
                     raise OSError(e, f"io_getevents failed: {os.strerror(e)}")
-                res[ev["data"][:got].astype(np.int64)] = ev["res"][:got]
-                done += got
+                self.res[ev["data"][:got].astype(np.int64)] = ev["res"][:got]
+                self.done += got
         except BaseException:
-            if sub > done:  # requests still reference our buffers: let the kernel finish them first
-                self.close()
+            if self.sub > self.done:  # requests still reference our buffers: let the kernel finish them first
+                c.close()
             raise
-        return res
+
+    def wait(self) -> np.ndarray:
+        """Complete every request; each one's result (bytes read, or -errno), by index."""
+        self.pump(block=True)
+        return self.res
 
 
 def available() -> bool:

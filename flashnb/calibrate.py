@@ -225,5 +225,6 @@ def engine_cpu_seconds(store_dirs: dict, policies: dict, prompt_ids: list[int], 
             out[name] = {"compute_s": float(np.mean([s.compute_seconds for s in steps])),
                          "mm_s": float(np.mean([s.mm_seconds for s in steps])),
                          "io_s_in_ram": float(np.mean([s.io_seconds for s in steps])),
+                         "overlap_s": float(np.mean([s.overlap_seconds for s in steps])),
                          "bytes_read": float(np.mean([s.bytes_read for s in steps])), "tokens": len(steps)}
     return out

@@ -4,9 +4,10 @@ Everything but the FFN weight matrices stays in DRAM. For every token and layer,
 
     1. predicts the neurons this token needs        (low-rank predictor, oracle, or all of them)
     2. plans the neuron cache: hits, loads, evictions (windowing, `flashnb.cache`)
-    3. reads the missing bundles from flash          (direct I/O, `flashnb.reader`)
+    3. reads the missing bundles from flash          (direct I/O, `flashnb.reader`), and while the
+       reads are in flight computes the FFN of the neurons already cached
     4. deletes evicted rows / appends the new ones    (memory management, preallocated matrix)
-    5. computes the FFN from the cached rows          (only this token's neurons contribute)
+    5. computes the FFN of the neurons just read      (only this token's neurons contribute)
 
 and records what it did. `FlashEngine.generate` runs tokens one at a time through the model.
 Memory is accounted in bytes: the budget covers the model's weights held in DRAM (resident
@@ -87,6 +88,7 @@ class LayerStep:
     requests: int
     io_seconds: float
     mm_seconds: float
+    overlap_seconds: float = 0.0  # compute done while this layer's reads were in flight (inside compute)
 
 
 @dataclass
@@ -108,6 +110,10 @@ class TokenStep:
         return sum(s.mm_seconds for s in self.layers)
 
     @property
+    def overlap_seconds(self) -> float:
+        return sum(s.overlap_seconds for s in self.layers)
+
+    @property
     def compute_seconds(self) -> float:
         """Everything that is neither I/O nor memory management: attention, predictors, FFN math."""
         return max(0.0, self.wall_seconds - self.io_seconds - self.mm_seconds)
@@ -120,7 +126,7 @@ class TokenStep:
         keys = ("predicted", "cached", "read", "evicted", "bytes_read", "bytes_needed", "requests")
         out = {k: sum(getattr(s, k) for s in self.layers) for k in keys}
         out.update(token=self.token, io_seconds=self.io_seconds, mm_seconds=self.mm_seconds,
-                   compute_seconds=self.compute_seconds, wall_seconds=self.wall_seconds,
+                   compute_seconds=self.compute_seconds, overlap_seconds=self.overlap_seconds, wall_seconds=self.wall_seconds,
                    storage_read_bytes=self.storage_read_bytes)
         return out
 
@@ -168,30 +174,36 @@ class FlashFFN(nn.Module):
             plan = self.cache.plan(part)                                 # 2. window bookkeeping
             free_rows = self.cache.reserve(plan)                         #    delete evicted rows
             t1 = time.perf_counter()
-            got = eng.reader.read(self.layer, plan.load, out=free_rows)  # 3. flash -> DRAM, in place
+            pending = eng.reader.submit(self.layer, plan.load, out=free_rows)  # 3. flash -> DRAM, in place ...
             t2 = time.perf_counter()
+            try:
+                y = y + self.compute(x, plan.hits, self.cache.slot[plan.hits])   # ... while the cached ones compute
+            finally:
+                t3 = time.perf_counter()
+                got = pending.wait()
+            t4 = time.perf_counter()
             self.cache.commit(plan)                                      # 4. append the new rows
-            t3 = time.perf_counter()
-            y = y + self.compute(x, plan.needed)                         # 5. FFN from rows[:n]
+            t5 = time.perf_counter()
+            y = y + self.compute(x, plan.load, free_rows)                # 5. and the new ones
             eng.steps[-1].layers.append(LayerStep(
                 predicted=plan.needed.size, cached=plan.hits.size, read=plan.load.size, evicted=plan.evict.size,
                 bytes_read=got.stats.bytes_read, bytes_needed=got.stats.bytes_needed, requests=got.stats.requests,
-                io_seconds=t2 - t1, mm_seconds=(t1 - t0) + (t3 - t2)))
+                io_seconds=(t2 - t1) + (t4 - t3), mm_seconds=(t1 - t0) + (t5 - t4), overlap_seconds=t3 - t2))
         b2 = self.biases.get("fc2", self.biases.get("down_proj"))
         return y if b2 is None else y + b2
 
-    def compute(self, x: torch.Tensor, needed: np.ndarray) -> torch.Tensor:
-        """The FFN output (without the down bias) of this token's neurons `needed`, all cached.
-
-        When the cache holds exactly these neurons (window 0) the rows are rows[:n]; with a window
-        it also holds neighbours' neurons, and this token's rows are gathered by their slots.
-        """
-        c = self.cache
-        rows, ids = c.rows[: c.n], c.ids[: c.n]
-        if c.n != needed.size:
-            rows, ids = torch.index_select(rows, 0, torch.from_numpy(c.slot[needed])), needed
+    def compute(self, x: torch.Tensor, ids: np.ndarray, rows) -> torch.Tensor | int:
+        """The FFN output (without the down bias) of neurons `ids`, whose bundles are `rows`: cache
+        slots to gather (the hits, anywhere in rows[:n]) or the block of rows just read (a numpy
+        view, used in place). 0 when `ids` is empty."""
+        if ids.size == 0:
+            return 0
         if self.gated and "gate_proj" in self.biases:
             raise FlashnbError("gated FFNs with biases (mlp_bias) are not supported by the engine")
+        if isinstance(rows, np.ndarray) and rows.ndim == 1:  # slots
+            rows = torch.index_select(self.cache.rows, 0, torch.from_numpy(rows))
+        else:
+            rows = torch.from_numpy(rows)
         return sparse_ffn(x, rows, ids, self.biases.get("fc1"), self.act, self.gated, self.d)
 
 

@@ -197,6 +197,25 @@ class ReadResult:
     stats: ReadStats
 
 
+class PendingRead:
+    """The reads of one `NeuronReader.submit` call; `wait()` completes them (once) and returns the
+    ReadResult. The reader is locked until then."""
+
+    def __init__(self, lock: threading.Lock, finish):
+        self._lock, self._finish = lock, finish
+        self._result: ReadResult | None = None
+
+    def wait(self) -> ReadResult:
+        if self._result is None:
+            try:
+                self._result = self._finish()
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
+        return self._result
+
+
 # ----------------------------------------------------------------------------------------------
 # Low-level reads
 
@@ -348,10 +367,23 @@ class NeuronReader:
         `ids`: any integer sequence/array/tensor. `out`: optional C-contiguous destination of that
         shape and the store dtype; block-aligned (e.g. `aligned_empty`) for the zero-copy path.
         """
-        with self._lock:  # one call at a time: the staging buffer and sink are shared
-            return self._read(layer, ids, out)
+        return self.submit(layer, ids, out).wait()
 
-    def _read(self, layer: int, ids, out: np.ndarray | None) -> ReadResult:
+    def submit(self, layer: int, ids, out: np.ndarray | None = None) -> "PendingRead":
+        """Start `read(layer, ids, out)` and return at once: with native AIO the requests are in the
+        kernel's hands, so the caller can compute while the disk works; `wait()` completes them and
+        returns the ReadResult (the rows are in `out` only then). Without native AIO the reads are
+        done here. Until `wait()` the reader takes no other call (other threads block)."""
+        self._lock.acquire()  # one call at a time: the staging buffer, the sink and the AIO context are shared
+        try:
+            finish = self._start(layer, ids, out)
+        except BaseException:
+            self._lock.release()
+            raise
+        return PendingRead(self._lock, finish)
+
+    def _start(self, layer: int, ids, out: np.ndarray | None):
+        """Validate, plan and issue the reads; returns the function that completes them."""
         t0 = time.perf_counter()
         if self.fd < 0:
             raise FlashnbError("this NeuronReader is closed; open a new one")
@@ -370,23 +402,29 @@ class NeuronReader:
             raise FlashnbError(f"out must be a writeable C-contiguous {st.np_dtype} array of shape "
                                f"{(n, st.row_values)}, got {out.dtype} {out.shape}")
         if n == 0:
-            return ReadResult(out, self._stats(layer, 0, 0, np.zeros(0, np.int64), 0, t0, "scatter"))
+            empty = ReadResult(out, self._stats(layer, 0, 0, np.zeros(0, np.int64), 0, t0, "scatter"))
+            return lambda: empty
         out_u8 = out.reshape(-1).view(np.uint8)
         uniq, first, inv, scatter, plan = self._plan(regs, ids, out_u8.ctypes.data % self.io_align == 0)
         dst = memoryview(out_u8) if scatter else self._staging_view(int(plan.req_len.sum()))
         base = out_u8.ctypes.data if scatter else self._staging.u8.ctypes.data
-        retries = self._run(plan, dst, base, scatter)
-        if not scatter:
-            self._gather(plan, regs, uniq.size, first, out)
-        if inv is not None and uniq.size < n:  # duplicates: copy from the first occurrence
-            dup = np.ones(n, bool)
-            dup[first] = False
-            out[dup] = out[first[inv[dup]]]
-        if not self.direct:
-            lo = regs[0].offset
-            evict(self.fd, lo, regs[-1].offset + regs[-1].size - lo)
-        stats = self._stats(layer, n, uniq.size, plan.req_len, retries, t0, "scatter" if scatter else "staging")
-        return ReadResult(out, stats)
+        run = self._start_run(plan, dst, base, scatter)
+
+        def finish() -> ReadResult:
+            retries = run()
+            if not scatter:
+                self._gather(plan, regs, uniq.size, first, out)
+            if inv is not None and uniq.size < n:  # duplicates: copy from the first occurrence
+                dup = np.ones(n, bool)
+                dup[first] = False
+                out[dup] = out[first[inv[dup]]]
+            if not self.direct:
+                lo = regs[0].offset
+                evict(self.fd, lo, regs[-1].offset + regs[-1].size - lo)
+            stats = self._stats(layer, n, uniq.size, plan.req_len, retries, t0, "scatter" if scatter else "staging")
+            return ReadResult(out, stats)
+
+        return finish
 
     def _plan(self, regs: tuple[Region, ...], ids: np.ndarray, out_aligned: bool):
         """Unique ids, first occurrences, inverse (None if already sorted and unique), path, plan."""
@@ -513,18 +551,22 @@ class NeuronReader:
             out[first, c0:c0 + rb // it] = rows[pos // g]
 
     # -- executing ---------------------------------------------------------------------------
-    def _run(self, plan: _Plan, dst: memoryview, base: int, scatter: bool) -> int:
-        """Issue the plan's requests (into `dst`, whose address is `base`); returns the retries."""
+    def _start_run(self, plan: _Plan, dst: memoryview, base: int, scatter: bool):
+        """Issue the plan's requests (into `dst`, whose address is `base`); returns the function that
+        waits for them and returns the retries (with threads, the reads are already done)."""
         stage = None if scatter else np.concatenate(([0], np.cumsum(plan.req_len)[:-1]))  # staging offsets
         if self._aio is not None:
-            return self._run_aio(plan, dst, base, stage)
-        return self._run_threads(plan, dst, stage)
+            return self._start_aio(plan, dst, base, stage)
+        retries = self._run_threads(plan, dst, stage)
+        return lambda: retries
 
-    def _run_aio(self, plan: _Plan, dst: memoryview, base: int, stage: np.ndarray | None) -> int:
-        """All requests through one AIO context, `threads` in flight; short or failed ones are re-read
-        synchronously (which raises the clear error where the file really is short)."""
+    def _start_aio(self, plan: _Plan, dst: memoryview, base: int, stage: np.ndarray | None):
+        """All requests through one AIO context, `threads` in flight; the returned function waits for
+        them, re-reads short or failed ones synchronously (which raises the clear error where the
+        file really is short) and returns the retries."""
         from flashnb import aio
 
+        iov = None
         if stage is None:  # scatter: iovecs, each run of rows, then its gap (into the sink) where it has one
             has_gap = plan.run_gap > 0
             per_run = 1 + has_gap
@@ -538,10 +580,17 @@ class NeuronReader:
             cbs = aio.preadv_iocbs(self.fd, plan.req_off, iov, iov_start)
         else:
             cbs = aio.pread_iocbs(self.fd, plan.req_off, base + stage, plan.req_len)
-        res = self._aio.run(cbs)
-        bad = np.flatnonzero(res != plan.req_len).tolist()
-        work = self._work_scatter if stage is None else self._work_staging
-        return len(bad) + sum(work(plan, dst, stage, i, i + 1) for i in bad)
+        batch = self._aio.start(cbs)
+
+        def wait() -> int:
+            res = batch.wait()
+            del batch.iocbs  # the kernel is done with the iocbs (and with `iov`, which they point to)
+            bad = np.flatnonzero(res != plan.req_len).tolist()
+            work = self._work_scatter if stage is None else self._work_staging
+            return len(bad) + sum(work(plan, dst, stage, i, i + 1) for i in bad)
+
+        wait.iov = iov  # keep the iovecs alive while the requests are in flight
+        return wait
 
     def _run_threads(self, plan: _Plan, dst: memoryview, stage: np.ndarray | None) -> int:
         """Issue the plan's requests over the thread pool; returns the retries.

@@ -154,15 +154,15 @@ def test_short_reads_and_eintr_are_retried(stores, monkeypatch):
 @pytest.mark.skipif(not aio.available(), reason="native AIO (io_setup) is not available on this kernel")
 def test_aio_short_or_failed_requests_are_reread(stores, monkeypatch):
     s, ref = stores[("opt128", "bundled", "fp16")]
-    real = aio.AioContext.run
+    real = aio.AioBatch.wait
 
-    def flaky(self, iocbs):  # the kernel reports the first request short and the second failed
-        res = real(self, iocbs)
+    def flaky(self):  # the kernel reports the first request short and the second failed
+        res = real(self).copy()
         res[:1] //= 2
         res[1:2] = -errno.EIO
         return res
 
-    monkeypatch.setattr(aio.AioContext, "run", flaky)
+    monkeypatch.setattr(aio.AioBatch, "wait", flaky)
     ids = np.array([9, 3, 100, 101, 102, 250, 3])
     for out in (None, np.empty((ids.size, s.row_values), s.np_dtype)):  # scatter and staging paths
         with NeuronReader(s, ReaderConfig(threads=4, gap_bytes=0, backend="aio")) as r:
@@ -225,3 +225,27 @@ def test_reader_accepts_a_path_and_torch_ids(stores):
         res = r.read(0, torch.tensor([5, 1]))
         assert np.array_equal(res.rows, ref[0][[5, 1]])
         assert res.stats.summary()["neurons_unique"] == 2
+
+
+@pytest.mark.parametrize("backend", ["aio", "threads"])
+def test_submit_then_wait_equals_read_and_holds_the_reader(stores, backend):
+    import threading
+
+    if backend == "aio" and not aio.available():
+        pytest.skip("native AIO (io_setup) is not available on this kernel")
+    s, ref = stores[("opt128", "bundled", "fp16")]
+    ids = np.array([3, 9, 100, 101, 250])
+    with NeuronReader(s, ReaderConfig(threads=4, backend=backend)) as r:
+        pending = r.submit(0, ids, out=aligned_empty((ids.size, s.row_values), s.np_dtype))
+        other = {}
+        t = threading.Thread(target=lambda: other.setdefault("rows", r.read(1, ids).rows))
+        t.start()
+        t.join(0.2)
+        assert t.is_alive() and "rows" not in other  # the reader takes no other call before wait()
+        res = pending.wait()
+        assert pending.wait() is res and np.array_equal(res.rows, ref[0][ids]) and res.stats.backend == backend
+        t.join(10)
+        assert np.array_equal(other["rows"], ref[1][ids])
+        with pytest.raises(FlashnbError, match="out of range"):  # a refused call leaves the reader usable
+            r.submit(0, [s.ffn_dim])
+        assert np.array_equal(r.read(0, ids).rows, ref[0][ids])
