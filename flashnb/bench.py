@@ -98,6 +98,7 @@ def summarize(steps, model_ffn_neurons: int, have_split: bool = True) -> dict:
            "bytes_read_per_token": _mean(t["bytes_read"] for t in tot) if have_split else None,
            "storage_read_bytes_per_token": _mean(t["storage_read_bytes"] for t in tot),
            "requests_per_token": _mean(t["requests"] for t in tot) if have_split else None,
+           "overlap_ms": _mean(t["overlap_seconds"] for t in tot) * 1e3 if have_split else None,
            "reader_calls_per_token": _mean(len(s.layers) for s in steps) if have_split else None}
     if have_split:
         out["io_throughput_GBps"] = (out["bytes_read_per_token"] / io / 1e9) if io > 0 else None
