@@ -92,7 +92,9 @@ def summarize(steps, model_ffn_neurons: int, have_split: bool = True) -> dict:
     io = _mean(t["io_seconds"] for t in tot)
     mm = _mean(t["mm_seconds"] for t in tot)
     wall = _mean(t["wall_seconds"] for t in tot)
+    walls = [t["wall_seconds"] * 1e3 for t in tot]
     out = {"tokens": len(steps), "total_ms": wall * 1e3,
+           "median_ms": float(np.median(walls)) if walls else 0.0, "token_ms": walls,
            "io_ms": io * 1e3 if have_split else None, "mm_ms": mm * 1e3 if have_split else None,
            "compute_ms": (wall - io - mm) * 1e3 if have_split else None,
            "bytes_read_per_token": _mean(t["bytes_read"] for t in tot) if have_split else None,
@@ -156,8 +158,10 @@ def _modeled(name: str, shape, measured: dict, runner, cfg: BenchConfig, device,
         c = replace(c, mm_seconds=c.mm_bytes / device.memcpy_bps if c.mm_bytes and device.memcpy_bps else 0.0)
     if cpu:
         # the reader's CPU work per token (planning, submitting): its time with the store in RAM
-        # minus the memory copies that direct I/O does not make
-        copy_s = cpu["bytes_read"] / device.memcpy_bps if device.memcpy_bps else 0.0
+        # minus the memory copies that direct I/O does not make (at the rate the reader moves the
+        # RAM copy in large requests)
+        rate = cpu.get("ram_read_bps") or device.memcpy_bps
+        copy_s = cpu["bytes_read"] / rate if rate else 0.0
         reader_cpu = max(0.0, cpu["io_s_in_ram"] - copy_s)
         # the engine computes the cached neurons while a layer's reads are in flight: that much of
         # the disk's time is hidden (the compute itself is in compute_s)
@@ -249,7 +253,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         warm_runners, warm_files = _warm_runners(cfg, stores, model_dir, work)
         try:
             cpu = engine_cpu_seconds({k: stores[lay] for k, (lay, _) in cpu_runs.items()},
-                                     {k: pol for k, (_, pol) in cpu_runs.items()}, prompt, min(cfg.tokens, 8),
+                                     {k: pol for k, (_, pol) in cpu_runs.items()}, prompt, cfg.tokens + 1,
                                      predictors, warm_runners)
         finally:
             for r in warm_runners.values():
@@ -311,6 +315,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         m["speedup_vs_naive"] = naive / m["total_ms"] if naive else None
         mod = m["modeled"]["total_ms"]
         m["model_vs_measured"] = mod / m["total_ms"] if mod else None
+        m["model_vs_median"] = mod / m["median_ms"] if mod and m["median_ms"] else None
     return {"flashnb_bench_version": 1, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": {**machine_info(workroot), "python": platform.python_version(), "torch": torch.__version__,
                         "torch_threads": torch.get_num_threads()},
@@ -328,20 +333,21 @@ def format_table(result: dict) -> str:
     """The result as a fixed-width text table (ms per token; MB = 1e6 bytes)."""
     def f(x, spec):
         return "—" if x is None else format(x, spec)
-    head = (f"{'configuration':<24} {'I/O':>8} {'mem':>7} {'compute':>8} {'total':>8} {'MB/token':>9} "
+    head = (f"{'configuration':<24} {'I/O':>8} {'mem':>7} {'compute':>8} {'total':>8} {'median':>7} {'MB/token':>9} "
             f"{'GB/s':>6} {'vs naive':>8} {'modeled':>8}")
     lines = [head, "-" * len(head)]
     for m in result["results"].values():
         mb = m["bytes_read_per_token"] if m["bytes_read_per_token"] is not None else m["storage_read_bytes_per_token"]
         lines.append(f"{m['label']:<24} {f(m['io_ms'], '8.2f')} {f(m['mm_ms'], '7.2f')} {f(m['compute_ms'], '8.2f')} "
-                     f"{m['total_ms']:8.2f} {mb / 1e6:9.3f} {f(m.get('io_throughput_GBps'), '6.2f')} "
+                     f"{m['total_ms']:8.2f} {m['median_ms']:7.2f} {mb / 1e6:9.3f} {f(m.get('io_throughput_GBps'), '6.2f')} "
                      f"{f(m['speedup_vs_naive'], '7.1f')}x {f(m['modeled']['total_ms'], '8.2f')}")
     for name, why in result.get("skipped", {}).items():
         lines.append(f"{LABELS[name]:<24} skipped: {why}")
     if result.get("dense_in_dram_ms"):
         lines.append(f"{'dense in DRAM (reference)':<24} {'':>8} {'':>7} {'':>8} {result['dense_in_dram_ms']:8.2f}"
                      "    (the whole model in memory: the floor)")
-    lines.append("ms per generated token, measured on this machine; 'modeled' = flashnb.costmodel: the disk's I/O "
+    lines.append("ms per generated token (mean; median beside it), measured on this machine; 'modeled' = "
+                 "flashnb.costmodel: the disk's I/O "
                  "from this run's request statistics and the device profile, CPU terms (the reader's own work, "
                  "memory management, compute) from flashnb.calibrate, measured with the store in RAM; for mmap and "
                  "accelerate, their time with the page cache warm plus their files paged in at the profile's rate "

@@ -185,7 +185,8 @@ def engine_cpu_seconds(store_dirs: dict, policies: dict, prompt_ids: list[int], 
 
     For each named engine policy: the mean compute, memory-management and reader seconds per
     generated token of a FlashEngine whose store is a copy in RAM (tmpfs: its reads are memory
-    copies); `store_dirs[name]` is the store folder to copy, `policies[name]` the Policy. Skipped
+    copies), and `ram_read_bps`, the rate at which the reader moves that copy in large requests
+    (`_ram_read_rate`); `store_dirs[name]` is the store folder to copy, `policies[name]` the Policy. Skipped
     where no tmpfs (/dev/shm) is available or the store is too big for it.
     For each of `warm_runners` (baselines built with `cold=False`, e.g. MmapEngine, AccelerateOffload:
     the prompt pages their weights in and they stay in the page cache): `warm_s`, its mean seconds
@@ -214,6 +215,7 @@ def engine_cpu_seconds(store_dirs: dict, policies: dict, prompt_ids: list[int], 
             if src not in copies:
                 copies[src] = Path(shutil.copytree(src, Path(tmp) / f"store{len(copies)}"))
             runners[name] = stack.enter_context(FlashEngine(copies[src], policy, predictors=predictors))
+        ram_bps = _ram_read_rate(next(iter(copies.values()))) if copies else None
         runners.update(warm_runners)
         first = {name: len(r.steps) + len(prompt_ids) for name, r in runners.items()}
         take_turns({name: iter(r.generate(prompt_ids, tokens)) for name, r in runners.items()})
@@ -226,5 +228,25 @@ def engine_cpu_seconds(store_dirs: dict, policies: dict, prompt_ids: list[int], 
                          "mm_s": float(np.mean([s.mm_seconds for s in steps])),
                          "io_s_in_ram": float(np.mean([s.io_seconds for s in steps])),
                          "overlap_s": float(np.mean([s.overlap_seconds for s in steps])),
-                         "bytes_read": float(np.mean([s.bytes_read for s in steps])), "tokens": len(steps)}
+                         "bytes_read": float(np.mean([s.bytes_read for s in steps])), "tokens": len(steps),
+                         "ram_read_bps": ram_bps}
     return out
+
+
+def _ram_read_rate(store_dir: Path) -> float:
+    """Bytes/s at which a NeuronReader moves a store held in RAM (tmpfs) when its requests are large:
+    every neuron of every layer, best of two passes. The time the engine's reads take in RAM beyond
+    bytes / this rate is the reader's own work (planning, submitting), which direct I/O pays too."""
+    from flashnb.reader import NeuronReader, aligned_empty
+
+    with NeuronReader(store_dir) as reader:
+        st = reader.store
+        buf = aligned_empty((st.ffn_dim, st.row_values), st.np_dtype)
+        every = np.arange(st.ffn_dim)
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for layer in range(st.num_layers):
+                reader.read(layer, every, out=buf)
+            best = min(best, time.perf_counter() - t0)
+    return st.num_layers * st.ffn_dim * st.neuron_bytes / best
