@@ -36,7 +36,13 @@ def test_every_configuration_runs_and_reports(tmp_path):
     assert list(result["results"]) == list(CONFIGS)
     for name, m in result["results"].items():
         assert m["tokens"] == 4 and m["total_ms"] > 0 and m["modeled"]["total_ms"] is not None
+        assert len(m["token_ms"]) == 4 and m["median_ms"] == float(np.median(m["token_ms"]))
     r = result["results"]
+    for name in ("mmap", "accelerate"):  # modeled as warm-page-cache time + files paged in
+        assert result["page_cache_warm"][name]["warm_s"] > 0
+        assert r[name]["modeled"]["cpu_terms"] == "measured with the page cache warm"
+    for cpu in result["engine_cpu_in_ram"].values():  # the same tokens as the run, when tmpfs exists
+        assert cpu["tokens"] == 4 and cpu["ram_read_bps"] > 0
     ffn_bytes = result["ffn_bytes"]
     assert r["naive"]["bytes_read_per_token"] == ffn_bytes          # the whole FFN, every token
     assert r["hybrid"]["bytes_read_per_token"] < ffn_bytes
