@@ -168,7 +168,7 @@ class FlashFFN(nn.Module):
         eng = self.engine
         needed = sorted_unique(eng.select(self.layer, x[0, -1]))          # 1. predict
         eng.steps[-1].needed.append(needed)
-        y = 0
+        y = torch.zeros_like(x)  # stays zero if the predictor selects no neuron
         for part in split_needed(needed, self.cache.capacity):           # (one part unless it overflows)
             t0 = time.perf_counter()
             plan = self.cache.plan(part)                                 # 2. window bookkeeping

@@ -161,3 +161,26 @@ def test_accelerate_peer_equals_dense(tiny):
         peer.close()
     assert (out - ref).abs().max().item() <= 1e-4
     assert peer.offloaded_bytes > 0
+
+
+def test_a_layer_that_selects_no_neuron_adds_only_the_ffn_bias(tiny):
+    """Predictors that select nothing: the engine's logits equal the dense model whose FFN
+    activations are all masked (flashnb.predicted_ffn), with no read at all."""
+    from flashnb.fingerprint import model_fingerprint
+    from flashnb.predicted_ffn import restricted_ffns
+    from flashnb.predictor import LowRankPredictor, LowRankPredictors
+
+    folder, stores = tiny
+    dense = load_model(folder)
+    c = dense.config
+    torch.manual_seed(0)
+    layers = [LowRankPredictor(c.hidden_size, c.ffn_dim, 4) for _ in range(c.num_hidden_layers)]
+    preds = LowRankPredictors(layers, [1 - 1e-12] * c.num_hidden_layers, model_fingerprint(dense))
+    seq = PROMPT + [11, 12, 13]
+    with restricted_ffns(dense, preds), torch.no_grad():
+        ref = dense(torch.tensor([seq]))[0]
+    with FlashEngine(stores["bundled"], Policy("learned", 2, memory_budget=1.0, threads=2), predictors=preds) as eng:
+        kv = eng.model.new_cache(1, len(seq))
+        logits = torch.stack([eng.step(t, kv) for t in seq])
+        assert sum(s.bytes_read for s in eng.steps) == 0 and all(n.size == 0 for s in eng.steps for n in s.needed)
+    assert (logits - ref).abs().max().item() <= 1e-4
