@@ -283,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="every configuration side by side: naive ... all techniques, and peers",
                        description="Generate the same tokens with naive loading, hybrid, +predictor, "
                                    "+windowing, +bundling (all), mmap streaming and accelerate disk offload, in "
-                                   "one process with direct I/O; print ms per token (I/O / memory / compute), "
-                                   "bytes per token, ratio vs naive and the cost model's prediction.")
+                                   "one process with direct I/O, the configurations taking turns one token each; "
+                                   "print ms per token (I/O / memory / compute, mean and median), bytes per "
+                                   "token, ratio vs naive and the cost model's prediction. Decoding uses "
+                                   "FLASHNB_TORCH_THREADS torch threads (default 2).")
     b.add_argument("--model", default=None, help="HF model folder (default: the shipped model)")
     b.add_argument("--predictors", default=None, help="predictor folder (default: MODEL-predictors beside it)")
     b.add_argument("--prompt", default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
