@@ -180,31 +180,47 @@ def _token_stream(runner, prompt: list[int], tokens: int, sampling) -> Iterator[
     return iter(runner.generate(prompt, tokens + 1, sampling))
 
 
+def _runner(name: str, cfg: BenchConfig, stores: dict, model_dir: Path, work: str, predictors=None, profile=None,
+            cold: bool = True):
+    """The runner of configuration `name`. cold=False (mmap, accelerate only): the page cache stays
+    warm, for their CPU's part."""
+    from flashnb.baselines import AccelerateOffload, HybridEngine, MmapEngine
+    from flashnb.engine import FlashEngine
+
+    if name in ENGINE_CONFIGS:
+        layout, policy = _engine_run(name, cfg)
+        return FlashEngine(stores[layout], policy, predictors=predictors, profile=profile)
+    if name == "hybrid":
+        return HybridEngine(stores["bundled"], cfg.memory, cfg.threads, profile)
+    if name == "mmap":
+        return MmapEngine(stores["bundled"], cold=cold)
+    return AccelerateOffload(model_dir, dtype=torch.float16, cold=cold,
+                             offload_dir=str(Path(work) / ("offload" if cold else "offload-warm")))
+
+
 def _warm_runners(cfg: BenchConfig, stores: dict, model_dir: Path, work: str) -> tuple[dict, dict]:
     """mmap and accelerate built with the page cache left warm, for their CPU's part
     (flashnb.calibrate.engine_cpu_seconds), and for each the files the kernel pages in for it when
     cold (bytes each) with the readahead window of the disk holding them."""
-    from flashnb.baselines import AccelerateOffload, MmapEngine
     from flashnb.profile import readahead_bytes
 
     runners, files = {}, {}
-    if "mmap" in cfg.configs:
-        runners["mmap"] = r = MmapEngine(stores["bundled"], cold=False)
-        files["mmap"] = {"file_bytes": [sum(g.size for g in r.store.regions(i)) for i in range(r.store.num_layers)],
-                         "readahead_bytes": readahead_bytes(r.store.path)}
-    if "accelerate" in cfg.configs and _has("transformers", "accelerate"):
-        runners["accelerate"] = r = AccelerateOffload(model_dir, dtype=torch.float16,
-                                                      offload_dir=str(Path(work) / "offload-warm"), cold=False)
-        files["accelerate"] = {"file_bytes": [f.stat().st_size for f in r.files], "readahead_bytes": readahead_bytes(r.dir)}
+    for name in ("mmap", "accelerate"):
+        if name not in cfg.configs or (name == "accelerate" and not _has("transformers", "accelerate")):
+            continue
+        runners[name] = r = _runner(name, cfg, stores, model_dir, work, cold=False)
+        if name == "mmap":
+            sizes = [sum(g.size for g in r.store.regions(i)) for i in range(r.store.num_layers)]
+            files[name] = {"file_bytes": sizes, "readahead_bytes": readahead_bytes(r.store.path)}
+        else:
+            files[name] = {"file_bytes": [f.stat().st_size for f in r.files], "readahead_bytes": readahead_bytes(r.dir)}
     return runners, files
 
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Run every configuration in `cfg.configs`; returns the JSON-ready result."""
-    from flashnb.baselines import AccelerateOffload, HybridEngine, MmapEngine
     from flashnb.checkpoint import read_config
     from flashnb.costmodel import ModelShape, as_device
-    from flashnb.engine import FlashEngine
     from flashnb.generate import SamplingConfig, take_turns
     from flashnb.paths import data_dir, shipped_model_dir
     from flashnb.predictor import load_predictors
@@ -270,15 +286,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                     if cfg.progress:
                         print(f"  {LABELS[name]:<24} skipped: {skipped[name]}", flush=True)
                     continue
-                if name in ENGINE_CONFIGS:
-                    layout, policy = _engine_run(name, cfg)
-                    runner = FlashEngine(stores[layout], policy, predictors=predictors, profile=profile)
-                elif name == "hybrid":
-                    runner = HybridEngine(stores["bundled"], cfg.memory, cfg.threads, profile)
-                elif name == "mmap":
-                    runner = MmapEngine(stores["bundled"])
-                else:
-                    runner = AccelerateOffload(model_dir, dtype=torch.float16, offload_dir=str(Path(work) / "offload"))
+                runner = _runner(name, cfg, stores, model_dir, work, predictors, profile)
                 stack.callback(runner.close)
                 runners[name] = runner
                 streams[name] = _token_stream(runner, prompt, cfg.tokens, sampling)

@@ -126,8 +126,8 @@ class TokenStep:
         keys = ("predicted", "cached", "read", "evicted", "bytes_read", "bytes_needed", "requests")
         out = {k: sum(getattr(s, k) for s in self.layers) for k in keys}
         out.update(token=self.token, io_seconds=self.io_seconds, mm_seconds=self.mm_seconds,
-                   compute_seconds=self.compute_seconds, overlap_seconds=self.overlap_seconds, wall_seconds=self.wall_seconds,
-                   storage_read_bytes=self.storage_read_bytes)
+                   compute_seconds=self.compute_seconds, overlap_seconds=self.overlap_seconds,
+                   wall_seconds=self.wall_seconds, storage_read_bytes=self.storage_read_bytes)
         return out
 
 

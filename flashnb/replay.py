@@ -141,7 +141,11 @@ def replay(store: FlashStore, sets: list[list[np.ndarray]] | None, window: int, 
             io.append(t_io)
             nbytes.append(b)
             reqs.append(r)
-    skip = 1 if len(io) > 2 else 0  # the first token finds empty caches
+    return _per_token(io, nbytes, reqs, skip=1 if len(io) > 2 else 0)  # the first token finds empty caches
+
+
+def _per_token(io: list[float], nbytes: list[int], reqs: list[int], skip: int = 0) -> dict:
+    """Per-token means of I/O seconds, bytes and requests, leaving out the first `skip` tokens."""
     mean = lambda xs: float(np.mean(xs[skip:]))  # noqa: E731
     return {"tokens": len(io) - skip, "io_ms": mean(io) * 1e3, "bytes_per_token": mean(nbytes),
             "requests_per_token": mean(reqs), "GBps": mean(nbytes) / mean(io) / 1e9 if mean(io) else 0.0}
@@ -172,9 +176,7 @@ def replay_whole_model(ffn_store: FlashStore, other_store: FlashStore, other_byt
             io.append(t_io)
             nbytes.append(b)
             reqs.append(r)
-    mean = lambda xs: float(np.mean(xs))  # noqa: E731
-    return {"tokens": tokens, "io_ms": mean(io) * 1e3, "bytes_per_token": mean(nbytes),
-            "requests_per_token": mean(reqs), "GBps": mean(nbytes) / mean(io) / 1e9 if mean(io) else 0.0}
+    return _per_token(io, nbytes, reqs)
 
 
 def run_replay(sets_small: list[list[np.ndarray]], small_ffn: int, folder: str | Path, window: int = 4,
