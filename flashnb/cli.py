@@ -225,7 +225,9 @@ def _add_flash_commands(sub) -> None:
                    help="bundled: each neuron's up row + down column contiguous; unbundled: one region "
                         "per matrix (default: %(default)s)")
     c.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="store dtype (default: %(default)s)")
-    c.add_argument("--force", action="store_true", help="replace STORE if it exists")
+    c.add_argument("--force", action="store_true",
+                   help="replace STORE if it is a flashnb store holding nothing but its own files (never "
+                        "any other folder, and never the source or a folder holding it)")
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", help="recompute every checksum of a flash store",

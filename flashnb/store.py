@@ -209,25 +209,26 @@ def convert(src: str | Path, dst: str | Path, cfg: ConvertConfig | None = None) 
         raise FlashnbError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}")
     if cfg.dtype not in DTYPES:
         raise FlashnbError(f"unknown store dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), Path(os.path.abspath(dst))  # absolute: "." can be renamed as its full path
     config = read_config(src)
     hf_config = json.loads((src / "config.json").read_text())
     index = TensorIndex(src)
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise FlashnbError(f"store {dst} would be written inside the source folder {src}; choose a "
-                           "store path outside it (the source checkpoint is never modified)")
-    if dst.exists() and not cfg.overwrite:
-        raise FlashnbError(f"{dst} already exists; remove it, choose another store path, or pass --force")
     if not dst.parent.is_dir():
         raise FlashnbError(f"folder {dst.parent} does not exist; create it first")
+    _recover_interrupted(dst)
+    check_destination(src, dst, cfg.overwrite)
     arch = architecture(config)
     ffn_names = _ffn_matrix_names(config)
     dram_items = [(n, tuple(p.shape)) for n, p in _meta_model(config).named_parameters() if n not in ffn_names]
 
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except FileExistsError:
+        raise FlashnbError(f"{tmp} already exists; remove it (a temporary folder of flashnb's) and convert "
+                           "again") from None
+    except OSError as e:
+        raise FlashnbError(f"cannot create {tmp} ({e.strerror}); convert into a folder you can write to") from None
     try:
         from tqdm.auto import tqdm
 
@@ -265,6 +266,7 @@ def convert(src: str | Path, dst: str | Path, cfg: ConvertConfig | None = None) 
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        check_destination(src, dst, cfg.overwrite)  # again: the folder may have changed while we wrote
         if dst.exists():  # overwrite: move the old store aside first so dst is never half-written
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             os.replace(dst, old)
@@ -276,6 +278,93 @@ def convert(src: str | Path, dst: str | Path, cfg: ConvertConfig | None = None) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _store_files(folder: Path) -> set[str] | None:
+    """The file names a store folder's manifest lists (manifest.json included), or None when `folder`
+    holds no readable flashnb manifest."""
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        return None
+    names = {MANIFEST}
+    for key in ("ffn_file", "dram_file"):
+        entry = m.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            names.add(entry["name"])
+    if isinstance(m.get("tokenizer"), str):
+        names.add(m["tokenizer"])
+    return names
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse, with one clear error, every destination whose replacement could lose a file that
+    flashnb did not write: the source folder, a folder inside it or holding it, a file, a symbolic
+    link, and (even with --force) any existing folder that is not a flashnb store or that holds
+    files besides the store's own."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise FlashnbError(f"store {dst} would be written inside the source folder {src}; choose a "
+                           "store path outside it (the source checkpoint is never modified)")
+    if d in s.parents:
+        raise FlashnbError(f"store {dst} contains the source folder {src}; choose a store path that does "
+                           "not hold the checkpoint (replacing it would delete the source)")
+    if dst.is_symlink():
+        raise FlashnbError(f"{dst} is a symbolic link; give the store's real path (flashnb does not "
+                           "replace links)")
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise FlashnbError(f"{dst} is a file, not a store folder; choose another store path "
+                           "(flashnb never replaces a file)")
+    if not overwrite:
+        raise FlashnbError(f"{dst} already exists; remove it, choose another store path, or pass --force "
+                           "to replace the flashnb store there")
+    own = _store_files(dst)
+    if own is None:
+        raise FlashnbError(f"{dst} exists and is not a flashnb store (no {MANIFEST} of format {FORMAT!r}); "
+                           "--force replaces only a store: choose another path, or remove that folder yourself")
+    extra = sorted(p.name for p in dst.iterdir() if p.name not in own or not p.is_file())
+    if extra:
+        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise FlashnbError(f"{dst} is a flashnb store but also holds {shown}, which flashnb did not write; "
+                           "--force will not delete them: move them out first, or choose another store path")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a number no process can have: leave it alone
+    return True
+
+
+def _recover_interrupted(dst: Path) -> None:
+    """Clean up after a convert to `dst` that was killed (SIGKILL, power loss) by a process no longer
+    alive: its unfinished temporary folder `.NAME.tmp-PID` is removed; an old store it had moved
+    aside (`.NAME.old-PID`) is put back when `dst` is missing, else removed. Only folders holding
+    nothing but store files are touched; each is named on stderr."""
+    import sys
+
+    allowed = {MANIFEST, DRAM_FILE, FFN_FILE, TOKENIZER}
+    for kind in ("tmp", "old"):
+        for p in sorted(dst.parent.glob(f".{dst.name}.{kind}-*")):
+            pid = p.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _pid_alive(int(pid)) or not p.is_dir() or p.is_symlink():
+                continue
+            if any(not f.is_file() or f.name not in allowed for f in p.iterdir()):
+                continue
+            if kind == "old" and not dst.exists() and not dst.is_symlink():
+                os.replace(p, dst)
+                print(f"flashnb: restored the store {dst} that an interrupted convert (process {pid}) had "
+                      "moved aside", file=sys.stderr)
+            else:
+                shutil.rmtree(p)
+                print(f"flashnb: removed {p}, left by an interrupted convert (process {pid})", file=sys.stderr)
 
 
 def _write_ffn(path: Path, index: TensorIndex, arch, config, cfg: ConvertConfig,
