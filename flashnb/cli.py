@@ -1,46 +1,117 @@
 """The `flashnb` command line: one sub-command per job; `flashnb COMMAND --help` for each.
 
-Bad input ends with one line `flashnb: error: ...` (exit status 2), never a traceback.
+Bad input ends with one line `flashnb: error: ...` (exit status 2), never a traceback. Options are
+range-checked here, before any work; the heavy modules (torch) are imported only by the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
+import threading
 import time
 
+from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.errors import FlashnbError
 
-DEMO_PROMPT = "Return a new list containing"
+MAX_IN_FLIGHT = 1024  # the kernel's AIO queue rarely allows more; more only queues in Python
 
 
-def _load(folder: str):
-    from flashnb.checkpoint import load_model, read_config
-    from flashnb.tokenizer import Tokenizer
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as flashnb's one line."""
 
-    model = load_model(folder)
-    tok = Tokenizer.from_folder(folder, bos_id=read_config(folder).bos_token_id)
-    return model, tok
+    def error(self, message: str):
+        print(f"flashnb: error: {self.prog.removeprefix('flashnb ')}: {message} (see `{self.prog} --help`)",
+              file=sys.stderr)
+        raise SystemExit(2)
 
 
-def _generate_dense(folder: str, prompt: str, n: int, temperature: float, top_p: float, seed: int) -> None:
-    from flashnb.generate import SamplingConfig, generate
+def _whole(lo: int, hi: int | None = None, what: str = "a whole number"):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: give {what} from {lo}"
+                                             + (f" to {hi}" if hi is not None else " or more"))
+        return v
+    return parse
 
-    model, tok = _load(folder)
+
+def _real(lo: float, hi: float, lo_open: bool = False, what: str = "a number"):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {what} in "
+                                             f"{'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        return v
+    return parse
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def memory_budget(text: str) -> float | int:
+    """--memory: a fraction of the model's bytes (0.5) or bytes (20000000, 20MB, 19MiB)."""
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    if unit in _UNITS and num.isdigit() and (unit or not num.startswith("0")):
+        v = int(num) * _UNITS[unit]
+        if v >= 1:
+            return v
+    try:
+        f = float(text)
+    except ValueError:
+        f = float("nan")
+    if math.isfinite(f) and 0 < f <= 1 and "." in text:
+        return f
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction of the model in (0, 1] (e.g. 0.5) nor bytes "
+                                     "(e.g. 20000000, 20MB or 19MiB)")
+
+
+def _text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("the text is not valid UTF-8; pass it in your terminal's UTF-8 "
+                                         "encoding") from None
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def _decode_threads() -> None:
+    from flashnb.core.generate import set_decode_threads
+
+    set_decode_threads()
+
+
+def _generate_dense(folder, prompt: str, n: int, temperature: float, top_p: float, seed: int) -> None:
+    from flashnb.core.generate import SamplingConfig, generate
+    from flashnb.models.checkpoint import load_model
+    from flashnb.models.tokenizer import Tokenizer
+
+    sampling = SamplingConfig(temperature, top_p, seed)
+    model, tok = load_model(folder), Tokenizer.from_folder(folder)
     ids = tok.encode(prompt)
+    if max(ids) >= model.config.vocab_size:
+        raise FlashnbError(f"the tokenizer in {folder} produces ids up to {max(ids)}, beyond the model's vocabulary of "
+                           f"{model.config.vocab_size}: tokenizer.json belongs to another model; restore the model's own")
     t0 = time.perf_counter()
-    out = list(generate(model, ids, n, SamplingConfig(temperature, top_p, seed), eos_id=model.config.eos_token_id))
+    out = list(generate(model, ids, n, sampling, eos_id=model.config.eos_token_id))
     dt = time.perf_counter() - t0
     print(prompt + tok.decode(out))
     print(f"\n[{len(out)} tokens in {dt:.2f} s, dense in DRAM, {len(out) / max(dt, 1e-9):.1f} tokens/s]",
           file=sys.stderr)
-
-
-def _decode_threads() -> None:
-    """Torch threads for token-at-a-time decoding (flashnb.generate.set_decode_threads)."""
-    from flashnb.generate import set_decode_threads
-
-    set_decode_threads()
 
 
 def cmd_generate(args) -> None:
@@ -55,91 +126,34 @@ def cmd_demo(args) -> None:
     _decode_threads()
     if args.dense:
         print(f"flashnb demo: the shipped model {folder.name}, dense in DRAM\n", file=sys.stderr)
-        _generate_dense(str(folder), args.prompt, args.n, 0.0, 1.0, 0)
+        _generate_dense(folder, args.prompt, args.n, 0.0, 1.0, 0)
         return
-    _generate_flash(folder, None, args.prompt, args.n, args.memory, args.window, args.threads, args.table)
+    from flashnb.demo import generate_from_flash
 
-
-def _generate_flash(folder, predictors_dir, prompt: str, n: int, memory: float, window: int, threads: int,
-                    table: bool) -> None:
-    """Convert `folder` to a temporary bundled store and generate with the flash engine."""
-    import tempfile
-    from pathlib import Path
-
-    from flashnb.engine import FlashEngine, Policy
-    from flashnb.predictor import load_predictors
-    from flashnb.profile import load_default_profile
-    from flashnb.store import ConvertConfig, convert
-    from flashnb.tokenizer import Tokenizer
-    from flashnb.checkpoint import read_config
-
-    folder = Path(folder)
-    pred_dir = Path(predictors_dir) if predictors_dir else folder.parent / f"{folder.name}-predictors"
-    config = read_config(folder)
-    tok = Tokenizer.from_folder(folder, bos_id=config.bos_token_id)
-    predictors = load_predictors(pred_dir)
-    with tempfile.TemporaryDirectory(prefix="flashnb-demo-") as work:
-        store = convert(folder, Path(work) / "store", ConvertConfig(layout="bundled", progress=False))
-        policy = Policy("learned", window, memory, threads)
-        with FlashEngine(store, policy, predictors=predictors, profile=load_default_profile()) as eng:
-            mem = eng.memory
-            print(f"flashnb: {folder.name} from flash: FFN on disk (direct I/O), {mem.used_bytes / 2**20:.1f} MiB "
-                  f"of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of {mem.model_bytes / 2**20:.1f} MiB "
-                  f"(budget {memory:g}); low-rank predictors, window {window}, row-column bundles\n",
-                  file=sys.stderr)
-            ids = tok.encode(prompt)
-            out = list(eng.generate(ids, n, eos_id=config.eos_token_id))
-            print(prompt + tok.decode(out))
-            steps = eng.steps[len(ids):]
-            if table:
-                print(per_token_table(steps, tok, out), file=sys.stderr)
-            if steps:
-                tot = [s.totals() for s in steps]
-                mean = lambda k: sum(t[k] for t in tot) / len(tot)  # noqa: E731
-                print(f"\nper generated token (mean of {len(steps)}, measured): "
-                      f"{mean('bytes_read') / 1e6:.3f} MB read in {mean('requests'):.0f} requests, "
-                      f"I/O {mean('io_seconds') * 1e3:.2f} ms, memory management {mean('mm_seconds') * 1e3:.2f} ms, "
-                      f"compute {mean('compute_seconds') * 1e3:.2f} ms, total {mean('wall_seconds') * 1e3:.2f} ms; "
-                      f"the whole FFN would be {st_ffn_mb(eng):.2f} MB", file=sys.stderr)
-
-
-def st_ffn_mb(eng) -> float:
-    st = eng.store
-    return st.num_layers * st.ffn_dim * st.neuron_bytes / 1e6
-
-
-def per_token_table(steps, tok, out_ids) -> str:
-    """One line per generated token: neurons predicted / already cached / read, bytes and times."""
-    lines = [f"{'token':<14} {'predicted':>9} {'cached':>7} {'read':>6} {'KB read':>8} {'I/O ms':>7} "
-             f"{'mem ms':>7} {'compute ms':>10}"]
-    for s, tid in zip(steps, out_ids):
-        t = s.totals()
-        text = repr(tok.decode([tid]))[:14]
-        lines.append(f"{text:<14} {t['predicted']:>9} {t['cached']:>7} {t['read']:>6} {t['bytes_read'] / 1e3:>8.1f} "
-                     f"{t['io_seconds'] * 1e3:>7.2f} {t['mm_seconds'] * 1e3:>7.2f} {t['compute_seconds'] * 1e3:>10.2f}")
-    return "\n".join(lines)
+    generate_from_flash(folder, args.prompt, args.n, args.memory, args.window, args.in_flight, args.table)
 
 
 def cmd_bench(args) -> None:
     import json
     from pathlib import Path
 
-    from flashnb.bench import BenchConfig, format_table, run_bench
+    from flashnb.bench.report import format_table
+    from flashnb.bench.run import CONFIGS, BenchConfig, run_bench
 
     _decode_threads()
+    configs = tuple(args.configs.split(",")) if args.configs else CONFIGS
     cfg = BenchConfig(model=args.model, predictors=args.predictors, prompt=args.prompt, tokens=args.tokens,
-                      window=args.window, memory=args.memory, threads=args.threads, dir=args.dir,
-                      configs=tuple(args.configs.split(",")) if args.configs else BenchConfig.configs,
-                      profile=args.profile, replay=args.replay, keep_replay=args.keep_replay)
+                      window=args.window, memory=args.memory, in_flight=args.in_flight, dir=args.dir,
+                      configs=configs, profile=args.profile, replay=args.replay, keep_replay=args.keep_replay)
     result = run_bench(cfg)
     print(format_table(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(result.to_json(), indent=1) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
 
 
 def cmd_train(args) -> None:
-    from flashnb.train import TrainConfig, train
+    from flashnb.training.train import TrainConfig, train
 
     cfg = TrainConfig(out=args.out, tokens=args.tokens, seed=args.seed, threads=args.threads,
                       sparsity_target=args.sparsity_target)
@@ -150,8 +164,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_train_predictors(args) -> None:
-    from flashnb.predictor_build import BuildConfig, build, card_summary
-    from flashnb.predictor_train import PredictorTrainConfig
+    from flashnb.paths import SHIPPED_MODEL, data_dir, shipped_model_dir
+    from flashnb.training.build_predictors import BuildConfig, build, card_summary
+    from flashnb.training.predictors import PredictorTrainConfig
 
     ranks = None
     if args.ranks:
@@ -161,8 +176,6 @@ def cmd_train_predictors(args) -> None:
             raise FlashnbError(f"--ranks {args.ranks!r} must be comma-separated integers, one per layer") from None
     tcfg = PredictorTrainConfig(rank=args.rank, ranks=ranks, threshold=args.threshold, epochs=args.epochs,
                                 lr=args.lr, pos_weight=args.pos_weight, init=args.init, seed=args.seed)
-    from flashnb.paths import SHIPPED_MODEL, data_dir, shipped_model_dir
-
     model = args.model or str(shipped_model_dir())
     out = args.out or str(data_dir() / f"{SHIPPED_MODEL}-predictors")
     cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens,
@@ -173,7 +186,8 @@ def cmd_train_predictors(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from flashnb.store import ConvertConfig, convert, open_store
+    from flashnb.core.convert import ConvertConfig, convert
+    from flashnb.core.store import open_store
 
     dst = convert(args.hf_folder, args.store, ConvertConfig(layout=args.layout, dtype=args.dtype,
                                                            overwrite=args.force))
@@ -184,7 +198,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from flashnb.store import verify
+    from flashnb.core.store import verify
 
     r = verify(args.store)
     print(f"{r.store}: OK, {r.regions} checksums over {r.bytes_hashed / 1e6:.1f} MB in {r.seconds:.2f} s")
@@ -193,7 +207,8 @@ def cmd_verify(args) -> None:
 def cmd_profile(args) -> None:
     import json
 
-    from flashnb.profile import Profile, ProfileConfig, default_profile_path, reader_efficiency, run_profile
+    from flashnb.device.measure import ProfileConfig, run_profile
+    from flashnb.device.profile import Profile, default_profile_path
 
     if args.use:
         prof = Profile.load(args.use)
@@ -209,12 +224,29 @@ def cmd_profile(args) -> None:
               file=sys.stderr)
     print(json.dumps(prof.summary(), indent=1))
     if args.reader_check:
-        r = reader_efficiency(args.reader_check, prof, threads=args.threads, fraction=args.fraction)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, indent=1))
+        from flashnb.lab.flash import reader_efficiency
+
+        r = reader_efficiency(args.reader_check, prof, in_flight=args.in_flight, fraction=args.fraction)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.to_json().items()}, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser
+
+
+def _add_in_flight(parser: argparse.ArgumentParser, what: str = "") -> None:
+    parser.add_argument("--in-flight", type=_whole(1, MAX_IN_FLIGHT), default=IN_FLIGHT,
+                        help=f"reads in flight{' ' + what if what else ''}: the AIO queue depth, or reader "
+                             "threads where AIO is unavailable (default: %(default)s)")
+
+
+def _add_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory", type=memory_budget, default=MEMORY_BUDGET,
+                        help="DRAM budget for weights: a fraction of the model's bytes (0.5) or bytes (20000000, "
+                             "20MB, 19MiB) (default: %(default)s)")
 
 
 def _add_flash_commands(sub) -> None:
-    """The store, reader and profile commands (issue 3)."""
     c = sub.add_parser("convert", help="convert a Hugging Face folder into a flash store",
                        description="Write a flash store: manifest.json, dram.safetensors (everything but the "
                                    "FFN matrices), ffn.bin (the FFN, 4 KiB-aligned regions per layer) and "
@@ -236,47 +268,35 @@ def _add_flash_commands(sub) -> None:
     v.add_argument("store", metavar="STORE", help="store folder")
     v.set_defaults(func=cmd_verify)
 
-    pr = sub.add_parser("profile", help="measure this disk's read throughput by chunk size and queue depth",
-                        description="Random direct-I/O reads of 4 KiB..4 MiB chunks with 1..64 requests in flight "
-                                    "(native AIO where available, else threads) on a "
-                                    "scratch file (created and removed), plus sequential reads; writes a JSON "
-                                    "profile with a fitted throughput model. About 80 s; --quick about 10 s.")
+    pr = sub.add_parser("profile", help="measure this disk's read throughput by chunk size and reads in flight",
+                        description="Random direct-I/O reads of 4 KiB..4 MiB chunks with 1..64 reads in flight "
+                                    "(native AIO where available, else threads) on a scratch file (created and "
+                                    "removed), plus sequential reads; writes a JSON profile with a fitted "
+                                    "throughput model. About 80 s; --quick about 10 s.")
     pr.add_argument("--dir", default=None, help="folder for the scratch file (default: the system temp folder)")
-    pr.add_argument("--size", type=int, default=None, help="scratch file bytes (default: 1 GiB; --quick 256 MiB)")
+    pr.add_argument("--size", type=_whole(1 << 20, 1 << 40, "bytes"), default=None,
+                    help="scratch file bytes (default: 1 GiB; --quick 256 MiB)")
     pr.add_argument("--quick", action="store_true", help="fewer cells, shorter: about 10 s")
     pr.add_argument("--out", default=None, help="profile JSON to write (default: ~/.cache/flashnb/profile.json)")
     pr.add_argument("--use", default=None, metavar="FILE", help="load this profile instead of measuring")
     pr.add_argument("--reader-check", default=None, metavar="STORE",
                     help="then read random neuron sets of STORE and print achieved / modeled throughput")
     _add_in_flight(pr, "for --reader-check")
-    pr.add_argument("--fraction", type=float, default=0.1,
+    pr.add_argument("--fraction", type=_real(0, 1, lo_open=True, what="a fraction"), default=0.1,
                     help="fraction of each layer's neurons per read for --reader-check (default: %(default)s)")
     pr.set_defaults(func=cmd_profile)
 
 
-def _add_in_flight(parser: argparse.ArgumentParser, what: str = "") -> None:
-    """--threads: reads kept in flight (flashnb.reader.IN_FLIGHT by default)."""
-    from flashnb.reader import IN_FLIGHT
-
-    parser.add_argument("--threads", type=int, default=IN_FLIGHT,
-                        help=f"reads in flight{' ' + what if what else ''}: the AIO queue depth, or reader "
-                             "threads where AIO is unavailable (default: %(default)s)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flashnb", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_run_commands(sub) -> None:
     d = sub.add_parser("demo", help="run the shipped model from flash at half memory and print the text",
                        description="Run the model flashnb ships (data/) with its FFN on disk: the flash engine "
-                                   "at 50%% of the model's bytes in DRAM, low-rank predictors, a window of "
+                                   "at half of the model's bytes in DRAM, low-rank predictors, a window of "
                                    "recent tokens and row-column bundles; prints the text and, per token, "
                                    "what was read and where the time went.")
-    d.add_argument("--prompt", default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
-    d.add_argument("-n", type=int, default=32, help="new tokens (default: %(default)s)")
-    d.add_argument("--memory", type=float, default=0.5,
-                   help="DRAM budget for weights: fraction of the model's bytes, or bytes if > 1 (default: %(default)s)")
-    d.add_argument("--window", type=int, default=4, help="window of recent tokens (default: %(default)s)")
+    d.add_argument("--prompt", type=_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
+    d.add_argument("-n", type=_whole(1, 4096), default=32, help="new tokens (default: %(default)s)")
+    _add_memory(d)
+    d.add_argument("--window", type=_whole(0, 4096), default=WINDOW, help="window of recent tokens (default: %(default)s)")
     _add_in_flight(d)
     d.add_argument("--no-table", dest="table", action="store_false", help="do not print the per-token table")
     d.add_argument("--dense", action="store_true", help="run dense in DRAM instead (the reference)")
@@ -284,20 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="every configuration side by side: naive ... all techniques, and peers",
                        description="Generate the same tokens with naive loading, hybrid, +predictor, "
-                                   "+windowing, +bundling (all), mmap streaming and accelerate disk offload, in "
-                                   "one process with direct I/O, the configurations taking turns one token each; "
-                                   "print ms per token (I/O / memory / compute, mean and median), bytes per "
-                                   "token, ratio vs naive and the cost model's prediction. Decoding uses "
-                                   "FLASHNB_TORCH_THREADS torch threads (default 2).")
+                                   "+windowing, +bundling (all), mmap streaming, accelerate disk offload and "
+                                   "the dense model in DRAM, in one process with direct I/O, the configurations "
+                                   "taking turns one token each; print ms per token (I/O / memory / compute, mean, "
+                                   "median and spread), bytes per token, ratio vs naive and the cost model's I/O "
+                                   "for the same requests. Decoding uses FLASHNB_TORCH_THREADS torch threads "
+                                   "(default 2).")
     b.add_argument("--model", default=None, help="HF model folder (default: the shipped model)")
     b.add_argument("--predictors", default=None, help="predictor folder (default: MODEL-predictors beside it)")
-    b.add_argument("--prompt", default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
-    b.add_argument("--tokens", type=int, default=16, help="generated tokens per configuration (default: %(default)s)")
-    b.add_argument("--window", type=int, default=4, help="window for +windowing and all (default: %(default)s)")
-    b.add_argument("--memory", type=float, default=0.5, help="DRAM budget, fraction of the model (default: %(default)s)")
+    b.add_argument("--prompt", type=_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
+    b.add_argument("--tokens", type=_whole(1, 4096), default=16,
+                   help="generated tokens per configuration (default: %(default)s)")
+    b.add_argument("--window", type=_whole(0, 4096), default=WINDOW,
+                   help="window for +windowing and all (default: %(default)s)")
+    _add_memory(b)
     _add_in_flight(b)
     b.add_argument("--configs", default=None, help="comma-separated subset of: naive,hybrid,predictor,windowing,"
-                                                   "all,mmap,accelerate (default: all of them)")
+                                                   "all,mmap,accelerate,dense (default: all of them)")
     b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")
     b.add_argument("--profile", default=None, help="device profile JSON (default: the saved one, else a quick one)")
     b.add_argument("--replay", action="store_true",
@@ -313,21 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate text with a model folder (config.json, *.safetensors, "
                                    "tokenizer.json), dense in DRAM.")
     g.add_argument("--model", required=True, help="model folder")
-    g.add_argument("--prompt", required=True, help="prompt text")
-    g.add_argument("-n", type=int, default=50, help="new tokens (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--prompt", type=_text, required=True, help="prompt text")
+    g.add_argument("-n", type=_whole(1, 1 << 20), default=50, help="new tokens (default: %(default)s)")
+    g.add_argument("--temperature", type=_real(0, 100, what="a temperature"), default=0.0,
+                   help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=_real(0, 1, lo_open=True, what="a probability mass"), default=1.0,
+                   help="nucleus sampling mass (default: %(default)s)")
+    g.add_argument("--seed", type=_whole(0, 2**63 - 1), default=0, help="sampling seed (default: %(default)s)")
     g.set_defaults(func=cmd_generate)
 
+
+def _add_training_commands(sub) -> None:
     t = sub.add_parser("train", help="reproduce the shipped model from the offline corpus",
                        description="Train the shipped OPT-style ReLU model on the docstring corpus "
-                                   "(see flashnb.corpus); resumes from OUT/checkpoint if present.")
+                                   "(see flashnb.training.corpus); resumes from OUT/checkpoint if present.")
     t.add_argument("--out", default="flashnb-opt-21m", help="output folder (default: %(default)s)")
-    t.add_argument("--tokens", type=int, default=3_200_000, help="training tokens (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    t.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    t.add_argument("--sparsity-target", type=float, default=0.94,
+    t.add_argument("--tokens", type=_whole(1), default=3_200_000, help="training tokens (default: %(default)s)")
+    t.add_argument("--seed", type=_whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
+    t.add_argument("--threads", type=_whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
+    t.add_argument("--sparsity-target", type=_real(0, 1, what="a fraction"), default=0.94,
                    help="FFN sparsity the L1 weight is steered to (default: %(default)s)")
     t.set_defaults(func=cmd_train)
 
@@ -340,29 +367,46 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--model", default=None, help="model folder (default: the shipped model, data/flashnb-opt-21m)")
     tp.add_argument("--out", default=None,
                     help="output folder (default: the shipped set, data/flashnb-opt-21m-predictors)")
-    tp.add_argument("--train-tokens", type=int, default=65_536,
+    tp.add_argument("--train-tokens", type=_whole(16), default=65_536,
                     help="training-split tokens to trace (default: %(default)s)")
-    tp.add_argument("--eval-tokens", type=int, default=16_384,
+    tp.add_argument("--eval-tokens", type=_whole(16), default=16_384,
                     help="held-out tokens to evaluate on (default: %(default)s)")
-    tp.add_argument("--rank", type=int, default=64, help="predictor rank of every layer (default: %(default)s)")
+    tp.add_argument("--rank", type=_whole(1), default=64, help="predictor rank of every layer (default: %(default)s)")
     tp.add_argument("--ranks", default=None, help="per-layer ranks, comma-separated (overrides --rank)")
-    tp.add_argument("--threshold", type=float, default=0.5,
+    tp.add_argument("--threshold", type=_real(0, 1, lo_open=True, what="a probability"), default=0.5,
                     help="select a neuron when its probability exceeds this (default: %(default)s)")
-    tp.add_argument("--epochs", type=int, default=4, help="passes over the trace (default: %(default)s)")
-    tp.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    tp.add_argument("--pos-weight", type=float, default=1.0,
+    tp.add_argument("--epochs", type=_whole(1), default=4, help="passes over the trace (default: %(default)s)")
+    tp.add_argument("--lr", type=_real(0, 10, lo_open=True, what="a learning rate"), default=2e-3,
+                    help="peak learning rate (default: %(default)s)")
+    tp.add_argument("--pos-weight", type=_real(0, 1e6, lo_open=True, what="a weight"), default=1.0,
                     help="weight of active neurons, times the negative/positive ratio (default: %(default)s)")
     tp.add_argument("--init", choices=["random", "pca"], default="random",
                     help="random, or the FFN's rank-r principal projection (default: %(default)s)")
-    tp.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    tp.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    tp.add_argument("--seed", type=_whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
+    tp.add_argument("--threads", type=_whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
     tp.set_defaults(func=cmd_train_predictors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="flashnb", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    _add_run_commands(sub)
+    _add_training_commands(sub)
     _add_flash_commands(sub)
     return p
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds, so temporary stores are removed
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or an option refused with one line
+        return int(e.code or 0)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args.func(args)
     except FlashnbError as e:
@@ -371,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flashnb: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -1,13 +1,21 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints built and saved by transformers itself."""
+"""Shared fixtures: tiny random Hugging Face checkpoints built and saved by transformers itself.
+
+The suite runs torch with one thread: on a 2-core machine with other work running, two threads of
+tiny kernels contend and a call can take 100x longer. (The package's own decode default is set by
+flashnb.core.generate.set_decode_threads, from measurement.)
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
-from flashnb import tiny
-from flashnb.tiny import TEXTS, save_tiny_tokenizer  # noqa: F401  (tests import them from here)
+from flashnb.models import tiny
+from flashnb.models.tiny import TEXTS, save_tiny_tokenizer  # noqa: F401  (tests import them from here)
+
+torch.set_num_threads(1)
 
 
 def make_tiny_opt(folder: Path, seed: int = 0, **overrides) -> Path:
@@ -23,8 +31,3 @@ def make_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_opt_dir(tmp_path_factory) -> Path:
     return make_tiny_opt(tmp_path_factory.mktemp("tiny_opt"))
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

@@ -2,7 +2,7 @@
 
 import torch
 
-from flashnb.checkpoint import build_model
+from flashnb.models.checkpoint import build_model
 from flashnb.models.llama import LlamaConfig
 from flashnb.models.opt import OPTConfig
 

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from flashnb import FlashnbError
-from flashnb.checkpoint import load_model
+from flashnb.models.checkpoint import load_model
 from flashnb.cli import main
 
 

@@ -7,10 +7,18 @@ import json
 import numpy as np
 import torch
 
-from flashnb.bench import CONFIGS, BenchConfig, format_table, run_bench
-from flashnb.checkpoint import load_model
-from flashnb.fingerprint import model_fingerprint
-from flashnb.predictor import LowRankPredictor, LowRankPredictors
+from flashnb.bench.report import format_table
+from flashnb.bench.run import CONFIGS, BenchConfig, run_bench, take_turns
+from flashnb.core.convert import ConvertConfig, convert
+from flashnb.core.engine import Policy
+from flashnb.core.predictor import LowRankPredictor, LowRankPredictors
+from flashnb.core.store import FlashStore
+from flashnb.lab.bundling import layout_summary
+from flashnb.lab.windowing import window_sweep
+from flashnb.models.checkpoint import load_model
+from flashnb.models.fingerprint import model_fingerprint
+from flashnb.viz.engine import window_figure
+from flashnb.widgets.engine import window_explorer
 
 from conftest import make_tiny_opt
 from flash_helpers import synthetic_profile
@@ -31,58 +39,56 @@ def test_every_configuration_runs_and_reports(tmp_path):
     preds = tiny_predictors(folder, tmp_path / "preds")
     (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
     cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=4, memory=1.0,
-                      threads=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"), progress=False)
+                      in_flight=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"), progress=False)
     result = run_bench(cfg)
-    assert list(result["results"]) == list(CONFIGS)
-    for name, m in result["results"].items():
-        assert m["tokens"] == 4 and m["total_ms"] > 0 and m["modeled"]["total_ms"] is not None
-        assert len(m["token_ms"]) == 4 and m["median_ms"] == float(np.median(m["token_ms"]))
-    r = result["results"]
-    for name in ("mmap", "accelerate"):  # modeled as warm-page-cache time + files paged in
-        assert result["page_cache_warm"][name]["warm_s"] > 0
-        assert r[name]["modeled"]["cpu_terms"] == "measured with the page cache warm"
-    for cpu in result["engine_cpu_in_ram"].values():  # the same tokens as the run, when tmpfs exists
-        assert cpu["tokens"] == 4 and cpu["ram_read_bps"] > 0
-    ffn_bytes = result["ffn_bytes"]
-    assert r["naive"]["bytes_read_per_token"] == ffn_bytes          # the whole FFN, every token
-    assert r["hybrid"]["bytes_read_per_token"] < ffn_bytes
-    assert r["all"]["requests_per_token"] <= r["windowing"]["requests_per_token"]
-    assert r["naive"]["speedup_vs_naive"] == 1.0
+    assert list(result.results) == list(CONFIGS)
+    r = {name: m.stats for name, m in result.results.items()}
+    for name, s in r.items():
+        assert s.tokens == 4 and s.total_ms > 0 and len(s.token_ms) == 4 and s.p10_ms <= s.median_ms <= s.p90_ms
+    ffn_bytes = result.ffn_bytes
+    assert r["naive"].bytes_read == ffn_bytes                  # the whole FFN, every token
+    assert r["hybrid"].bytes_read < ffn_bytes
+    assert r["all"].requests <= r["windowing"].requests
+    assert r["dense"].bytes_read == 0 and r["mmap"].bytes_read is None   # mmap cannot say what it read apart
+    for name in ("naive", "hybrid", "predictor", "windowing", "all"):
+        assert result.results[name].modeled_io_ms > 0
+    assert result.results["mmap"].modeled_io_ms is None
     table = format_table(result)
-    assert "accelerate disk offload" in table and "+bundling (all)" in table
-    json.dumps(result)  # JSON-ready
+    assert "accelerate disk offload" in table and "+bundling (all)" in table and "dense in DRAM" in table
+    out = json.loads(json.dumps(result.to_json()))  # JSON-ready
+    assert out["results"]["all"]["total_ms"] == r["all"].total_ms and out["settings"]["in_flight"] == 2
 
 
 def test_window_sweep_and_layout_summary(tmp_path):
-    from flashnb.engine import Policy
-    from flashnb.store import ConvertConfig, convert
-    from flashnb.viz.engine import layout_summary, window_figure, window_sweep
-    from flashnb.widgets.engine import window_explorer
-
     folder = make_tiny_opt(tmp_path / "hf")
-    store = convert(folder, tmp_path / "store", ConvertConfig(dtype="fp32", progress=False))
+    store = FlashStore.open(convert(folder, tmp_path / "store", ConvertConfig(dtype="fp32", progress=False)))
     rng = np.random.default_rng(0)
-    needed = [[np.sort(rng.choice(64, 10, replace=False)) for _ in range(2)] for _ in range(12)]
-    rows = window_sweep(needed, store, Policy("oracle", 0, 1.0), range(0, 4))
-    assert [r["window"] for r in rows] == [0, 1, 2, 3]
-    assert rows[0]["hit_share"] == 0.0 and rows[3]["mb_per_token"] < rows[0]["mb_per_token"]
+    sets = [[np.sort(rng.choice(64, 10, replace=False)) for _ in range(2)] for _ in range(12)]
+    rows = window_sweep(sets, store, Policy(0, 1.0), range(0, 4))
+    assert [r.window for r in rows] == [0, 1, 2, 3]
+    assert rows[0].hit_share == 0.0 and rows[3].mb_per_token < rows[0].mb_per_token
     fig = window_figure(rows, 2)
     tokens = next(t for t in fig.data if t.type == "scatter")
     opacity = {w: o for t in fig.data if t.type == "bar" for w, o in zip(t.x, t.marker.opacity)}
-    assert list(tokens.y) == rows[2]["per_token_mb"] and opacity == {0: 0.35, 1: 0.35, 2: 1.0, 3: 0.35}
+    assert list(tokens.y) == list(rows[2].per_token_mb) and opacity == {0: 0.35, 1: 0.35, 2: 1.0, 3: 0.35}
     box, slider, widget = window_explorer(rows, 64, window=2)
     slider.value = 3                                    # the observer redraws both panels
     tokens = next(t for t in widget.data if t.type == "scatter")
     opacity = {w: o for t in widget.data if t.type == "bar" for w, o in zip(t.x, t.marker.opacity)}
-    assert list(tokens.y) == rows[3]["per_token_mb"] and "window 3:" in box.children[1].value
+    assert list(tokens.y) == list(rows[3].per_token_mb) and "window 3:" in box.children[1].value
     assert opacity == {0: 0.35, 1: 0.35, 2: 0.35, 3: 1.0}
-    s = layout_summary({"bundled": [{"requests": 2, "bytes_read": 4096, "io_seconds": 0.001}]})
-    assert s["bundled"]["mean_request_bytes"] == 2048 and abs(s["bundled"]["gbps"] - 0.004096) < 1e-12
+
+
+def test_layout_summary_of_engine_records():
+    from flashnb.core.records import LayerStep, TokenStep
+
+    steps = [TokenStep(0, [LayerStep(3, 0, 3, 0, 4096, 4096, 2, submit_s=0.0005, wait_s=0.0005)], wall_seconds=0.002)]
+    s = layout_summary({"bundled": steps})["bundled"]
+    assert (s.requests, s.mean_request_bytes, s.mb, s.io_ms) == (2, 2048, 0.004096, 1.0)
+    assert s.gbps == 0.004096
 
 
 def test_configurations_take_turns_one_token_each():
-    from flashnb.generate import take_turns
-
     order = []
 
     def stream(name, n):
@@ -93,4 +99,4 @@ def test_configurations_take_turns_one_token_each():
     texts, spent = take_turns({"a": stream("a", 3), "b": stream("b", 1), "c": stream("c", 3)})
     assert order == ["a", "b", "c", "a", "c", "a", "c"]  # b's text ended after one token
     assert texts == {"a": [0, 1, 2], "b": [0], "c": [0, 1, 2]}
-    assert set(spent) == {"a", "b", "c"} and all(s >= 0 for s in spent.values())
+    assert set(spent) == {"a", "b", "c"}

@@ -23,9 +23,48 @@ def test_every_command_has_help(command):
     assert r.returncode == 0 and "usage: flashnb " + command in r.stdout
 
 
-def test_bad_sampling_option(tiny_opt_dir, capsys):
-    assert main(["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "--top-p", "0"]) == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+def _one_line_error(capsys, argv, words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flashnb: error: ") and "\n" not in err and "Traceback" not in err and words in err, err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--top-p", "0"], "argument --top-p: 0 is out of range: give a probability mass in (0, 1]"),
+    (["--temperature", "nan"], "argument --temperature: nan is out of range"),
+    (["--seed", str(2**70)], "argument --seed"),
+    (["-n", "-5"], "argument -n: -5 is out of range: give a whole number from 1"),
+    (["-n", "many"], "argument -n: 'many' is not a whole number"),
+])
+def test_bad_numbers_are_one_line_before_any_work(tiny_opt_dir, capsys, argv, words):
+    _one_line_error(capsys, ["generate", "--model", str(tiny_opt_dir), "--prompt", "x", *argv], words)
+
+
+@pytest.mark.parametrize("value,words", [("1.5", "neither a fraction of the model in (0, 1]"),
+                                         ("0", "neither a fraction"), ("inf", "neither a fraction"),
+                                         ("-3MB", "neither a fraction")])
+def test_memory_is_a_fraction_or_bytes(capsys, value, words):
+    _one_line_error(capsys, ["demo", f"--memory={value}"], words)
+
+
+def test_memory_parses_fractions_and_bytes():
+    from flashnb.cli import memory_budget
+
+    assert memory_budget("0.5") == 0.5 and memory_budget("1.0") == 1.0
+    assert memory_budget("20000000") == 20_000_000 and memory_budget("20MB") == 20_000_000
+    assert memory_budget("19MiB") == 19 * 2**20 and isinstance(memory_budget("1"), int)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny_opt_dir, capsys):
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of a Latin-1 command line
+    _one_line_error(capsys, ["generate", "--model", str(tiny_opt_dir), "--prompt", bad], "not valid UTF-8")
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from flashnb.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split() == ["False", "False"]
 
 
 def test_decode_threads_default_and_override(monkeypatch):
@@ -33,7 +72,7 @@ def test_decode_threads_default_and_override(monkeypatch):
 
     import torch
 
-    from flashnb.generate import DECODE_THREADS, set_decode_threads
+    from flashnb.core.generate import DECODE_THREADS, set_decode_threads
 
     before = torch.get_num_threads()
     try:
@@ -49,4 +88,8 @@ def test_bad_thread_variable_is_one_clear_error(tiny_opt_dir, monkeypatch, capsy
     monkeypatch.setenv("FLASHNB_TORCH_THREADS", "many")
     assert main(["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "-n", "2"]) == 2
     err = capsys.readouterr().err
-    assert "FLASHNB_TORCH_THREADS must be a whole number >= 1, got 'many'" in err and "Traceback" not in err
+    assert "FLASHNB_TORCH_THREADS must be a whole number from 1 to" in err and "got 'many'" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("FLASHNB_TORCH_THREADS", "100000")      # more threads than cores: refused, not a segfault
+    assert main(["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "-n", "2"]) == 2
+    assert "got '100000'" in capsys.readouterr().err

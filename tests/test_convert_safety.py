@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from flashnb.cli import main
-from flashnb.store import ConvertConfig, FlashStore, convert
+from flashnb.core.convert import ConvertConfig, convert
+from flashnb.core.store import FlashStore
 
 
 def _tree(folder: Path) -> dict[str, str]:

@@ -6,11 +6,18 @@ import pytest
 import torch
 
 from flashnb import FlashnbError
-from flashnb.baselines import HybridEngine, MmapEngine
-from flashnb.checkpoint import load_model
-from flashnb.engine import FlashEngine, Policy
-from flashnb.generate import generate
-from flashnb.store import ConvertConfig, convert
+from flashnb.bench.baselines import AccelerateOffload, HybridEngine, MmapEngine
+from flashnb.core.convert import ConvertConfig, convert
+from flashnb.core.engine import FlashEngine, Policy
+from flashnb.core.generate import generate
+from flashnb.core.memory import ROW_BOOKKEEPING
+from flashnb.core.predictor import AllNeurons, LowRankPredictor, LowRankPredictors, OraclePredictor
+from flashnb.core.simulate import sets_from_trace, simulate
+from flashnb.core.store import FlashStore
+from flashnb.models.checkpoint import load_model
+from flashnb.models.fingerprint import model_fingerprint
+from flashnb.training.quality import restricted_ffns
+from flashnb.training.traces import record
 
 from conftest import make_tiny_llama, make_tiny_opt
 
@@ -22,9 +29,13 @@ def tiny(request, tmp_path_factory):
     """(HF folder, {layout: fp32 store}) for a tiny random model of each architecture."""
     root = tmp_path_factory.mktemp(request.param)
     folder = (make_tiny_opt if request.param == "opt" else make_tiny_llama)(root / "hf", max_position_embeddings=80)
-    stores = {layout: convert(folder, root / layout, ConvertConfig(layout=layout, dtype="fp32", progress=False))
+    stores = {layout: FlashStore.open(convert(folder, root / layout, ConvertConfig(layout, "fp32", progress=False)))
               for layout in ("bundled", "unbundled")}
     return folder, stores
+
+
+def oracle(store):
+    return OraclePredictor(store.load_model())
 
 
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])
@@ -33,7 +44,7 @@ def test_oracle_engine_equals_dense_over_64_tokens(tiny, layout, window):
     folder, stores = tiny
     dense = load_model(folder)
     expected = list(generate(dense, PROMPT, 64))
-    with FlashEngine(stores[layout], Policy("oracle", window, memory_budget=1.0, threads=2)) as eng:
+    with FlashEngine(stores[layout], oracle(stores[layout]), Policy(window, 1.0, in_flight=2)) as eng:
         got = list(eng.generate(PROMPT, 64))
         assert got == expected
         seq = PROMPT + got
@@ -41,7 +52,7 @@ def test_oracle_engine_equals_dense_over_64_tokens(tiny, layout, window):
         with torch.no_grad():
             ref = dense(torch.tensor([seq[:-1]]), kv)[0]
         # the engine's logits for every position, recomputed token by token on a fresh engine
-    with FlashEngine(stores[layout], Policy("oracle", window, memory_budget=1.0, threads=2)) as eng:
+    with FlashEngine(stores[layout], oracle(stores[layout]), Policy(window, 1.0, in_flight=2)) as eng:
         kv = eng.model.new_cache(1, len(seq))
         logits = torch.stack([eng.step(t, kv) for t in seq[:-1]])
     assert (logits - ref).abs().max().item() <= 1e-4
@@ -51,34 +62,39 @@ def test_window_reduces_reads_and_keeps_the_window(tiny):
     _, stores = tiny
     reads = {}
     for window in (0, 4):
-        with FlashEngine(stores["bundled"], Policy("oracle", window, memory_budget=1.0, threads=2)) as eng:
+        with FlashEngine(stores["bundled"], oracle(stores["bundled"]), Policy(window, 1.0, in_flight=2)) as eng:
             list(eng.generate(PROMPT, 20))
-            reads[window] = sum(s.totals()["read"] for s in eng.steps)
-            t = eng.steps[-1].totals()
-            assert t["predicted"] == t["cached"] + t["read"]
+            reads[window] = sum(s.loaded for s in eng.steps)
+            t = eng.steps[-1]
+            assert t.predicted == t.cached + t.loaded
             if window == 0:
-                assert t["cached"] == 0
+                assert t.cached == 0
     assert reads[4] < reads[0]
 
 
 def test_budget_too_small_is_one_clear_error_before_any_work(tiny):
     _, stores = tiny
-    with pytest.raises(FlashnbError, match=r"memory budget .* is too small.*raise the budget"):
-        FlashEngine(stores["bundled"], Policy("none", 0, memory_budget=0.05))
-    with pytest.raises(FlashnbError, match="no predictors were given"):
-        FlashEngine(stores["bundled"], Policy("learned", 2))
+    st = stores["bundled"]
+    with pytest.raises(FlashnbError, match=r"memory budget .* is too small.*raise the budget to at least"):
+        FlashEngine(st, AllNeurons(st.ffn_dim), Policy(0, 0.05))
+    with pytest.raises(FlashnbError, match="predictor must be a flashnb predictor"):
+        FlashEngine(st, "learned", Policy(2))
 
 
 def test_bad_policy_values():
-    with pytest.raises(FlashnbError, match="predictor must be one of"):
-        Policy("magic")
-    with pytest.raises(FlashnbError, match="window must be >= 0"):
-        Policy("oracle", -1)
+    with pytest.raises(FlashnbError, match="window must be a whole number of tokens >= 0"):
+        Policy(-1)
+    with pytest.raises(FlashnbError, match=r"fraction of the model's bytes in \(0, 1\]"):
+        Policy(4, 1.5)   # a float is a fraction, however large: bytes are an int
+    with pytest.raises(FlashnbError, match="bytes must be >= 1"):
+        Policy(4, 0)
+    with pytest.raises(FlashnbError, match="reads in flight"):
+        Policy(4, 0.5, in_flight=0)
 
 
 def test_naive_reads_every_byte_of_the_ffn(tiny):
     _, stores = tiny
-    with FlashEngine(stores["bundled"], Policy("none", 0, memory_budget=1.0, threads=2)) as eng:
+    with FlashEngine(stores["bundled"], AllNeurons(stores["bundled"].ffn_dim), Policy(0, 1.0, in_flight=2)) as eng:
         kv = eng.model.new_cache(1, 8)
         for t in PROMPT:
             eng.step(t, kv)
@@ -93,7 +109,7 @@ def test_baselines_equal_dense(tiny, layout):
     dense = load_model(folder)
     with torch.no_grad():
         ref = dense(torch.tensor([PROMPT]))[0]
-    for runner in (HybridEngine(stores[layout], memory_budget=0.95, threads=2), MmapEngine(stores[layout])):
+    for runner in (HybridEngine(stores[layout], memory_budget=0.95, in_flight=2), MmapEngine(stores[layout])):
         kv = runner.model.new_cache(1, len(PROMPT))
         out = torch.stack([runner.step(t, kv) for t in PROMPT])
         runner.close()
@@ -103,44 +119,37 @@ def test_baselines_equal_dense(tiny, layout):
 @pytest.mark.parametrize("gap", [0, 8192])
 def test_simulate_from_a_dense_trace_equals_engine_bytes(tiny, gap):
     """The preview computed from a trace of the dense model alone equals what the engine reads."""
-    from flashnb.simulate import needed_from_trace, simulate
-    from flashnb.traces import record
-
     folder, stores = tiny
     dense = load_model(folder)
     seq = PROMPT + list(generate(dense, PROMPT, 30))
     trace = record(dense, seq)
-    sets = needed_from_trace(trace)
+    sets = sets_from_trace(trace)
     for layout in ("bundled", "unbundled"):
         for window in (0, 3):
-            pol = Policy("oracle", window, memory_budget=1.0, threads=2, gap_bytes=gap)
-            with FlashEngine(stores[layout], pol) as eng:
+            pol = Policy(window, 1.0, in_flight=2, gap_bytes=gap)
+            with FlashEngine(stores[layout], oracle(stores[layout]), pol) as eng:
                 kv = eng.model.new_cache(1, len(seq))
                 for t in seq:
                     eng.step(t, kv)
-                measured = [(s.bytes_read, s.totals()["requests"], s.totals()["evicted"]) for s in eng.steps]
+                measured = [(s.bytes_read, s.requests, s.evicted, s.loaded) for s in eng.steps]
             sim = simulate(sets, stores[layout], pol)
-            assert [(s.bytes_read, s.totals()["requests"], s.totals()["evicted"]) for s in sim] == measured
+            assert [(s.bytes_read, s.requests, s.evicted, s.loaded) for s in sim] == measured
 
 
 def test_tokens_needing_more_than_the_cache_are_served_in_parts(tiny):
     """A cache of 10 rows per layer: tokens needing more neurons still give the dense model's
     logits, and simulate still counts the engine's bytes exactly."""
-    from flashnb.simulate import simulate
-
     folder, stores = tiny
     dense = load_model(folder)
-    with FlashEngine(stores["bundled"], Policy("oracle", 2, memory_budget=1.0)) as probe:
-        mem = probe.memory
-    row = probe.store.neuron_bytes + 24
-    budget = mem.resident_bytes + probe.store.num_layers * 10 * row
-    pol = Policy("oracle", 2, memory_budget=budget, threads=2, gap_bytes=0)
-    with FlashEngine(stores["bundled"], pol) as eng:
+    st = stores["bundled"]
+    budget = st.resident_bytes + st.num_layers * 10 * (st.neuron_bytes + ROW_BOOKKEEPING)
+    pol = Policy(2, budget, in_flight=2, gap_bytes=0)
+    with FlashEngine(st, oracle(st), pol) as eng:
         assert eng.memory.capacity_rows == 10
         kv = eng.model.new_cache(1, len(PROMPT))
         out = torch.stack([eng.step(t, kv) for t in PROMPT])
-        assert max(len(ids) for s in eng.steps for ids in s.needed) > 10   # some token overflowed
-        sets = [s.needed for s in eng.steps]
+        assert max(len(ids) for s in eng.steps for ids in s.predicted_sets) > 10   # some token overflowed
+        sets = [s.predicted_sets for s in eng.steps]
         measured = [s.bytes_read for s in eng.steps]
     with torch.no_grad():
         ref = dense(torch.tensor([PROMPT]))[0]
@@ -149,8 +158,6 @@ def test_tokens_needing_more_than_the_cache_are_served_in_parts(tiny):
 
 
 def test_accelerate_peer_equals_dense(tiny):
-    from flashnb.baselines import AccelerateOffload
-
     folder, _ = tiny
     with torch.no_grad():
         ref = load_model(folder)(torch.tensor([PROMPT]))[0]
@@ -165,11 +172,7 @@ def test_accelerate_peer_equals_dense(tiny):
 
 def test_a_layer_that_selects_no_neuron_adds_only_the_ffn_bias(tiny):
     """Predictors that select nothing: the engine's logits equal the dense model whose FFN
-    activations are all masked (flashnb.predicted_ffn), with no read at all."""
-    from flashnb.fingerprint import model_fingerprint
-    from flashnb.predicted_ffn import restricted_ffns
-    from flashnb.predictor import LowRankPredictor, LowRankPredictors
-
+    activations are all masked (flashnb.training.quality), with no read at all."""
     folder, stores = tiny
     dense = load_model(folder)
     c = dense.config
@@ -179,8 +182,9 @@ def test_a_layer_that_selects_no_neuron_adds_only_the_ffn_bias(tiny):
     seq = PROMPT + [11, 12, 13]
     with restricted_ffns(dense, preds), torch.no_grad():
         ref = dense(torch.tensor([seq]))[0]
-    with FlashEngine(stores["bundled"], Policy("learned", 2, memory_budget=1.0, threads=2), predictors=preds) as eng:
+    with FlashEngine(stores["bundled"], preds, Policy(2, 1.0, in_flight=2)) as eng:
         kv = eng.model.new_cache(1, len(seq))
         logits = torch.stack([eng.step(t, kv) for t in seq])
-        assert sum(s.bytes_read for s in eng.steps) == 0 and all(n.size == 0 for s in eng.steps for n in s.needed)
+        assert sum(s.bytes_read for s in eng.steps) == 0
+        assert all(n.size == 0 for s in eng.steps for n in s.predicted_sets)
     assert (logits - ref).abs().max().item() <= 1e-4

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashnb.checkpoint import load_model
-from flashnb.generate import SamplingConfig, generate
+from flashnb.models.checkpoint import load_model
+from flashnb.core.generate import SamplingConfig, generate
 from flashnb.paths import shipped_model_dir
 
 from conftest import make_tiny_llama, make_tiny_opt

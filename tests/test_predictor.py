@@ -10,11 +10,11 @@ from sparsity_helpers import tiny, tiny_llama
 
 from flashnb.cli import main
 from flashnb.errors import FlashnbError
-from flashnb.predicted_ffn import dense_window_logits, quality, restricted_ffns
-from flashnb.predictor import (LowRankPredictors, OraclePredictor, Selection, load_predictors,
-                               mean_selection, selection_metrics)
-from flashnb.predictor_train import PredictorTrainConfig, train_predictors
-from flashnb.traces import record
+from flashnb.core.predictor import LowRankPredictors, OraclePredictor, load_predictors
+from flashnb.training.quality import (Selection, dense_window_logits, mean_selection, quality, restricted_ffns,
+                                      selection_metrics)
+from flashnb.training.predictors import PredictorTrainConfig, train_predictors
+from flashnb.training.traces import record
 
 
 def test_selection_metrics_exact():
@@ -39,7 +39,7 @@ def test_oracle_equals_dense_active_set(make):
         want = mod.last_activation != 0
         got = oracle.predict(i, args[0])
         assert torch.equal(got, want)
-        assert oracle.predict_ids(i, args[0][0, 5]).tolist() == torch.nonzero(want[0, 5]).reshape(-1).tolist()
+        assert oracle.select(i, args[0][0, 5]).tolist() == torch.nonzero(want[0, 5]).reshape(-1).tolist()
         checked.append(i)
 
     hooks = []
@@ -63,7 +63,7 @@ def test_oracle_restricted_model_is_exact(make):
             restricted = m(torch.from_numpy(ids)[None, :32])
     assert torch.equal(dense, restricted)
     q = quality(m, OraclePredictor(m), ids, context=32)
-    assert q["perplexity_increase"] == 0.0 and q["top1_agreement"] == 1.0 and q["tokens"] == 64
+    assert q.perplexity_increase == 0.0 and q.top1_agreement == 1.0 and q.tokens == 64
     assert m.layers[0].ffn.forward.__func__ is type(m.layers[0].ffn).forward  # restored
 
 
@@ -89,12 +89,12 @@ def test_low_rank_predictors_train_and_roundtrip(tmp_path, trained):
     x = torch.from_numpy(tr.inputs[1, :20]).float()
     half = back.logits(1, x)
     assert torch.allclose(preds.logits(1, x), half, atol=0.05)  # fp16 weights on disk
-    assert back.predict_ids(1, x[0]).tolist() == torch.nonzero(half[0] > 0).reshape(-1).tolist()
+    assert back.select(1, x[0]).tolist() == torch.nonzero(half[0] > 0).reshape(-1).tolist()
     lower = back.with_thresholds(0.2)
     assert lower.predict(1, x).sum() >= back.predict(1, x).sum()
     q = quality(m, back, np.arange(65) % 50, context=32,
                 dense_logits=dense_window_logits(m, np.arange(65) % 50, 32))
-    assert q["tokens"] == 64 and 0.0 <= q["top1_agreement"] <= 1.0
+    assert q.tokens == 64 and 0.0 <= q.top1_agreement <= 1.0
 
 
 def test_predictors_of_another_model_are_refused(tmp_path, trained):
@@ -148,9 +148,9 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 
 
 def test_shipped_predictors_reach_recall_on_heldout_slice():
-    from flashnb.checkpoint import load_model
+    from flashnb.models.checkpoint import load_model
     from flashnb.paths import data_dir, shipped_model_dir
-    from flashnb.predictor_build import load_heldout
+    from flashnb.training.build_predictors import load_heldout
 
     folder = data_dir() / "flashnb-opt-21m-predictors"
     model = load_model(shipped_model_dir())
@@ -165,7 +165,7 @@ def test_shipped_predictors_reach_recall_on_heldout_slice():
 
 
 def test_build_helpers(tmp_path):
-    from flashnb.predictor_build import load_heldout, save_heldout, train_windows
+    from flashnb.training.build_predictors import load_heldout, save_heldout, train_windows
 
     stream = np.arange(1000, dtype=np.uint16)
     w = train_windows(stream, 300, 100, seed=0)

@@ -11,11 +11,15 @@ import pytest
 
 from conftest import make_tiny_llama, make_tiny_opt
 from flash_helpers import reference_rows
-from flashnb import aio
-from flashnb import reader as reader_mod
+from flashnb.core import aio
+from flashnb.core import io as io_mod
+from flashnb.core import reader as reader_mod
+from flashnb.core.convert import ConvertConfig, convert
+from flashnb.core.defaults import MAX_PROFILE_GAP
+from flashnb.core.io import AlignedBuffer, aligned_empty, preadv_full
+from flashnb.core.reader import NeuronReader, ReaderConfig
+from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
-from flashnb.reader import AlignedBuffer, NeuronReader, ReaderConfig, aligned_empty, preadv_full
-from flashnb.store import ConvertConfig, FlashStore, convert
 
 # d 32 (rows of 64..128 B: the staging path) and d 128 (bundles of 512 B+: the zero-copy scatter path)
 SOURCES = {"opt": dict(), "opt128": dict(hidden_size=128, ffn_dim=256, word_embed_proj_dim=128),
@@ -50,11 +54,11 @@ def test_rows_equal_checkpoint_exactly(stores, model, layout, dtype):
     rng = np.random.default_rng(hash((model, layout, dtype)) % 2**32)
     paths = set()
     backends = set()
-    for cfg in (ReaderConfig(threads=3, gap_bytes=0),
-                ReaderConfig(threads=3, gap_bytes=0, backend="threads"),
-                ReaderConfig(threads=2, gap_bytes=1 << 20, max_request_bytes=4096),
-                ReaderConfig(threads=2, gap_bytes=4096, max_request_bytes=8192, backend="threads"),
-                ReaderConfig(threads=4, direct=False, gap_bytes=1024)):
+    for cfg in (ReaderConfig(in_flight=3, gap_bytes=0),
+                ReaderConfig(in_flight=3, gap_bytes=0, backend="threads"),
+                ReaderConfig(in_flight=2, gap_bytes=1 << 20, max_request_bytes=4096),
+                ReaderConfig(in_flight=2, gap_bytes=4096, max_request_bytes=8192, backend="threads"),
+                ReaderConfig(in_flight=4, direct=False, gap_bytes=1024)):
         with NeuronReader(s, cfg) as r:
             for layer in range(s.num_layers):
                 for ids in _id_sets(s.ffn_dim, rng):
@@ -86,37 +90,34 @@ def test_rows_equal_checkpoint_exactly(stores, model, layout, dtype):
 def test_coalescing_counts(stores):
     s, ref = stores[("opt128", "bundled", "fp32")]          # bundles of 1 KiB
     ids = np.array([0, 1, 2, 10, 11, 40, 200])
-    with NeuronReader(s, ReaderConfig(threads=2, gap_bytes=0)) as r:
+    with NeuronReader(s, ReaderConfig(in_flight=2, gap_bytes=0)) as r:
         st = r.read(0, ids).stats
         assert st.path == "scatter" and st.requests == 4 and st.bytes_read == st.bytes_needed == 7 * 1024
         assert st.chunk_histogram == {1024: 2, 2048: 1, 4096: 1}
-    with NeuronReader(s, ReaderConfig(threads=2, gap_bytes=7 * 1024)) as r:   # 0-2 and 10-11 merge (7 between)
+    with NeuronReader(s, ReaderConfig(in_flight=2, gap_bytes=7 * 1024)) as r:   # 0-2 and 10-11 merge (7 between)
         st = r.read(0, ids).stats
         assert st.requests == 3 and st.bytes_read == 12 * 1024 + 2 * 1024
-    with NeuronReader(s, ReaderConfig(threads=2, gap_bytes=1 << 30)) as r:   # everything in one request
+    with NeuronReader(s, ReaderConfig(in_flight=2, gap_bytes=1 << 30)) as r:   # everything in one request
         res = r.read(0, ids)
         assert res.stats.requests == 1 and res.stats.bytes_read == 201 * 1024
         assert np.array_equal(res.rows, ref[0][ids])
-    with NeuronReader(s, ReaderConfig(threads=4, gap_bytes=0, max_request_bytes=16 * 1024)) as r:
+    with NeuronReader(s, ReaderConfig(in_flight=4, gap_bytes=0, max_request_bytes=16 * 1024)) as r:
         st = r.read(1, np.arange(s.ffn_dim)).stats                  # 256 KiB split for the threads
         assert st.requests == 16 and set(st.chunk_sizes.tolist()) == {16 * 1024}
 
 
-def test_gap_from_profile(stores):
+def test_gap_from_profile():
     from flash_helpers import synthetic_profile
-    from flashnb.profile import Profile
+    from flashnb.device.profile import Profile, coalescing_gap
 
     prof = Profile(synthetic_profile(latency_s=1e-4, bandwidth=1e9))
-    s, _ = stores[("opt", "bundled", "fp16")]
-    with NeuronReader(s, ReaderConfig(threads=4), profile=prof) as r:
-        assert r.gap_source == "profile" and r.gap_bytes == min(prof.coalesce_gap(4), reader_mod.MAX_PROFILE_GAP) > 0
-    with NeuronReader(s, ReaderConfig(threads=4)) as r:
-        assert (r.gap_source, r.gap_bytes) == ("none", 0)
+    assert coalescing_gap(prof, 4) == min(prof.coalesce_gap(4), MAX_PROFILE_GAP) > 0
+    assert coalescing_gap(None, 4) == 0
 
 
 def test_out_of_range_and_bad_arguments(stores):
     s, _ = stores[("llama", "bundled", "fp16")]
-    with NeuronReader(s, ReaderConfig(threads=2)) as r:
+    with NeuronReader(s, ReaderConfig(in_flight=2)) as r:
         for bad in ([0, s.ffn_dim], [-1], [5, s.ffn_dim + 10, 7]):
             with pytest.raises(FlashnbError, match=r"out of range for layer 1 .* \(valid ids: 0\.\.63\)"):
                 r.read(1, bad)
@@ -126,8 +127,11 @@ def test_out_of_range_and_bad_arguments(stores):
             r.read(0, [1, 2], np.empty((3, s.row_values), s.np_dtype))
     with pytest.raises(FlashnbError, match="closed"):
         r.read(0, [1])
-    with pytest.raises(FlashnbError, match="threads must be at least 1"):
-        NeuronReader(s, ReaderConfig(threads=0))
+    with pytest.raises(FlashnbError, match="reads in flight must be a whole number >= 1"):
+        NeuronReader(s, ReaderConfig(in_flight=0))
+    with pytest.raises(FlashnbError, match="neuron ids must be integers"):
+        with NeuronReader(s, ReaderConfig(in_flight=2)) as r:
+            r.read(0, [1.5, 2.0])
 
 
 def test_short_reads_and_eintr_are_retried(stores, monkeypatch):
@@ -143,10 +147,10 @@ def test_short_reads_and_eintr_are_retried(stores, monkeypatch):
             return real(fd, [iov[0][:512]] if iov[0].nbytes >= 512 else iov[:1], off)
         return real(fd, iov, off)
 
-    monkeypatch.setattr(reader_mod.os, "preadv", flaky)
+    monkeypatch.setattr(io_mod.os, "preadv", flaky)
     ids = np.array([9, 3, 100, 101, 102, 250, 3])
     for direct in (True, False):
-        with NeuronReader(s, ReaderConfig(threads=1, gap_bytes=4096, direct=direct, backend="threads")) as r:
+        with NeuronReader(s, ReaderConfig(in_flight=1, gap_bytes=4096, direct=direct, backend="threads")) as r:
             res = r.read(0, ids)
             assert np.array_equal(res.rows, ref[0][ids]) and res.stats.retries > 0
 
@@ -165,14 +169,14 @@ def test_aio_short_or_failed_requests_are_reread(stores, monkeypatch):
     monkeypatch.setattr(aio.AioBatch, "wait", flaky)
     ids = np.array([9, 3, 100, 101, 102, 250, 3])
     for out in (None, np.empty((ids.size, s.row_values), s.np_dtype)):  # scatter and staging paths
-        with NeuronReader(s, ReaderConfig(threads=4, gap_bytes=0, backend="aio")) as r:
+        with NeuronReader(s, ReaderConfig(in_flight=4, gap_bytes=0, backend="aio")) as r:
             res = r.read(0, ids, out)
             assert np.array_equal(res.rows, ref[0][ids]) and res.stats.retries == 2 and res.stats.backend == "aio", res.stats
 
 
 def test_unknown_backend_is_an_error(stores):
     s, _ = stores[("opt128", "bundled", "fp16")]
-    with pytest.raises(FlashnbError, match="backend must be 'auto', 'aio' or 'threads'"):
+    with pytest.raises(FlashnbError, match="backend must be one of auto, aio, threads"):
         NeuronReader(s, ReaderConfig(backend="uring"))
 
 
@@ -198,10 +202,10 @@ def test_fallback_when_o_direct_is_refused(stores, monkeypatch):
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *a)
 
-    monkeypatch.setattr(reader_mod.os, "open", no_direct)
+    monkeypatch.setattr(io_mod.os, "open", no_direct)
     monkeypatch.setattr(reader_mod, "evict", lambda fd, off=0, ln=0: evicted.append((off, ln)))
-    with NeuronReader(s, ReaderConfig(threads=2)) as r:
-        assert r.direct is False
+    with NeuronReader(s, ReaderConfig(in_flight=2)) as r:
+        assert r.direct is False and r.io_mode.startswith("buffered (the file system refuses direct I/O")
         res = r.read(1, [7, 2, 7])
         assert res.stats.direct is False and np.array_equal(res.rows, ref[1][[7, 2, 7]])
         regs = s.regions(1)
@@ -221,10 +225,10 @@ def test_reader_accepts_a_path_and_torch_ids(stores):
     import torch
 
     s, ref = stores[("llama", "unbundled", "fp16")]
-    with NeuronReader(Path(s.path), ReaderConfig(threads=2)) as r:
+    with NeuronReader(Path(s.path), ReaderConfig(in_flight=2)) as r:
         res = r.read(0, torch.tensor([5, 1]))
         assert np.array_equal(res.rows, ref[0][[5, 1]])
-        assert res.stats.summary()["neurons_unique"] == 2
+        assert res.stats.neurons_unique == 2
 
 
 @pytest.mark.parametrize("backend", ["aio", "threads"])
@@ -235,7 +239,7 @@ def test_submit_then_wait_equals_read_and_holds_the_reader(stores, backend):
         pytest.skip("native AIO (io_setup) is not available on this kernel")
     s, ref = stores[("opt128", "bundled", "fp16")]
     ids = np.array([3, 9, 100, 101, 250])
-    with NeuronReader(s, ReaderConfig(threads=4, backend=backend)) as r:
+    with NeuronReader(s, ReaderConfig(in_flight=4, backend=backend)) as r:
         pending = r.submit(0, ids, out=aligned_empty((ids.size, s.row_values), s.np_dtype))
         other = {}
         t = threading.Thread(target=lambda: other.setdefault("rows", r.read(1, ids).rows))
@@ -249,3 +253,18 @@ def test_submit_then_wait_equals_read_and_holds_the_reader(stores, backend):
         with pytest.raises(FlashnbError, match="out of range"):  # a refused call leaves the reader usable
             r.submit(0, [s.ffn_dim])
         assert np.array_equal(r.read(0, ids).rows, ref[0][ids])
+
+
+def test_a_second_submit_before_wait_is_a_clear_error_and_a_dropped_read_is_reclaimed(stores):
+    import gc
+
+    s, ref = stores[("opt128", "bundled", "fp16")]
+    ids = np.array([3, 9, 100])
+    with NeuronReader(s, ReaderConfig(in_flight=4)) as r:
+        pending = r.submit(0, ids)
+        with pytest.raises(FlashnbError, match="already has a read pending"):
+            r.submit(1, ids)
+        assert np.array_equal(pending.wait().rows, ref[0][ids])
+        r.submit(0, ids)      # dropped without wait(): completed when collected
+        gc.collect()
+        assert np.array_equal(r.read(1, ids).rows, ref[1][ids])

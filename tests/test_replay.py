@@ -1,11 +1,11 @@
-"""Trace replay (flashnb.replay) on a small shape: the bytes it reads are exact, and the paper's
+"""Trace replay (flashnb.bench.replay) on a small shape: the bytes it reads are exact, and the paper's
 naive (the whole model) reads the FFN plus the other weights' share."""
 
 import numpy as np
 import pytest
 
 from flashnb.errors import FlashnbError
-from flashnb.replay import ReplayShape, replay, replay_store, replay_whole_model, widen
+from flashnb.bench.replay import ReplayShape, replay, replay_store, replay_whole_model, widen
 
 SHAPE = ReplayShape(layers=2, d_model=512, ffn_dim=256)
 
@@ -28,17 +28,17 @@ def test_widen_keeps_sets_sizes_and_maps_each_neuron_to_factor_neurons():
 
 def test_naive_and_sparse_replays_read_exact_bytes(stores):
     st = stores["bundled"]
-    naive = replay(st, None, 0, SHAPE.ffn_dim, threads=4)
-    assert naive["bytes_per_token"] == SHAPE.layers * SHAPE.ffn_dim * 2 * SHAPE.d_model * 2
+    naive = replay(st, None, 0, SHAPE.ffn_dim, in_flight=4)
+    assert naive.bytes_read == SHAPE.layers * SHAPE.ffn_dim * 2 * SHAPE.d_model * 2
     sets = [[np.array([1, 5, 9]), np.array([2])], [np.array([1, 6]), np.array([2, 3])],
             [np.array([7]), np.array([3])]]
-    win = replay(st, sets, 1, SHAPE.ffn_dim, threads=4, gap_bytes=0)
+    win = replay(st, sets, 1, SHAPE.ffn_dim, in_flight=4, gap_bytes=0)
     # tokens 2 and 3 (the first is skipped: empty caches): {6} + {3} new, then {7} new, 3 cached
-    assert win["tokens"] == 2 and win["bytes_per_token"] == (2 + 1) / 2 * 2048
+    assert win.tokens == 2 and win.bytes_read == (2 + 1) / 2 * 2048
 
 
 def test_whole_model_naive_reads_ffn_plus_other_bytes(stores):
     other = 3 * 2048 * SHAPE.layers  # three unbundled rows (two 1 KiB parts each) per layer
-    r = replay_whole_model(stores["bundled"], stores["unbundled"], other, tokens=1, threads=4)
+    r = replay_whole_model(stores["bundled"], stores["unbundled"], other, tokens=1, in_flight=4)
     ffn = SHAPE.layers * SHAPE.ffn_dim * 2048
-    assert r["bytes_per_token"] == ffn + other and r["io_ms"] > 0
+    assert r.bytes_read == ffn + other and r.io_ms > 0

@@ -12,10 +12,12 @@ import torch
 
 from conftest import make_tiny_llama, make_tiny_opt
 from flash_helpers import reference_rows
-from flashnb.checkpoint import load_model
+from flashnb.models.checkpoint import load_model
 from flashnb.cli import main
 from flashnb.errors import FlashnbError
-from flashnb.store import ALIGNMENT, DTYPES, ConvertConfig, FlashStore, convert, verify
+from flashnb.core.convert import ConvertConfig, convert
+from flashnb.core.defaults import ALIGNMENT
+from flashnb.core.store import DTYPES, FlashStore, verify
 
 MODELS = ("opt", "llama")
 COMBOS = [(m, lay, dt) for m in MODELS for lay in ("bundled", "unbundled") for dt in ("fp16", "fp32")]

@@ -1,5 +1,5 @@
 from flashnb.paths import shipped_model_dir
-from flashnb.tokenizer import Tokenizer, train_bpe
+from flashnb.models.tokenizer import Tokenizer, train_bpe
 
 SAMPLES = ["Return the number of items.", "  indented\n\tcode = {'a': 1}  # comment",
            "unicode: naïve café — 数学 ∑ 🙂", ""]

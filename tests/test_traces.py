@@ -6,9 +6,9 @@ import torch
 
 from sparsity_helpers import tiny
 
-from flashnb import tracestats as ts
+from flashnb.training import tracestats as ts
 from flashnb.errors import FlashnbError
-from flashnb.traces import Trace, load_trace, record
+from flashnb.training.traces import Trace, load_trace, record
 
 F = 8
 

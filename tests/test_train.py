@@ -7,8 +7,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from flashnb.corpus import Corpus
-from flashnb.train import TrainConfig, train
+from flashnb.training.corpus import Corpus
+from flashnb.training.train import TrainConfig, train
 
 from conftest import TEXTS
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from flash_helpers import synthetic_profile
 from viz_helpers import bar_series
-from flashnb.costmodel import table2
-from flashnb.profile import Profile
+from flashnb.device.costmodel import table2
+from flashnb.device.profile import Profile
 from flashnb.viz import style as S
 from flashnb.viz.flash import bundling_figure, format_table2, layouts_figure, table2_figure, throughput_figure, \
     where
@@ -63,7 +64,7 @@ def test_table_and_cost_figures():
     fig = table2_figure(_profile())
     series = ["Table 2, M1 Max (paper)", "paper's device (modeled, cost model)", "this disk (modeled, cost model)"]
     assert [t.name for t in fig.data if t.showlegend is not False] == series  # one trace per colour, one legend entry
-    names = [r["name"] for r in table2()]
+    names = [r.name for r in table2()]
     paper, modeled, mine = (bar_series(fig, s) for s in series)
     assert [paper[n][0] for n in names] == [2196, 1090, 738, 164, 87]
     techniques = [S.color(n) for n in ("naive", "hybrid", "predictor", "windowing", "all")]
@@ -78,10 +79,12 @@ def test_table_and_cost_figures():
 
 
 def test_layouts_figure():
-    rows = [{"layout": lay, "useful_GBps": g, "requests": r, "calls": 2, "ms_per_call": 3.0,
-             "neurons_per_call": 10, "neuron_bytes": 8192, "threads": 4, "direct": True}
-            for lay, g, r in (("bundled", 0.2, 20), ("unbundled", 0.1, 40))]
+    from flashnb.lab.flash import LayoutRun
+
+    # two calls of 10 neurons of 8 KiB: 160 KiB needed, read in 0.8 ms (bundled) and 1.6 ms (unbundled)
+    rows = [LayoutRun(lay, 2, 10, 4, 8192, r, 163840, 163840, secs, 0.0, True)
+            for lay, secs, r in (("bundled", 163840 / 0.2e9, 20), ("unbundled", 163840 / 0.1e9, 40))]
     fig = layouts_figure(rows)
-    assert [t.y[0] for t in fig.data] == [0.2, 0.1] and "10 requests/call" in fig.data[0].text[0]
+    assert [t.y[0] for t in fig.data] == pytest.approx([0.2, 0.1]) and "10 requests/call" in fig.data[0].text[0]
     assert [t.name for t in fig.data] == ["bundled (measured)", "unbundled (measured)"]
     assert "4 in flight" in fig.layout.title.text

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 from sparsity_helpers import tiny
 
-from flashnb import tracestats as ts
-from flashnb.predictor import Selection
-from flashnb.predictor_train import PredictorTrainConfig, train_predictors
-from flashnb.traces import record
+from flashnb.lab.sparsity import ThresholdExplorer
+from flashnb.training import tracestats as ts
+from flashnb.training.predictors import PredictorTrainConfig, train_predictors
+from flashnb.training.quality import Selection
+from flashnb.training.traces import record
 from flashnb.viz import sparsity as vs
-from flashnb.widgets.sparsity import ThresholdExplorer, threshold_widget
+from flashnb.widgets.sparsity import threshold_widget
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,11 @@ def test_threshold_explorer_redraws(setup):
     m, ids, tr, preds = setup
     ex = ThresholdExplorer(m, preds, tr, ids, context=32)
     low, high = ex.measure(0.1), ex.measure(0.9)
-    assert low["mean"].recall >= high["mean"].recall
-    assert low["mean"].over_selection >= high["mean"].over_selection
-    assert low["quality"]["tokens"] == 128
+    assert low.mean.recall >= high.mean.recall
+    assert low.mean.over_selection >= high.mean.over_selection
+    assert low.quality.tokens == 128
     curve = ex.curve([0.2, 0.5, 0.8])
-    assert curve["recall"] == sorted(curve["recall"], reverse=True)
+    assert curve.recall == sorted(curve.recall, reverse=True)
     assert len(vs.tradeoff_figure(curve, 0.5).data) == 3
     box = threshold_widget(ex, 0.5)
     slider, label, fig = box.children

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-from viz_helpers import FIGURE_FUNCTIONS, WINDOW_ROWS, bar_series, style_figures, tour_figures
+from viz_helpers import FIGURE_FUNCTIONS, bar_series, style_figures, tour_figures, window_rows
 
 from flashnb.viz import engine as ve
 from flashnb.viz import style as S
@@ -166,15 +166,16 @@ def test_bars_one_trace_per_colour_in_one_slot():
 
 
 def test_window_figure_highlight_follows_the_window():
-    fig = ve.window_figure(WINDOW_ROWS, 2)
+    rows = window_rows()
+    fig = ve.window_figure(rows, 2)
     bars = [t for t in fig.data if t.type == "bar"]
     assert [list(t.x) for t in bars] == [[0], [1, 2, 3]]                        # predictor alone, then windowing
     assert len({t.offsetgroup for t in bars}) == 1
-    ve.highlight(fig, WINDOW_ROWS, 3)
+    ve.highlight(fig, rows, 3)
     assert {w: o for t in bars for w, o in zip(t.x, t.marker.opacity)} == {0: 0.35, 1: 0.35, 2: 0.35, 3: 1.0}
     tokens = next(t for t in fig.data if t.type == "scatter")
-    assert list(tokens.y) == WINDOW_ROWS[3]["per_token_mb"] and "window 3" in tokens.name
-    ve.highlight(fig, WINDOW_ROWS, 0)
+    assert list(tokens.y) == list(rows[3].per_token_mb) and "window 3" in tokens.name
+    ve.highlight(fig, rows, 0)
     assert bars[0].marker.opacity == (1.0,) and tokens.line.color == S.color("predictor")
 
 

@@ -7,13 +7,17 @@ import json
 
 import pytest
 
-from flashnb import FlashnbError, tour
-from flashnb.bench import LABELS, BenchConfig, run_bench
-from flashnb.engine import FlashEngine, Policy
-from flashnb.profile import Profile
-from flashnb.store import ConvertConfig, FlashStore, convert
-from flashnb.tiny import TEXTS, make_tiny_opt
-from flashnb.tokenizer import Tokenizer
+from flashnb import FlashnbError
+from flashnb.bench.report import LABELS
+from flashnb.bench.run import BenchConfig, run_bench
+from flashnb.core.convert import ConvertConfig, convert
+from flashnb.core.engine import FlashEngine, Policy
+from flashnb.core.predictor import OraclePredictor
+from flashnb.core.store import FlashStore
+from flashnb.device.profile import Profile, coalescing_gap
+from flashnb.lab import byo, end_to_end, quickstart
+from flashnb.models.tiny import TEXTS, make_tiny_opt
+from flashnb.models.tokenizer import Tokenizer
 from flashnb.viz import style as S
 from flashnb.viz import tour as V
 from flashnb.widgets import tour as W
@@ -32,21 +36,21 @@ def setup(tmp_path_factory):
     folder = make_tiny_opt(root / "hf", backend="flashnb", ffn_dim=512, max_position_embeddings=128)
     tok = Tokenizer.from_folder(folder, bos_id=2)
     ids = tok.encode(" ".join(TEXTS))
-    preds, metrics = tour.quick_predictors(folder, ids, rank=8, epochs=2)
+    preds = byo.quick_predictors(folder, ids, rank=8, epochs=2).predictors
     preds.save(root / "preds")
     (root / "profile.json").write_text(json.dumps(synthetic_profile()))
     profile = Profile.load(root / "profile.json")
     result = run_bench(BenchConfig(model=str(folder), predictors=str(root / "preds"), prompt="Open the", tokens=3,
-                                   threads=2, dir=str(root), profile=str(root / "profile.json"), configs=CONFIGS,
+                                   in_flight=2, dir=str(root), profile=str(root / "profile.json"), configs=CONFIGS,
                                    progress=False))
     store = FlashStore.open(convert(folder, root / "store", ConvertConfig(progress=False)))
     prompt = tok.encode("Open the file")
-    with FlashEngine(store, Policy("learned", 2, 0.5, threads=2), predictors=preds, profile=profile) as eng:
+    with FlashEngine(store, preds, Policy(2, 0.5, 2, coalescing_gap(profile, 2))) as eng:
         out = list(eng.generate(prompt, 6))
     steps = eng.steps[len(prompt):]
-    sweep = tour.budget_sweep(store, preds, prompt, profile, measured=(0.6, 1.0), modeled=5, tokens=3, window=2,
-                              threads=2)
-    return dict(folder=folder, store=store, preds=preds, metrics=metrics, profile=profile, result=result,
+    sweep = end_to_end.budget_sweep(store, preds, prompt, profile, measured=(0.6, 1.0), modeled=5, tokens=3,
+                                    window=2, in_flight=2)
+    return dict(folder=folder, store=store, preds=preds, profile=profile, result=result,
                 steps=steps, out=out, sweep=sweep, prompt=prompt, tok=tok)
 
 
@@ -58,12 +62,11 @@ def _axis_titles(fig) -> list[str]:
 
 def test_data_moved_figure_shows_bytes_and_hits_per_token(setup):
     steps, store = setup["steps"], setup["store"]
-    fig = V.data_moved_figure(steps, tour.ffn_bytes(store), ["a"] * len(steps))
+    fig = V.data_moved_figure(steps, quickstart.ffn_bytes(store), ["a"] * len(steps))
     mb, ffn_line, hits, reads = fig.data
-    tot = [s.totals() for s in steps]
-    assert list(mb.y) == [t["bytes_read"] / 1e6 for t in tot]
-    assert list(ffn_line.y) == [tour.ffn_bytes(store) / 1e6] * 2
-    assert [h + r for h, r in zip(hits.y, reads.y)] == [t["predicted"] for t in tot]   # cached + read = chosen
+    assert list(mb.y) == [s.bytes_read / 1e6 for s in steps]
+    assert list(ffn_line.y) == [quickstart.ffn_bytes(store) / 1e6] * 2
+    assert [h + r for h, r in zip(hits.y, reads.y)] == [s.predicted for s in steps]   # cached + read = chosen
     assert mb.marker.color == S.color("all") and hits.marker.color == S.color("windowing")
     assert reads.marker.color == S.color("io") and ffn_line.line.color == S.color("naive")
     assert all("(measured" in t.name for t in fig.data)
@@ -82,22 +85,22 @@ def test_time_breakdown_figure_stacks_the_three_components(setup):
     assert fig.layout.yaxis.title.text == "time per token (ms)"
 
 
-def test_breakdown_figure_puts_modeled_beside_measured(setup):
+def test_breakdown_figure_puts_modeled_io_beside_measured(setup):
     result = setup["result"]
     fig = V.breakdown_figure(result)
     names = [t.name for t in fig.data]
-    assert names == ["I/O (measured)", "I/O (modeled)", "memory management (measured)", "memory management (modeled)",
-                     "compute (measured)", "compute (modeled)", "total, not split (measured)"]
-    io_measured, io_modeled = fig.data[0], fig.data[1]
+    assert names == ["I/O (measured)", "memory management (measured)", "compute (measured)", "I/O (modeled)",
+                     "total, not split (measured)"]
+    io_measured, io_modeled = fig.data[0], fig.data[3]
     assert [tuple(x) for x in io_measured.x][0] == tuple(LABELS[n] for n in CONFIGS for _ in (0, 1))
-    res = result["results"]
-    assert list(io_measured.y[0::2]) == [res[n]["io_ms"] for n in CONFIGS]      # measured slots
-    assert all(v is None for v in io_measured.y[1::2])                          # modeled slots empty
-    assert list(io_modeled.y[1::2]) == [res[n]["modeled"]["io_ms"] for n in CONFIGS]
+    res = result.results
+    assert list(io_measured.y[0::2]) == [res[n].stats.io_ms for n in CONFIGS]   # measured slots
+    assert all(v is None for v in io_measured.y[1::2])                         # modeled slots empty
+    assert list(io_modeled.y[1::2]) == [res[n].modeled_io_ms for n in CONFIGS]
     assert io_modeled.marker.pattern.shape == "/" and not io_measured.marker.pattern.shape
     assert io_measured.marker.color == S.color("io")
     unsplit = fig.data[-1]
-    assert unsplit.y[2 * CONFIGS.index("mmap")] == res["mmap"]["total_ms"]
+    assert unsplit.y[2 * CONFIGS.index("mmap")] == res["mmap"].stats.total_ms
     assert unsplit.marker.color[2 * CONFIGS.index("mmap")] == S.color("mmap")
     assert unsplit.y[0] is None                                                  # naive is split
     assert fig.layout.yaxis.title.text == "time per token (ms)"
@@ -105,46 +108,46 @@ def test_breakdown_figure_puts_modeled_beside_measured(setup):
 
 def test_table2_beside_and_ladder_figure(setup):
     result = setup["result"]
-    rows = tour.table2_beside(result)
-    assert [r["name"] for r in rows] == ["naive", "hybrid", "predictor", "windowing", "all"]
-    assert [r["paper_io_ms"] for r in rows] == [2196, 1090, 738, 164, 87]
-    assert rows[0]["io_vs_naive"] == pytest.approx(1.0) and rows[0]["paper_io_vs_naive"] == 1.0
-    assert rows[4]["paper_io_vs_naive"] == pytest.approx(2196 / 87)
-    res = result["results"]
-    assert rows[2]["io_vs_naive"] == pytest.approx(res["naive"]["io_ms"] / res["predictor"]["io_ms"])
-    text = tour.format_table2_beside(rows)
+    rows = end_to_end.table2_beside(result)
+    assert [r.name for r in rows] == ["naive", "hybrid", "predictor", "windowing", "all"]
+    assert [r.paper_io_ms for r in rows] == [2196, 1090, 738, 164, 87]
+    assert rows[0].io_vs_naive == pytest.approx(1.0) and rows[0].paper_io_vs_naive == 1.0
+    assert rows[4].paper_io_vs_naive == pytest.approx(2196 / 87)
+    res = result.results
+    assert rows[2].io_vs_naive == pytest.approx(res["naive"].stats.io_ms / res["predictor"].stats.io_ms)
+    text = end_to_end.format_table2_beside(rows)
     assert "Table 2" in text and len(text.splitlines()) == 2 + 5 + 1
     fig = V.ladder_figure(rows)
     legend = [t.name for t in fig.data if t.showlegend is not False]        # one trace per colour and series
     assert ["(paper)" in legend[0], "(measured)" in legend[1], "(modeled)" in legend[2]] == [True] * 3
     paper, measured, modeled = (bar_series(fig, name) for name in legend)
-    labels = [r["label"] for r in rows]
-    assert [paper[x][0] for x in labels] == [r["paper_io_vs_naive"] for r in rows]
+    labels = [r.label for r in rows]
+    assert [paper[x][0] for x in labels] == [r.paper_io_vs_naive for r in rows]
     techniques = [S.color(n) for n in ("naive", "hybrid", "predictor", "windowing", "all")]
     assert [measured[x][1] for x in labels] == techniques == [paper[x][1] for x in labels]
     assert {t.marker.pattern.shape for t in fig.data if t.name == legend[2]} == {"/"}
     assert [t.offsetgroup for t in fig.data if t.showlegend is not False] == ["paper", "measured", "modeled"]
     assert fig.layout.yaxis.type == "log" and "(x, log scale)" in fig.layout.yaxis.title.text
-    t3 = tour.table3_beside(result)
-    assert t3["paper_cpu_speedup"] == pytest.approx(3182 / 669)
-    assert t3["speedup"] == pytest.approx(result["results"]["naive"]["total_ms"] / result["results"]["all"]["total_ms"])
-    assert "3182 ms" in tour.format_table3_beside(t3)
+    t3 = end_to_end.table3_beside(result)
+    assert t3.paper_cpu_speedup == pytest.approx(3182 / 669)
+    assert t3.speedup == pytest.approx(res["naive"].stats.total_ms / res["all"].stats.total_ms)
+    assert "3182 ms" in end_to_end.format_table3_beside(t3)
 
 
 def test_budget_figure_and_explorer(setup):
     sweep = setup["sweep"]
-    assert {0.6, 1.0} <= set(sweep.budgets("all"))                  # the grid runs through the measured budgets
+    assert {0.6, 1.0} <= {p.budget for p in sweep.modeled["all"]}   # the grid runs through the measured budgets
     fig = V.budget_figure(sweep, 0.6)
     legend = [t.name for t in fig.data if t.showlegend is not False]
     assert legend == ["+bundling (all) (modeled)", "+bundling (all) (measured)", "hybrid (modeled)",
                       "hybrid (measured)", "paper: about half of OPT 6.7B in DRAM (paper, Table 2)"]
     modeled_all = fig.data[0]
     assert modeled_all.line.dash == "dash" and modeled_all.line.color == S.color("all")
-    assert list(modeled_all.x) == [100 * b for b in sweep.budgets("all")]
-    assert list(modeled_all.y) == [r["total_ms"] for r in sweep.modeled["all"]]
+    assert list(modeled_all.x) == [100 * p.budget for p in sweep.modeled["all"]]
+    assert list(modeled_all.y) == [p.total_ms for p in sweep.modeled["all"]]
     measured_hybrid = fig.data[6]
     assert measured_hybrid.mode == "markers" and measured_hybrid.marker.color == S.color("hybrid")
-    assert list(measured_hybrid.y) == [r["total_ms"] for r in sweep.measured["hybrid"]]
+    assert list(measured_hybrid.y) == [p.total_ms for p in sweep.measured["hybrid"]]
     titles = _axis_titles(fig)
     assert "DRAM budget (% of the model's bytes)" in titles and "time per token (ms)" in titles
     chosen = [s for s in fig.layout.shapes if s.name == "chosen budget"]
@@ -159,36 +162,34 @@ def test_budget_figure_and_explorer(setup):
 
 def test_costs_figure_from_dense_and_flash_runs(setup):
     store, prompt, folder = setup["store"], setup["prompt"], setup["folder"]
-    dense = tour.dense_run(folder, prompt, 4)
-    flash = tour.flash_run(store, Policy("oracle", 2, 0.5, threads=2), prompt, 4, name="flash, oracle")
-    rows = tour.costs_table([dense, flash])
-    fig = V.costs_figure(rows, dense.dram_bytes)
+    dense = byo.dense_run(folder, prompt, 4)
+    flash = byo.flash_run(store, OraclePredictor(store.load_model()), Policy(2, 0.5, in_flight=2), prompt, 4,
+                          name="flash, oracle")
+    fig = V.costs_figure([dense, flash], dense.dram_bytes)
     assert [t.name for t in fig.data] == [
         "I/O (measured)", "memory management (measured)", "compute (measured)",
         "DRAM for weights (measured: bytes held)", "whole model (measured: file bytes)"]
     assert list(fig.data[3].y) == [dense.dram_bytes / 1e6, flash.dram_bytes / 1e6]
     assert list(fig.data[3].marker.color) == [S.color("dense"), S.color("all")]
-    assert fig.data[0].y[0] == 0.0 and fig.data[2].y[0] == dense.means["total_ms"]   # dense: all compute
+    assert fig.data[0].y[0] == 0.0 and fig.data[2].y[0] == dense.stats.total_ms   # dense: all compute
     assert "DRAM (MB)" in _axis_titles(fig)
 
 
 def test_model_folder_box_defaults_to_the_environment(monkeypatch):
-    monkeypatch.setenv(tour.ENV_BYO_MODEL, "/models/opt-1.3b")
+    monkeypatch.setenv(byo.ENV_BYO_MODEL, "/models/opt-1.3b")
     assert W.model_folder_box().value == "/models/opt-1.3b"
     assert W.model_folder_box("/elsewhere").value == "/elsewhere"
-    monkeypatch.delenv(tour.ENV_BYO_MODEL)
+    monkeypatch.delenv(byo.ENV_BYO_MODEL)
     assert W.model_folder_box().value == ""
 
 
-def test_budget_sweep_reuses_the_bench_runs_at_its_budget(setup):
-    result, store, preds, profile, prompt = (setup[k] for k in ("result", "store", "preds", "profile", "prompt"))
-    sweep = tour.budget_sweep(store, preds, prompt, profile, measured=(0.5, 1.0), modeled=3, tokens=3, window=4,
-                              threads=2, bench=result)
-    assert [r["budget"] for r in sweep.measured["all"]] == [0.5, 1.0]             # 0.5 not run again
-    first = sweep.measured["all"][0]
-    assert first["from"] == "run_bench" and first["total_ms"] == result["results"]["all"]["total_ms"]
-    assert sweep.measured["hybrid"][0]["mb_per_token"] == result["results"]["hybrid"]["bytes_read_per_token"] / 1e6
-    assert 0.5 in sweep.budgets("all") and 1.0 in sweep.budgets("all")
-    assert "bench's runs" in sweep.notes[0] and "calibrated on this machine" in sweep.notes[1]
-    with pytest.raises(FlashnbError, match="same settings"):
-        tour.budget_sweep(store, preds, prompt, profile, measured=(1.0,), tokens=5, window=4, threads=2, bench=result)
+def test_budget_sweep_measures_and_models_every_budget(setup):
+    sweep, store, preds = setup["sweep"], setup["store"], setup["preds"]
+    assert [p.budget for p in sweep.measured["all"]] == [0.6, 1.0]
+    assert all(p.dram_bytes <= p.budget * sweep.model_bytes for p in sweep.measured["all"])
+    # the modeled 'all' reads come from simulate: at a measured budget they equal the run's bytes
+    mod = {p.budget: p for p in sweep.modeled["all"]}
+    assert mod[0.6].mb_per_token == pytest.approx(sweep.measured["all"][0].mb_per_token)
+    assert mod[1.0].mb_per_token <= mod[0.6].mb_per_token          # more DRAM never reads more
+    with pytest.raises(FlashnbError, match="outside"):
+        end_to_end.budget_sweep(store, preds, setup["prompt"], setup["profile"], measured=(0.01,), tokens=2)

@@ -19,16 +19,25 @@ FIGURE_FUNCTIONS = {
     "tour.ladder_figure", "tour.budget_figure", "tour.costs_figure",
 }
 
-WINDOW_ROWS = [{"window": w, "mb_per_token": 1.0 / (w + 1), "neurons_read": 10.0, "predicted": 20.0,
-                "hit_share": 0.5, "capacity_rows": 30, "per_token_mb": [1.0, 0.5 / (w + 1)]} for w in range(4)]
+
+
+def window_rows():
+    from flashnb.lab.windowing import WindowRow
+
+    return [WindowRow(w, 1.0 / (w + 1), 10.0, 20.0, 0.5, 30, (1.0, 0.5 / (w + 1))) for w in range(4)]
 
 
 def style_figures() -> dict:
     """name -> go.Figure for every figure of flashnb.viz.flash, .sparsity and .engine."""
-    from flashnb import tracestats as ts
-    from flashnb.predictor import Selection
-    from flashnb.profile import Profile
-    from flashnb.traces import record
+    from flashnb.core.records import LayerStep, TokenStep
+    from flashnb.device.profile import Profile
+    from flashnb.lab.bundling import layout_summary
+    from flashnb.lab.flash import LayoutRun
+    from flashnb.lab.memory import MemoryTiming
+    from flashnb.lab.sparsity import ThresholdCurve
+    from flashnb.training import tracestats as ts
+    from flashnb.training.quality import Selection
+    from flashnb.training.traces import record
     from flashnb.viz import engine as ve
     from flashnb.viz import flash as vf
     from flashnb.viz import sparsity as vs
@@ -38,11 +47,10 @@ def style_figures() -> dict:
     trace = record(model, np.random.default_rng(1).integers(0, 50, 64), context=32, inputs=False)
     summary = ts.summarize(trace, k_max=4)
     sel = [Selection.of(trace.mask(i), trace.mask(i)) for i in range(trace.n_layers)]
-    layouts = [{"layout": lay, "useful_GBps": g, "requests": r, "calls": 2, "ms_per_call": 3.0,
-                "neurons_per_call": 10, "neuron_bytes": 8192, "threads": 4, "direct": True}
-               for lay, g, r in (("bundled", 0.2, 20), ("unbundled", 0.1, 40))]
-    steps = {lay: [{"requests": r, "bytes_read": 4096, "io_seconds": 1e-3}] for lay, r in (("bundled", 2),
-                                                                                      ("unbundled", 4))}
+    layouts = [LayoutRun(lay, 2, 10, 4, 8192, r, 10 * 8192 * 2, 10 * 8192 * 2, 10 * 8192 * 2 / g / 1e9, 0.0, True)
+               for lay, g, r in (("bundled", 0.2, 40), ("unbundled", 0.1, 80))]
+    steps = {lay: [TokenStep(0, [LayerStep(1, 0, 1, 0, 4096, 4096, r, wait_s=1e-3)], 2e-3)]
+             for lay, r in (("bundled", 2), ("unbundled", 4))}
     return {
         "flash.throughput": vf.throughput_figure(profile),
         "flash.table2": vf.table2_figure(profile),
@@ -52,57 +60,57 @@ def style_figures() -> dict:
         "sparsity.activity": vs.activity_heatmap(trace.mask(0), tokens=16, neurons=8, layer=0),
         "sparsity.reuse": vs.reuse_figure(summary.reuse, summary.s_agg),
         "sparsity.selection": vs.selection_figure(sel),
-        "sparsity.tradeoff": vs.tradeoff_figure({"thresholds": [0.3, 0.5], "recall": [0.99, 0.9],
-                                                 "over_selection": [2.0, 1.2]}, 0.5),
+        "sparsity.tradeoff": vs.tradeoff_figure(ThresholdCurve([0.3, 0.5], [0.99, 0.9], [2.0, 1.2]), 0.5),
         "sparsity.friends": vs.friend_figure(ts.friend_experiment(trace, neuron_bytes=128)),
-        "engine.window": ve.window_figure(WINDOW_ROWS, 2),
-        "engine.memory": ve.memory_figure({1: {"preallocated": 1e-5, "naive": 3e-5},
-                                           4: {"preallocated": 2e-5, "naive": 9e-5}}),
-        "engine.layout": ve.layout_figure(ve.layout_summary(steps)),
+        "engine.window": ve.window_figure(window_rows(), 2),
+        "engine.memory": ve.memory_figure([MemoryTiming(1, 1e-5, 3e-5), MemoryTiming(4, 2e-5, 9e-5)]),
+        "engine.layout": ve.layout_figure(layout_summary(steps)),
     }
 
 
 def tour_figures() -> dict:
     """name -> go.Figure for every figure of flashnb.viz.tour, from numbers shaped like the real ones
-    (TokenStep.totals() dicts, a `run_bench` result, `table2_beside` rows, a BudgetSweep, `costs_table`
-    rows) but made up here."""
-    from flashnb.bench import LABELS
-    from flashnb.tour import BudgetSweep
+    (TokenSteps, a bench result, `table2_beside` rows, a BudgetSweep, Runs) but made up here."""
+    from flashnb.bench.report import LABELS, BenchResult, ConfigResult
+    from flashnb.core.records import LayerStep, TokenStep
+    from flashnb.lab.byo import Run
+    from flashnb.lab.end_to_end import BudgetPoint, BudgetSweep, LadderRow
+    from flashnb.lab.stats import TokenStats
     from flashnb.viz import tour as vt
 
-    steps = [{"bytes_read": 2e5 * (i + 1), "cached": 30 + i, "read": 20 - i, "predicted": 50,
-              "io_seconds": 2e-3, "mm_seconds": 5e-4, "compute_seconds": 1e-3} for i in range(5)]
+    steps = [TokenStep(i, [LayerStep(50, 30 + i, 20 - i, 10, int(2e5 * (i + 1)), int(2e5 * (i + 1)), 10,
+                                     window_s=2e-4, memory_s=3e-4, submit_s=1e-3, wait_s=1e-3)], wall_seconds=4.5e-3)
+             for i in range(5)]
     configs = ("naive", "hybrid", "predictor", "windowing", "all", "mmap")
     results = {}
     for i, n in enumerate(configs):
         split = n != "mmap"   # mmap streaming cannot split its latency: one unsplit bar
-        ms = {"io_ms": 40.0 / (i + 1) if split else None, "mm_ms": 1.0 if split else None,
-              "compute_ms": 5.0 if split else None}
-        results[n] = {**ms, "total_ms": 46.0 / (i + 1), "label": LABELS[n],
-                      "modeled": {"io_ms": 38.0 / (i + 1), "mm_ms": 0.8, "compute_ms": 5.5}}
+        st = [TokenStep(0, [LayerStep(1, 0, 1, 0, 4096, 4096, 2, submit_s=0.02 / (i + 1), wait_s=0.02 / (i + 1),
+                                      memory_s=1e-3)] if split else [], wall_seconds=0.046 / (i + 1))]
+        results[n] = ConfigResult(n, LABELS[n], TokenStats.of(st, 100, split), "", 1.0, None, None,
+                                  38.0 / (i + 1) if split else None)
+    bench = BenchResult("today", {}, "m", 1, 1, {}, "synthetic", {}, results)
     paper_ms = (2196, 1090, 738, 164, 87)
-    ladder = [{"name": n, "label": LABELS[n], "paper_io_vs_naive": paper_ms[0] / p, "io_vs_naive": 1.0 + i,
-               "modeled_io_vs_naive": None if n == "hybrid" else 1.2 + i}
+    ladder = [LadderRow(n, LABELS[n], 1.0, p, paper_ms[0] / p, 1.0, 1.0, 1.0 + i, 1.0,
+                        None if n == "hybrid" else 1.2 + i)
               for i, (n, p) in enumerate(zip(configs[:5], paper_ms))]
 
-    def budget_rows(name: str, budgets, scale: float) -> list[dict]:
-        return [{"budget": b, "dram_bytes": int(b * 1e8), "io_ms": scale * (1 - b), "mm_ms": 0.5, "compute_ms": 2.0,
-                 "total_ms": scale * (1 - b) + 2.5, "mb_per_token": 10 * (1 - b)} for b in budgets]
+    def points(budgets, scale: float) -> list:
+        return [BudgetPoint(b, int(b * 1e8), 10 * (1 - b), scale * (1 - b), scale * (1 - b) + 2.5, 0.5) for b in budgets]
 
     grid = (0.4, 0.55, 0.7, 0.85, 1.0)
-    sweep = BudgetSweep(measured={"all": budget_rows("all", (0.55, 1.0), 9.0),
-                                  "hybrid": budget_rows("hybrid", (0.55, 1.0), 30.0)},
-                        modeled={"all": budget_rows("all", grid, 10.0), "hybrid": budget_rows("hybrid", grid, 32.0)},
-                        model_bytes=int(1e8), window=4, tokens=8, device="synthetic")
-    costs = [{"name": "dense in DRAM", "io_ms": 0.0, "mm_ms": 0.0, "compute_ms": 3.0, "dram_mb": 100.0},
-             {"name": "flash, learned", "io_ms": 4.0, "mm_ms": 0.5, "compute_ms": 2.5, "dram_mb": 55.0}]
+    sweep = BudgetSweep(measured={"all": points((0.55, 1.0), 9.0), "hybrid": points((0.55, 1.0), 30.0)},
+                        modeled={"all": points(grid, 10.0), "hybrid": points(grid, 32.0)},
+                        model_bytes=int(1e8), window=4, tokens=8)
+    runs = [Run("dense in DRAM", [], None, TokenStats.of([TokenStep(0, [], 3e-3)], 1), int(1e8)),
+            Run("flash, learned", [], None, TokenStats.of(steps, 100), int(5.5e7))]
     return {
         "tour.data_moved": vt.data_moved_figure(steps, int(5e6), [f"token {i}" for i in range(len(steps))]),
         "tour.time_breakdown": vt.time_breakdown_figure(steps),
-        "tour.breakdown": vt.breakdown_figure({"results": results}),
+        "tour.breakdown": vt.breakdown_figure(bench),
         "tour.ladder": vt.ladder_figure(ladder),
         "tour.budget": vt.budget_figure(sweep, 0.7),
-        "tour.costs": vt.costs_figure(costs, int(1e8)),
+        "tour.costs": vt.costs_figure(runs, int(1e8)),
     }
 
 

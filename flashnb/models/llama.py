@@ -40,6 +40,21 @@ class LlamaConfig:
     torch_dtype: str = "float16"
 
     model_type = "llama"
+    # The FFN's weight matrices in bundle order (see OPTConfig.ffn_parts).
+    ffn_parts = (("gate_proj", "row"), ("up_proj", "row"), ("down_proj", "col"))
+    gated = True  # down(act(gate x) * up x): act(gate x) decides which neurons fire
+
+    @property
+    def ffn_activation(self) -> str:
+        """The name of the FFN activation (the Hugging Face config's hidden_act)."""
+        return self.hidden_act
+
+    @staticmethod
+    def hf_key(name: str) -> str:
+        """flashnb's parameter name -> the name in a Hugging Face LlamaForCausalLM checkpoint."""
+        if name.startswith("lm_head."):
+            return name
+        return "model." + re.sub(r"^layers\.(\d+)\.ffn\.", r"layers.\1.mlp.", name)
 
     @property
     def ffn_dim(self) -> int:
@@ -196,18 +211,3 @@ class LlamaModel(nn.Module):
         x = self.norm(x)
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, w).float()
-
-
-_RENAMES = [(r"^layers\.(\d+)\.ffn\.", r"layers.\1.mlp.")]
-
-
-def hf_key(name: str) -> str:
-    """Our parameter name -> the name in a Hugging Face LlamaForCausalLM checkpoint."""
-    if name.startswith("lm_head."):
-        return name
-    for pat, rep in _RENAMES:
-        name = re.sub(pat, rep, name)
-    return "model." + name
-
-
-TIED_KEYS = ("lm_head.weight",)

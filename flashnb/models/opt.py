@@ -40,6 +40,20 @@ class OPTConfig:
     torch_dtype: str = "float16"
 
     model_type = "opt"
+    # The FFN's weight matrices in bundle order, each (name in the FFN module, orientation): "row" = the
+    # matrix is [ffn, d] and neuron i is row i; "col" = it is [d, ffn] and neuron i is column i.
+    ffn_parts = (("fc1", "row"), ("fc2", "col"))
+    gated = False  # a ReLU FFN: act(fc1 x) decides which neurons fire
+
+    @property
+    def ffn_activation(self) -> str:
+        """The name of the FFN activation (the Hugging Face config's)."""
+        return self.activation_function
+
+    @staticmethod
+    def hf_key(name: str) -> str:
+        """flashnb's parameter name -> the name in a Hugging Face OPTForCausalLM checkpoint."""
+        return "model.decoder." + re.sub(r"^layers\.(\d+)\.ffn\.", r"layers.\1.", name)
 
     @property
     def head_dim(self) -> int:
@@ -184,16 +198,3 @@ class OPTModel(nn.Module):
         if self.project_out is not None:
             x = self.project_out(x)
         return F.linear(x, self.embed_tokens.weight).float()
-
-
-_RENAMES = [(r"^layers\.(\d+)\.ffn\.", r"layers.\1.")]
-
-
-def hf_key(name: str) -> str:
-    """Our parameter name -> the name in a Hugging Face OPTForCausalLM checkpoint."""
-    for pat, rep in _RENAMES:
-        name = re.sub(pat, rep, name)
-    return "model.decoder." + name
-
-
-TIED_KEYS = ("lm_head.weight",)  # present in some checkpoints, equal to embed_tokens.weight

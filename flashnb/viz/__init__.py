@@ -6,5 +6,6 @@
     flashnb.viz.engine    window previews, bundled vs unbundled, memory management (notebooks 03-05)
     flashnb.viz.tour      end-to-end latency and the quick tour (notebooks 00, 06, 07)
 
-Every function returns a plain `go.Figure`; the sliders that redraw them live in `flashnb.widgets`.
+Every function draws results that flashnb.lab (or the engine's records) computed, runs nothing itself and
+returns a plain `go.Figure`; the sliders that redraw them live in `flashnb.widgets`.
 """

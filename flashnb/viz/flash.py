@@ -11,9 +11,9 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from flashnb.costmodel import GB, PaperDevice, ProfileDevice, as_device, opt_6_7b, paper_policies, table2, \
-    token_cost
-from flashnb.profile import Profile
+from flashnb.device.costmodel import (GB, PaperDevice, ProfileDevice, Table2Row, as_device, opt_6_7b, paper_policies,
+                                      table2, token_cost)
+from flashnb.device.profile import Profile
 from flashnb.viz import style as S
 
 
@@ -29,7 +29,7 @@ def size_text(n: float) -> str:
 
 def in_flight_text(n: int) -> str:
     """8 -> '8 in flight': reads in flight (the AIO queue depth; reader threads where native AIO is
-    unavailable), which the API calls `threads`."""
+    unavailable)."""
     return f"{int(n)} in flight"
 
 
@@ -45,16 +45,16 @@ def where(profile: Profile) -> str:
 
 def throughput_figure(profile: Profile, paper: PaperDevice | None = None) -> go.Figure:
     """Random-read throughput vs chunk size, one colour per number of reads in flight (the profile's
-    `thread_counts`: the AIO queue depth, or reader threads without native AIO): measured cells as filled
+    `in_flight_counts`: the AIO queue depth, or reader threads without native AIO): measured cells as filled
     markers, the profile's fitted model between them dashed, the paper's M1 Max reads as stars in the
     colour of their layout and its sequential rate dotted."""
     paper = paper or as_device(None)
     fig = go.Figure()
     xs = np.geomspace(profile.chunks[0], profile.chunks[-1], 60)
-    threads = profile.thread_counts.astype(int)
-    for t, c in zip(threads, S.sequence(threads.size)):
+    depths = profile.in_flight_counts.astype(int)
+    for t, c in zip(depths, S.sequence(depths.size)):
         name = in_flight_text(t)
-        fig.add_trace(go.Scatter(x=profile.chunks, y=profile.grid[list(threads).index(t)] / GB,
+        fig.add_trace(go.Scatter(x=profile.chunks, y=profile.grid[list(depths).index(t)] / GB,
                                  name=S.label(name, "measured"), legendgroup=str(t),
                                  hovertemplate="%{x:.3s}B: %{y:.3f} GB/s<extra>" + f"{name} (measured)</extra>",
                                  **S.scatter(name, "measured", c, mode="markers")))
@@ -80,14 +80,14 @@ def throughput_figure(profile: Profile, paper: PaperDevice | None = None) -> go.
     return fig
 
 
-def format_table2(rows: list[dict]) -> str:
+def format_table2(rows: list[Table2Row]) -> str:
     """Table 2 rows (from costmodel.table2) as fixed-width text: modeled beside the paper."""
     lines = [f"{'configuration':<12} {'flash->DRAM':>11} {'read':>8} {'GB/s':>6} {'I/O ms':>8} "
              f"{'paper ms':>9} {'diff':>7}"]
     for r in rows:
-        read = size_text(r["read_bytes"]) if r["read_bytes"] else "dense"
-        lines.append(f"{r['name']:<12} {r['flash_to_dram_GB']:>9.2f}GB {read:>8} {r['throughput_GBps']:>6.2f} "
-                     f"{r['io_ms']:>8.0f} {r['paper_io_ms']:>9.0f} {r['rel_error']:>+7.1%}")
+        read = size_text(r.read_bytes) if r.read_bytes else "dense"
+        lines.append(f"{r.name:<12} {r.flash_to_dram_GB:>9.2f}GB {read:>8} {r.throughput_GBps:>6.2f} "
+                     f"{r.io_ms:>8.0f} {r.paper_io_ms:>9.0f} {r.rel_error:>+7.1%}")
     return "\n".join(lines)
 
 
@@ -96,22 +96,22 @@ def table2_figure(profile: Profile | None = None) -> go.Figure:
     M1 Max, paper (outlined) beside the cost model (hatched). Right (with a profile): the cost model on
     this disk's measured profile. Log scale. Each series is one trace per technique (`style.bars`)."""
     paper_rows = table2()
-    names = [r["name"] for r in paper_rows]
+    names = [r.name for r in paper_rows]
     colors = [S.color(n) for n in names]
     cols = 2 if profile is not None else 1
     fig = make_subplots(rows=1, cols=cols, shared_yaxes=True, subplot_titles=(
         "paper's M1 Max: paper vs modeled", "this disk: modeled from its profile")[:cols])
     # One trace per technique colour and series (S.bars), each series in its own offsetgroup: paper | modeled.
-    fig.add_traces(S.bars(names, [r["paper_io_ms"] for r in paper_rows], colors, "paper",
+    fig.add_traces(S.bars(names, [r.paper_io_ms for r in paper_rows], colors, "paper",
                           S.label("Table 2, M1 Max", "paper"), offsetgroup="paper"), rows=1, cols=1)
-    fig.add_traces(S.bars(names, [r["io_ms"] for r in paper_rows], colors, "modeled",
+    fig.add_traces(S.bars(names, [r.io_ms for r in paper_rows], colors, "modeled",
                           S.label("paper's device", "modeled", S.COST_MODEL), offsetgroup="modeled",
-                          text=[f"{r['rel_error']:+.1%}" for r in paper_rows], textposition="outside"), rows=1, cols=1)
+                          text=[f"{r.rel_error:+.1%}" for r in paper_rows], textposition="outside"), rows=1, cols=1)
     if profile is not None:
         mine = table2(profile)
-        fig.add_traces(S.bars(names, [r["io_ms"] for r in mine], colors, "modeled",
+        fig.add_traces(S.bars(names, [r.io_ms for r in mine], colors, "modeled",
                               S.label("this disk", "modeled", S.COST_MODEL), offsetgroup="modeled",
-                              text=[f"{r['io_ms']:.0f}" for r in mine], textposition="outside"), rows=1, cols=2)
+                              text=[f"{r.io_ms:.0f}" for r in mine], textposition="outside"), rows=1, cols=2)
     S.layout(fig, "Flash I/O per token, OPT 6.7B fp16, half in DRAM: paper (Table 2) vs modeled",
              x=("configuration", None), y=("I/O per token", "ms, log scale"), height=440, barmode="group")
     fig.update_yaxes(type="log")
@@ -139,18 +139,18 @@ def bundling_figure(profile: Profile) -> go.Figure:
     return fig
 
 
-def layouts_figure(rows: list[dict]) -> go.Figure:
-    """Measured: the same neuron sets read from a bundled and an unbundled store (from
-    flashnb.profile.compare_layouts): useful GB/s (bytes needed / wall time) and requests."""
+def layouts_figure(rows) -> go.Figure:
+    """Measured: the same neuron sets read from a bundled and an unbundled store (flashnb.lab.flash.LayoutRun
+    rows, from compare_layouts): useful GB/s (bytes needed / wall time) and requests."""
     fig = go.Figure()
     for r in rows:
-        fig.add_trace(go.Bar(x=[r["layout"]], y=[r["useful_GBps"]], name=S.label(r["layout"], "measured"),
-                             text=[f"{r['useful_GBps']:.3f} GB/s<br>{r['requests'] // r['calls']} requests/call<br>"
-                                   f"{r['ms_per_call']:.1f} ms/call"], textposition="outside",
-                             **S.bar(r["layout"], "measured")))
+        fig.add_trace(go.Bar(x=[r.layout], y=[r.useful_GBps], name=S.label(r.layout, "measured"),
+                             text=[f"{r.useful_GBps:.3f} GB/s<br>{r.requests // r.calls} requests/call<br>"
+                                   f"{r.ms_per_call:.1f} ms/call"], textposition="outside",
+                             **S.bar(r.layout, "measured")))
     r0 = rows[0]
-    S.layout(fig, f"Measured here: {r0['neurons_per_call']} random neurons of {size_text(r0['neuron_bytes'])} per "
-                  f"call, {in_flight_text(r0['threads'])}, {'direct I/O' if r0.get('direct') else 'fallback I/O'}",
+    S.layout(fig, f"Measured here: {r0.neurons_per_call} random neurons of {size_text(r0.neuron_bytes)} per "
+                  f"call, {in_flight_text(r0.in_flight)}, {'direct I/O' if r0.direct else 'buffered I/O (O_DIRECT refused)'}",
              x=("store layout", None), y=("useful throughput: bytes needed / wall time", "GB/s"), height=420)
     fig.update_yaxes(rangemode="tozero")
     return fig

@@ -12,8 +12,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from flashnb.predictor import Selection
-from flashnb.predictor_build import PAPER
+from flashnb.training.build_predictors import PAPER
+from flashnb.training.quality import Selection
 from flashnb.viz import style as S
 
 
@@ -122,19 +122,20 @@ def update_selection_figure(fig, per_layer: list[Selection]) -> None:
             trace.text = [format(v, fmts[trace.meta]) for v in y]
 
 
-def tradeoff_figure(curve: dict, threshold: float | None = None) -> go.Figure:
-    """Recall against over-selection as the threshold sweeps (mean over layers, measured), with
+def tradeoff_figure(curve, threshold: float | None = None) -> go.Figure:
+    """Recall against over-selection as the threshold sweeps (a flashnb.lab.sparsity.ThresholdCurve: mean
+    over layers, measured), with
     the paper's operating point (95% recall at ~3x) as a star."""
-    fig = go.Figure(go.Scatter(x=curve["over_selection"], y=curve["recall"], name=S.label("predictor", "measured"),
-                               text=[f"threshold {t:.2f}" for t in curve["thresholds"]],
+    fig = go.Figure(go.Scatter(x=curve.over_selection, y=curve.recall, name=S.label("predictor", "measured"),
+                               text=[f"threshold {t:.2f}" for t in curve.thresholds],
                                hovertemplate="%{text}<br>over-selection %{x:.2f}x<br>recall %{y:.1%}<extra></extra>",
                                **S.scatter("predictor", "measured")))
     fig.add_trace(go.Scatter(x=[PAPER["over_selection"]], y=[1 - PAPER["false_negative_rate"]],
                              name=S.label("OPT 6.7B operating point", "paper"),
                              **S.scatter("predictor", "paper", mode="markers")))
     if threshold is not None:
-        i = int(np.argmin(np.abs(np.asarray(curve["thresholds"]) - threshold)))
-        fig.add_trace(go.Scatter(x=[curve["over_selection"][i]], y=[curve["recall"][i]], mode="markers",
+        i = int(np.argmin(np.abs(np.asarray(curve.thresholds) - threshold)))
+        fig.add_trace(go.Scatter(x=[curve.over_selection[i]], y=[curve.recall[i]], mode="markers",
                                  marker=dict(color=S.TECHNIQUE_COLORS["dense"], size=11, symbol="circle"),
                                  name=S.label(f"threshold {threshold:.2f}", "measured")))
     S.layout(fig, "Recall vs over-selection by threshold (measured, mean of layers; paper star)",

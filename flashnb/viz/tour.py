@@ -2,8 +2,8 @@
 
 Colours, marks and axis titles come from `flashnb.viz.style`: one colour per technique or latency
 component; *measured* solid, *modeled* hatched or dashed, *paper* outlined, starred or dotted; every
-legend entry names its source. The numbers come from `flashnb.tour` (engine runs, `run_bench`, the
-budget sweep); the budget slider that redraws `budget_figure` is in `flashnb.widgets.tour`.
+legend entry names its source. The numbers come from flashnb.lab (engine runs, the bench, the budget
+sweep); the budget slider that redraws `budget_figure` is in `flashnb.widgets.tour`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ MB = 1e6
 COMPONENTS = ("io", "mm", "compute")
 
 
-def _totals(steps) -> list[dict]:
-    """TokenStep.totals() dicts from TokenSteps (or the dicts themselves)."""
-    return [s if isinstance(s, dict) else s.totals() for s in steps]
-
-
 # ----------------------------------------------------------------------------------------------
 # Notebook 00
 
@@ -30,19 +25,18 @@ def data_moved_figure(steps, ffn_bytes: int, token_text: list[str] | None = None
     """Per generated token (measured): left, MB read from flash beside the whole FFN (what naive reads
     every token); right, the token's predicted neurons split into those already in DRAM (window hits)
     and those read from flash."""
-    tot = _totals(steps)
-    x = list(range(1, len(tot) + 1))
-    hover = token_text if token_text is not None else None
+    x = list(range(1, len(steps) + 1))
+    hover = token_text
     fig = make_subplots(rows=1, cols=2, subplot_titles=("data read from flash per token",
                                                         "predicted neurons: cached vs read"))
-    fig.add_trace(go.Bar(x=x, y=[t["bytes_read"] / MB for t in tot], name=S.label("all", "measured"),
+    fig.add_trace(go.Bar(x=x, y=[s.bytes_read / MB for s in steps], name=S.label("all", "measured"),
                          hovertext=hover, **S.bar("all", "measured")), 1, 1)
     fig.add_trace(go.Scatter(x=[x[0] - 0.5, x[-1] + 0.5] if x else [], y=[ffn_bytes / MB] * (2 if x else 0),
                              name="whole FFN, what naive reads (measured: store size)",
                              **S.scatter("naive", "measured", mode="lines")), 1, 1)
-    fig.add_trace(go.Bar(x=x, y=[t["cached"] for t in tot], name="already in DRAM: window hits (measured)",
+    fig.add_trace(go.Bar(x=x, y=[s.cached for s in steps], name="already in DRAM: window hits (measured)",
                          hovertext=hover, **S.bar("windowing", "measured")), 1, 2)
-    fig.add_trace(go.Bar(x=x, y=[t["read"] for t in tot], name="read from flash (measured)", hovertext=hover,
+    fig.add_trace(go.Bar(x=x, y=[s.loaded for s in steps], name="read from flash (measured)", hovertext=hover,
                          **S.bar("io", "measured")), 1, 2)
     S.layout(fig, "What moves per token (all techniques, measured)", height=400, barmode="stack")
     fig.update_xaxes(title_text=S.axis_title("generated token", None))
@@ -53,12 +47,10 @@ def data_moved_figure(steps, ffn_bytes: int, token_text: list[str] | None = None
 
 def time_breakdown_figure(steps, token_text: list[str] | None = None) -> go.Figure:
     """Per generated token (measured): wall time stacked as I/O, memory management and compute."""
-    tot = _totals(steps)
-    x = list(range(1, len(tot) + 1))
-    keys = {"io": "io_seconds", "mm": "mm_seconds", "compute": "compute_seconds"}
+    x = list(range(1, len(steps) + 1))
     fig = go.Figure()
     for comp in COMPONENTS:
-        fig.add_trace(go.Bar(x=x, y=[t[keys[comp]] * 1e3 for t in tot], name=S.label(comp, "measured"),
+        fig.add_trace(go.Bar(x=x, y=[getattr(s, f"{comp}_seconds") * 1e3 for s in steps], name=S.label(comp, "measured"),
                              hovertext=token_text, **S.bar(comp, "measured")))
     return S.layout(fig, "Where the time goes, token by token (measured)", x=("generated token", None),
                     y=("time per token", "ms"), barmode="stack")
@@ -68,45 +60,43 @@ def time_breakdown_figure(steps, token_text: list[str] | None = None) -> go.Figu
 # Notebook 06
 
 
-def breakdown_figure(result: dict) -> go.Figure:
-    """Latency per token of every configuration of a `run_bench` result: measured (I/O, memory
-    management, compute stacked; one unsplit bar where the runner cannot separate them) beside the
-    cost model's prediction (hatched)."""
-    from flashnb.bench import LABELS
-
-    res = result["results"]
+def breakdown_figure(result) -> go.Figure:
+    """Latency per token of every configuration of a bench result (flashnb.bench.report.BenchResult):
+    measured I/O, memory management and compute stacked (one unsplit bar where the runner cannot
+    separate them), and beside it, hatched, the cost model's I/O for the same requests."""
+    res = result.results
     names = list(res)
     fig = go.Figure()
     sources = ("measured", "modeled")
-    cats = ([LABELS[n] for n in names for _ in sources], [s for _ in names for s in sources])
+    cats = ([res[n].label for n in names for _ in sources], [s for _ in names for s in sources])
     for comp in COMPONENTS:
-        for source in ("measured", "modeled"):
-            numbers = {n: (res[n] if source == "measured" else res[n]["modeled"]).get(f"{comp}_ms") for n in names}
-            y = [numbers[n] if s == source else None for n in names for s in ("measured", "modeled")]
-            fig.add_trace(go.Bar(x=cats, y=y, name=S.label(comp, source), legendgroup=comp, **S.bar(comp, source)))
-    unsplit = [n for n in names if res[n]["io_ms"] is None]
+        y = [getattr(res[n].stats, f"{comp}_ms") if s == "measured" else None for n in names for s in sources]
+        fig.add_trace(go.Bar(x=cats, y=y, name=S.label(comp, "measured"), legendgroup=comp, **S.bar(comp, "measured")))
+    y = [res[n].modeled_io_ms if s == "modeled" else None for n in names for s in sources]
+    fig.add_trace(go.Bar(x=cats, y=y, name=S.label("io", "modeled"), legendgroup="io", **S.bar("io", "modeled")))
+    unsplit = [n for n in names if res[n].stats.io_ms is None]
     if unsplit:
-        y = [res[n]["total_ms"] if (n in unsplit and s == "measured") else None for n in names
-             for s in ("measured", "modeled")]
-        colors = [S.color(n) for n in names for _ in ("measured", "modeled")]
+        y = [res[n].stats.total_ms if (n in unsplit and s == "measured") else None for n in names for s in sources]
+        colors = [S.color(n) for n in names for _ in sources]
         fig.add_trace(go.Bar(x=cats, y=y, name="total, not split (measured)", marker=dict(color=colors)))
-    return S.layout(fig, "Latency per token by configuration: measured beside modeled", x=("configuration", None),
-                    y=("time per token", "ms"), height=440, barmode="stack")
+    return S.layout(fig, "Latency per token by configuration: measured, and the modeled I/O beside it",
+                    x=("configuration", None), y=("time per token", "ms"), height=440, barmode="stack")
 
 
-def ladder_figure(rows: list[dict]) -> go.Figure:
-    """The paper's Table 2 ladder beside ours (`flashnb.tour.table2_beside` rows): I/O time per token
-    relative to naive, the paper's (OPT 6.7B, M1 Max), measured here and modeled here."""
-    names = [r["name"] for r in rows]
-    labels = [r["label"] for r in rows]
+def ladder_figure(rows) -> go.Figure:
+    """The paper's Table 2 ladder beside ours (flashnb.lab.end_to_end.table2_beside rows): I/O time per
+    token relative to naive, the paper's (OPT 6.7B, M1 Max), measured here and modeled here."""
+    names = [r.name for r in rows]
+    labels = [r.label for r in rows]
     fig = go.Figure()
     series = (("paper", "paper_io_vs_naive", "paper: OPT 6.7B, M1 Max, Table 2"),
               ("measured", "io_vs_naive", "this model on this disk"),
-              ("modeled", "modeled_io_vs_naive", "cost model, this run's statistics"))
+              ("modeled", "modeled_io_vs_naive", "cost model, this run's requests"))
     colors = [S.color(n) for n in names]
     for source, key, what in series:   # each series one trace per technique colour, in one offsetgroup
-        fig.add_traces(S.bars(labels, [r[key] for r in rows], colors, source, f"{what} ({source})",
-                              offsetgroup=source, text=[None if r[key] is None else f"{r[key]:.1f}x" for r in rows],
+        vals = [getattr(r, key) for r in rows]
+        fig.add_traces(S.bars(labels, vals, colors, source, f"{what} ({source})",
+                              offsetgroup=source, text=[None if v is None else f"{v:.1f}x" for v in vals],
                               textposition="outside"))
     S.layout(fig, "I/O speed-up over naive, technique by technique", x=("configuration", None),
              y=("naive I/O time / this I/O time", "x, log scale"), height=420, barmode="group")
@@ -124,10 +114,10 @@ def budget_figure(sweep, budget: float | None = None) -> go.Figure:
     for name in ("all", "hybrid"):
         for source in ("modeled", "measured"):
             rows = getattr(sweep, source)[name]
-            x = [100 * r["budget"] for r in rows]
+            x = [100 * r.budget for r in rows]
             mode = "lines+markers" if source == "modeled" else "markers"
             for col, key in ((1, "total_ms"), (2, "mb_per_token")):
-                y = [r[key] if (col == 1 or r[key]) else None for r in rows]  # nothing read: off the log axis
+                y = [getattr(r, key) if (col == 1 or getattr(r, key)) else None for r in rows]  # 0: off the log axis
                 fig.add_trace(go.Scatter(x=x, y=y, name=S.label(name, source), legendgroup=f"{name}{source}",
                                          showlegend=col == 1, **S.scatter(name, source, mode=mode)), 1, col)
     for col in (1, 2):
@@ -160,16 +150,16 @@ def mark_budget(fig, budget: float) -> None:
 # Notebook 07
 
 
-def costs_figure(rows: list[dict], model_bytes: int) -> go.Figure:
-    """Per-token cost of each run (`flashnb.tour.costs_table` rows, measured): time stacked as I/O,
-    memory management and compute (left); DRAM held for weights beside the model's size (right)."""
-    names = [r["name"] for r in rows]
+def costs_figure(runs, model_bytes: int) -> go.Figure:
+    """Per-token cost of each run (flashnb.lab.byo.Run list, measured): time stacked as I/O, memory
+    management and compute (left); DRAM held for weights beside the model's size (right)."""
+    names = [r.name for r in runs]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("time per token", "DRAM for weights"))
     for comp in COMPONENTS:
-        fig.add_trace(go.Bar(x=names, y=[r[f"{comp}_ms"] for r in rows], name=S.label(comp, "measured"),
+        fig.add_trace(go.Bar(x=names, y=[getattr(r.stats, f"{comp}_ms") for r in runs], name=S.label(comp, "measured"),
                              **S.bar(comp, "measured")), 1, 1)
     colors = [S.color("dense") if n.startswith("dense") else S.color("all") for n in names]
-    fig.add_trace(go.Bar(x=names, y=[r["dram_mb"] for r in rows], name="DRAM for weights (measured: bytes held)",
+    fig.add_trace(go.Bar(x=names, y=[r.dram_bytes / MB for r in runs], name="DRAM for weights (measured: bytes held)",
                          marker=dict(color=colors)), 1, 2)
     fig.add_trace(go.Scatter(x=names, y=[model_bytes / MB] * len(names), name="whole model (measured: file bytes)",
                              **S.scatter("naive", "measured", mode="lines")), 1, 2)

@@ -4,7 +4,7 @@ of text from numbers computed once.
 One module per lesson, beside the figures of `flashnb.viz` it redraws:
 
     flashnb.widgets.flash     read_time_widget: chunk size x reads in flight -> seconds to read 1 GB (notebook 01)
-    flashnb.widgets.sparsity  ThresholdExplorer / threshold_widget: predictor threshold (notebook 02)
+    flashnb.widgets.sparsity  threshold_widget: predictor threshold (notebook 02; flashnb.lab.sparsity computes)
     flashnb.widgets.engine    window_explorer: window size -> data read per token (notebook 03)
     flashnb.widgets.tour      budget_explorer: DRAM budget -> latency (06); model_folder_box (07)
 

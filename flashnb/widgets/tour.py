@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-from flashnb.tour import ENV_BYO_MODEL, BudgetSweep, budget_text
+from flashnb.lab.byo import ENV_BYO_MODEL
+from flashnb.lab.end_to_end import BudgetSweep, budget_text
 from flashnb.viz.tour import budget_figure, mark_budget
 
 
@@ -20,8 +21,9 @@ def budget_explorer(sweep: BudgetSweep, budget: float = 0.5):
     import ipywidgets as W
     import plotly.graph_objects as go
 
-    options = [(f"{b:.0%}", b) for b in sweep.budgets("all")]
-    start = min(sweep.budgets("all"), key=lambda b: abs(b - budget))
+    budgets = [p.budget for p in sweep.modeled["all"]]
+    options = [(f"{b:.1%}" if round(b * 100) != b * 100 else f"{b:.0%}", b) for b in budgets]
+    start = min(budgets, key=lambda b: abs(b - budget))
     fig = go.FigureWidget(budget_figure(sweep, start))
     text = W.HTML(html.escape(budget_text(sweep, start)))
     slider = W.SelectionSlider(options=options, value=start, description="DRAM budget", continuous_update=False,

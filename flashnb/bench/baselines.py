@@ -1,0 +1,207 @@
+"""What the flash engine is measured against, through the same per-token statistics.
+
+* `HybridEngine`: as many FFN neurons as the memory budget allows stay pinned in DRAM; the rest of
+  every layer's FFN is read from flash (direct I/O) for every token.
+* `MmapEngine`: llama.cpp's regime when a model exceeds RAM: ffn.bin memory-mapped, weights paged in
+  by the kernel as the dense FFN touches them; the file is evicted from the page cache before each
+  token, so every token faults its FFN in again.
+* `DenseInDram`: the whole model in DRAM, nothing read per token: the reference.
+* `AccelerateOffload`: a real peer, the same checkpoint through transformers + accelerate's disk
+  offload (every weight in an offload folder, loaded per module per forward); the folder is evicted
+  before each token.
+
+The naive baseline (the whole FFN of each layer read every token in large sequential reads) is the
+engine itself with the `AllNeurons` predictor and window 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import mmap
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from flashnb.core.defaults import IN_FLIGHT
+from flashnb.core.engine import TokenLoop
+from flashnb.core.ffn import BundleFFN
+from flashnb.core.generate import decode
+from flashnb.core.io import aligned_empty, evict
+from flashnb.core.memory import hybrid_plan
+from flashnb.core.reader import NeuronReader, PendingRead, ReaderConfig
+from flashnb.core.records import Recorder
+from flashnb.core.resident import resident_model
+from flashnb.core.store import FlashStore
+from flashnb.core.window import WindowPlan
+from flashnb.errors import FlashnbError
+
+
+class HybridFFN(nn.Module):
+    def __init__(self, eng: "HybridEngine", layer: int, biases: dict[str, torch.Tensor]):
+        super().__init__()
+        self.eng, self.layer = eng, layer
+        st = eng.store
+        self.math = BundleFFN(st.config, biases)
+        self.pinned_ids = np.arange(eng.memory.pinned_rows)
+        self.pinned = torch.from_numpy(eng.reader.read(layer, self.pinned_ids).rows.copy())
+        self.streamed_ids = np.arange(eng.memory.pinned_rows, st.ffn_dim)
+        rec = eng.recorder
+        self.submit, self.wait = rec.timed("submit", eng.reader.submit), rec.timed("wait", PendingRead.wait)
+
+    def forward(self, x):
+        eng = self.eng
+        y = self.math.partial(x, self.pinned, self.pinned_ids)
+        buf = eng.buffer
+        pieces = max(1, -(-self.streamed_ids.size // len(buf))) if len(buf) else 0
+        for ids in np.array_split(self.streamed_ids, pieces) if pieces else []:  # the buffer may hold less than a layer
+            got = self.wait(self.submit(self.layer, ids, out=buf[: ids.size]))
+            y += self.math.partial(x, torch.from_numpy(got.rows), ids)
+            eng.recorder.layer(WindowPlan(ids, ids[:0], ids, ids), got.stats)
+        return self.math.finish(y)
+
+
+class HybridEngine(TokenLoop):
+    """Pin the first neurons of every layer's FFN in DRAM (as many as the budget allows beside the DRAM
+    tensors and one buffer for the rest of a layer: flashnb.core.memory.hybrid_plan); read the others
+    every token."""
+
+    def __init__(self, store: FlashStore | str, memory_budget: float | int = 0.5, in_flight: int = IN_FLIGHT,
+                 gap_bytes: int = 0):
+        self.store = st = store if isinstance(store, FlashStore) else FlashStore.open(store)
+        self.memory = hybrid_plan(st.memory_shape(), memory_budget)
+        self.reader = NeuronReader(st, ReaderConfig(in_flight=in_flight, gap_bytes=gap_bytes))
+        self.buffer = aligned_empty((self.memory.capacity_rows, st.row_values), st.np_dtype)
+        self.recorder = Recorder()
+        self.model = resident_model(st, lambda i, b: HybridFFN(self, i, b), dtype=st.dtype)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class MmapFFN(nn.Module):
+    def __init__(self, eng: "MmapEngine", layer: int, biases):
+        super().__init__()
+        st = eng.store
+        self.eng, self.math = eng, BundleFFN(st.config, biases)
+        self.ids = np.arange(st.ffn_dim)
+        parts = []
+        for reg in st.regions(layer):
+            a = np.frombuffer(eng.map, dtype=st.np_dtype, count=reg.rows * reg.row_bytes // st.np_dtype.itemsize,
+                              offset=reg.offset)
+            parts.append(torch.from_numpy(a.reshape(reg.rows, -1)))
+        self.parts = parts  # bundled: one [ffn, P*d] view; unbundled: P views [ffn, d]
+
+    def forward(self, x):
+        rows = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=1)
+        return self.math.finish(self.math.partial(x, rows, self.ids))
+
+
+class MmapEngine(TokenLoop):
+    """The dense model with ffn.bin memory-mapped; the page cache is dropped before every token.
+    I/O cannot be separated from compute here: the kernel reads pages as the matmuls touch them."""
+
+    def __init__(self, store: FlashStore | str, cold: bool = True):
+        self.store = st = store if isinstance(store, FlashStore) else FlashStore.open(store)
+        self.cold = cold  # False: the page cache stays warm (what the CPU alone costs)
+        self.fd = os.open(st.ffn_path, os.O_RDONLY)
+        self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)  # private: writable views, file untouched
+        self.recorder = Recorder()
+        self.model = resident_model(st, lambda i, b: MmapFFN(self, i, b), dtype=st.dtype)
+
+    def before_token(self) -> None:
+        if self.cold:
+            self.map.madvise(mmap.MADV_DONTNEED)  # unmap our pages, so the kernel may drop them ...
+            evict(self.fd)                        # ... and drop them from the page cache
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.model = None
+            try:
+                self.map.close()
+            except BufferError:  # views still alive somewhere: the mapping goes with them
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+class AccelerateOffload:
+    """transformers + accelerate disk offload of a Hugging Face folder: every weight is written to an
+    offload folder and loaded from it module by module on every forward pass. The folder's files are
+    evicted from the page cache before each token. Needs `pip install transformers accelerate`."""
+
+    def __init__(self, model_folder: str | Path, dtype: torch.dtype = torch.float16, offload_dir: str | None = None,
+                 cold: bool = True):
+        try:
+            from accelerate import disk_offload
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise FlashnbError("the accelerate peer needs transformers and accelerate: "
+                               "pip install transformers accelerate") from None
+        self._tmp = None if offload_dir else tempfile.TemporaryDirectory(prefix="flashnb-offload-")
+        self.dir = Path(offload_dir or self._tmp.name)
+        model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=dtype).eval()
+        disk_offload(model, offload_dir=str(self.dir), execution_device="cpu")
+        self.model = model
+        self.files = sorted(self.dir.rglob("*.dat"))
+        self.cold = cold  # False: the page cache stays warm (what the CPU alone costs)
+        self.offloaded_bytes = sum(f.stat().st_size for f in self.files)
+        self.recorder = Recorder()
+        self.past = None
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def before_token(self) -> None:
+        if not self.cold:
+            return
+        for f in self.files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                evict(fd)
+            finally:
+                os.close(fd)
+
+    @property
+    def steps(self):
+        return self.recorder.steps
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling=None, eos_id: int | None = None):
+        """Yield new token ids after `prompt_ids`, one `step` per token (as TokenLoop.generate)."""
+        return decode(lambda ids: [self.step(t) for t in ids][-1], prompt_ids, max_new_tokens, sampling, eos_id)
+
+    @torch.no_grad()
+    def step(self, token: int, kv=None) -> torch.Tensor:
+        self.before_token()
+        self.recorder.start_token(token)
+        ids = torch.tensor([[token]])
+        if self._cache_kw == "cache":  # transformers >= 5.x names the KV cache argument `cache`
+            out = self.model(input_ids=ids, cache=self.past, use_cache=True)
+            self.past = getattr(out, "cache", None) or out.past_key_values
+        else:
+            out = self.model(input_ids=ids, past_key_values=self.past, use_cache=True)
+            self.past = out.past_key_values
+        self.recorder.end_token()
+        return out.logits[0, -1].float()
+
+    def close(self) -> None:
+        self.model = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+class DenseInDram(TokenLoop):
+    """The whole model in DRAM (flashnb's dense model): the reference that reads nothing per token.
+    `DenseInDram(store)` rebuilds it from a store at the store's precision; `DenseInDram(model)` runs
+    a model already loaded."""
+
+    def __init__(self, source: FlashStore | str | nn.Module):
+        if isinstance(source, nn.Module):
+            self.model = source.eval()
+        else:
+            st = source if isinstance(source, FlashStore) else FlashStore.open(source)
+            self.model = st.load_model()
+        self.recorder = Recorder()
+        self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())

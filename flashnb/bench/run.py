@@ -1,0 +1,206 @@
+"""`flashnb bench`: every configuration side by side, in one process, as JSON and a table.
+
+On the shipped model (or any Hugging Face folder with predictors), each configuration generates the
+same number of tokens after the same prompt, reading its FFN with direct I/O (cold: nothing is
+served from the page cache). The configurations take turns, one token each, so that a disk whose
+speed drifts during the run slows them alike. Per generated token it reports I/O, memory management
+and compute milliseconds (mean, median and spread), bytes read, requests, throughput and the ratio to
+naive, and beside the I/O the cost model's I/O for the same requests on this disk's profile.
+
+Configurations (the paper's Table 2 ladder, then the peers):
+    naive       the whole FFN of every layer read every token (large sequential reads)
+    hybrid      as much of the FFN as the budget allows pinned in DRAM, the rest read every token
+    predictor   + low-rank predictors: only predicted neurons, unbundled store (2 reads a neuron)
+    windowing   + window of recent tokens' neurons kept in DRAM, unbundled
+    all         + row-column bundling (1 read a neuron)
+    mmap        the FFN memory-mapped, page cache dropped before each token (llama.cpp's regime)
+    accelerate  transformers + accelerate disk offload of the whole checkpoint, cache dropped per token
+    dense       the whole model in DRAM: reads nothing, the reference
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flashnb.bench.baselines import AccelerateOffload, DenseInDram, HybridEngine, MmapEngine
+from flashnb.bench.report import LABELS, BenchResult, ConfigResult
+from flashnb.core.convert import ConvertConfig, convert
+from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
+from flashnb.core.engine import FlashEngine, Policy
+from flashnb.core.generate import SamplingConfig
+from flashnb.core.predictor import AllNeurons, load_predictors
+from flashnb.core.store import FlashStore
+from flashnb.device.costmodel import ModelShape, as_device, calls_seconds
+from flashnb.device.measure import ProfileConfig, machine_info, run_profile
+from flashnb.device.profile import Profile, coalescing_gap, load_default_profile
+from flashnb.errors import FlashnbError
+from flashnb.lab.stats import TokenStats
+from flashnb.models.checkpoint import read_config
+from flashnb.models.tokenizer import Tokenizer
+from flashnb.paths import data_dir, shipped_model_dir
+
+CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "mmap", "accelerate", "dense")
+ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all")  # the flash engine under different policies
+
+
+@dataclass
+class BenchConfig:
+    """What to run. `memory`: a fraction of the model's bytes (float) or bytes (int)."""
+
+    model: str | None = None          # HF folder; None = the shipped model
+    predictors: str | None = None     # predictor folder; None = MODEL-predictors beside it (the shipped set)
+    prompt: str = DEMO_PROMPT
+    tokens: int = 16
+    window: int = WINDOW
+    memory: float | int = MEMORY_BUDGET
+    in_flight: int = IN_FLIGHT
+    dir: str | None = None            # where the scratch stores go (None: system temp folder)
+    configs: tuple[str, ...] = CONFIGS
+    profile: str | None = None        # profile JSON; None = the saved default, else a quick profile
+    replay: bool = False              # also replay the predictor run's sets at OPT 6.7B's shape (~17 GB of files)
+    keep_replay: bool = False         # keep the replay files in `dir` for the next run
+    progress: bool = True
+
+
+def take_turns(streams: dict[str, Iterator[int]],
+               progress: bool = False) -> tuple[dict[str, list[int]], dict[str, float]]:
+    """Advance every named token stream (e.g. one `generate` per configuration) one token in turn
+    until all are done, so that a disk whose speed drifts during the run (shared and virtual disks
+    do, by tens of percent within a minute) slows every configuration alike and their ratios stay
+    comparable; each also runs with the CPU caches the others leave, as a model much bigger than
+    the caches would. Returns each stream's tokens and the seconds spent in it."""
+    texts: dict[str, list[int]] = {k: [] for k in streams}
+    spent = dict.fromkeys(streams, 0.0)
+    live = dict(streams)
+    with tqdm(desc="one token of each configuration in turn", unit="round", disable=not progress,
+              leave=False) as bar:
+        while live:
+            for name, stream in list(live.items()):
+                t0 = time.perf_counter()
+                try:
+                    texts[name].append(next(stream))
+                except StopIteration:  # end of text: that configuration has fewer tokens
+                    del live[name]
+                spent[name] += time.perf_counter() - t0
+            bar.update(1)
+    return texts, spent
+
+
+def engine_setup(name: str, window: int, memory: float | int, in_flight: int, gap_bytes: int) -> tuple[str, Policy]:
+    """(store layout, Policy) of an engine configuration: naive reads every neuron of the bundled
+    store; +predictor and +windowing read predicted neurons from the unbundled store (the latter
+    keeping a window); all = +windowing on the bundled store."""
+    layout = "bundled" if name in ("naive", "all") else "unbundled"
+    keep = 0 if name in ("naive", "predictor") else window
+    return layout, Policy(keep, memory, in_flight, gap_bytes)
+
+
+def _has(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _runner(name: str, cfg: BenchConfig, stores: dict, model_dir: Path, work: str, predictors, gap: int):
+    if name in ENGINE_CONFIGS:
+        layout, policy = engine_setup(name, cfg.window, cfg.memory, cfg.in_flight, gap)
+        pred = AllNeurons(stores[layout].ffn_dim) if name == "naive" else predictors
+        return FlashEngine(stores[layout], pred, policy)
+    if name == "hybrid":
+        return HybridEngine(stores["bundled"], cfg.memory, cfg.in_flight, gap)
+    if name == "mmap":
+        return MmapEngine(stores["bundled"])
+    if name == "dense":
+        return DenseInDram(stores["bundled"])
+    return AccelerateOffload(model_dir, dtype=torch.float16, offload_dir=str(Path(work) / "offload"))
+
+
+def modeled_io_ms(name: str, stats: TokenStats, shape: ModelShape, in_flight: int, device) -> float | None:
+    """The cost model's I/O per token for this run's requests (mean size, requests per reader call) on
+    the device profile; None for the runners whose I/O is not measured apart (mmap, accelerate).
+    Without a predictor the requests cover whole layers in file order: a sequential stream."""
+    if stats.requests is None:
+        return None
+    if not stats.requests:
+        return 0.0
+    calls = stats.reader_calls or shape.num_layers
+    if name in ("naive", "hybrid"):
+        return (calls * device.first_request_latency() + stats.bytes_read / device.dense_throughput()) * 1e3
+    return calls_seconds(device, calls, stats.requests / calls, int(stats.bytes_read / stats.requests), in_flight) * 1e3
+
+
+def _profile(cfg: BenchConfig, workroot: Path) -> tuple[Profile, str]:
+    if cfg.profile:
+        return Profile.load(cfg.profile), cfg.profile
+    saved = load_default_profile()
+    if saved is not None:
+        return saved, "saved default"
+    return run_profile(ProfileConfig.quick(dir=str(workroot), progress=cfg.progress)), "quick profile measured by this run"
+
+
+def run_bench(cfg: BenchConfig) -> BenchResult:
+    """Run every configuration in `cfg.configs`, taking turns; returns the result (`.to_json()`)."""
+    unknown = set(cfg.configs) - set(CONFIGS)
+    if unknown:
+        raise FlashnbError(f"unknown configurations {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    if cfg.tokens < 1:
+        raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
+    model_dir = Path(cfg.model) if cfg.model else shipped_model_dir()
+    pred_dir = Path(cfg.predictors) if cfg.predictors else data_dir() / f"{model_dir.name}-predictors"
+    config = read_config(model_dir)
+    tok = Tokenizer.from_folder(model_dir)
+    prompt = tok.encode(cfg.prompt)
+    workroot = Path(cfg.dir or tempfile.gettempdir())
+    if not workroot.is_dir():
+        raise FlashnbError(f"--dir {workroot} does not exist; create it or pick another folder")
+    profile, profile_source = _profile(cfg, workroot)
+    device = as_device(profile)
+    gap = coalescing_gap(profile, cfg.in_flight)
+    shape = ModelShape.from_config(config, 2, model_dir.name)
+    neurons = shape.ffn_dim * shape.num_layers
+    results: dict[str, ConfigResult] = {}
+    skipped: dict[str, str] = {}
+    replay = None
+    with tempfile.TemporaryDirectory(prefix="flashnb-bench-", dir=workroot) as work:
+        stores = {lay: FlashStore.open(convert(model_dir, Path(work) / lay, ConvertConfig(layout=lay, progress=False)))
+                  for lay in ("bundled", "unbundled")}
+        predictors = load_predictors(pred_dir) if {"predictor", "windowing", "all"} & set(cfg.configs) else None
+        with ExitStack() as stack:
+            runners, streams = {}, {}
+            for name in cfg.configs:
+                if name == "accelerate" and not _has("transformers", "accelerate"):
+                    skipped[name] = "transformers and accelerate are not installed: pip install 'flashnb[bench]'"
+                    continue
+                runners[name] = r = _runner(name, cfg, stores, model_dir, work, predictors, gap)
+                stack.callback(r.close)
+                streams[name] = iter(r.generate(prompt, cfg.tokens + 1, SamplingConfig()))  # +1: the prompt's step
+            texts, spent = take_turns(streams, cfg.progress)
+            for name, r in runners.items():
+                stats = TokenStats.of(r.steps[len(prompt):], neurons, split=name not in ("mmap", "accelerate"))
+                mem = getattr(r, "memory", None)
+                results[name] = ConfigResult(
+                    name, LABELS[name], stats, tok.decode(texts[name][:cfg.tokens]), spent[name],
+                    mem.used_bytes if mem else getattr(r, "bytes", None), mem.budget_bytes if mem else None,
+                    modeled_io_ms(name, stats, shape, cfg.in_flight, device))
+                if name == "predictor":  # its sets drive the replay
+                    replay_sets = [s.predicted_sets for s in r.steps[len(prompt):]]
+        if cfg.replay:
+            from flashnb.bench.replay import run_replay
+
+            if "predictor" not in cfg.configs:
+                raise FlashnbError("--replay replays the +predictor run's neuron sets: include 'predictor' in --configs")
+            replay = run_replay(replay_sets, config.ffn_dim, Path(work) if not cfg.keep_replay else workroot,
+                                cfg.window, cfg.memory, cfg.in_flight, tokens=cfg.tokens, profile=profile,
+                                progress=cfg.progress)
+    settings = {k: getattr(cfg, k) for k in BenchConfig.__dataclass_fields__ if k != "progress"}
+    return BenchResult(time.strftime("%Y-%m-%dT%H:%M:%S%z"), {**machine_info(workroot), "torch": torch.__version__,
+                                                             "torch_threads": torch.get_num_threads()},
+                       str(model_dir), shape.total_bytes, shape.ffn_bytes, settings, profile_source,
+                       profile.summary(), results, skipped, replay)

@@ -1,0 +1,296 @@
+"""Writing a flash store (format: flashnb.core.store) from a Hugging Face checkpoint folder.
+
+`convert` streams the checkpoint one tensor at a time (a layer's FFN matrices at most) into a
+temporary folder next to the destination and renames it when complete, so the destination is either
+a whole store or absent; the source folder is only read. It never deletes what it did not write:
+`--force` (overwrite) replaces only a flashnb store holding nothing but its own files, and never the
+source or a folder that holds it; the leftovers of a killed convert are cleaned up by the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from flashnb.core.defaults import ALIGNMENT
+from flashnb.core.store import (DRAM_FILE, DTYPES, FFN_FILE, FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST, TOKENIZER,
+                                Region, align_up)
+from flashnb.errors import FlashnbError
+from flashnb.models.checkpoint import TensorIndex, ffn_matrix_names, ffn_param, meta_model, read_config
+
+
+@dataclass
+class ConvertConfig:
+    """Options of `convert`. layout: 'bundled' | 'unbundled'; dtype: 'fp16' | 'fp32'."""
+
+    layout: str = "bundled"
+    dtype: str = "fp16"
+    overwrite: bool = False
+    progress: bool = True
+
+
+class _Hasher:
+    """Writes bytes to a file while hashing them; pads with zeros to an alignment."""
+
+    def __init__(self, f):
+        self.f, self.pos = f, 0
+
+    def write(self, data, h: "hashlib._Hash | None" = None) -> None:
+        mv = memoryview(data).cast("B")
+        if h is not None:
+            h.update(mv)
+        self.f.write(mv)
+        self.pos += mv.nbytes
+
+    def pad_to(self, a: int) -> None:
+        n = align_up(self.pos, a) - self.pos
+        if n:
+            self.f.write(b"\0" * n)
+            self.pos += n
+
+
+def _layer_rows(index: TensorIndex, config, layer: int, tdtype: torch.dtype) -> list[torch.Tensor]:
+    """The FFN matrices of `layer`, each as [ffn, d] neuron-major rows in the store dtype."""
+    d, f = config.hidden_size, config.ffn_dim
+    out = []
+    for part, orient in config.ffn_parts:
+        shape = (f, d) if orient == "row" else (d, f)
+        w = index.get(config.hf_key(ffn_param(layer, part)), shape).to(tdtype)
+        out.append(w.contiguous() if orient == "row" else w.t().contiguous())
+    return out
+
+
+def _write_dram(path: Path, index: TensorIndex, config, items: list[tuple[str, tuple[int, ...]]],
+                dtype: str, tick: Callable[[], None]) -> str:
+    """Write the DRAM tensors as a safetensors file one tensor at a time; returns its sha256.
+
+    safetensors' own save_file serializes everything in memory first (the DRAM part twice); writing
+    the header ourselves lets a multi-GB model stream through with one tensor in memory at a time.
+    """
+    tdtype, npdtype, tag = DTYPES[dtype]
+    header: dict[str, dict] = {"__metadata__": {"format": "pt", "writer": "flashnb"}}
+    off = 0
+    for name, shape in items:
+        n = int(np.prod(shape, dtype=np.int64)) * npdtype.itemsize
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * (align_up(len(hjson), 8) - len(hjson))
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        w = _Hasher(f)
+        w.write(struct.pack("<Q", len(hjson)), h)
+        w.write(hjson, h)
+        for name, shape in items:
+            t = index.get(config.hf_key(name), shape).to(tdtype).contiguous()
+            w.write(t.numpy().view(np.uint8) if t.numel() else b"", h)
+            tick()
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def convert(src: str | Path, dst: str | Path, cfg: ConvertConfig | None = None) -> Path:
+    """Convert the Hugging Face folder `src` into a flash store folder `dst`; returns `dst`.
+
+    Reads one tensor at a time (a layer's FFN matrices at most), writes into a temporary folder next
+    to `dst` and renames it when complete, so `dst` is either a whole store or absent. `src` is only
+    read.
+    """
+    cfg = cfg or ConvertConfig()
+    if cfg.layout not in LAYOUTS:
+        raise FlashnbError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if cfg.dtype not in DTYPES:
+        raise FlashnbError(f"unknown store dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    src, dst = Path(src), Path(os.path.abspath(dst))  # absolute: "." can be renamed as its full path
+    config = read_config(src)
+    index = TensorIndex(src)
+    if not dst.parent.is_dir():
+        raise FlashnbError(f"folder {dst.parent} does not exist; create it first")
+    _recover_interrupted(dst)
+    check_destination(src, dst, cfg.overwrite)
+    tmp = _temporary_folder(dst)
+    try:
+        _write_store(src, tmp, config, index, cfg, dst.name)
+        check_destination(src, dst, cfg.overwrite)  # again: the folder may have changed while we wrote
+        if dst.exists():  # overwrite: move the old store aside first so dst is never half-written
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _temporary_folder(dst: Path) -> Path:
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir()
+    except FileExistsError:
+        raise FlashnbError(f"{tmp} already exists; remove it (a temporary folder of flashnb's) and convert "
+                           "again") from None
+    except OSError as e:
+        raise FlashnbError(f"cannot create {tmp} ({e.strerror}); convert into a folder you can write to") from None
+    return tmp
+
+
+def _write_store(src: Path, out: Path, config, index: TensorIndex, cfg: ConvertConfig, name: str) -> None:
+    """Write every file of a store into the folder `out`: DRAM tensors, FFN, tokenizer, manifest last."""
+    from tqdm.auto import tqdm
+
+    ffn_names = ffn_matrix_names(config)
+    dram_items = [(n, tuple(p.shape)) for n, p in meta_model(config).named_parameters() if n not in ffn_names]
+    with tqdm(total=len(dram_items) + config.num_hidden_layers, desc=f"convert {name}", unit="tensor",
+              disable=not cfg.progress, leave=False) as bar:
+        dram_sha = _write_dram(out / DRAM_FILE, index, config, dram_items, cfg.dtype, lambda: bar.update(1))
+        layers = _write_ffn(out / FFN_FILE, index, config, cfg, lambda: bar.update(1))
+    tokenizer = None
+    if (src / TOKENIZER).is_file():
+        shutil.copyfile(src / TOKENIZER, out / TOKENIZER)
+        tokenizer = TOKENIZER
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model_type": config.model_type,
+        "model_config": json.loads((src / "config.json").read_text()), "dtype": cfg.dtype, "layout": cfg.layout,
+        "alignment": ALIGNMENT, "d_model": config.hidden_size, "ffn_dim": config.ffn_dim,
+        "num_layers": config.num_hidden_layers, "parts": [p for p, _ in config.ffn_parts],
+        "ffn_file": {"name": FFN_FILE, "bytes": (out / FFN_FILE).stat().st_size},
+        "dram_file": {"name": DRAM_FILE, "bytes": (out / DRAM_FILE).stat().st_size, "sha256": dram_sha,
+                      "tensors": len(dram_items)},
+        "tokenizer": tokenizer,
+        "layers": [[r.to_json() for r in regs] for regs in layers],
+        "source": {"folder": str(src.resolve()), "files": [f.name for f in index.files]},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _store_files(folder: Path) -> set[str] | None:
+    """The file names a store folder's manifest lists (manifest.json included), or None when `folder`
+    holds no readable flashnb manifest."""
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        return None
+    names = {MANIFEST}
+    for key in ("ffn_file", "dram_file"):
+        entry = m.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            names.add(entry["name"])
+    if isinstance(m.get("tokenizer"), str):
+        names.add(m["tokenizer"])
+    return names
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse, with one clear error, every destination whose replacement could lose a file that
+    flashnb did not write: the source folder, a folder inside it or holding it, a file, a symbolic
+    link, and (even with --force) any existing folder that is not a flashnb store or that holds
+    files besides the store's own."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise FlashnbError(f"store {dst} would be written inside the source folder {src}; choose a "
+                           "store path outside it (the source checkpoint is never modified)")
+    if d in s.parents:
+        raise FlashnbError(f"store {dst} contains the source folder {src}; choose a store path that does "
+                           "not hold the checkpoint (replacing it would delete the source)")
+    if dst.is_symlink():
+        raise FlashnbError(f"{dst} is a symbolic link; give the store's real path (flashnb does not "
+                           "replace links)")
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise FlashnbError(f"{dst} is a file, not a store folder; choose another store path "
+                           "(flashnb never replaces a file)")
+    if not overwrite:
+        raise FlashnbError(f"{dst} already exists; remove it, choose another store path, or pass --force "
+                           "to replace the flashnb store there")
+    own = _store_files(dst)
+    if own is None:
+        raise FlashnbError(f"{dst} exists and is not a flashnb store (no {MANIFEST} of format {FORMAT!r}); "
+                           "--force replaces only a store: choose another path, or remove that folder yourself")
+    extra = sorted(p.name for p in dst.iterdir() if p.name not in own or not p.is_file())
+    if extra:
+        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise FlashnbError(f"{dst} is a flashnb store but also holds {shown}, which flashnb did not write; "
+                           "--force will not delete them: move them out first, or choose another store path")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a number no process can have: leave it alone
+    return True
+
+
+def _recover_interrupted(dst: Path) -> None:
+    """Clean up after a convert to `dst` that was killed (SIGKILL, power loss) by a process no longer
+    alive: its unfinished temporary folder `.NAME.tmp-PID` is removed; an old store it had moved
+    aside (`.NAME.old-PID`) is put back when `dst` is missing, else removed. Only folders holding
+    nothing but store files are touched; each is named on stderr."""
+    allowed = {MANIFEST, DRAM_FILE, FFN_FILE, TOKENIZER}
+    for kind in ("tmp", "old"):
+        for p in sorted(dst.parent.glob(f".{dst.name}.{kind}-*")):
+            pid = p.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _pid_alive(int(pid)) or not p.is_dir() or p.is_symlink():
+                continue
+            if any(not f.is_file() or f.name not in allowed for f in p.iterdir()):
+                continue
+            if kind == "old" and not dst.exists() and not dst.is_symlink():
+                os.replace(p, dst)
+                print(f"flashnb: restored the store {dst} that an interrupted convert (process {pid}) had "
+                      "moved aside", file=sys.stderr)
+            else:
+                shutil.rmtree(p)
+                print(f"flashnb: removed {p}, left by an interrupted convert (process {pid})", file=sys.stderr)
+
+
+def _write_ffn(path: Path, index: TensorIndex, config, cfg: ConvertConfig,
+               tick: Callable[[], None]) -> list[list[Region]]:
+    """Write ffn.bin layer by layer; returns each layer's regions (offsets, sizes, sha256)."""
+    tdtype, npdtype, _ = DTYPES[cfg.dtype]
+    parts = [p for p, _ in config.ffn_parts]
+    d, f_dim = config.hidden_size, config.ffn_dim
+    layers: list[list[Region]] = []
+    with open(path, "wb") as f:
+        w = _Hasher(f)
+        for layer in range(config.num_hidden_layers):
+            mats = _layer_rows(index, config, layer, tdtype)  # each [ffn, d]
+            if cfg.layout == "bundled":
+                groups = [("bundles", tuple(parts), torch.cat(mats, dim=1))]
+            else:
+                groups = [(p, (p,), m) for p, m in zip(parts, mats)]
+            regs = []
+            for name, rparts, rows in groups:
+                w.pad_to(ALIGNMENT)
+                h = hashlib.sha256()
+                off = w.pos
+                w.write(rows.numpy().view(np.uint8), h)
+                regs.append(Region(name, off, w.pos - off, f_dim, len(rparts) * d * npdtype.itemsize,
+                                   rparts, h.hexdigest()))
+            layers.append(regs)
+            del mats, groups
+            tick()
+        w.pad_to(ALIGNMENT)  # aligned reads of the last rows never run past the end of the file
+        f.flush()
+        os.fsync(f.fileno())
+    return layers

@@ -1,0 +1,197 @@
+"""The flash engine: LLM in a flash's per-token loop.
+
+Everything but the FFN weight matrices stays in DRAM. For every token and layer, `FlashFFN.forward`
+
+    1. predicts the neurons this token needs           (a predictor, §3.1)
+    2. plans the window: hits, loads, evictions         (windowing, §3.1)
+    3. deletes the evicted rows, making room            (memory management, §3.3)
+    4. reads the missing bundles from flash into place  (direct I/O, §3.2), and while the reads
+       are in flight computes the FFN of the neurons already in DRAM
+    5. appends the new rows                             (memory management, §3.3)
+    6. computes the FFN of the neurons just read        (only this token's neurons contribute)
+
+`FlashEngine.generate` runs tokens one at a time through the model. Timing and statistics reach a
+`Recorder` (flashnb.core.records) through the steps it wraps; the loop itself holds no clock.
+Memory is accounted in bytes (flashnb.core.memory): the budget covers the model's weights held in
+DRAM (resident tensors, predictors, neuron rows); the KV cache is activations, reported beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET, WINDOW
+from flashnb.core.ffn import BundleFFN
+from flashnb.core.generate import SamplingConfig, check_context, decode
+from flashnb.core.memory import MemoryPlan, NeuronRows, budget_bytes, plan_memory
+from flashnb.core.predictor import LowRankPredictors, Predictor
+from flashnb.core.reader import NeuronReader, PendingRead, ReaderConfig
+from flashnb.core.records import Recorder, TokenStep
+from flashnb.core.resident import resident_model
+from flashnb.core.store import FlashStore
+from flashnb.core.window import Window, split_predicted
+from flashnb.errors import FlashnbError
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How the engine keeps and reads the FFN.
+
+    window: keep the neurons needed by the previous `window` tokens in DRAM (0 = keep nothing).
+    memory_budget: DRAM for the model's weights: a fraction of the model's bytes (a float in (0, 1])
+        or bytes (an int).
+    in_flight: reads in flight: the AIO queue depth (reader threads where native AIO is unavailable).
+    gap_bytes: the reader's coalescing gap (`flashnb.device.profile.coalescing_gap` gives a device's).
+    """
+
+    window: int = WINDOW
+    memory_budget: float | int = MEMORY_BUDGET
+    in_flight: int = IN_FLIGHT
+    gap_bytes: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.window, bool) or not isinstance(self.window, (int, np.integer)) or self.window < 0:
+            raise FlashnbError(f"window must be a whole number of tokens >= 0, got {self.window!r}")
+        budget_bytes(self.memory_budget, 1)  # a fraction in (0, 1] or bytes: one clear error otherwise
+        if isinstance(self.in_flight, bool) or not isinstance(self.in_flight, (int, np.integer)) or self.in_flight < 1:
+            raise FlashnbError(f"reads in flight must be a whole number >= 1, got {self.in_flight!r}")
+        if isinstance(self.gap_bytes, bool) or not isinstance(self.gap_bytes, (int, np.integer)) or self.gap_bytes < 0:
+            raise FlashnbError(f"gap_bytes must be a whole number of bytes >= 0, got {self.gap_bytes!r}")
+
+
+class FlashFFN(nn.Module):
+    """One layer's FFN whose weights live on flash; see the module docstring for the six steps."""
+
+    def __init__(self, engine: "FlashEngine", layer: int, biases: dict[str, torch.Tensor], window: Window,
+                 rows: NeuronRows):
+        super().__init__()
+        self.layer, self.rows = layer, rows
+        self.math = BundleFFN(engine.store.config, biases)
+        rec = engine.recorder
+        self.predict = rec.timed("predict", engine.predictor.select)
+        self.plan, self.advance = rec.timed("window", window.plan), rec.timed("window", window.advance)
+        self.make_room, self.commit = rec.timed("memory", rows.make_room), rec.timed("memory", rows.commit)
+        self.submit, self.wait = rec.timed("submit", engine.reader.submit), rec.timed("wait", PendingRead.wait)
+        self.compute = rec.timed("ffn", self._compute)
+        self.record, self.record_set = rec.layer, rec.predicted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [1, 1, d_model], one token
+        predicted = self.predict(self.layer, x[0, -1])                     # 1. predict
+        self.record_set(predicted)
+        y = torch.zeros_like(x)
+        for part in split_predicted(predicted, self.rows.capacity):        # (one part unless it overflows)
+            plan = self.plan(part)                                         # 2. window: hits, loads, evictions
+            free = self.make_room(plan.evicted, plan.loaded.size)          # 3. delete the evicted rows
+            pending = self.submit(self.layer, plan.loaded, out=free)       # 4. flash -> DRAM, in place ...
+            try:
+                y += self.compute(x, plan.cached)                          #    ... while the cached ones compute
+            finally:
+                got = self.wait(pending)
+            self.commit(plan.loaded)                                       # 5. append the new rows
+            self.advance(plan)
+            y += self.compute(x, plan.loaded, free)                        # 6. compute the new ones
+            self.record(plan, got.stats)
+        return self.math.finish(y)
+
+    def _compute(self, x: torch.Tensor, ids: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
+        """The FFN contribution of neurons `ids`: from the rows just read, or gathered from DRAM."""
+        if rows is None:
+            block = torch.index_select(self.rows.rows, 0, torch.from_numpy(self.rows.slot[ids]))
+        else:
+            block = torch.from_numpy(rows)
+        return self.math.partial(x, block, ids)
+
+
+class TokenLoop:
+    """Runs `self.model` one token at a time; `self.recorder` keeps a TokenStep per token.
+
+    Subclasses build `self.model` (a resident model whose FFNs record their layers) and `self.recorder`.
+    """
+
+    model: nn.Module
+    recorder: Recorder
+
+    @property
+    def steps(self) -> list[TokenStep]:
+        return self.recorder.steps
+
+    @torch.no_grad()
+    def step(self, token: int, kv) -> torch.Tensor:
+        """Run one token through the model; returns its logits [vocab] (float32)."""
+        self.before_token()
+        self.recorder.start_token(token)
+        logits = self.model(torch.tensor([[token]]), kv)[0, -1]
+        self.recorder.end_token()
+        return logits
+
+    def before_token(self) -> None:
+        """Hook run before each token, outside its timing (baselines evict the page cache here)."""
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
+                 eos_id: int | None = None) -> Iterator[int]:
+        """Yield new token ids; the prompt runs token by token too, so every step is recorded."""
+        check_context(prompt_ids, max_new_tokens, self.model.config.max_position_embeddings)
+        kv = self.model.new_cache(1, len(prompt_ids) + max_new_tokens)
+        return decode(lambda ids: [self.step(t, kv) for t in ids][-1], prompt_ids, max_new_tokens, sampling, eos_id)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FlashEngine(TokenLoop):
+    """A model run from a flash store under a memory budget, token by token.
+
+    `predictor`: which neurons each token loads (flashnb.core.predictor: LowRankPredictors,
+    OraclePredictor, AllNeurons). `policy`: window, memory budget, reads in flight, coalescing gap.
+    """
+
+    def __init__(self, store: FlashStore | str | Path, predictor: Predictor, policy: Policy | None = None):
+        self.store = st = store if isinstance(store, FlashStore) else FlashStore.open(store)
+        self.policy = policy = policy or Policy()
+        self.predictor = _checked(predictor, st)
+        self.memory: MemoryPlan = plan_memory(st.memory_shape(), policy.memory_budget, policy.window,
+                                              self.predictor.memory_bytes(st.np_dtype.itemsize))
+        cap = self.memory.capacity_rows
+        if policy.window == 0:  # nothing survives a layer, so every layer uses the same rows
+            shared = (Window(st.ffn_dim, cap, 0), NeuronRows(st.ffn_dim, cap, st.row_values, st.np_dtype))
+            dram = [shared] * st.num_layers
+        else:
+            dram = [(Window(st.ffn_dim, cap, policy.window), NeuronRows(st.ffn_dim, cap, st.row_values, st.np_dtype))
+                    for _ in range(st.num_layers)]
+        self.recorder = Recorder()
+        self.reader = NeuronReader(st, ReaderConfig(in_flight=policy.in_flight, gap_bytes=policy.gap_bytes))
+        self.model = resident_model(st, lambda i, b: FlashFFN(self, i, b, *dram[i]), dtype=st.dtype)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _checked(predictor: Predictor, store: FlashStore) -> Predictor:
+    """The predictor, checked against the store's model (and held at the store's precision)."""
+    if not isinstance(predictor, Predictor):
+        raise FlashnbError(f"predictor must be a flashnb predictor (LowRankPredictors, OraclePredictor or "
+                           f"AllNeurons), got {type(predictor).__name__}")
+    c = store.config
+    if isinstance(predictor, LowRankPredictors):
+        if (predictor.n_layers, predictor.d_model, predictor.ffn_dim) != (c.num_hidden_layers, c.hidden_size,
+                                                                          c.ffn_dim):
+            raise FlashnbError(f"the predictors cover {predictor.n_layers} layers, d_model {predictor.d_model}, "
+                               f"ffn_dim {predictor.ffn_dim}; the store's model has {c.num_hidden_layers}, "
+                               f"{c.hidden_size}, {c.ffn_dim}: use predictors trained for this model")
+        predictor.hold_as(store.dtype)
+    elif getattr(predictor, "ffn_dim", c.ffn_dim) != c.ffn_dim:
+        raise FlashnbError(f"the predictor selects among {predictor.ffn_dim} neurons per layer; the store's model "
+                           f"has {c.ffn_dim}")
+    return predictor

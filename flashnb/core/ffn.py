@@ -1,0 +1,61 @@
+"""The FFN math of one token over a subset of a layer's neurons, from their bundles.
+
+A bundle (a store row) holds one neuron's slices of every FFN matrix side by side: [up | down] for
+OPT, [gate | up | down] for a gated FFN. The FFN output of a set of neurons is the sum of their
+contributions, so the engine computes the cached neurons and the freshly read ones separately and
+adds them, and row order never matters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flashnb.errors import FlashnbError
+from flashnb.models.common import activation
+
+
+def sparse_ffn(x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray, up_bias: torch.Tensor | None, act,
+               gated: bool, d: int) -> torch.Tensor:
+    """One token's FFN output (without the down bias) from the bundles `rows` of neurons `ids`.
+
+    rows: [n, P * d] bundles (up | down, or gate | up | down when `gated`). The up projection runs
+    at the rows' precision; the down projection only over the neurons whose activation is not zero
+    (a ReLU zero contributes nothing), upcast to float32, because half-precision vector-matrix
+    products of this shape are slow on CPUs without native fp16 arithmetic.
+    """
+    if gated:
+        h = act(F.linear(x, rows[:, :d])) * F.linear(x, rows[:, d:2 * d])
+        col = 2 * d
+    else:
+        h = act(F.linear(x, rows[:, :d], None if up_bias is None else up_bias.index_select(0, torch.from_numpy(ids))))
+        col = d
+    h = h.reshape(-1)
+    live = torch.nonzero(h).reshape(-1)
+    down = torch.index_select(rows, 0, live)[:, col:].float()
+    y = h.index_select(0, live).float() @ down
+    return y.to(x.dtype).reshape(x.shape)
+
+
+class BundleFFN:
+    """One layer's FFN computed from bundles: `partial(x, rows, ids)` for any subset of neurons,
+    `finish(y)` adds the down projection's bias once."""
+
+    def __init__(self, config, biases: dict[str, torch.Tensor]):
+        self.act = activation(config.ffn_activation, "config.json")
+        self.gated, self.d = config.gated, config.hidden_size
+        up, down = config.ffn_parts[0][0], config.ffn_parts[-1][0]
+        if self.gated and set(biases) - {down}:
+            raise FlashnbError("gated FFNs with biases on the gate or up projection (mlp_bias) are not supported "
+                               "by the engine")
+        self.up_bias, self.down_bias = biases.get(up), biases.get(down)
+
+    def partial(self, x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        """The contribution of neurons `ids` (bundles `rows` [n, P * d]) for one token x [1, 1, d]."""
+        if ids.size == 0:
+            return torch.zeros_like(x)
+        return sparse_ffn(x, rows, ids, self.up_bias, self.act, self.gated, self.d)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.down_bias is None else y + self.down_bias

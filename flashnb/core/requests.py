@@ -1,0 +1,118 @@
+"""Which read requests a set of neurons becomes: row spans, coalescing, and where each byte lands.
+
+Each neuron is one row per store region (bundled: one row of P * d_model values; unbundled: P rows
+of d_model values, one per matrix). For a sorted, duplicate-free set of neuron ids the rows become
+byte spans of the FFN file; neighbouring spans merge into one request when the gap between them is
+at most `gap_bytes` (reading a few unneeded bytes is cheaper than another request), and requests
+longer than `max_request_bytes` are split so that reads in flight can share them.
+
+Two plans, both vectorized with numpy (nothing loops over neurons in Python):
+
+- scatter: rows go straight into the caller's block-aligned destination (one iovec per run of
+  file-adjacent rows, the gaps into a sink buffer): no copy;
+- staging: block-aligned requests land in an aligned staging buffer, from which the rows are
+  gathered afterwards (any destination).
+
+`flashnb.core.simulate` uses the same plans to count what the engine would read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flashnb.core.io import IOV_MAX
+
+
+@dataclass
+class RequestPlan:
+    """Requests of one read call, in file order. Offsets and lengths in bytes."""
+
+    req_off: np.ndarray       # file offset of each request
+    req_len: np.ndarray       # bytes of each request
+    run_start: np.ndarray     # scatter: index of the request's first run (len = requests + 1)
+    run_dst: np.ndarray       # scatter: byte offset in the destination of each run of needed rows
+    run_len: np.ndarray       # scatter: bytes of each run
+    run_gap: np.ndarray       # scatter: unneeded bytes after the run, read into the sink
+    gather: list[tuple[int, np.ndarray]]  # staging: (region index, staging byte offset per unique id)
+
+
+def plan_scatter(regions, uniq: np.ndarray, first: np.ndarray, out_row_bytes: int, part_col: list[int],
+                 gap_bytes: int, max_request_bytes: int) -> RequestPlan:
+    """Rows of neurons `uniq` go straight to destination row `first[k]` (column part_col[j] of region j);
+    file-adjacent rows with adjacent destinations form one run (one iovec); runs closer than
+    gap_bytes share a request, the gap going to a sink."""
+    M = max_request_bytes
+    offs, lens, starts, dsts, rlens, gaps = [], [], [], [], [], []
+    nrun = 0
+    for j, r in enumerate(regions):
+        rb = r.row_bytes
+        s = r.offset + uniq * rb                          # file offset of each row
+        d = first * out_row_bytes + part_col[j]           # destination offset of each row
+        brk = np.ones(uniq.size, bool)
+        brk[1:] = (np.diff(uniq) != 1) | (np.diff(d) != rb)
+        rs = np.flatnonzero(brk)
+        nrows = np.diff(np.append(rs, uniq.size))
+        step = max(1, M // rb)                            # rows per piece of a long run
+        npc = -(-nrows // step)
+        ridx = np.repeat(np.arange(rs.size), npc)
+        k = np.arange(ridx.size) - np.repeat(np.cumsum(npc) - npc, npc)
+        run_s = s[rs][ridx] + k * step * rb
+        run_d = d[rs][ridx] + k * step * rb
+        run_l = np.minimum(step, nrows[ridx] - k * step) * rb
+        R = run_s.size
+        gap = np.zeros(R, np.int64)
+        gap[:-1] = run_s[1:] - (run_s[:-1] + run_l[:-1])
+        new = np.ones(R, bool)
+        new[1:] = gap[:-1] > gap_bytes
+        grp = np.cumsum(new) - 1
+        g0 = np.flatnonzero(new)
+        piece = (run_s - run_s[g0][grp]) // M             # about M bytes per request
+        kk = (np.arange(R) - g0[grp]) // (IOV_MAX // 2)   # at most IOV_MAX iovecs per request
+        new[1:] |= (piece[1:] != piece[:-1]) | (kk[1:] != kk[:-1])
+        req_first = np.flatnonzero(new)
+        req_last = np.append(req_first[1:], R) - 1
+        gap[req_last] = 0                                 # nothing to skip after a request's last run
+        offs.append(run_s[req_first])
+        lens.append(run_s[req_last] + run_l[req_last] - run_s[req_first])
+        starts.append(req_first + nrun)
+        dsts.append(run_d)
+        rlens.append(run_l)
+        gaps.append(gap)
+        nrun += R
+    return RequestPlan(np.concatenate(offs), np.concatenate(lens), np.append(np.concatenate(starts), nrun),
+                       np.concatenate(dsts), np.concatenate(rlens), np.concatenate(gaps), [])
+
+
+def plan_staging(regions, uniq: np.ndarray, io_align: int, gap_bytes: int, max_request_bytes: int) -> RequestPlan:
+    """Block-aligned requests into a staging buffer; rows are gathered from it afterwards."""
+    A = io_align
+    offs, lens, gather = [], [], []
+    base = 0
+    for j, r in enumerate(regions):
+        s = r.offset + uniq * r.row_bytes
+        a_s = s // A * A
+        a_e = -(-(s + r.row_bytes) // A) * A
+        new = np.ones(uniq.size, bool)
+        new[1:] = (a_s[1:] - a_e[:-1]) > gap_bytes
+        gi = np.flatnonzero(new)
+        g_s = a_s[gi]
+        g_e = np.append(a_e[gi[1:] - 1], a_e[-1])
+        g_len = g_e - g_s
+        g_stage = base + np.concatenate(([0], np.cumsum(g_len)[:-1]))
+        grp = np.cumsum(new) - 1
+        gather.append((j, g_stage[grp] + (s - g_s[grp])))
+        base += int(g_len.sum())
+        # split long groups into pieces of at most max_request_bytes (a multiple of A)
+        step = max(A, max_request_bytes // A * A)
+        npieces = -(-g_len // step)
+        gidx = np.repeat(np.arange(gi.size), npieces)
+        k = np.arange(gidx.size) - np.repeat(np.cumsum(npieces) - npieces, npieces)
+        p_off = g_s[gidx] + k * step
+        p_len = np.minimum(step, g_e[gidx] - p_off)
+        offs.append(p_off)
+        lens.append(p_len)
+    off, ln = np.concatenate(offs), np.concatenate(lens)
+    empty = np.zeros(0, np.int64)
+    return RequestPlan(off, ln, empty, empty, empty, empty, gather)

@@ -1,0 +1,408 @@
+"""The flash store: a model converted so that its FFN weights can be read neuron by neuron from flash.
+
+A store is a folder:
+
+    manifest.json      format version, the model's HF config, dtype, layout, alignment, and for every
+                       layer the byte offset, size and sha256 of each FFN region in ffn.bin
+    dram.safetensors   every tensor that stays in DRAM (embeddings, attention, norms, FFN biases),
+                       under flashnb's parameter names
+    ffn.bin            the FFN weight matrices, one region group per layer, each region starting on an
+                       `alignment` (4096-byte) boundary so direct I/O can read it
+    tokenizer.json     copied from the source folder (when it has one)
+
+Neuron i of a layer is row i of the up projection(s) and column i of the down projection. The layout
+decides where its values lie in ffn.bin:
+
+    bundled    one region `bundles` of shape [ffn_dim, P * d_model]: neuron i's row is
+               [up[i, :], down[:, i]] (OPT: fc1, fc2; Llama: gate, up, down; P = 2 or 3), so one
+               contiguous read of P * d_model values fetches the whole neuron (row-column bundling).
+    unbundled  one region per matrix, each [ffn_dim, d_model] neuron-major: the up matrices as in the
+               checkpoint, the down matrix transposed. A neuron then costs P separate reads.
+
+Either way a store row for neuron i, assembled part after part, is the same P * d_model vector; the
+reader (flashnb.core.reader) returns exactly those rows.
+
+`flashnb.core.convert` writes a store; here `FlashStore.open` validates and opens one and `verify`
+recomputes every checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from flashnb.core.defaults import ALIGNMENT
+from flashnb.core.memory import MemoryShape
+from flashnb.errors import FlashnbError
+from flashnb.models.checkpoint import CONFIGS, ffn_matrix_names, ffn_param, materialize, meta_model
+
+FORMAT = "flashnb-store"
+FORMAT_VERSION = 1
+LAYOUTS = ("bundled", "unbundled")
+MANIFEST, DRAM_FILE, FFN_FILE, TOKENIZER = "manifest.json", "dram.safetensors", "ffn.bin", "tokenizer.json"
+
+# store dtype name -> (torch dtype, numpy dtype, safetensors dtype tag)
+DTYPES: dict[str, tuple[torch.dtype, np.dtype, str]] = {
+    "fp16": (torch.float16, np.dtype("<f2"), "F16"),
+    "fp32": (torch.float32, np.dtype("<f4"), "F32"),
+}
+
+HASH_CHUNK = 8 << 20  # bytes per piece when hashing files
+
+
+def align_up(n: int, a: int = ALIGNMENT) -> int:
+    """`n` rounded up to a multiple of `a` (bytes)."""
+    return -(-n // a) * a
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest data
+
+
+@dataclass(frozen=True)
+class Region:
+    """One contiguous, aligned span of ffn.bin holding one row per neuron of one layer.
+
+    offset, size and row_bytes are in bytes; row r (neuron r) occupies
+    [offset + r * row_bytes, offset + (r + 1) * row_bytes). `parts` names the FFN matrices whose
+    neuron slices make up a row, in order (one for unbundled regions, all of them for `bundles`).
+    """
+
+    name: str
+    offset: int
+    size: int
+    rows: int
+    row_bytes: int
+    parts: tuple[str, ...]
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "offset": self.offset, "size": self.size, "rows": self.rows,
+                "row_bytes": self.row_bytes, "parts": list(self.parts), "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What `verify` checked: regions and bytes hashed, and how long it took (seconds)."""
+
+    store: str
+    regions: int
+    bytes_hashed: int
+    seconds: float
+
+# ----------------------------------------------------------------------------------------------
+# Opening and validating
+
+
+def _bad(path: Path, what: str) -> FlashnbError:
+    return FlashnbError(f"{path}: {what}; re-create the store with `flashnb convert HF_FOLDER STORE`")
+
+
+class FlashStore:
+    """An opened, validated store. The engine's view of it:
+
+    - `config` (the architecture's config dataclass), `hf_config` (the HF config dict)
+    - `dtype` / `np_dtype`, `layout`, `alignment` (bytes), `d_model`, `ffn_dim`, `num_layers`
+    - `parts` (FFN matrices in row order), `row_values` = len(parts) * d_model values per neuron
+    - `regions(layer)`: the layer's `Region`s in ffn.bin
+    - `dram_tensors()`: the DRAM-resident tensors by flashnb parameter name
+    - `ffn_path`: ffn.bin, for `flashnb.core.reader.NeuronReader`
+    - `load_model()`: the dense model rebuilt from the store
+    """
+
+    def __init__(self, path: Path, manifest: dict, config) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.config = config
+        self.hf_config: dict = manifest["model_config"]
+        self.dtype_name: str = manifest["dtype"]
+        self.dtype, self.np_dtype, _ = DTYPES[self.dtype_name]
+        self.layout: str = manifest["layout"]
+        self.alignment: int = manifest["alignment"]
+        self.d_model: int = manifest["d_model"]
+        self.ffn_dim: int = manifest["ffn_dim"]
+        self.num_layers: int = manifest["num_layers"]
+        self.parts: tuple[str, ...] = tuple(manifest["parts"])
+        self.orientation = dict(config.ffn_parts)
+        self.row_values = len(self.parts) * self.d_model
+        self.neuron_bytes = self.row_values * self.np_dtype.itemsize
+        self._layers = [tuple(Region(r["name"], r["offset"], r["size"], r["rows"], r["row_bytes"],
+                                     tuple(r["parts"]), r["sha256"]) for r in regs)
+                        for regs in manifest["layers"]]
+        self.ffn_path = path / manifest["ffn_file"]["name"]    # plain names: checked by _validate
+        self.dram_path = path / manifest["dram_file"]["name"]
+        self.tokenizer_path = path / manifest["tokenizer"] if manifest.get("tokenizer") else None
+        self._resident_bytes: int | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FlashStore":
+        """Open the store folder `path`, validating its manifest against the files (no hashing)."""
+        p = Path(path)
+        if not p.is_dir():
+            raise FlashnbError(f"store {p} does not exist or is not a folder; create it with "
+                               "`flashnb convert HF_FOLDER STORE`")
+        mf = p / MANIFEST
+        if not mf.is_file():
+            raise FlashnbError(f"{mf} is missing: {p} is not a flashnb store (create one with "
+                               "`flashnb convert HF_FOLDER STORE`)")
+        try:
+            m = json.loads(mf.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(mf, f"not valid JSON ({e})") from None
+        config = _validate(p, mf, m)
+        return cls(p, m, config)
+
+    def __repr__(self) -> str:
+        return (f"FlashStore({str(self.path)!r}, {self.config.model_type}, {self.layout}, {self.dtype_name}, "
+                f"{self.num_layers} layers x {self.ffn_dim} neurons x {self.neuron_bytes} B)")
+
+    # -- what the engine reads -------------------------------------------------------------
+    def regions(self, layer: int) -> tuple[Region, ...]:
+        """The FFN regions of `layer` (one for bundled, one per matrix for unbundled)."""
+        if not 0 <= layer < self.num_layers:
+            raise FlashnbError(f"layer {layer} is out of range for store {self.path} "
+                               f"({self.num_layers} layers: 0..{self.num_layers - 1})")
+        return self._layers[layer]
+
+    def dram_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every DRAM-resident tensor (flashnb parameter names), optionally cast to `dtype`."""
+        try:
+            with safe_open(self.dram_path, framework="pt") as h:
+                return {k: (h.get_tensor(k) if dtype is None else h.get_tensor(k).to(dtype)) for k in h.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _bad(self.dram_path, f"cannot be read ({e})") from None
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the DRAM-resident tensors at the store's precision (from the safetensors header)."""
+        if self._resident_bytes is None:
+            try:
+                with safe_open(self.dram_path, framework="pt") as h:
+                    n = sum(int(np.prod(h.get_slice(k).get_shape(), dtype=np.int64)) for k in h.keys())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise _bad(self.dram_path, f"cannot be read ({e})") from None
+            self._resident_bytes = n * self.np_dtype.itemsize
+        return self._resident_bytes
+
+    def memory_shape(self) -> MemoryShape:
+        """What a memory budget is split over for this store."""
+        c = self.config
+        kv = 2 * c.num_hidden_layers * c.num_kv_heads * c.head_dim * c.max_position_embeddings * self.np_dtype.itemsize
+        return MemoryShape(self.resident_bytes, self.num_layers, self.ffn_dim, self.neuron_bytes, kv)
+
+    def split_rows(self, rows: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split store rows [n, row_values] into each part's [n, d_model] neuron slices."""
+        t = torch.as_tensor(rows)
+        d = self.d_model
+        return {p: t[:, j * d:(j + 1) * d] for j, p in enumerate(self.parts)}
+
+    def ffn_rows(self, layer: int) -> np.ndarray:
+        """All rows [ffn_dim, row_values] of `layer` read with ordinary buffered I/O (not the hot path)."""
+        d, itemsize = self.d_model, self.np_dtype.itemsize
+        out = np.empty((self.ffn_dim, self.row_values), dtype=self.np_dtype)
+        with open(self.ffn_path, "rb") as f:
+            for reg in self.regions(layer):
+                j = self.parts.index(reg.parts[0])
+                f.seek(reg.offset)
+                buf = np.frombuffer(_read_exact(f, reg.size, self.ffn_path), dtype=self.np_dtype)
+                out[:, j * d:(j + len(reg.parts)) * d] = buf.reshape(reg.rows, reg.row_bytes // itemsize)
+        return out
+
+    def load_model(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The dense model rebuilt from the store (all FFN weights read back into DRAM)."""
+        dtype = dtype or self.dtype
+        c = self.config
+        model = materialize(meta_model(c), dtype)
+        params = dict(model.named_parameters())
+        dram = self.dram_tensors()
+        with torch.no_grad():
+            for name, t in dram.items():
+                if name not in params or tuple(params[name].shape) != tuple(t.shape):
+                    raise _bad(self.dram_path, f"tensor {name!r} {list(t.shape)} does not match the model")
+                params[name].copy_(t.to(dtype))
+            for layer in range(self.num_layers):
+                rows = self.split_rows(torch.from_numpy(self.ffn_rows(layer)))
+                for part, m in rows.items():
+                    w = m if self.orientation[part] == "row" else m.t()
+                    params[ffn_param(layer, part)].copy_(w.to(dtype))
+        missing = set(params) - set(dram) - ffn_matrix_names(c)
+        if missing:
+            raise _bad(self.dram_path, f"lacks tensors {sorted(missing)[:4]}")
+        return model.eval()
+
+
+def open_store(path: str | Path) -> FlashStore:
+    """Open and validate the store folder `path` (see FlashStore)."""
+    return FlashStore.open(path)
+
+
+def _read_exact(f, n: int, path: Path) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise _bad(path, f"ended after {len(data)} of {n} bytes at offset {f.tell()} (truncated)")
+    return data
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def plain_name(mf: Path, value, what: str) -> str:
+    """A file name from a manifest, which must name a file directly inside the store folder: no
+    folders, no "..", no absolute path (a store is a closed world: it never points outside itself)."""
+    if (not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value
+            or "\0" in value):
+        raise _bad(mf, f"{what} {value!r} is not a plain file name inside the store folder")
+    return value
+
+
+def _validate(p: Path, mf: Path, m: dict):
+    """Check the manifest's fields and its agreement with the files; returns the model config."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise _bad(mf, f"not a flashnb store manifest (format {m.get('format') if isinstance(m, dict) else m!r})")
+    v = m.get("format_version")
+    if v != FORMAT_VERSION:
+        raise FlashnbError(f"{mf}: store format version {v!r} is not supported (this flashnb reads version "
+                           f"{FORMAT_VERSION}); re-create the store with this flashnb's `flashnb convert`")
+    if m.get("layout") not in LAYOUTS:
+        raise FlashnbError(f"{mf}: unknown layout {m.get('layout')!r} (known: {', '.join(LAYOUTS)}); "
+                           "the store was written by another flashnb: re-create it with `flashnb convert`")
+    if m.get("dtype") not in DTYPES:
+        raise _bad(mf, f"unknown dtype {m.get('dtype')!r} (known: {', '.join(DTYPES)})")
+    a = m.get("alignment")
+    if not _is_int(a) or a < 512 or a & (a - 1):
+        raise _bad(mf, f"alignment {a!r} is not a power of two >= 512")
+    kind = m.get("model_type")
+    if kind not in CONFIGS:
+        raise _bad(mf, f"unknown model_type {kind!r}")
+    if not isinstance(m.get("model_config"), dict):
+        raise _bad(mf, "model_config is missing")
+    config = CONFIGS[kind].from_hf(m["model_config"], f"{mf} (model_config)")
+    d, f_dim, L = config.hidden_size, config.ffn_dim, config.num_hidden_layers
+    if (m.get("d_model"), m.get("ffn_dim"), m.get("num_layers")) != (d, f_dim, L):
+        raise _bad(mf, f"d_model/ffn_dim/num_layers {m.get('d_model')}/{m.get('ffn_dim')}/{m.get('num_layers')} "
+                       f"disagree with model_config ({d}/{f_dim}/{L})")
+    parts = [x for x, _ in config.ffn_parts]
+    if m.get("parts") != parts:
+        raise _bad(mf, f"parts {m.get('parts')} are not {kind}'s FFN matrices {parts}")
+    end = _validate_regions(mf, m, config, parts)
+    _validate_files(p, mf, m, align_up(end, a))
+    return config
+
+
+def _validate_regions(mf: Path, m: dict, config, parts: list[str]) -> int:
+    """Check every layer's regions (names, aligned non-overlapping offsets, sizes); returns where the
+    last one ends (bytes)."""
+    d, f_dim, L, a = config.hidden_size, config.ffn_dim, config.num_hidden_layers, m["alignment"]
+    itemsize = DTYPES[m["dtype"]][1].itemsize
+    expect = ([("bundles", parts)] if m["layout"] == "bundled" else [(x, [x]) for x in parts])
+    layers = m.get("layers")
+    if not isinstance(layers, list) or len(layers) != L:
+        raise _bad(mf, f"lists {len(layers) if isinstance(layers, list) else 'no'} layers, the model has {L}")
+    end = 0
+    try:
+        for i, regs in enumerate(layers):
+            if [(r["name"], r["parts"]) for r in regs] != expect:
+                raise _bad(mf, f"layer {i}: regions {[r['name'] for r in regs]} do not match layout "
+                               f"{m['layout']!r} (expected {[e[0] for e in expect]})")
+            for r in regs:
+                where = f"layer {i} region {r['name']!r}"
+                if not all(_is_int(r[k]) for k in ("offset", "size", "rows", "row_bytes")):
+                    raise _bad(mf, f"{where}: offset, size, rows and row_bytes must be whole numbers")
+                if r["offset"] % a or r["offset"] < end:
+                    raise _bad(mf, f"{where}: offset {r['offset']} is not {a}-aligned or overlaps the previous region")
+                rb = len(r["parts"]) * d * itemsize
+                if r["rows"] != f_dim or r["row_bytes"] != rb or r["size"] != f_dim * rb:
+                    raise _bad(mf, f"{where}: rows/row_bytes/size {r['rows']}/{r['row_bytes']}/{r['size']} "
+                                   f"should be {f_dim}/{rb}/{f_dim * rb}")
+                if not isinstance(r["sha256"], str) or len(r["sha256"]) != 64:
+                    raise _bad(mf, f"{where}: sha256 is missing")
+                end = r["offset"] + r["size"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise _bad(mf, f"a layer region entry is malformed ({e!r})") from None
+    return end
+
+
+def _validate_files(p: Path, mf: Path, m: dict, ffn_bytes: int) -> None:
+    """Check that the files the manifest names lie inside the store and have the sizes it says."""
+    for key in ("ffn_file", "dram_file"):
+        if not isinstance(m.get(key), dict):
+            raise _bad(mf, f"{key} is missing")
+    ffn, dram = m["ffn_file"], m["dram_file"]
+    ffn_path = p / plain_name(mf, ffn.get("name"), "ffn_file name")
+    dram_path = p / plain_name(mf, dram.get("name"), "dram_file name")
+    if ffn.get("bytes") != ffn_bytes:
+        raise _bad(mf, f"ffn_file bytes {ffn.get('bytes')} should be {ffn_bytes} for these regions")
+    for path, entry in ((ffn_path, ffn), (dram_path, dram)):
+        if not path.is_file():
+            raise _bad(path, "is missing")
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise FlashnbError(f"{path} has {size} bytes but {mf} says {entry.get('bytes')}: the file is truncated "
+                               "or was replaced; re-create the store with `flashnb convert HF_FOLDER STORE`")
+    if m.get("tokenizer") is not None:
+        tok = p / plain_name(mf, m["tokenizer"], "tokenizer")
+        if not tok.is_file():
+            raise _bad(tok, "is missing")
+
+
+# ----------------------------------------------------------------------------------------------
+# Verifying
+
+
+def _hash_span(f, offset: int, size: int) -> str:
+    h = hashlib.sha256()
+    f.seek(offset)
+    left = size
+    while left:
+        b = f.read(min(left, HASH_CHUNK))
+        if not b:
+            break
+        h.update(b)
+        left -= len(b)
+    return h.hexdigest()
+
+
+def _spans(store: FlashStore) -> Iterator[tuple[str, Path, int, int, str]]:
+    """(description, file, offset, size, expected sha256) for every checksummed span of a store."""
+    d = store.manifest["dram_file"]
+    yield "dram tensors", store.dram_path, 0, d["bytes"], d["sha256"]
+    for i in range(store.num_layers):
+        for r in store.regions(i):
+            yield f"layer {i} region {r.name!r} (bytes {r.offset}..{r.offset + r.size})", store.ffn_path, \
+                r.offset, r.size, r.sha256
+
+
+def verify(path: str | Path, progress: bool = True) -> VerifyReport:
+    """Recompute every checksum of the store at `path`; one FlashnbError lists all mismatches."""
+    from tqdm.auto import tqdm
+
+    store = FlashStore.open(path)
+    t0 = time.perf_counter()
+    spans = list(_spans(store))
+    bad, total = [], 0
+    files: dict[Path, object] = {}
+    try:
+        with tqdm(total=sum(s[3] for s in spans), unit="B", unit_scale=True, desc=f"verify {store.path.name}",
+                  disable=not progress, leave=False) as bar:
+            for what, fpath, off, size, sha in spans:
+                f = files.get(fpath) or files.setdefault(fpath, open(fpath, "rb"))
+                if _hash_span(f, off, size) != sha:
+                    bad.append(f"{fpath.name} {what}")
+                total += size
+                bar.update(size)
+    finally:
+        for f in files.values():
+            f.close()
+    if bad:
+        raise FlashnbError(f"store {store.path}: checksum mismatch in {'; '.join(bad)}: the store is damaged; "
+                           "re-create it with `flashnb convert HF_FOLDER STORE`")
+    return VerifyReport(str(store.path), len(spans), total, time.perf_counter() - t0)

@@ -1,0 +1,219 @@
+"""Lesson 07, bring your own model: convert a Hugging Face folder, run it dense and from flash, and
+check that the engine computes the same function (the oracle) and what learned predictors cost.
+
+Everything is *measured* on this machine; a folder that is not given becomes a tiny random OPT.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flashnb.bench.baselines import DenseInDram
+from flashnb.core.engine import FlashEngine, Policy, TokenLoop
+from flashnb.core.predictor import LowRankPredictors, Predictor
+from flashnb.device.costmodel import ModelShape
+from flashnb.errors import FlashnbError
+from flashnb.lab.stats import TokenStats
+from flashnb.models.checkpoint import load_model, read_config
+from flashnb.models.tiny import has_transformers, make_tiny_opt
+from flashnb.models.tokenizer import Tokenizer
+from flashnb.paths import data_dir, shipped_model_dir
+from flashnb.training.build_predictors import load_heldout
+from flashnb.training.predictors import PredictorTrainConfig, train_predictors
+from flashnb.training.quality import Selection, mean_selection, selection_metrics
+from flashnb.training.traces import record
+
+MB = 1e6
+ENV_BYO_MODEL = "FLASHNB_BYO_MODEL"
+TINY_BYO = dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=256,
+                max_position_embeddings=128)
+
+
+def _params(config) -> int:
+    s = ModelShape.from_config(config)
+    return s.ffn_params + s.other_params
+
+
+def byo_model(path: str | None, workdir: str | Path) -> tuple[Path, bool, str]:
+    """(model folder, is_user_model, what it is). `path` empty: the `FLASHNB_BYO_MODEL` variable; both
+    empty: a tiny random OPT (TINY_BYO) is built in `workdir`."""
+    path = (path or os.environ.get(ENV_BYO_MODEL, "")).strip()
+    if path:
+        folder = Path(path).expanduser()
+        config = read_config(folder)  # a clear error if this is not a model folder flashnb runs
+        return folder, True, f"your model: {folder} ({config.model_type}, {_params(config) / 1e6:.3g} M parameters)"
+    folder = make_tiny_opt(Path(workdir) / "tiny-random-opt", backend="flashnb", **TINY_BYO)
+    config = read_config(folder)
+    return folder, False, (f"no model folder given (text box empty, {ENV_BYO_MODEL} unset): built a tiny RANDOM OPT "
+                           f"({_params(config) / 1e6:.1f} M parameters: d_model {config.hidden_size}, ffn "
+                           f"{config.ffn_dim}, {config.num_hidden_layers} layers) in a temporary folder. Its text is "
+                           "gibberish and about half of its FFN neurons fire per token (a trained OPT: a few percent); "
+                           "it shows the steps, not the savings.")
+
+
+def load_tokenizer(folder: str | Path, config) -> Tokenizer:
+    """flashnb's Tokenizer from tokenizer.json; without one (facebook/opt-* ship vocab.json and merges.txt)
+    transformers' fast tokenizer for the folder, converted in memory (the folder is not modified)."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_folder(folder, bos_id=config.bos_token_id)
+    if not has_transformers():
+        raise FlashnbError(f"{folder / 'tokenizer.json'} is missing and transformers is not installed to read "
+                           "vocab.json/merges.txt: pip install transformers, or save tokenizer.json with "
+                           "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)")
+    from transformers import AutoTokenizer
+
+    fast = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    return Tokenizer(fast.backend_tokenizer, config.bos_token_id)
+
+
+def sample_text(chars: int = 4000) -> str:
+    """Real text for prompts and predictor training: the shipped predictors' held-out slice (docstrings),
+    decoded with the shipped tokenizer; any tokenizer can encode it."""
+    folder = shipped_model_dir()
+    ids = load_heldout(data_dir() / f"{folder.name}-predictors", tokens=max(64, chars // 2))
+    return Tokenizer.from_folder(folder).decode([int(i) for i in ids])[:chars]
+
+
+@dataclass
+class Run:
+    """One greedy generation, token at a time. logits: float32 [new tokens, vocab], the logits each new
+    token was chosen from; stats: per generated token (measured)."""
+
+    name: str
+    tokens: list[int]
+    logits: torch.Tensor
+    stats: TokenStats
+    dram_bytes: int
+
+
+def greedy_run(loop: TokenLoop, prompt_ids: list[int], n: int, name: str, dram_bytes: int, ffn_neurons: int) -> Run:
+    """Greedy generation on any token loop (the engine, or the dense model), keeping the logits."""
+    kv = loop.model.new_cache(1, len(prompt_ids) + n)
+    logits = None
+    for t in prompt_ids:
+        logits = loop.step(t, kv)
+    out, rows = [], []
+    for i in range(n):
+        rows.append(logits.float())
+        out.append(int(torch.argmax(logits)))
+        if i + 1 < n:
+            logits = loop.step(out[-1], kv)
+    stats = TokenStats.of(loop.steps[len(prompt_ids):], ffn_neurons)
+    return Run(name, out, torch.stack(rows), stats, dram_bytes)
+
+
+def dense_run(folder: str | Path, prompt_ids: list[int], n: int, dtype: torch.dtype = torch.float16) -> Run:
+    """The whole model in DRAM (flashnb's dense reference model), greedy: all of its time is compute."""
+    loop = DenseInDram(load_model(folder, dtype))
+    c = loop.model.config
+    return greedy_run(loop, prompt_ids, n, "dense", loop.bytes, c.num_hidden_layers * c.ffn_dim)
+
+
+def flash_run(store, predictor: Predictor, policy: Policy, prompt_ids: list[int], n: int, name: str = "flash") -> Run:
+    """FlashEngine greedy generation under `policy`."""
+    with FlashEngine(store, predictor, policy) as eng:
+        st = eng.store
+        return greedy_run(eng, prompt_ids, n, name, eng.memory.used_bytes, st.num_layers * st.ffn_dim)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Tokens and logits of a run against a reference run (both greedy after the same prompt)."""
+
+    tokens: int
+    first_difference: int | None     # first position whose chosen tokens differ
+    max_abs_logit_diff: float        # over the positions up to and including the first difference
+    max_rel_logit_diff: float        # ... relative to the largest reference logit
+    margin_at_difference: float | None  # the reference's preference for its token there
+    rounding_only: bool              # the runs agree up to rounding (see `compare`)
+
+    @property
+    def same_tokens(self) -> bool:
+        return self.first_difference is None
+
+
+def compare(ref: Run, run: Run, rounding: float = 1e-2) -> Comparison:
+    """`run` against `ref`. Logits are compared up to and including the first position where the chosen
+    tokens differ (after it the contexts differ). The runs agree up to rounding when the logits differ
+    by at most `rounding` of the largest logit (fp16 keeps about 3 significant digits) and the tokens
+    are the same or, at the first difference, the two tokens' logits in `ref` lie within twice that
+    difference (a near tie that rounding flipped)."""
+    n = min(len(ref.tokens), len(run.tokens))
+    diverge = next((i for i in range(n) if ref.tokens[i] != run.tokens[i]), None)
+    upto = n if diverge is None else diverge + 1
+    worst = (ref.logits[:upto] - run.logits[:upto]).abs().max().item() if upto else 0.0
+    scale = ref.logits[:upto].abs().max().item() or 1.0
+    margin = None
+    if diverge is not None:
+        row = ref.logits[diverge]
+        margin = (row[ref.tokens[diverge]] - row[run.tokens[diverge]]).item()
+    return Comparison(n, diverge, worst, worst / scale, margin,
+                      worst <= rounding * scale and (diverge is None or margin <= 2 * worst))
+
+
+def compare_text(name: str, c: Comparison) -> str:
+    if c.same_tokens:
+        same = f"all {c.tokens} greedy tokens identical"
+    else:
+        why = (f"a near tie: the dense model's two candidates {c.margin_at_difference:.2g} apart" if c.rounding_only
+               else f"the dense model preferred its token by {c.margin_at_difference:.2g}")
+        same = f"tokens identical up to position {c.first_difference} of {c.tokens} ({why})"
+    return (f"{name} vs dense: {same}; largest logit difference {c.max_abs_logit_diff:.2g} "
+            f"({c.max_rel_logit_diff:.1e} of the largest logit)")
+
+
+@dataclass(frozen=True)
+class QuickPredictors:
+    """Predictors trained here, and their selection on the held-out part of the tokens (measured)."""
+
+    predictors: LowRankPredictors
+    selection: Selection
+    train_tokens: int
+    heldout_tokens: int
+    rank: int
+    epochs: int
+    seconds: float
+
+
+def quick_predictors(folder: str | Path, ids: list[int], rank: int = 32, epochs: int = 3, threshold: float = 0.5,
+                     heldout: float = 0.25, context: int | None = None, seed: int = 0) -> QuickPredictors:
+    """Low-rank predictors trained quickly on the FFN activations of `folder`'s model over the first
+    1 - heldout of `ids` (flashnb.training.predictors), evaluated on the rest."""
+    t0 = time.perf_counter()
+    model = load_model(folder)
+    ctx = min(context or 256, model.config.max_position_embeddings)
+    k = int(len(ids) * (1 - heldout))
+    if k < 16 or len(ids) - k < 8:
+        raise FlashnbError(f"quick_predictors needs more tokens: got {len(ids)}, want at least 16 to train on "
+                           "and 8 held out")
+    train, held = record(model, ids[:k], context=ctx), record(model, ids[k:], context=ctx)
+    cfg = PredictorTrainConfig(rank=rank, epochs=epochs, threshold=threshold, batch_size=128, seed=seed)
+    preds = train_predictors(model, train, cfg, progress=False)
+    sel = mean_selection(selection_metrics(preds, held))
+    return QuickPredictors(preds, sel, k, len(ids) - k, rank, epochs, time.perf_counter() - t0)
+
+
+def predictor_text(q: QuickPredictors) -> str:
+    s = q.selection
+    return (f"learned predictors (rank {q.rank}, {q.epochs} epochs on {q.train_tokens} tokens, trained just now): "
+            f"on {q.heldout_tokens} held-out tokens recall {s.recall:.1%}, over-selection "
+            f"{s.over_selection:.2f}x; {s.active_share:.1%} of the FFN fires per token, they select "
+            f"{s.selected_share:.1%}. Paper (OPT 6.7B): 5% false negatives, ~3x over-selection (Section 3.1).")
+
+
+def format_costs(runs: list[Run]) -> str:
+    """Per-token costs of several runs side by side (ms; MB = 1e6 bytes read per token and held in DRAM)."""
+    head = f"{'run':<28} {'I/O':>7} {'mem':>7} {'compute':>8} {'total':>8} {'MB/token':>9} {'DRAM MB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        s = r.stats
+        lines.append(f"{r.name:<28} {s.io_ms:7.2f} {s.mm_ms:7.2f} {s.compute_ms:8.2f} {s.total_ms:8.2f} "
+                     f"{s.bytes_read / MB:9.3f} {r.dram_bytes / MB:9.1f}")
+    lines.append("ms per generated token (mean), measured on this machine (direct I/O for the flash runs)")
+    return "\n".join(lines)

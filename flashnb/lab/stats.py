@@ -1,0 +1,101 @@
+"""Per-token statistics of a run: the one place where a run's records become means and spreads.
+
+Every table, figure, benchmark and notebook takes its per-token numbers from `TokenStats.of`, fed the
+engine's (or a baseline's, or `simulate`'s) records (flashnb.core.records.TokenStep).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else 0.0
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Means per token over a run's tokens (ms = milliseconds; bytes; neurons), and the spread of the
+    total. Fields that a runner cannot measure separately (mmap and accelerate fault their weights in
+    while computing) are None."""
+
+    tokens: int
+    total_ms: float                  # wall time
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    token_ms: tuple[float, ...]      # every token's wall time
+    storage_read_bytes: float        # what the kernel fetched from storage (/proc/self/io)
+    ffn_neurons: int                 # every layer's FFN neurons (for shares)
+    io_ms: float | None = None       # submitting and waiting for reads
+    mm_ms: float | None = None       # window planning and memory management
+    compute_ms: float | None = None  # the rest: attention, predictors, FFN math
+    overlap_ms: float | None = None  # FFN math done while reads were in flight (inside compute)
+    predict_ms: float | None = None
+    window_ms: float | None = None
+    memory_ms: float | None = None
+    submit_ms: float | None = None
+    wait_ms: float | None = None
+    ffn_ms: float | None = None
+    bytes_read: float | None = None
+    bytes_needed: float | None = None
+    requests: float | None = None
+    reader_calls: float | None = None
+    predicted: float | None = None   # neurons
+    cached: float | None = None
+    loaded: float | None = None
+    evicted: float | None = None
+
+    @classmethod
+    def of(cls, steps, ffn_neurons: int, split: bool = True) -> "TokenStats":
+        """Statistics of `steps` (TokenSteps). `split`: the runner recorded its layers (I/O, memory
+        management and counts); False for runners that cannot separate them from compute."""
+        walls = np.array([s.wall_seconds * 1e3 for s in steps]) if steps else np.zeros(0)
+        pct = (lambda q: float(np.percentile(walls, q))) if walls.size else (lambda q: 0.0)  # noqa: E731
+        base = dict(tokens=len(steps), total_ms=_mean(walls), median_ms=pct(50), p10_ms=pct(10), p90_ms=pct(90),
+                    token_ms=tuple(float(w) for w in walls),
+                    storage_read_bytes=_mean(s.storage_read_bytes for s in steps), ffn_neurons=ffn_neurons)
+        if not split:
+            return cls(**base)
+        ms = lambda attr: _mean(getattr(s, attr) for s in steps) * 1e3  # noqa: E731
+        phase = lambda name: _mean(sum(getattr(x, name) for x in s.layers) for s in steps) * 1e3  # noqa: E731
+        count = lambda attr: _mean(getattr(s, attr) for s in steps)  # noqa: E731
+        return cls(**base, io_ms=ms("io_seconds"), mm_ms=ms("mm_seconds"), compute_ms=ms("compute_seconds"),
+                   overlap_ms=ms("overlap_seconds"), predict_ms=phase("predict_s"), window_ms=phase("window_s"),
+                   memory_ms=phase("memory_s"), submit_ms=phase("submit_s"), wait_ms=phase("wait_s"),
+                   ffn_ms=phase("ffn_s"), bytes_read=count("bytes_read"), bytes_needed=count("bytes_needed"),
+                   requests=count("requests"), reader_calls=_mean(len(s.layers) for s in steps),
+                   predicted=count("predicted"), cached=count("cached"), loaded=count("loaded"),
+                   evicted=count("evicted"))
+
+    @property
+    def io_GBps(self) -> float | None:
+        """Bytes read per second of I/O time (GB/s = 1e9 bytes/s)."""
+        if not self.io_ms or self.bytes_read is None:
+            return None
+        return self.bytes_read / (self.io_ms / 1e3) / 1e9
+
+    @property
+    def predicted_share(self) -> float | None:
+        """Neurons predicted per token, as a share of every layer's FFN."""
+        return None if self.predicted is None else self.predicted / self.ffn_neurons
+
+    @property
+    def window_hit_share(self) -> float | None:
+        """Share of the predicted neurons already in DRAM."""
+        if self.predicted is None:
+            return None
+        return self.cached / self.predicted if self.predicted else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes moved from storage per token: what the reader read, else what the kernel fetched."""
+        return self.bytes_read if self.bytes_read is not None else self.storage_read_bytes
+
+    def to_json(self) -> dict:
+        """The fields and the derived shares, JSON-ready."""
+        return {**asdict(self), "io_GBps": self.io_GBps, "predicted_share": self.predicted_share,
+                "window_hit_share": self.window_hit_share}

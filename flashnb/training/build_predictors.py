@@ -1,0 +1,192 @@
+"""`flashnb train-predictors`: trace, train, evaluate and write a predictor set with its card.
+
+Steps, all deterministic for a given model, corpus and seed:
+  1. training trace: `train_tokens` tokens from the corpus training split, as random windows of
+     `context` tokens (seeded), recorded with FFN inputs;
+  2. a predictor per layer trained on it (flashnb.predictor_train);
+  3. held-out evaluation on the first `eval_tokens` (+1 target) tokens of the held-out split:
+     recall, precision, false negatives and over-selection per layer, perplexity dense vs
+     predicted-only and top-1 agreement (flashnb.predicted_ffn), sparsity and temporal reuse
+     (flashnb.tracestats), and the closest-friend bundling experiment (friends counted on the
+     training trace, at most FRIEND_TOKENS evenly spaced tokens; bytes measured on the held-out one);
+  4. the folder: predictors.safetensors, metrics.json (the card) and heldout_slice.safetensors
+     (the held-out token ids the card was measured on, so tests and notebooks reuse them without
+     rebuilding the corpus).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from flashnb.errors import FlashnbError
+from flashnb.models.checkpoint import load_model, read_config
+from flashnb.models.tokenizer import Tokenizer
+from flashnb.paths import data_dir
+from flashnb.training import tracestats
+from flashnb.training.corpus import collect
+from flashnb.training.predictors import PredictorTrainConfig, train_predictors
+from flashnb.training.quality import Selection, mean_selection, quality, selection_metrics
+from flashnb.training.traces import record
+from flashnb.training.train import encode_split
+
+HELDOUT = "heldout_slice.safetensors"
+FRIEND_TOKENS = 16_384  # at most this many (evenly spaced) training-trace tokens count friends
+TARGETS = {"recall_min": 0.95, "over_selection_max": 3.0, "perplexity_increase_max": 0.03,
+           "top1_agreement_min": 0.95}
+PAPER = {"source": "Alizadeh et al., LLM in a flash (ACL 2024), OPT 6.7B",
+         "ffn_sparsity": 0.97, "false_negative_rate": 0.05, "false_positive_rate": 0.07,
+         "over_selection": 3.0, "predictor_ranks": "128-1024 (larger in the last layers)"}
+
+
+@dataclass
+class BuildConfig:
+    """model: HF model folder; out: output folder; train_tokens / eval_tokens: tokens traced for
+    training / held-out evaluation; context: window length (tokens); threads: torch threads."""
+
+    model: str
+    out: str
+    train_tokens: int = 65_536
+    eval_tokens: int = 16_384
+    context: int = 256
+    threads: int = 2
+    train: PredictorTrainConfig = field(default_factory=PredictorTrainConfig)
+
+
+def train_windows(stream: np.ndarray, tokens: int, context: int, seed: int) -> np.ndarray:
+    """`tokens // context` random windows of `context` tokens from `stream`, concatenated (int64)."""
+    n = max(1, tokens // context)
+    if len(stream) < context + 1:
+        raise FlashnbError(f"the training split has only {len(stream)} tokens, fewer than one window "
+                           f"of {context}")
+    starts = np.sort(np.random.default_rng(seed).integers(0, len(stream) - context, n))
+    return np.concatenate([stream[s:s + context] for s in starts]).astype(np.int64)
+
+
+def save_heldout(folder: str | Path, ids: np.ndarray, corpus_sha256: str) -> None:
+    """Write the held-out token ids (int32) the card was measured on."""
+    p = Path(folder) / HELDOUT
+    tmp = p.with_name(p.name + ".tmp")
+    save_file({"ids": ids.astype(np.int32)}, str(tmp), metadata={"corpus_sha256": corpus_sha256})
+    tmp.replace(p)
+
+
+def load_heldout(folder: str | Path, tokens: int | None = None) -> np.ndarray:
+    """The first `tokens` (default all) held-out token ids (int64) shipped with a predictor set."""
+    p = Path(folder) / HELDOUT
+    if not p.is_file():
+        raise FlashnbError(f"{p} is missing; rebuild the predictor set with `flashnb train-predictors`")
+    try:
+        with safe_open(str(p), framework="numpy") as h:
+            ids = h.get_tensor("ids")
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise FlashnbError(f"{p} is not a readable held-out slice ({e}); rebuild the predictor set "
+                           "with `flashnb train-predictors`") from None
+    return ids[:tokens].astype(np.int64)
+
+
+def evaluate(model, predictors, heldout_trace, heldout_ids: np.ndarray, context: int) -> dict:
+    """The card's held-out section: selection per layer and mean, quality, targets met."""
+    per_layer = selection_metrics(predictors, heldout_trace)
+    mean = mean_selection(per_layer)
+    q = quality(model, predictors, heldout_ids, context)
+    met = {"recall": mean.recall >= TARGETS["recall_min"],
+           "over_selection": mean.over_selection <= TARGETS["over_selection_max"],
+           "perplexity": q.perplexity_increase <= TARGETS["perplexity_increase_max"],
+           "top1_agreement": q.top1_agreement >= TARGETS["top1_agreement_min"]}
+    return {"per_layer": [s.to_dict() for s in per_layer], "mean": mean.to_dict(), "quality": q.to_dict(),
+            "targets": TARGETS, "targets_met": met}
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the repository (data/...) when it lies inside it, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(data_dir().resolve().parent))
+    except (ValueError, FlashnbError):
+        return str(path)
+
+
+def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
+    """Run steps 1-4 of the module docstring; returns the card written to cfg.out/metrics.json."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    model = load_model(cfg.model)
+    tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)
+    cfg.train.layer_ranks(model.config.num_hidden_layers)  # fail before the slow steps
+    if cfg.context > model.config.max_position_embeddings:
+        raise FlashnbError(f"--context {cfg.context} exceeds the model's {model.config.max_position_embeddings}")
+    log("collecting the corpus (docstrings of the stdlib and torch) ...")
+    corpus = collect()
+    train_ids = train_windows(encode_split(tok, corpus.train), cfg.train_tokens, cfg.context, cfg.train.seed)
+    held = encode_split(tok, corpus.heldout)[:cfg.eval_tokens + 1].astype(np.int64)
+    log(f"tracing {len(train_ids)} training and {len(held) - 1} held-out tokens ...")
+    train_trace = record(model, train_ids, cfg.context, progress=progress)
+    held_trace = record(model, held[:-1], cfg.context, progress=progress)
+    predictors = train_predictors(model, train_trace, cfg.train, progress=progress)
+    log("evaluating on the held-out split ...")
+    heldout = evaluate(model, predictors, held_trace, held, cfg.context)
+    summary = tracestats.summarize(held_trace, k_max=16)
+    neuron_bytes = 2 * model.config.hidden_size * 2  # fp16 up column + down row
+    friends = tracestats.friends_per_layer(train_trace, max_tokens=FRIEND_TOKENS)
+    bundling = tracestats.friend_experiment(held_trace, neuron_bytes, friends)
+    c = model.config
+    card = {
+        "what": f"low-rank FFN activation predictors for {Path(cfg.model).name}",
+        "command": (f"flashnb train-predictors --model {_shown(cfg.model)} --out {_shown(cfg.out)} --train-tokens "
+                    f"{cfg.train_tokens} --eval-tokens {cfg.eval_tokens} --rank {cfg.train.rank}"
+                    + (f" --ranks {','.join(map(str, cfg.train.ranks))}" if cfg.train.ranks else "")
+                    + f" --threshold {cfg.train.threshold} --epochs {cfg.train.epochs} --init {cfg.train.init}"
+                    f" --pos-weight {cfg.train.pos_weight} --lr {cfg.train.lr} --seed {cfg.train.seed}"),
+        "model": {"folder": Path(cfg.model).name, "d_model": c.hidden_size, "ffn_dim": c.ffn_dim,
+                  "layers": c.num_hidden_layers},
+        "build": {k: v for k, v in asdict(cfg).items() if k != "train"} | {"model": _shown(cfg.model),
+                                                                          "out": _shown(cfg.out)},
+        "train": asdict(cfg.train),
+        "corpus": {"sha256": corpus.sha256, "train_trace_tokens": int(len(train_ids)),
+                   "heldout_tokens": int(len(held) - 1), "heldout_slice": HELDOUT},
+        "heldout": heldout,
+        "trace_stats_heldout": {"sparsity_per_layer": summary.sparsity.tolist(),
+                                "reuse_k1_to_16_mean_over_layers": summary.reuse.mean(0).tolist(),
+                                "s_agg_k1_to_16_mean_over_layers": summary.s_agg.mean(0).tolist()},
+        "closest_friend_bundling": {"neuron_bytes": neuron_bytes,
+                                    "friends_from": f"training trace, at most {FRIEND_TOKENS} evenly spaced tokens",
+                                    "measured_on": "held-out trace",
+                                    "per_layer": [b.to_dict() for b in bundling]},
+        "paper": PAPER,
+        "measured": {"machine": platform.machine(), "threads": cfg.threads, "torch": torch.__version__,
+                     "wall_seconds": None},
+        "weights_dtype": "float16",
+    }
+    predictors.save(cfg.out, card)
+    save_heldout(cfg.out, held, corpus.sha256)
+    card["measured"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    predictors.save(cfg.out, card)
+    return predictors.card
+
+
+def card_summary(card: dict) -> str:
+    """A few lines for the terminal: per-layer selection, means, quality, friend bundling."""
+    h = card["heldout"]
+    lines = ["layer  rank  recall  precision  FP rate  over-selection  active  selected"]
+    rows = [(str(i), str(card["ranks"][i]), Selection(**s)) for i, s in enumerate(h["per_layer"])]
+    rows.append(("mean", "", Selection(**h["mean"])))
+    for name, rank, s in rows:
+        lines.append(f"{name:>5s} {rank:>5s}  {s.recall:.4f}  {s.precision:.4f}   {s.false_positive_rate:.4f}  "
+                     f"{s.over_selection:10.2f}x   {s.active_share:.4f}  {s.selected_share:.4f}")
+    q = h["quality"]
+    lines.append(f"held-out perplexity dense {q['dense_perplexity']:.2f} -> predicted-only "
+                 f"{q['predicted_perplexity']:.2f} ({q['perplexity_increase']:+.2%}), top-1 agreement "
+                 f"{q['top1_agreement']:.2%} over {q['tokens']} tokens")
+    b = card["closest_friend_bundling"]["per_layer"]
+    lines.append("closest-friend bundles: bytes x{:.2f}, reads x{:.2f} (mean over layers)".format(
+        np.mean([x["bytes_ratio"] for x in b]), np.mean([x["reads_ratio"] for x in b])))
+    lines.append("targets met: " + json.dumps(h["targets_met"]))
+    return "\n".join(lines)

@@ -1,0 +1,245 @@
+"""`flashnb train`: train the shipped OPT-style ReLU model from the offline corpus.
+
+Recipe: byte-level BPE (tokenizers) on the training split; an OPT decoder trained with AdamW,
+warmup + cosine learning rate, on random 256-token windows; an L1 penalty on the FFN activations
+(ProSparse-style) whose weight `lam` is steered each step towards a target sparsity:
+    lam <- max(0, lam + l1_rate * clip(target - batch_sparsity, -0.02, +0.02)).
+It writes a Hugging Face folder (config.json, model.safetensors in fp16, tokenizer.json) and a
+training card with the corpus hash, tokens seen, wall time, held-out perplexity and sparsity per layer,
+both measured on the fp16 weights it ships. Checkpoints (safetensors + JSON, no pickle) let a run resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from flashnb.models.checkpoint import build_model, load_model, save_model
+from flashnb.training.corpus import Corpus, collect
+from flashnb.errors import FlashnbError
+from flashnb.models.opt import OPTConfig
+from flashnb.models.tokenizer import Tokenizer, train_bpe
+
+
+@dataclass
+class TrainConfig:
+    out: str = "data/flashnb-opt-23m"
+    vocab_size: int = 4096
+    d_model: int = 512
+    ffn_dim: int = 2048
+    layers: int = 6
+    heads: int = 8
+    context: int = 256
+    batch: int = 8
+    tokens: int = 3_000_000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    sparsity_target: float = 0.94
+    l1_rate: float = 0.05
+    seed: int = 0
+    threads: int = 2
+    checkpoint_every: int = 100
+    eval_tokens: int = 65_536
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.batch * self.context))
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    lam: float = 0.0
+    seconds: float = 0.0
+    log: list = field(default_factory=list)
+
+
+def encode_split(tok: Tokenizer, docs: list[str]) -> np.ndarray:
+    """All documents as one uint16 stream, each starting with OPT's BOS/EOS token </s>."""
+    ids: list[int] = []
+    for d in docs:
+        ids.extend(tok.encode(d, bos=True))
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def set_recording(model, on: bool) -> None:
+    for block in model.layers:
+        block.ffn.record = on
+        block.ffn.last_activation = None
+
+
+@torch.no_grad()
+def evaluate(model, stream: np.ndarray, context: int, max_tokens: int) -> dict:
+    """Held-out loss (nats/token), perplexity and FFN sparsity per layer (share of exact zeros after
+    ReLU), over non-overlapping windows of `context` tokens covering up to `max_tokens` targets."""
+    model.eval()
+    set_recording(model, True)
+    n_layers = len(model.layers)
+    zeros, total = torch.zeros(n_layers, dtype=torch.float64), 0
+    nll, count = 0.0, 0
+    n = min(len(stream) - 1, max_tokens)
+    for start in range(0, n - context + 1, context):
+        x = torch.from_numpy(stream[start:start + context].astype(np.int64))[None]
+        y = torch.from_numpy(stream[start + 1:start + context + 1].astype(np.int64))[None]
+        logits = model(x)
+        nll += F.cross_entropy(logits[0], y[0], reduction="sum").item()
+        count += context
+        for i, block in enumerate(model.layers):
+            zeros[i] += (block.ffn.last_activation == 0).sum().item()
+        total += context * model.config.ffn_dim
+    set_recording(model, False)
+    sparsity = (zeros / total).tolist()
+    loss = nll / count
+    return {"tokens": count, "loss": loss, "perplexity": math.exp(loss),
+            "sparsity_per_layer": sparsity, "sparsity_mean": sum(sparsity) / n_layers}
+
+
+def _save_checkpoint(ckpt: Path, model, opt, state: TrainState, rng: np.random.Generator) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        s = opt.state.get(p)
+        if s:
+            tensors[f"opt.{i}.exp_avg"] = s["exp_avg"]
+            tensors[f"opt.{i}.exp_avg_sq"] = s["exp_avg_sq"]
+            tensors[f"opt.{i}.step"] = s["step"].reshape(1).float()
+    save_file(tensors, str(ckpt / "state.safetensors.tmp"))
+    (ckpt / "state.safetensors.tmp").replace(ckpt / "state.safetensors")
+    meta = {"state": asdict(state), "rng": rng.bit_generator.state}
+    (ckpt / "state.json.tmp").write_text(json.dumps(meta))
+    (ckpt / "state.json.tmp").replace(ckpt / "state.json")
+
+
+def _load_checkpoint(ckpt: Path, model, opt, rng: np.random.Generator) -> TrainState:
+    tensors = load_file(str(ckpt / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for i, p in enumerate(model.parameters()):
+        if f"opt.{i}.exp_avg" in tensors:
+            opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"], "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"],
+                            "step": tensors[f"opt.{i}.step"][0].clone()}
+    meta = json.loads((ckpt / "state.json").read_text())
+    rng.bit_generator.state = meta["rng"]
+    return TrainState(**meta["state"])
+
+
+def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
+          stop_at_step: int | None = None) -> dict | None:
+    """Train (or resume) the model described by `cfg`; returns the training card it writes.
+
+    `stop_at_step` ends the run early after checkpointing that step (returns None), as an
+    interruption would; calling `train` again with the same `cfg` resumes exactly there.
+    """
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = corpus or collect()
+    tok_path = ckpt / "tokenizer.json"
+    if tok_path.exists():
+        tok = Tokenizer.from_folder(ckpt, bos_id=2)
+    else:
+        tok = train_bpe(corpus.train, cfg.vocab_size)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tok.save(ckpt)
+    train_ids, held_ids = encode_split(tok, corpus.train), encode_split(tok, corpus.heldout)
+
+    mcfg = OPTConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, ffn_dim=cfg.ffn_dim,
+                     num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                     max_position_embeddings=cfg.context)
+    model = build_model(mcfg)
+    for name, p in model.named_parameters():  # OPT's init: N(0, 0.02) weights, zero biases, unit norms
+        if name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        elif "layer_norm" in name:
+            torch.nn.init.ones_(p)
+        else:
+            torch.nn.init.normal_(p, std=0.02)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    rng = np.random.default_rng(cfg.seed)
+    state = TrainState()
+    if (ckpt / "state.json").exists():
+        saved = json.loads((ckpt / "config.json").read_text())
+        if saved != asdict(cfg) | {"out": saved["out"]}:
+            raise FlashnbError(f"{ckpt} was written with other settings ({saved}); pass the same "
+                               "options to resume, or another --out to start afresh")
+        state = _load_checkpoint(ckpt, model, opt, rng)
+    (ckpt / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    model.train()
+    set_recording(model, True)
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, unit="step")
+    t0 = time.perf_counter() - state.seconds
+    while state.step < cfg.steps:
+        starts = rng.integers(0, len(train_ids) - cfg.context - 1, cfg.batch)
+        window = np.stack([train_ids[s:s + cfg.context + 1] for s in starts]).astype(np.int64)
+        x, y = torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(state.step, cfg)
+        logits = model(x)
+        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+        acts = [b.ffn.last_activation for b in model.layers]
+        l1 = torch.stack([a.abs().mean() for a in acts]).mean()
+        loss = ce + state.lam * l1
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            sparsity = torch.stack([(a == 0).float().mean() for a in acts]).mean().item()
+        err = max(-0.02, min(0.02, cfg.sparsity_target - sparsity))
+        state.lam = max(0.0, state.lam + cfg.l1_rate * err)
+        state.step += 1
+        bar.update(1)
+        bar.set_postfix(ce=f"{ce.item():.3f}", sparsity=f"{sparsity:.3f}", lam=f"{state.lam:.3f}")
+        if state.step % 20 == 0:
+            state.log.append({"step": state.step, "ce": round(ce.item(), 4), "sparsity": round(sparsity, 4),
+                              "lam": round(state.lam, 4)})
+        if state.step % cfg.checkpoint_every == 0 or state.step in (cfg.steps, stop_at_step):
+            state.seconds = time.perf_counter() - t0
+            _save_checkpoint(ckpt, model, opt, state, rng)
+        if state.step == stop_at_step:
+            bar.close()
+            return None
+    bar.close()
+    set_recording(model, False)
+
+    save_model(model, out, dtype=torch.float16)
+    tok.save(out)
+    shipped = load_model(out, dtype=torch.float32)  # measure what ships: the fp16 weights
+    metrics = evaluate(shipped, held_ids, cfg.context, cfg.eval_tokens)
+    card = {
+        "model": "OPT architecture, ReLU FFN, tied LM head", "config": mcfg.to_hf(),
+        "train_config": asdict(cfg),
+        "corpus": {"sha256": corpus.sha256, "chars": corpus.chars(), "train_docs": len(corpus.train),
+                   "heldout_docs": len(corpus.heldout), "train_tokens": int(len(train_ids)),
+                   "heldout_tokens": int(len(held_ids)), **corpus.sources},
+        "tokens_seen": state.step * cfg.batch * cfg.context, "steps": state.step,
+        "wall_seconds": round(state.seconds, 1), "threads": cfg.threads, "torch": torch.__version__,
+        "final_l1_weight": state.lam,
+        "heldout": metrics, "weights_dtype": "float16",
+        "log": state.log,
+    }
+    (out / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card

@@ -1,0 +1,143 @@
+"""flashnb.lab (the lessons' measurements) and flashnb.models.tiny (tiny random checkpoints)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashnb import FlashnbError
+from flashnb.core.convert import ConvertConfig, convert
+from flashnb.core.engine import FlashEngine, Policy
+from flashnb.core.generate import generate
+from flashnb.core.predictor import OraclePredictor
+from flashnb.core.store import FlashStore
+from flashnb.lab import byo, end_to_end, quickstart
+from flashnb.lab.stats import TokenStats
+from flashnb.models.checkpoint import load_model, read_config
+from flashnb.models.tiny import make_tiny_llama, make_tiny_opt
+
+
+@pytest.mark.parametrize("make", [make_tiny_opt, make_tiny_llama])
+def test_tiny_backends_write_the_same_checkpoint_shape(tmp_path, make):
+    a = make(tmp_path / "tf", backend="transformers")
+    b = make(tmp_path / "fn", backend="flashnb")
+    ma, mb = load_model(a), load_model(b)
+    shapes = {n: tuple(p.shape) for n, p in ma.named_parameters()}
+    assert shapes == {n: tuple(p.shape) for n, p in mb.named_parameters()}
+    assert (b / "tokenizer.json").is_file() and read_config(b).model_type == read_config(a).model_type
+    # the same initialisation scheme: weights ~ N(0, 0.02), biases zero
+    name = "layers.0.ffn.fc1.weight" if make is make_tiny_opt else "layers.0.ffn.up_proj.weight"
+    w = dict(mb.named_parameters())[name]
+    assert 0.01 < w.std().item() < 0.03
+    with pytest.raises(FlashnbError, match="backend must be one of"):
+        make(tmp_path / "x", backend="jax")
+
+
+def test_byo_model_uses_the_path_or_the_environment_or_builds_a_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.delenv(byo.ENV_BYO_MODEL, raising=False)
+    mine = make_tiny_opt(tmp_path / "mine", backend="flashnb")
+    folder, yours, what = byo.byo_model(str(mine), tmp_path / "w1")
+    assert folder == mine and yours and what.startswith(f"your model: {mine} (opt,")
+    monkeypatch.setenv(byo.ENV_BYO_MODEL, str(mine))
+    assert byo.byo_model("", tmp_path / "w2")[0] == mine
+    monkeypatch.delenv(byo.ENV_BYO_MODEL)
+    (tmp_path / "w3").mkdir()
+    folder, yours, what = byo.byo_model("  ", tmp_path / "w3")
+    assert not yours and folder.parent == tmp_path / "w3" and "tiny RANDOM OPT" in what
+    assert read_config(folder).ffn_dim == byo.TINY_BYO["ffn_dim"]
+    with pytest.raises(FlashnbError, match="does not exist"):
+        byo.byo_model(str(tmp_path / "nowhere"), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tour_logic")
+    folder = make_tiny_opt(root / "hf", backend="flashnb", ffn_dim=256, max_position_embeddings=96)
+    store = FlashStore.open(convert(folder, root / "store", ConvertConfig(dtype="fp32", progress=False)))
+    return folder, store
+
+
+def test_oracle_flash_run_matches_dense_and_compare_finds_differences(tiny):
+    folder, store = tiny
+    prompt = [2, 17, 42, 99]
+    dense = byo.dense_run(folder, prompt, 12, dtype=torch.float32)
+    assert dense.tokens == list(generate(load_model(folder), prompt, 12))
+    oracle = byo.flash_run(store, OraclePredictor(store.load_model()), Policy(2, 1.0, in_flight=2), prompt, 12,
+                           name="oracle")
+    c = byo.compare(dense, oracle)
+    assert c.same_tokens and c.rounding_only and c.first_difference is None and c.max_abs_logit_diff < 1e-4
+    assert oracle.stats.tokens == 11 and oracle.stats.bytes_read > 0
+    assert dense.dram_bytes == sum(p.numel() * 4 for p in load_model(folder).parameters())
+    # a run that picks another token at position 3: compared up to and including it
+    other = byo.Run("other", dense.tokens[:3] + [dense.tokens[3] + 1] + dense.tokens[4:], dense.logits.clone(),
+                    dense.stats, 0)
+    other.logits[3] += 1.0
+    other.logits[5] += 9.0   # after the divergence: not compared
+    c = byo.compare(dense, other)
+    assert not c.same_tokens and c.first_difference == 3 and c.max_abs_logit_diff == pytest.approx(1.0)
+    margin = (dense.logits[3, dense.tokens[3]] - dense.logits[3, dense.tokens[3] + 1]).item()
+    assert c.margin_at_difference == pytest.approx(margin)
+    assert not c.rounding_only                       # logits 1.0 off: far beyond fp16 rounding of these logits
+    assert "identical up to position 3 of 12" in byo.compare_text("other", c)
+    assert "preferred its token by" in byo.compare_text("other", c)
+    assert "all 12 greedy tokens identical" in byo.compare_text("oracle", byo.compare(dense, oracle))
+    text = byo.format_costs([dense, oracle])
+    assert text.splitlines()[2].startswith("dense") and "oracle" in text
+
+
+def test_quick_predictors_train_and_report_selection(tiny):
+    folder, _ = tiny
+    ids = list(range(3, 300)) * 2
+    q = byo.quick_predictors(folder, ids, rank=8, epochs=1, heldout=0.25)
+    assert q.predictors.n_layers == 2 and q.predictors.ranks == [8, 8]
+    assert q.train_tokens == 445 and q.heldout_tokens == 149
+    assert 0 <= q.selection.recall <= 1 and q.selection.selected_share > 0
+    assert "rank 8, 1 epochs on 445 tokens" in byo.predictor_text(q)
+    with pytest.raises(FlashnbError, match="needs more tokens"):
+        byo.quick_predictors(folder, ids[:10])
+
+
+def test_memory_and_store_texts_are_exact_bytes(tiny):
+    _, store = tiny
+    with FlashEngine(store, OraclePredictor(store.load_model()), Policy(2, 0.5, in_flight=2)) as eng:
+        text = quickstart.memory_text(eng.memory, "tiny")
+    m = eng.memory
+    assert f"{m.model_bytes / 1e6:.1f} MB of weights" in text and f"{m.capacity_rows} rows per cache" in text
+    assert f"{m.used_bytes / m.model_bytes:.0%} of the model" in text
+    s = quickstart.store_text(store)
+    assert s.startswith("bundled fp32 store: ffn.bin") and f"{store.num_layers} layers x 256 neurons" in s
+    assert quickstart.ffn_bytes(store) == 2 * 256 * 2 * 32 * 4
+
+
+def test_device_profile_measures_a_short_profile_when_none_is_saved(tmp_path, monkeypatch):
+    monkeypatch.setattr(end_to_end, "SHORT_PROFILE", dict(size=8 << 20, chunk_sizes=(4096, 65536), in_flight=(1, 2),
+                                                          seconds_per_cell=0.02, sequential_seconds=0.02))
+    prof, source, path = end_to_end.device_profile(tmp_path, use_saved=False)
+    assert path == tmp_path / "profile.json" and path.is_file()
+    assert "short profile measured now" in source and list(prof.in_flight_counts) == [1, 2]
+    assert "GB/s" in end_to_end.disk_text(prof) and "Paper's M1 Max" in end_to_end.disk_text(prof)
+
+
+def test_sample_text_is_real_text_any_tokenizer_encodes(tiny):
+    folder, _ = tiny
+    text = byo.sample_text(500)
+    assert len(text) == 500 and text.count(" ") > 50
+    tok = byo.load_tokenizer(folder, read_config(folder))
+    assert len(tok.encode(text)) > 100
+
+
+def test_compare_tells_a_rounding_tie_from_a_real_difference():
+    stats = TokenStats.of([], 1)
+    ref = byo.Run("dense", [0, 1], torch.tensor([[1.0, 0.999, 0.0], [0.0, 1.0, 0.0]]), stats, 0)
+    tie = byo.Run("flash", [1, 1], torch.tensor([[0.9995, 1.0, 0.0], [0.0, 1.0, 0.0]]), stats, 0)
+    c = byo.compare(ref, tie)
+    assert c.first_difference == 0 and c.rounding_only
+    assert c.margin_at_difference == pytest.approx(0.001, abs=1e-6)
+    assert "a near tie" in byo.compare_text("flash", c)
+    wrong = byo.Run("flash", [2, 1], ref.logits.clone(), stats, 0)       # same logits, another token
+    c = byo.compare(ref, wrong)
+    assert not c.rounding_only and c.margin_at_difference == pytest.approx(1.0)
+    assert "preferred its token by 1" in byo.compare_text("flash", c)
+    noisy = byo.Run("flash", [0, 1], ref.logits + 0.5, stats, 0)         # same tokens, logits far off
+    c = byo.compare(ref, noisy)
+    assert c.same_tokens and not c.rounding_only
