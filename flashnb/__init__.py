@@ -24,7 +24,7 @@ _FRONT_DOOR = {
     "convert": "flashnb.core.convert",
     "ConvertConfig": "flashnb.core.convert",
     "open_store": "flashnb.core.store",
-    "verify": "flashnb.core.store",
+    "verify": "flashnb.core.verify",
     "FlashEngine": "flashnb.core.engine",
     "Policy": "flashnb.core.engine",
     "load_predictors": "flashnb.core.predictor",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import threading
@@ -103,9 +104,6 @@ def _generate_dense(folder, prompt: str, n: int, temperature: float, top_p: floa
     sampling = SamplingConfig(temperature, top_p, seed)
     model, tok = load_model(folder), Tokenizer.from_folder(folder)
     ids = tok.encode(prompt)
-    if max(ids) >= model.config.vocab_size:
-        raise FlashnbError(f"the tokenizer in {folder} produces ids up to {max(ids)}, beyond the model's vocabulary of "
-                           f"{model.config.vocab_size}: tokenizer.json belongs to another model; restore the model's own")
     t0 = time.perf_counter()
     out = list(generate(model, ids, n, sampling, eos_id=model.config.eos_token_id))
     dt = time.perf_counter() - t0
@@ -198,7 +196,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from flashnb.core.store import verify
+    from flashnb.core.verify import verify
 
     r = verify(args.store)
     print(f"{r.store}: OK, {r.regions} checksums over {r.bytes_hashed / 1e6:.1f} MB in {r.seconds:.2f} s")
@@ -397,7 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds, so temporary stores are removed
+    """SIGTERM: remove the temporary stores and end at once (unwinding by an exception could land in a
+    finalizer, which swallows it)."""
+    from flashnb.paths import remove_temporary_folders
+
+    remove_temporary_folders()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

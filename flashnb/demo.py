@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 from flashnb.core.convert import ConvertConfig, convert
@@ -12,6 +11,7 @@ from flashnb.core.predictor import load_predictors
 from flashnb.device.profile import coalescing_gap, load_default_profile
 from flashnb.lab.stats import TokenStats
 from flashnb.models.tokenizer import Tokenizer
+from flashnb.paths import temporary_folder
 
 
 def per_token_table(steps, tok, out_ids) -> str:
@@ -33,8 +33,8 @@ def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, 
     tok = Tokenizer.from_folder(folder)
     predictors = load_predictors(predictors_dir or folder.parent / f"{folder.name}-predictors")
     policy = Policy(window, memory, in_flight, coalescing_gap(load_default_profile(), in_flight))
-    with tempfile.TemporaryDirectory(prefix="flashnb-demo-") as work:
-        store = convert(folder, Path(work) / "store", ConvertConfig(layout="bundled", progress=False))
+    with temporary_folder("flashnb-demo-") as work:
+        store = convert(folder, work / "store", ConvertConfig(layout="bundled", progress=False))
         with FlashEngine(store, predictors, policy) as eng:
             mem = eng.memory
             print(f"flashnb: {folder.name} from flash: FFN on disk ({eng.reader.io_mode}), "

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from flashnb.errors import FlashnbError
@@ -27,3 +31,25 @@ def shipped_model_dir() -> Path:
         raise FlashnbError(f"the shipped model {d} is missing; check out the repository's data/ folder "
                            "(it is committed) or rebuild it with `flashnb train`")
     return d
+
+
+# Temporary folders in use (scratch stores of `flashnb demo` and `flashnb bench`): the command line's
+# SIGTERM handler removes them before the process ends, wherever the signal lands.
+TEMPORARY: list[Path] = []
+
+
+@contextlib.contextmanager
+def temporary_folder(prefix: str, dir: str | Path | None = None) -> Iterator[Path]:
+    """A temporary folder, removed on exit and (through the command line) on SIGTERM."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    TEMPORARY.append(path)
+    try:
+        yield path
+    finally:
+        TEMPORARY.remove(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_temporary_folders() -> None:
+    for path in list(TEMPORARY):
+        shutil.rmtree(path, ignore_errors=True)

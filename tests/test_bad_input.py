@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from flashnb import FlashnbError
@@ -93,3 +95,96 @@ def test_source_folder_untouched_by_loading(tiny_opt_dir):
     before = {p.name: p.read_bytes() for p in tiny_opt_dir.iterdir()}
     load_model(tiny_opt_dir)
     assert {p.name: p.read_bytes() for p in tiny_opt_dir.iterdir()} == before
+
+
+def _convert_error(folder, tmp_path, capsys, words: str) -> str:
+    """`flashnb convert` on the folder: one line naming the problem, and nothing left behind."""
+    assert main(["convert", str(folder), str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.split("\r")[-1].strip()  # after the progress bar, which clears its line
+    assert err.startswith("flashnb: error: ") and "\n" not in err and words in err, err
+    assert not (tmp_path / "store").exists() and not list(tmp_path.glob(".store.*"))
+    return err
+
+
+def _retensor(folder, name, fn):
+    f = folder / "model.safetensors"
+    tensors = load_file(f)
+    tensors[name] = fn(tensors[name])
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_an_integer_weight_is_refused(folder, tmp_path, capsys):
+    _retensor(folder, "model.decoder.layers.0.fc1.weight", lambda t: (t * 100).to(torch.int32))
+    _convert_error(folder, tmp_path, capsys, "is torch.int32, not a floating-point weight")
+
+
+@pytest.mark.parametrize("bad,words", [(float("nan"), "inf or nan"), (float("inf"), "inf or nan"),
+                                       (3e7, "far beyond a trained model's weights")])
+def test_non_finite_or_absurd_weights_are_refused(folder, tmp_path, capsys, bad, words):
+    def poison(t):
+        t = t.clone()
+        t[0, 0] = bad
+        return t
+
+    _retensor(folder, "model.decoder.layers.1.fc2.weight", poison)
+    _convert_error(folder, tmp_path, capsys, words)
+
+
+def test_a_stale_shard_is_refused(folder, tmp_path, capsys):
+    tensors = load_file(folder / "model.safetensors")
+    save_file({"model.decoder.layers.0.fc1.weight": tensors["model.decoder.layers.0.fc1.weight"] * 2},
+              folder / "model-old.safetensors", metadata={"format": "pt"})
+    _convert_error(folder, tmp_path, capsys, "is in both")
+    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in tensors}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    _convert_error(folder, tmp_path, capsys, "does not list: stale shards?")
+
+
+@pytest.mark.parametrize("key,value", [("num_hidden_layers", -1), ("num_hidden_layers", 2.0), ("ffn_dim", "64"),
+                                       ("num_attention_heads", 0), ("hidden_size", [32]), ("vocab_size", True)])
+def test_absurd_config_values_are_refused_before_writing(folder, tmp_path, capsys, key, value):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    _convert_error(folder, tmp_path, capsys, key)
+    assert key in cli_error(capsys, folder)      # dense generate too: no text from a 0-layer model
+
+
+def test_a_fifo_in_the_source_is_refused_not_read(folder, tmp_path, capsys):
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")      # reading it would block forever
+    _convert_error(folder, tmp_path, capsys, "is not a regular file")
+
+
+def test_a_tokenizer_of_another_model_is_one_line(folder, capsys):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vocab_size"] = 64                         # the tokenizer produces ids up to 299
+    (folder / "config.json").write_text(json.dumps(cfg))
+    f = folder / "model.safetensors"
+    t = load_file(f)
+    t["model.decoder.embed_tokens.weight"] = t["model.decoder.embed_tokens.weight"][:64].contiguous()
+    save_file(t, f, metadata={"format": "pt"})
+    assert main(["generate", "--model", str(folder), "--prompt", "Return the number of items", "-n", "2"]) == 2
+    assert "outside the model's vocabulary of 64" in capsys.readouterr().err
+
+
+def test_os_errors_while_converting_are_one_line(folder, tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the disk-full case below still runs")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    assert main(["convert", str(folder), str(ro / "store")]) == 2
+    assert "convert into a folder you can write to" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line(folder, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from flashnb.core import convert as convert_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".store.tmp" / "ffn.bin"))
+
+    monkeypatch.setattr(convert_mod, "_write_ffn", full)
+    _convert_error(folder, tmp_path, capsys, "No space left on device); free some space or convert onto another disk")

@@ -93,3 +93,27 @@ def test_bad_thread_variable_is_one_clear_error(tiny_opt_dir, monkeypatch, capsy
     monkeypatch.setenv("FLASHNB_TORCH_THREADS", "100000")      # more threads than cores: refused, not a segfault
     assert main(["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "-n", "2"]) == 2
     assert "got '100000'" in capsys.readouterr().err
+
+
+def test_in_flight_is_range_checked(capsys):
+    _one_line_error(capsys, ["demo", "--in-flight", "100000"], "argument --in-flight: 100000 is out of range")
+    _one_line_error(capsys, ["demo", "--memory", "nan"], "neither a fraction")
+
+
+def test_sigterm_during_demo_removes_its_temporary_store(tmp_path):
+    import os
+    import signal
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path), FLASHNB_TORCH_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "flashnb.cli", "demo", "-n", "240"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("flashnb-demo-*/store/ffn.bin")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("flashnb-demo-*")), "the demo never wrote its store"
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(60)
+    err = p.stderr.read().decode(errors="replace")[-2000:]
+    assert rc == 128 + signal.SIGTERM, (rc, err)
+    assert not list(tmp_path.glob("flashnb-demo-*")), err

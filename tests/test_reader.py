@@ -268,3 +268,38 @@ def test_a_second_submit_before_wait_is_a_clear_error_and_a_dropped_read_is_recl
         r.submit(0, ids)      # dropped without wait(): completed when collected
         gc.collect()
         assert np.array_equal(r.read(1, ids).rows, ref[1][ids])
+
+
+@pytest.mark.skipif(not aio.available(), reason="native AIO (io_setup) is not available on this kernel")
+def test_aio_submit_interrupted_or_busy_is_retried_and_eio_is_one_line(stores, monkeypatch):
+    import ctypes
+
+    s, ref = stores[("opt128", "bundled", "fp16")]
+    ids = np.array([9, 3, 100, 101, 102, 250])
+    with NeuronReader(s, ReaderConfig(in_flight=4, gap_bytes=0, backend="aio")) as r:
+        lib = r._aio._lib
+        real, calls = lib.syscall, {"n": 0}
+
+        class Flaky:  # io_submit fails with EINTR, then EAGAIN, then works
+            def __getattr__(self, name):
+                return getattr(lib, name)
+
+            def syscall(self, nr, *args):
+                if nr.value == r._aio._submit and calls["n"] < 2:
+                    calls["n"] += 1
+                    ctypes.set_errno(errno.EINTR if calls["n"] == 1 else errno.EAGAIN)
+                    return -1
+                return real(nr, *args)
+
+        r._aio._lib = Flaky()
+        assert np.array_equal(r.read(0, ids).rows, ref[0][ids]) and calls["n"] == 2
+        r._aio._lib = lib
+
+    def eio(fd, iov, off):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(aio.AioBatch, "wait", lambda self: np.full(self.n, -errno.EIO))
+    monkeypatch.setattr(io_mod.os, "preadv", eio)         # the synchronous re-read fails too
+    with NeuronReader(s, ReaderConfig(in_flight=4, gap_bytes=0, backend="aio")) as r:
+        with pytest.raises(FlashnbError, match=r"reading .*ffn.bin failed \(Input/output error\).*flashnb verify"):
+            r.read(0, ids)

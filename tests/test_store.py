@@ -17,7 +17,8 @@ from flashnb.cli import main
 from flashnb.errors import FlashnbError
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.defaults import ALIGNMENT
-from flashnb.core.store import DTYPES, FlashStore, verify
+from flashnb.core.store import DTYPES, FlashStore
+from flashnb.core.verify import verify
 
 MODELS = ("opt", "llama")
 COMBOS = [(m, lay, dt) for m in MODELS for lay in ("bundled", "unbundled") for dt in ("fp16", "fp32")]
@@ -78,7 +79,8 @@ def test_source_untouched_and_no_temporary_left(sources, tmp_path):
     dst = convert(sources["opt"], tmp_path / "s", ConvertConfig(progress=False))
     assert _digest(sources["opt"]) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
-    assert sorted(p.name for p in dst.iterdir()) == ["dram.safetensors", "ffn.bin", "manifest.json", "tokenizer.json"]
+    assert sorted(p.name for p in dst.iterdir()) == ["dram.safetensors", "ffn.bin", "ffn.xxh3", "manifest.json",
+                                                     "tokenizer.json"]
     with pytest.raises(FlashnbError, match="already exists"):
         convert(sources["opt"], dst, ConvertConfig(progress=False))
     convert(sources["opt"], dst, ConvertConfig(layout="unbundled", overwrite=True, progress=False))
@@ -117,7 +119,7 @@ def _copy(store: Path, tmp_path: Path) -> Path:
 
 def test_verify_names_the_damaged_layer_and_region(stores, tmp_path):
     p = _copy(stores[("opt", "unbundled", "fp16")], tmp_path)
-    assert verify(p, progress=False).regions == 1 + 2 * 2
+    assert verify(p, progress=False).regions == 2 + 2 * 2          # DRAM file, checksum file, 2 layers x 2 regions
     s = FlashStore.open(p)
     reg = s.regions(1)[1]                              # layer 1, region 'fc2'
     with open(s.ffn_path, "r+b") as f:
@@ -175,7 +177,7 @@ def test_cli_convert_and_verify(sources, tmp_path, capsys):
     assert main(["convert", str(sources["llama"]), str(dst), "--layout", "unbundled", "--dtype", "fp32"]) == 0
     assert "unbundled fp32" in capsys.readouterr().out
     assert main(["verify", str(dst)]) == 0
-    assert ": OK, 7 checksums" in capsys.readouterr().out
+    assert ": OK, 8 checksums" in capsys.readouterr().out
     with open(dst / "ffn.bin", "r+b") as f:
         f.seek(8)
         f.write(b"\x01\x02")

@@ -23,10 +23,12 @@ class ConfigResult:
     dram_bytes: int | None         # weights held in DRAM
     budget_bytes: int | None
     modeled_io_ms: float | None    # the cost model's I/O for this run's requests on the device profile
+    io_mode: str = ""              # how the runner reached the disk (direct I/O, or the buffered fallback)
     speedup_vs_naive: float | None = None
 
     def to_json(self) -> dict:
-        return {"label": self.label, "text": self.text, "seconds": self.seconds, "dram_bytes": self.dram_bytes,
+        return {"label": self.label, "text": self.text, "seconds": self.seconds, "io_mode": self.io_mode,
+                "dram_bytes": self.dram_bytes,
                 "budget_bytes": self.budget_bytes, "modeled_io_ms": self.modeled_io_ms,
                 "speedup_vs_naive": self.speedup_vs_naive, **self.stats.to_json()}
 
@@ -75,10 +77,11 @@ class BenchResult:
     results: dict[str, ConfigResult]
     skipped: dict[str, str] = field(default_factory=dict)
     replay: ReplayResult | None = None
-    io: str = ("direct I/O (O_DIRECT) for flashnb's reader; page cache dropped before each token for mmap and "
-               "accelerate")
+    io: str = ""
 
     def __post_init__(self):
+        modes = "; ".join(sorted({r.io_mode for r in self.results.values() if r.io_mode})) or "none"
+        self.io = f"flashnb's reader: {modes}; page cache dropped before each token for mmap and accelerate"
         naive = self.results.get("naive")
         for r in self.results.values():
             r.speedup_vs_naive = naive.stats.total_ms / r.stats.total_ms if naive and r.stats.total_ms else None
@@ -108,6 +111,12 @@ def format_table(result: BenchResult) -> str:
                      f"{_f(r.modeled_io_ms, '9.2f')}")
     for name, why in result.skipped.items():
         lines.append(f"{LABELS[name]:<24} skipped: {why}")
+    checked = result.results.get("all")
+    if checked and checked.stats.verify_ms is not None and checked.stats.total_ms:
+        v = checked.stats.verify_ms
+        lines.append(f"checking every bundle read against its XXH3-64 checksum: {v:.3f} ms per token in "
+                     f"{checked.label} ({v / checked.stats.total_ms:.1%} of its total)")
+    lines.append(result.io)
     lines.append("ms per generated token, measured on this machine: mean, median and the 10th-90th percentile of the "
                  "tokens; the configurations take turns, one token each. 'model I/O': the cost model's I/O time for "
                  "this run's requests on the device profile (modeled). MB/token for mmap and accelerate: bytes the "

@@ -46,7 +46,7 @@ from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import read_config
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import data_dir, shipped_model_dir
+from flashnb.paths import data_dir, shipped_model_dir, temporary_folder
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "mmap", "accelerate", "dense")
 ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all")  # the flash engine under different policies
@@ -168,7 +168,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     results: dict[str, ConfigResult] = {}
     skipped: dict[str, str] = {}
     replay = None
-    with tempfile.TemporaryDirectory(prefix="flashnb-bench-", dir=workroot) as work:
+    with temporary_folder("flashnb-bench-", workroot) as work:
         stores = {lay: FlashStore.open(convert(model_dir, Path(work) / lay, ConvertConfig(layout=lay, progress=False)))
                   for lay in ("bundled", "unbundled")}
         predictors = load_predictors(pred_dir) if {"predictor", "windowing", "all"} & set(cfg.configs) else None
@@ -188,7 +188,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 results[name] = ConfigResult(
                     name, LABELS[name], stats, tok.decode(texts[name][:cfg.tokens]), spent[name],
                     mem.used_bytes if mem else getattr(r, "bytes", None), mem.budget_bytes if mem else None,
-                    modeled_io_ms(name, stats, shape, cfg.in_flight, device))
+                    modeled_io_ms(name, stats, shape, cfg.in_flight, device),
+                    r.reader.io_mode if hasattr(r, "reader") else "")
                 if name == "predictor":  # its sets drive the replay
                     replay_sets = [s.predicted_sets for s in r.steps[len(prompt):]]
         if cfg.replay:

@@ -9,6 +9,7 @@ source or a folder that holds it; the leftovers of a killed convert are cleaned 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,12 +23,16 @@ from typing import Callable
 
 import numpy as np
 import torch
+import xxhash
 
 from flashnb.core.defaults import ALIGNMENT
-from flashnb.core.store import (DRAM_FILE, DTYPES, FFN_FILE, FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST, TOKENIZER,
-                                Region, align_up)
+from flashnb.core.integrity import ALGORITHM, DIGEST, bundle_digests
+from flashnb.core.store import (CHECKSUM_FILE, DRAM_FILE, DTYPES, FFN_FILE, FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST,
+                                TOKENIZER, Region, align_up)
 from flashnb.errors import FlashnbError
-from flashnb.models.checkpoint import TensorIndex, ffn_matrix_names, ffn_param, meta_model, read_config
+from flashnb.models.checkpoint import (TensorIndex, ffn_matrix_names, ffn_param, meta_model, read_config,
+                                       regular_file)
+from flashnb.models.fingerprint import fingerprint
 
 
 @dataclass
@@ -46,9 +51,9 @@ class _Hasher:
     def __init__(self, f):
         self.f, self.pos = f, 0
 
-    def write(self, data, h: "hashlib._Hash | None" = None) -> None:
+    def write(self, data, *hashes) -> None:
         mv = memoryview(data).cast("B")
-        if h is not None:
+        for h in hashes:
             h.update(mv)
         self.f.write(mv)
         self.pos += mv.nbytes
@@ -60,20 +65,27 @@ class _Hasher:
             self.pos += n
 
 
-def _layer_rows(index: TensorIndex, config, layer: int, tdtype: torch.dtype) -> list[torch.Tensor]:
+def _sample(samples: dict, name: str, w: torch.Tensor) -> None:
+    """Keep what the model's fingerprint reads of weight `name`: its first and last two rows."""
+    samples[name] = torch.cat([w[:2], w[-2:]]).clone()
+
+
+def _layer_rows(index: TensorIndex, config, layer: int, tdtype: torch.dtype, samples: dict) -> list[torch.Tensor]:
     """The FFN matrices of `layer`, each as [ffn, d] neuron-major rows in the store dtype."""
     d, f = config.hidden_size, config.ffn_dim
     out = []
     for part, orient in config.ffn_parts:
         shape = (f, d) if orient == "row" else (d, f)
-        w = index.get(config.hf_key(ffn_param(layer, part)), shape).to(tdtype)
+        w = index.get(config.hf_key(ffn_param(layer, part)), shape)
+        _sample(samples, ffn_param(layer, part), w)
+        w = w.to(tdtype)
         out.append(w.contiguous() if orient == "row" else w.t().contiguous())
     return out
 
 
 def _write_dram(path: Path, index: TensorIndex, config, items: list[tuple[str, tuple[int, ...]]],
-                dtype: str, tick: Callable[[], None]) -> str:
-    """Write the DRAM tensors as a safetensors file one tensor at a time; returns its sha256.
+                dtype: str, tick: Callable[[], None], samples: dict) -> tuple[str, str]:
+    """Write the DRAM tensors as a safetensors file one tensor at a time; returns its sha256 and XXH3-64.
 
     safetensors' own save_file serializes everything in memory first (the DRAM part twice); writing
     the header ourselves lets a multi-GB model stream through with one tensor in memory at a time.
@@ -87,18 +99,21 @@ def _write_dram(path: Path, index: TensorIndex, config, items: list[tuple[str, t
         off += n
     hjson = json.dumps(header, separators=(",", ":")).encode()
     hjson += b" " * (align_up(len(hjson), 8) - len(hjson))
-    h = hashlib.sha256()
+    h, x = hashlib.sha256(), xxhash.xxh3_64()
     with open(path, "wb") as f:
         w = _Hasher(f)
-        w.write(struct.pack("<Q", len(hjson)), h)
-        w.write(hjson, h)
+        w.write(struct.pack("<Q", len(hjson)), h, x)
+        w.write(hjson, h, x)
         for name, shape in items:
-            t = index.get(config.hf_key(name), shape).to(tdtype).contiguous()
-            w.write(t.numpy().view(np.uint8) if t.numel() else b"", h)
+            t = index.get(config.hf_key(name), shape)
+            if name == "embed_tokens.weight":
+                _sample(samples, name, t)
+            t = t.to(tdtype).contiguous()
+            w.write(t.numpy().view(np.uint8) if t.numel() else b"", h, x)
             tick()
         f.flush()
         os.fsync(f.fileno())
-    return h.hexdigest()
+    return h.hexdigest(), x.hexdigest()
 
 
 def convert(src: str | Path, dst: str | Path, cfg: ConvertConfig | None = None) -> Path:
@@ -122,7 +137,10 @@ def convert(src: str | Path, dst: str | Path, cfg: ConvertConfig | None = None) 
     check_destination(src, dst, cfg.overwrite)
     tmp = _temporary_folder(dst)
     try:
-        _write_store(src, tmp, config, index, cfg, dst.name)
+        try:
+            _write_store(src, tmp, config, index, cfg, dst.name)
+        except OSError as e:
+            raise _os_error(e, dst.parent) from None
         check_destination(src, dst, cfg.overwrite)  # again: the folder may have changed while we wrote
         if dst.exists():  # overwrite: move the old store aside first so dst is never half-written
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
@@ -150,33 +168,52 @@ def _temporary_folder(dst: Path) -> Path:
 
 
 def _write_store(src: Path, out: Path, config, index: TensorIndex, cfg: ConvertConfig, name: str) -> None:
-    """Write every file of a store into the folder `out`: DRAM tensors, FFN, tokenizer, manifest last."""
+    """Write every file of a store into the folder `out`: DRAM tensors, FFN and its checksums,
+    tokenizer, manifest last."""
     from tqdm.auto import tqdm
 
     ffn_names = ffn_matrix_names(config)
     dram_items = [(n, tuple(p.shape)) for n, p in meta_model(config).named_parameters() if n not in ffn_names]
+    samples: dict[str, torch.Tensor] = {}
     with tqdm(total=len(dram_items) + config.num_hidden_layers, desc=f"convert {name}", unit="tensor",
               disable=not cfg.progress, leave=False) as bar:
-        dram_sha = _write_dram(out / DRAM_FILE, index, config, dram_items, cfg.dtype, lambda: bar.update(1))
-        layers = _write_ffn(out / FFN_FILE, index, config, cfg, lambda: bar.update(1))
+        dram_sha, dram_xxh = _write_dram(out / DRAM_FILE, index, config, dram_items, cfg.dtype,
+                                         lambda: bar.update(1), samples)
+        layers, sums_sha = _write_ffn(out / FFN_FILE, out / CHECKSUM_FILE, index, config, cfg,
+                                      lambda: bar.update(1), samples)
     tokenizer = None
-    if (src / TOKENIZER).is_file():
-        shutil.copyfile(src / TOKENIZER, out / TOKENIZER)
+    if (src / TOKENIZER).exists():
+        shutil.copyfile(regular_file(src / TOKENIZER, "tokenizer.json"), out / TOKENIZER)
         tokenizer = TOKENIZER
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "model_type": config.model_type,
         "model_config": json.loads((src / "config.json").read_text()), "dtype": cfg.dtype, "layout": cfg.layout,
         "alignment": ALIGNMENT, "d_model": config.hidden_size, "ffn_dim": config.ffn_dim,
         "num_layers": config.num_hidden_layers, "parts": [p for p, _ in config.ffn_parts],
+        "fingerprint": fingerprint(config, samples.__getitem__),
         "ffn_file": {"name": FFN_FILE, "bytes": (out / FFN_FILE).stat().st_size},
+        "checksums": {"name": CHECKSUM_FILE, "algorithm": ALGORITHM, "bytes": (out / CHECKSUM_FILE).stat().st_size,
+                      "sha256": sums_sha},
         "dram_file": {"name": DRAM_FILE, "bytes": (out / DRAM_FILE).stat().st_size, "sha256": dram_sha,
-                      "tensors": len(dram_items)},
+                      ALGORITHM: dram_xxh, "tensors": len(dram_items)},
         "tokenizer": tokenizer,
         "layers": [[r.to_json() for r in regs] for regs in layers],
         "source": {"folder": str(src.resolve()), "files": [f.name for f in index.files]},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _os_error(e: OSError, folder: Path) -> FlashnbError:
+    """An OS error while writing a store, as one line naming the place and the fix."""
+    fix = {errno.ENOSPC: "free some space or convert onto another disk",
+           errno.EDQUOT: "free some of your disk quota or convert onto another disk",
+           errno.EFBIG: "raise the file size limit (ulimit -f) or convert onto another file system",
+           errno.EROFS: "the file system is read-only: convert into a folder on a writable disk",
+           errno.EACCES: "convert into a folder you may write to",
+           errno.EPERM: "convert into a folder you may write to"}.get(e.errno, "check the disk and the folder")
+    where = e.filename or folder
+    return FlashnbError(f"writing the store in {folder} failed at {where} ({e.strerror or e}); {fix}")
 
 
 def _store_files(folder: Path) -> set[str] | None:
@@ -189,7 +226,7 @@ def _store_files(folder: Path) -> set[str] | None:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         return None
     names = {MANIFEST}
-    for key in ("ffn_file", "dram_file"):
+    for key in ("ffn_file", "dram_file", "checksums"):
         entry = m.get(key)
         if isinstance(entry, dict) and isinstance(entry.get("name"), str):
             names.add(entry["name"])
@@ -247,7 +284,7 @@ def _recover_interrupted(dst: Path) -> None:
     alive: its unfinished temporary folder `.NAME.tmp-PID` is removed; an old store it had moved
     aside (`.NAME.old-PID`) is put back when `dst` is missing, else removed. Only folders holding
     nothing but store files are touched; each is named on stderr."""
-    allowed = {MANIFEST, DRAM_FILE, FFN_FILE, TOKENIZER}
+    allowed = {MANIFEST, DRAM_FILE, FFN_FILE, CHECKSUM_FILE, TOKENIZER}
     for kind in ("tmp", "old"):
         for p in sorted(dst.parent.glob(f".{dst.name}.{kind}-*")):
             pid = p.name.rsplit("-", 1)[-1]
@@ -264,17 +301,19 @@ def _recover_interrupted(dst: Path) -> None:
                 print(f"flashnb: removed {p}, left by an interrupted convert (process {pid})", file=sys.stderr)
 
 
-def _write_ffn(path: Path, index: TensorIndex, config, cfg: ConvertConfig,
-               tick: Callable[[], None]) -> list[list[Region]]:
-    """Write ffn.bin layer by layer; returns each layer's regions (offsets, sizes, sha256)."""
+def _write_ffn(path: Path, sums_path: Path, index: TensorIndex, config, cfg: ConvertConfig,
+               tick: Callable[[], None], samples: dict) -> tuple[list[list[Region]], str]:
+    """Write ffn.bin layer by layer and every row's XXH3-64 into `sums_path`; returns each layer's
+    regions (offsets, sizes, sha256) and the checksum file's sha256."""
     tdtype, npdtype, _ = DTYPES[cfg.dtype]
     parts = [p for p, _ in config.ffn_parts]
     d, f_dim = config.hidden_size, config.ffn_dim
     layers: list[list[Region]] = []
+    digests = []
     with open(path, "wb") as f:
         w = _Hasher(f)
         for layer in range(config.num_hidden_layers):
-            mats = _layer_rows(index, config, layer, tdtype)  # each [ffn, d]
+            mats = _layer_rows(index, config, layer, tdtype, samples)  # each [ffn, d]
             if cfg.layout == "bundled":
                 groups = [("bundles", tuple(parts), torch.cat(mats, dim=1))]
             else:
@@ -285,6 +324,7 @@ def _write_ffn(path: Path, index: TensorIndex, config, cfg: ConvertConfig,
                 h = hashlib.sha256()
                 off = w.pos
                 w.write(rows.numpy().view(np.uint8), h)
+                digests.append(bundle_digests(rows.numpy()))
                 regs.append(Region(name, off, w.pos - off, f_dim, len(rparts) * d * npdtype.itemsize,
                                    rparts, h.hexdigest()))
             layers.append(regs)
@@ -293,4 +333,6 @@ def _write_ffn(path: Path, index: TensorIndex, config, cfg: ConvertConfig,
         w.pad_to(ALIGNMENT)  # aligned reads of the last rows never run past the end of the file
         f.flush()
         os.fsync(f.fileno())
-    return layers
+    table = np.concatenate(digests).astype(DIGEST).tobytes()
+    sums_path.write_bytes(table)
+    return layers, hashlib.sha256(table).hexdigest()

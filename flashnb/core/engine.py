@@ -136,7 +136,7 @@ class TokenLoop:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
                  eos_id: int | None = None) -> Iterator[int]:
         """Yield new token ids; the prompt runs token by token too, so every step is recorded."""
-        check_context(prompt_ids, max_new_tokens, self.model.config.max_position_embeddings)
+        check_context(prompt_ids, max_new_tokens, self.model.config)
         kv = self.model.new_cache(1, len(prompt_ids) + max_new_tokens)
         return decode(lambda ids: [self.step(t, kv) for t in ids][-1], prompt_ids, max_new_tokens, sampling, eos_id)
 
@@ -190,6 +190,10 @@ def _checked(predictor: Predictor, store: FlashStore) -> Predictor:
             raise FlashnbError(f"the predictors cover {predictor.n_layers} layers, d_model {predictor.d_model}, "
                                f"ffn_dim {predictor.ffn_dim}; the store's model has {c.num_hidden_layers}, "
                                f"{c.hidden_size}, {c.ffn_dim}: use predictors trained for this model")
+        if store.fingerprint and predictor.fingerprint != store.fingerprint:
+            raise FlashnbError(f"the predictors belong to another model (fingerprint {predictor.fingerprint}; the store "
+                               f"{store.path} holds {store.fingerprint}): train predictors for this model with "
+                               "`flashnb train-predictors --model HF_FOLDER`")
         predictor.hold_as(store.dtype)
     elif getattr(predictor, "ffn_dim", c.ffn_dim) != c.ffn_dim:
         raise FlashnbError(f"the predictor selects among {predictor.ffn_dim} neurons per layer; the store's model "

@@ -68,25 +68,34 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator 
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def check_context(prompt_ids: list[int], max_new_tokens: int, limit: int) -> None:
-    """One clear error when the prompt is empty or prompt + new tokens exceed the context."""
+def check_context(prompt_ids: list[int], max_new_tokens: int, config) -> None:
+    """One clear error when the prompt is empty, holds ids outside the model's vocabulary (a tokenizer of
+    another model), or prompt + new tokens exceed the model's context."""
     if not prompt_ids:
         raise FlashnbError("the prompt is empty after tokenization; give at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise FlashnbError(f"the number of new tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    bad = [t for t in prompt_ids if not 0 <= int(t) < config.vocab_size]
+    if bad:
+        raise FlashnbError(f"token ids {bad[:5]} lie outside the model's vocabulary of {config.vocab_size}: the "
+                           "tokenizer belongs to another model; use the model's own tokenizer.json")
+    limit = config.max_position_embeddings
     if len(prompt_ids) + max_new_tokens > limit:
         raise FlashnbError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceeds the "
                            f"model's context of {limit} positions; shorten the prompt or ask for fewer tokens")
 
 
 def decode(run: Callable[[list[int]], torch.Tensor], prompt_ids: list[int], max_new_tokens: int,
-           sampling: SamplingConfig | None = None, eos_id: int | None = None) -> Iterator[int]:
+           sampling: SamplingConfig | None = None, eos_id: int | list[int] | None = None) -> Iterator[int]:
     """The sampling loop: `run(ids)` appends ids to the model's KV cache and returns the logits of
     the last one; it is called once with the prompt, then once per new token."""
     sampling = sampling or SamplingConfig()
     gen = torch.Generator().manual_seed(sampling.seed)
+    stop = set(eos_id) if isinstance(eos_id, (list, tuple)) else {eos_id}  # Llama 3 configs list several
     logits = run(list(prompt_ids))
     for i in range(max_new_tokens):
         tok = sample_next(logits, sampling, gen)
-        if tok == eos_id:
+        if tok in stop:
             return
         yield tok
         if i + 1 < max_new_tokens:
@@ -101,6 +110,6 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
     The prompt is run once (prefill) into a KV cache; each later step feeds only the newest token.
     Stops early at `eos_id` (not yielded) when given.
     """
-    check_context(prompt_ids, max_new_tokens, model.config.max_position_embeddings)
+    check_context(prompt_ids, max_new_tokens, model.config)
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
     return decode(lambda ids: model(torch.tensor([ids]), cache)[0, -1], prompt_ids, max_new_tokens, sampling, eos_id)

@@ -189,6 +189,20 @@ class LowRankPredictors(Predictor):
                 "thresholds": self.thresholds}
 
 
+def _read_card(path: Path) -> dict:
+    """The predictors' card (metrics.json), {} without one."""
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise FlashnbError(f"{path} is not valid JSON ({e}); train the predictors again, or delete it (the "
+                           "weights do not need it)") from None
+    if not isinstance(card, dict):
+        raise FlashnbError(f"{path} must hold a JSON object; train the predictors again")
+    return card
+
+
 def load_predictors(folder: str | Path, model: nn.Module | None = None) -> LowRankPredictors:
     """The predictor set saved in `folder` (float32 weights); with `model`, check it belongs to it."""
     d = Path(folder)
@@ -202,11 +216,19 @@ def load_predictors(folder: str | Path, model: nn.Module | None = None) -> LowRa
             tensors = {k: h.get_tensor(k) for k in h.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise FlashnbError(f"{f} is not a readable safetensors file ({e}); train the predictors again") from None
-    if header.get("format") != FORMAT:
-        raise FlashnbError(f"{f} is not a flashnb predictor file (format {header.get('format')!r}, "
-                           f"expected {FORMAT!r}); train the predictors again")
-    card = json.loads((d / CARD).read_text()) if (d / CARD).is_file() else {}
-    L, dm, F = header["n_layers"], header["d_model"], header["ffn_dim"]
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise FlashnbError(f"{f} is not a flashnb predictor file (format "
+                           f"{header.get('format') if isinstance(header, dict) else header!r}, expected {FORMAT!r}); "
+                           "train the predictors again")
+    L, dm, F, ranks = (header.get(k) for k in ("n_layers", "d_model", "ffn_dim", "ranks"))
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24  # noqa: E731
+    thresholds = header.get("thresholds")
+    if not (all(map(whole, (L, dm, F))) and isinstance(ranks, list) and len(ranks) == L and all(map(whole, ranks))
+            and isinstance(thresholds, list) and len(thresholds) == L and isinstance(header.get("fingerprint"), str)
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds)):
+        raise FlashnbError(f"{f}: the predictor header (n_layers, d_model, ffn_dim, ranks, thresholds, fingerprint) "
+                           "is damaged; train the predictors again")
+    card = _read_card(d / CARD)
     if model is not None:
         c = model.config
         if (L, dm, F) != (c.num_hidden_layers, c.hidden_size, c.ffn_dim):
@@ -215,7 +237,7 @@ def load_predictors(folder: str | Path, model: nn.Module | None = None) -> LowRa
                                f"{c.ffn_dim}; they belong to another model: train predictors for this one "
                                "with `flashnb train-predictors`")
     layers = []
-    for i, r in enumerate(header["ranks"]):
+    for i, r in enumerate(ranks):
         p = LowRankPredictor(dm, F, r)
         want = {"down.weight": (r, dm), "up.weight": (F, r), "up.bias": (F,)}
         for name, shape in want.items():
@@ -225,9 +247,11 @@ def load_predictors(folder: str | Path, model: nn.Module | None = None) -> LowRa
                 raise FlashnbError(f"{f}: tensor layers.{i}.{name} is {got}, expected {list(shape)} "
                                    f"(rank {r}, d_model {dm}, ffn_dim {F}); the file is damaged or was "
                                    "edited, train the predictors again")
+            if not bool(torch.isfinite(t).all()):
+                raise FlashnbError(f"{f}: tensor layers.{i}.{name} holds inf or nan; train the predictors again")
             p.get_parameter(name).data = t.float()
         layers.append(p.eval())
-    preds = LowRankPredictors(layers, header["thresholds"], header["fingerprint"], card)
+    preds = LowRankPredictors(layers, thresholds, header["fingerprint"], card)
     if model is not None:
         check_fingerprint(preds.fingerprint, model_fingerprint(model), str(f),
                           "train predictors for this model with `flashnb train-predictors`")

@@ -46,8 +46,9 @@ from numpy.lib.stride_tricks import as_strided
 
 from flashnb.core import aio
 from flashnb.core.defaults import IN_FLIGHT, MAX_REQUEST_BYTES
-from flashnb.core.io import AlignedBuffer, aligned_empty, evict, open_for_reading, preadv_full, probe_io_align
-from flashnb.core.requests import RequestPlan, plan_scatter, plan_staging
+from flashnb.core.integrity import check_rows
+from flashnb.core.io import AlignedBuffer, aligned_empty, evict, open_for_reading, probe_io_align
+from flashnb.core.requests import RequestPlan, as_ids, plan_scatter, plan_staging, read_scatter, read_staging
 from flashnb.core.store import FlashStore, Region
 from flashnb.errors import FlashnbError
 
@@ -68,6 +69,7 @@ class ReaderConfig:
         where the kernel allows it, else threads).
     direct: try O_DIRECT (False: buffered reads + fadvise eviction, e.g. for tests of the fallback).
     io_align: direct-I/O block size in bytes; None = probe (512 where the device accepts it, else 4096).
+    verify: check every row read against the store's XXH3-64 checksums (flashnb.core.integrity).
     """
 
     in_flight: int = IN_FLIGHT
@@ -76,6 +78,7 @@ class ReaderConfig:
     backend: str = "auto"
     direct: bool = True
     io_align: int | None = None
+    verify: bool = True
 
 
 def _bucket(n: int) -> int:
@@ -105,6 +108,7 @@ class ReadStats:
     gap_bytes: int
     chunk_sizes: np.ndarray = field(repr=False)  # bytes of each request, in file order
     backend: str = "threads"  # "aio" or "threads": how the requests were issued
+    verify_seconds: float = 0.0  # checking the rows' checksums (inside wall_seconds)
 
     @property
     def throughput(self) -> float:
@@ -162,6 +166,7 @@ class NeuronReader:
 
     def __init__(self, store: FlashStore | str | Path, config: ReaderConfig | None = None):
         self.store = store if isinstance(store, FlashStore) else FlashStore.open(store)
+        self.store.check_unchanged()
         self.config = cfg = config or ReaderConfig()
         if not isinstance(cfg.in_flight, int) or cfg.in_flight < 1:
             raise FlashnbError(f"reads in flight must be a whole number >= 1, got {cfg.in_flight!r}")
@@ -173,6 +178,7 @@ class NeuronReader:
         self.fd, self.direct = open_for_reading(self.store.ffn_path, cfg.direct)
         self.io_align = cfg.io_align or (probe_io_align(self.fd) if self.direct else 512)
         self.gap_bytes = cfg.gap_bytes
+        self.verify = cfg.verify and self.store.checksum_path is not None
         self._aio = None
         if cfg.backend in ("auto", "aio"):
             try:
@@ -262,7 +268,7 @@ class NeuronReader:
             raise FlashnbError("this NeuronReader is closed; open a new one")
         st = self.store
         regs = st.regions(layer)
-        ids = _as_ids(ids, st.ffn_dim, f"layer {layer} of {st.path}")
+        ids = as_ids(ids, st.ffn_dim, f"layer {layer} of {st.path}")
         n = ids.size
         if out is None:
             out = aligned_empty((n, st.row_values), st.np_dtype)
@@ -278,12 +284,19 @@ class NeuronReader:
         uniq, first, inv, scatter, plan = self._plan(regs, ids, out_u8.ctypes.data % self.io_align == 0)
         dst = memoryview(out_u8) if scatter else self._staging_view(int(plan.req_len.sum()))
         base = out_u8.ctypes.data if scatter else self._staging.u8.ctypes.data
-        run = self._start_run(plan, dst, base, scatter)
+        try:
+            run = self._start_run(plan, dst, base, scatter)
+        except OSError as e:
+            raise self._io_error(e) from None
 
         def finish() -> ReadResult:
-            retries = run()
+            try:
+                retries = run()
+            except OSError as e:
+                raise self._io_error(e) from None
             if not scatter:
                 self._gather(plan, regs, uniq.size, first, out)
+            verify_s = self._verify(layer, regs, uniq, first, out) if self.verify else 0.0
             if inv is not None and uniq.size < n:  # duplicates: copy from the first occurrence
                 dup = np.ones(n, bool)
                 dup[first] = False
@@ -292,9 +305,27 @@ class NeuronReader:
                 lo = regs[0].offset
                 evict(self.fd, lo, regs[-1].offset + regs[-1].size - lo)
             stats = self._stats(layer, n, uniq.size, plan.req_len, retries, t0, "scatter" if scatter else "staging")
+            stats.verify_seconds = verify_s
             return ReadResult(out, stats)
 
         return finish
+
+    def _io_error(self, e: OSError) -> FlashnbError:
+        return FlashnbError(f"reading {self.store.ffn_path} failed ({e.strerror or e}): the disk or the kernel "
+                            "reported an error; check the disk (dmesg) and the store (`flashnb verify "
+                            f"{self.store.path}`), then try again")
+
+    def _verify(self, layer: int, regs, uniq: np.ndarray, first: np.ndarray, out: np.ndarray) -> float:
+        """Check every row just read against its checksum; seconds spent. One clear error naming the
+        first damaged row otherwise."""
+        t0 = time.perf_counter()
+        for j, (r, sums) in enumerate(zip(regs, self.store.checksums(layer))):
+            bad = check_rows(out, first, self._part_col[j], r.row_bytes, sums[uniq])
+            if bad.size:
+                raise FlashnbError(f"{self.store.ffn_path}: layer {layer} neuron {int(uniq[bad[0]])} ({r.name}) does not "
+                                   f"match its checksum ({bad.size} rows in this read): the file changed or the disk "
+                                   f"returned bad data; run `flashnb verify {self.store.path}` and re-create the store")
+        return time.perf_counter() - t0
 
     def _plan(self, regs: tuple[Region, ...], ids: np.ndarray, out_aligned: bool):
         """Unique ids, first occurrences, inverse (None if already sorted and unique), path, plan."""
@@ -313,7 +344,7 @@ class NeuronReader:
     def request_sizes(self, layer: int, ids, out_aligned: bool = True) -> np.ndarray:
         """Bytes of every request `read(layer, ids)` would issue (into a block-aligned `out` unless
         `out_aligned` is False), without reading anything: what `flashnb.core.simulate` counts."""
-        ids = _as_ids(ids, self.store.ffn_dim, f"layer {layer}")
+        ids = as_ids(ids, self.store.ffn_dim, f"layer {layer}")
         if ids.size == 0:
             return np.zeros(0, np.int64)
         return np.asarray(self._plan(self.store.regions(layer), ids, out_aligned)[4].req_len, dtype=np.int64)
@@ -376,8 +407,9 @@ class NeuronReader:
             res = batch.wait()
             del batch.iocbs  # the kernel is done with the iocbs (and with `iov`, which they point to)
             bad = np.flatnonzero(res != plan.req_len).tolist()
-            work = self._work_scatter if stage is None else self._work_staging
-            return len(bad) + sum(work(plan, dst, stage, i, i + 1) for i in bad)
+            again = (lambda i: read_scatter(self.fd, plan, dst, self._sink.view, i, i + 1)) if stage is None \
+                else (lambda i: read_staging(self.fd, plan, dst, stage, i, i + 1))
+            return len(bad) + sum(again(i) for i in bad)
 
         wait.iov = iov  # keep the iovecs alive while the requests are in flight
         return wait
@@ -395,55 +427,22 @@ class NeuronReader:
         cum = np.cumsum(plan.req_len)
         cuts = np.searchsorted(cum, cum[-1] * np.arange(1, nb) / nb, side="left") + 1
         bounds = np.unique(np.concatenate(([0], np.minimum(cuts, nreq), [nreq]))).tolist()
-        work = self._work_scatter if stage is None else self._work_staging
+        fd, sink = self.fd, self._sink.view
+
+        def work(a: int, b: int) -> int:
+            return read_scatter(fd, plan, dst, sink, a, b) if stage is None else read_staging(fd, plan, dst, stage, a, b)
+
         if T == 1:
-            return work(plan, dst, stage, 0, nreq)
+            return work(0, nreq)
         batches = list(zip(bounds[:-1], bounds[1:]))
         counter = itertools.count()
 
         def pull() -> int:
             retries = 0
             while (i := next(counter)) < len(batches):  # next() on a count is atomic under the GIL
-                retries += work(plan, dst, stage, *batches[i])
+                retries += work(*batches[i])
             return retries
 
         futures = [self._pool.submit(pull) for _ in range(T - 1)]
         mine = pull()  # the calling thread is the T-th worker
         return mine + sum(f.result() for f in futures)
-
-    def _work_staging(self, plan: RequestPlan, dst: memoryview, stage: np.ndarray, a: int, b: int) -> int:
-        fd, retries = self.fd, 0
-        for off, ln, so in zip(plan.req_off[a:b].tolist(), plan.req_len[a:b].tolist(), stage[a:b].tolist()):
-            retries += preadv_full(fd, [dst[so:so + ln]], off)
-        return retries
-
-    def _work_scatter(self, plan: RequestPlan, dst: memoryview, _stage, a: int, b: int) -> int:
-        fd, retries, sink = self.fd, 0, self._sink.view
-        rs = plan.run_start[a:b + 1].tolist()
-        r0, r1 = rs[0], rs[-1]
-        rd, rl, rg = plan.run_dst[r0:r1].tolist(), plan.run_len[r0:r1].tolist(), plan.run_gap[r0:r1].tolist()
-        for i, off in enumerate(plan.req_off[a:b].tolist()):
-            iov = []
-            for k in range(rs[i] - r0, rs[i + 1] - r0):
-                d = rd[k]
-                iov.append(dst[d:d + rl[k]])
-                if rg[k]:
-                    iov.append(sink[:rg[k]])
-            retries += preadv_full(fd, iov, off)
-        return retries
-
-
-def _as_ids(ids, ffn_dim: int, where: str) -> np.ndarray:
-    """`ids` as a flat int64 array of valid neuron ids; one clear error otherwise."""
-    try:
-        arr = np.asarray(ids)
-    except (TypeError, ValueError):
-        arr = np.asarray([], dtype=object)
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise FlashnbError(f"neuron ids must be integers, got {arr.dtype} values for {where}")
-    arr = arr.astype(np.int64, copy=False).reshape(-1)
-    if arr.size and (arr.min() < 0 or arr.max() >= ffn_dim):
-        bad = arr[(arr < 0) | (arr >= ffn_dim)]
-        raise FlashnbError(f"neuron ids {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} are out of range "
-                           f"for {where} (valid ids: 0..{ffn_dim - 1})")
-    return arr

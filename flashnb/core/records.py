@@ -52,6 +52,8 @@ class LayerStep:
     wait_s: float = 0.0
     ffn_s: float = 0.0
     overlap_s: float = 0.0  # FFN math done while this layer's reads were in flight (part of ffn_s)
+    verify_s: float = 0.0   # checking the rows' checksums as they arrived (part of wait_s)
+    direct: bool = True     # O_DIRECT; False: the buffered fallback (the file system refuses direct I/O)
 
     @property
     def io_seconds(self) -> float:
@@ -175,7 +177,8 @@ class Recorder:
             predicted=plan.predicted.size, cached=plan.cached.size, loaded=plan.loaded.size,
             evicted=plan.evicted.size, bytes_read=stats.bytes_read, bytes_needed=stats.bytes_needed,
             requests=stats.requests, predict_s=p["predict"], window_s=p["window"], memory_s=p["memory"],
-            submit_s=p["submit"], wait_s=p["wait"], ffn_s=p["ffn"], overlap_s=self._overlap))
+            submit_s=p["submit"], wait_s=p["wait"], ffn_s=p["ffn"], overlap_s=self._overlap,
+            verify_s=stats.verify_seconds, direct=stats.direct))
         for k in p:
             p[k] = 0.0
         self._overlap = 0.0

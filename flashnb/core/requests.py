@@ -22,7 +22,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashnb.core.io import IOV_MAX
+from flashnb.core.io import IOV_MAX, preadv_full
+from flashnb.errors import FlashnbError
+
+
+def as_ids(ids, ffn_dim: int, where: str) -> np.ndarray:
+    """`ids` as a flat int64 array of valid neuron ids; one clear error otherwise."""
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError):
+        arr = np.asarray([], dtype=object)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise FlashnbError(f"neuron ids must be integers, got {arr.dtype} values for {where}")
+    arr = arr.astype(np.int64, copy=False).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= ffn_dim):
+        bad = arr[(arr < 0) | (arr >= ffn_dim)]
+        raise FlashnbError(f"neuron ids {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} are out of range "
+                           f"for {where} (valid ids: 0..{ffn_dim - 1})")
+    return arr
 
 
 @dataclass
@@ -116,3 +133,32 @@ def plan_staging(regions, uniq: np.ndarray, io_align: int, gap_bytes: int, max_r
     off, ln = np.concatenate(offs), np.concatenate(lens)
     empty = np.zeros(0, np.int64)
     return RequestPlan(off, ln, empty, empty, empty, empty, gather)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issuing a plan's requests one by one (the thread backend, and re-reads of short AIO requests)
+
+
+def read_staging(fd: int, plan: RequestPlan, dst: memoryview, stage: np.ndarray, a: int, b: int) -> int:
+    """Requests a..b-1 of a staging plan, each into the staging buffer `dst` at `stage`; the retries."""
+    retries = 0
+    for off, ln, so in zip(plan.req_off[a:b].tolist(), plan.req_len[a:b].tolist(), stage[a:b].tolist()):
+        retries += preadv_full(fd, [dst[so:so + ln]], off)
+    return retries
+
+
+def read_scatter(fd: int, plan: RequestPlan, dst: memoryview, sink: memoryview, a: int, b: int) -> int:
+    """Requests a..b-1 of a scatter plan, each run of rows into `dst`, the gaps into `sink`; the retries."""
+    retries = 0
+    rs = plan.run_start[a:b + 1].tolist()
+    r0, r1 = rs[0], rs[-1]
+    rd, rl, rg = plan.run_dst[r0:r1].tolist(), plan.run_len[r0:r1].tolist(), plan.run_gap[r0:r1].tolist()
+    for i, off in enumerate(plan.req_off[a:b].tolist()):
+        iov = []
+        for k in range(rs[i] - r0, rs[i + 1] - r0):
+            d = rd[k]
+            iov.append(dst[d:d + rl[k]])
+            if rg[k]:
+                iov.append(sink[:rg[k]])
+        retries += preadv_full(fd, iov, off)
+    return retries

@@ -8,6 +8,7 @@ A store is a folder:
                        under flashnb's parameter names
     ffn.bin            the FFN weight matrices, one region group per layer, each region starting on an
                        `alignment` (4096-byte) boundary so direct I/O can read it
+    ffn.xxh3           an XXH3-64 checksum of every row of every region, checked as rows are read
     tokenizer.json     copied from the source folder (when it has one)
 
 Neuron i of a layer is row i of the up projection(s) and column i of the down projection. The layout
@@ -22,32 +23,31 @@ decides where its values lie in ffn.bin:
 Either way a store row for neuron i, assembled part after part, is the same P * d_model vector; the
 reader (flashnb.core.reader) returns exactly those rows.
 
-`flashnb.core.convert` writes a store; here `FlashStore.open` validates and opens one and `verify`
-recomputes every checksum.
+`flashnb.core.convert` writes a store; here `FlashStore.open` validates and opens one;
+`flashnb.core.verify` recomputes every checksum.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
 from flashnb.core.defaults import ALIGNMENT
+from flashnb.core.integrity import ALGORITHM, DIGEST, FileIdentity, check_identity, file_digest
 from flashnb.core.memory import MemoryShape
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import CONFIGS, ffn_matrix_names, ffn_param, materialize, meta_model
 
 FORMAT = "flashnb-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-bundle checksums (ffn.xxh3), the DRAM file's XXH3, the model's fingerprint
 LAYOUTS = ("bundled", "unbundled")
 MANIFEST, DRAM_FILE, FFN_FILE, TOKENIZER = "manifest.json", "dram.safetensors", "ffn.bin", "tokenizer.json"
+CHECKSUM_FILE = "ffn.xxh3"  # one XXH3-64 per row of every region, in file order (flashnb.core.integrity)
 
 # store dtype name -> (torch dtype, numpy dtype, safetensors dtype tag)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype, str]] = {
@@ -89,15 +89,6 @@ class Region:
                 "row_bytes": self.row_bytes, "parts": list(self.parts), "sha256": self.sha256}
 
 
-@dataclass(frozen=True)
-class VerifyReport:
-    """What `verify` checked: regions and bytes hashed, and how long it took (seconds)."""
-
-    store: str
-    regions: int
-    bytes_hashed: int
-    seconds: float
-
 # ----------------------------------------------------------------------------------------------
 # Opening and validating
 
@@ -115,7 +106,12 @@ class FlashStore:
     - `regions(layer)`: the layer's `Region`s in ffn.bin
     - `dram_tensors()`: the DRAM-resident tensors by flashnb parameter name
     - `ffn_path`: ffn.bin, for `flashnb.core.reader.NeuronReader`
+    - `checksums(layer)`: each region's per-row XXH3-64, checked by the reader as it reads
     - `load_model()`: the dense model rebuilt from the store
+    - `fingerprint`: the model's (flashnb.models.fingerprint), which predictors must match
+
+    The files' identity (size, mtime, inode) is recorded when the store is opened; using a store whose
+    files changed since is refused (`check_unchanged`).
     """
 
     def __init__(self, path: Path, manifest: dict, config) -> None:
@@ -140,7 +136,13 @@ class FlashStore:
         self.ffn_path = path / manifest["ffn_file"]["name"]    # plain names: checked by _validate
         self.dram_path = path / manifest["dram_file"]["name"]
         self.tokenizer_path = path / manifest["tokenizer"] if manifest.get("tokenizer") else None
+        self.checksum_path = path / manifest["checksums"]["name"] if manifest.get("checksums") else None
+        self.fingerprint: str | None = manifest.get("fingerprint")
+        files = [f for f in (self.ffn_path, self.dram_path, self.checksum_path) if f is not None and f.exists()]
+        self._identity = {f: FileIdentity.of(f) for f in files}
         self._resident_bytes: int | None = None
+        self._checksums: np.ndarray | None = None
+        self._dram_checked = False
 
     @classmethod
     def open(cls, path: str | Path) -> "FlashStore":
@@ -172,8 +174,31 @@ class FlashStore:
                                f"({self.num_layers} layers: 0..{self.num_layers - 1})")
         return self._layers[layer]
 
+    def check_unchanged(self) -> None:
+        """One clear error if a file of the store changed since it was opened."""
+        for f, then in self._identity.items():
+            check_identity(f, then, self.path)
+
+    def checksums(self, layer: int) -> list[np.ndarray] | None:
+        """XXH3-64 of every row of each region of `layer` (uint64 [ffn_dim] per region); None for a
+        store without them. Read once (8 bytes per row: kept in DRAM, counted in `resident_bytes`)."""
+        if self.checksum_path is None:
+            return None
+        if self._checksums is None:
+            self.check_unchanged()
+            n = len(self._layers[0])
+            self._checksums = np.fromfile(self.checksum_path, DIGEST).reshape(self.num_layers, n, self.ffn_dim)
+        return list(self._checksums[layer])
+
     def dram_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Every DRAM-resident tensor (flashnb parameter names), optionally cast to `dtype`."""
+        """Every DRAM-resident tensor (flashnb parameter names), optionally cast to `dtype`; the file's
+        XXH3-64 is checked against the manifest's the first time."""
+        self.check_unchanged()
+        want = self.manifest["dram_file"].get(ALGORITHM)
+        if want and not self._dram_checked:
+            if file_digest(self.dram_path) != want:
+                raise _bad(self.dram_path, "does not match its checksum: the file is damaged")
+            self._dram_checked = True
         try:
             with safe_open(self.dram_path, framework="pt") as h:
                 return {k: (h.get_tensor(k) if dtype is None else h.get_tensor(k).to(dtype)) for k in h.keys()}
@@ -182,14 +207,16 @@ class FlashStore:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of the DRAM-resident tensors at the store's precision (from the safetensors header)."""
+        """Bytes that always stay in DRAM: the resident tensors at the store's precision (from the
+        safetensors header) and the bundles' checksums."""
         if self._resident_bytes is None:
             try:
                 with safe_open(self.dram_path, framework="pt") as h:
                     n = sum(int(np.prod(h.get_slice(k).get_shape(), dtype=np.int64)) for k in h.keys())
             except (SafetensorError, OSError, ValueError) as e:
                 raise _bad(self.dram_path, f"cannot be read ({e})") from None
-            self._resident_bytes = n * self.np_dtype.itemsize
+            sums = self.checksum_path.stat().st_size if self.checksum_path is not None else 0
+            self._resident_bytes = n * self.np_dtype.itemsize + sums
         return self._resident_bytes
 
     def memory_shape(self) -> MemoryShape:
@@ -269,19 +296,19 @@ def _validate(p: Path, mf: Path, m: dict):
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise _bad(mf, f"not a flashnb store manifest (format {m.get('format') if isinstance(m, dict) else m!r})")
     v = m.get("format_version")
-    if v != FORMAT_VERSION:
+    if not _is_int(v) or v != FORMAT_VERSION:
         raise FlashnbError(f"{mf}: store format version {v!r} is not supported (this flashnb reads version "
                            f"{FORMAT_VERSION}); re-create the store with this flashnb's `flashnb convert`")
-    if m.get("layout") not in LAYOUTS:
+    if not isinstance(m.get("layout"), str) or m["layout"] not in LAYOUTS:
         raise FlashnbError(f"{mf}: unknown layout {m.get('layout')!r} (known: {', '.join(LAYOUTS)}); "
                            "the store was written by another flashnb: re-create it with `flashnb convert`")
-    if m.get("dtype") not in DTYPES:
+    if not isinstance(m.get("dtype"), str) or m["dtype"] not in DTYPES:
         raise _bad(mf, f"unknown dtype {m.get('dtype')!r} (known: {', '.join(DTYPES)})")
     a = m.get("alignment")
     if not _is_int(a) or a < 512 or a & (a - 1):
         raise _bad(mf, f"alignment {a!r} is not a power of two >= 512")
     kind = m.get("model_type")
-    if kind not in CONFIGS:
+    if not isinstance(kind, str) or kind not in CONFIGS:
         raise _bad(mf, f"unknown model_type {kind!r}")
     if not isinstance(m.get("model_config"), dict):
         raise _bad(mf, "model_config is missing")
@@ -348,61 +375,17 @@ def _validate_files(p: Path, mf: Path, m: dict, ffn_bytes: int) -> None:
         if size != entry.get("bytes"):
             raise FlashnbError(f"{path} has {size} bytes but {mf} says {entry.get('bytes')}: the file is truncated "
                                "or was replaced; re-create the store with `flashnb convert HF_FOLDER STORE`")
+    sums = m.get("checksums")
+    if not isinstance(sums, dict) or sums.get("algorithm") != ALGORITHM:
+        raise _bad(mf, f"the per-bundle checksums ({ALGORITHM}) are missing")
+    sums_path = p / plain_name(mf, sums.get("name"), "checksums name")
+    rows = sum(len(regs) for regs in m["layers"]) * m["ffn_dim"]
+    if sums.get("bytes") != rows * DIGEST.itemsize or not sums_path.is_file() \
+            or sums_path.stat().st_size != sums["bytes"]:
+        raise _bad(sums_path, f"should hold {rows} checksums of {DIGEST.itemsize} bytes")
+    if not isinstance(m.get("fingerprint"), str):
+        raise _bad(mf, "the model's fingerprint is missing")
     if m.get("tokenizer") is not None:
         tok = p / plain_name(mf, m["tokenizer"], "tokenizer")
         if not tok.is_file():
             raise _bad(tok, "is missing")
-
-
-# ----------------------------------------------------------------------------------------------
-# Verifying
-
-
-def _hash_span(f, offset: int, size: int) -> str:
-    h = hashlib.sha256()
-    f.seek(offset)
-    left = size
-    while left:
-        b = f.read(min(left, HASH_CHUNK))
-        if not b:
-            break
-        h.update(b)
-        left -= len(b)
-    return h.hexdigest()
-
-
-def _spans(store: FlashStore) -> Iterator[tuple[str, Path, int, int, str]]:
-    """(description, file, offset, size, expected sha256) for every checksummed span of a store."""
-    d = store.manifest["dram_file"]
-    yield "dram tensors", store.dram_path, 0, d["bytes"], d["sha256"]
-    for i in range(store.num_layers):
-        for r in store.regions(i):
-            yield f"layer {i} region {r.name!r} (bytes {r.offset}..{r.offset + r.size})", store.ffn_path, \
-                r.offset, r.size, r.sha256
-
-
-def verify(path: str | Path, progress: bool = True) -> VerifyReport:
-    """Recompute every checksum of the store at `path`; one FlashnbError lists all mismatches."""
-    from tqdm.auto import tqdm
-
-    store = FlashStore.open(path)
-    t0 = time.perf_counter()
-    spans = list(_spans(store))
-    bad, total = [], 0
-    files: dict[Path, object] = {}
-    try:
-        with tqdm(total=sum(s[3] for s in spans), unit="B", unit_scale=True, desc=f"verify {store.path.name}",
-                  disable=not progress, leave=False) as bar:
-            for what, fpath, off, size, sha in spans:
-                f = files.get(fpath) or files.setdefault(fpath, open(fpath, "rb"))
-                if _hash_span(f, off, size) != sha:
-                    bad.append(f"{fpath.name} {what}")
-                total += size
-                bar.update(size)
-    finally:
-        for f in files.values():
-            f.close()
-    if bad:
-        raise FlashnbError(f"store {store.path}: checksum mismatch in {'; '.join(bad)}: the store is damaged; "
-                           "re-create it with `flashnb convert HF_FOLDER STORE`")
-    return VerifyReport(str(store.path), len(spans), total, time.perf_counter() - t0)

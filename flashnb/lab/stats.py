@@ -40,6 +40,7 @@ class TokenStats:
     submit_ms: float | None = None
     wait_ms: float | None = None
     ffn_ms: float | None = None
+    verify_ms: float | None = None   # checking bundle checksums (inside wait_ms)
     bytes_read: float | None = None
     bytes_needed: float | None = None
     requests: float | None = None
@@ -66,7 +67,7 @@ class TokenStats:
         return cls(**base, io_ms=ms("io_seconds"), mm_ms=ms("mm_seconds"), compute_ms=ms("compute_seconds"),
                    overlap_ms=ms("overlap_seconds"), predict_ms=phase("predict_s"), window_ms=phase("window_s"),
                    memory_ms=phase("memory_s"), submit_ms=phase("submit_s"), wait_ms=phase("wait_s"),
-                   ffn_ms=phase("ffn_s"), bytes_read=count("bytes_read"), bytes_needed=count("bytes_needed"),
+                   ffn_ms=phase("ffn_s"), verify_ms=phase("verify_s"), bytes_read=count("bytes_read"), bytes_needed=count("bytes_needed"),
                    requests=count("requests"), reader_calls=_mean(len(s.layers) for s in steps),
                    predicted=count("predicted"), cached=count("cached"), loaded=count("loaded"),
                    evicted=count("evicted"))

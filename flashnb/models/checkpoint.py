@@ -8,6 +8,7 @@ safetensors is read or written, never pickle.
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import torch
@@ -31,51 +32,97 @@ def _folder(path: str | Path) -> Path:
     return p
 
 
+def regular_file(f: Path, what: str = "file") -> Path:
+    """`f` if it is a regular file (not a FIFO, socket or device, which could block a read forever);
+    one clear error otherwise."""
+    try:
+        mode = f.stat().st_mode
+    except FileNotFoundError:
+        raise FlashnbError(f"{f} is missing") from None
+    except OSError as e:
+        raise FlashnbError(f"cannot read {f} ({e.strerror}); check its permissions") from None
+    if not stat.S_ISREG(mode):
+        raise FlashnbError(f"{f} is not a regular file (a pipe, socket or device?); replace it with the "
+                           f"checkpoint's {what}")
+    return f
+
+
 def read_config(path: str | Path):
     """The architecture's config dataclass read from `path`/config.json."""
     f = _folder(path) / "config.json"
-    if not f.is_file():
+    if not f.exists():
         raise FlashnbError(f"{f} is missing: a model folder needs a Hugging Face config.json")
     try:
-        cfg = json.loads(f.read_text())
+        cfg = json.loads(regular_file(f, "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FlashnbError(f"{f} is not valid JSON ({e}); restore the file from its source") from None
+    except OSError as e:
+        raise FlashnbError(f"cannot read {f} ({e.strerror}); check its permissions") from None
+    if not isinstance(cfg, dict):
+        raise FlashnbError(f"{f} must hold a JSON object, got {type(cfg).__name__}; restore the file from its source")
     kind = cfg.get("model_type")
-    if kind not in CONFIGS:
+    if not isinstance(kind, str) or kind not in CONFIGS:
         archs = cfg.get("architectures")
         raise FlashnbError(f"{f}: unknown architecture model_type={kind!r} (architectures={archs}); "
                            f"flashnb runs {sorted(CONFIGS)} (OPT, and Llama-style gated FFNs)")
     return CONFIGS[kind].from_hf(cfg, str(f))
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_WEIGHT = 1e4  # |weight| beyond this is no trained model's: the file is damaged
+
+
 class TensorIndex:
     """Where each tensor of a checkpoint lives, read lazily one tensor at a time.
 
-    Accepts `model.safetensors`, a sharded set with `model.safetensors.index.json`, or any set of
-    `*.safetensors` files. Keys are looked up with and without a leading "model." prefix, since some
-    OPT checkpoints were saved from the bare decoder.
+    Accepts `model.safetensors`, a sharded set with `model.safetensors.index.json` (then exactly the
+    files it lists: any other *.safetensors is refused as a stale shard), or any set of `*.safetensors`
+    files without duplicate tensors. Keys are looked up with and without a leading "model." prefix,
+    since some OPT checkpoints were saved from the bare decoder. Every tensor read is checked: a
+    floating-point dtype, the shape the config implies, finite values of plausible size.
     """
 
     def __init__(self, path: str | Path):
         folder = _folder(path)
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            bins = sorted(p.name for p in folder.glob("*.bin"))
-            hint = (f" (found {bins}: flashnb never unpickles; re-save the model with "
-                    "save_pretrained(..., safe_serialization=True))") if bins else ""
-            raise FlashnbError(f"no *.safetensors file in {folder}{hint}")
-        self.files = files
+        self.files = files = self._files(folder)
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
             try:
-                with safe_open(f, framework="pt") as h:
+                with safe_open(regular_file(f, "weights"), framework="pt") as h:
                     for k in h.keys():
+                        if k in self.where:
+                            raise FlashnbError(f"tensor {k!r} is in both {self.where[k].name} and {f.name} in "
+                                               f"{folder}: one of them is a stale copy; remove it")
                         self.where[k] = f
                         self.shapes[k] = tuple(h.get_slice(k).get_shape())
             except (SafetensorError, OSError, ValueError) as e:
                 raise FlashnbError(f"{f} is not a readable safetensors file ({e}); re-download or "
                                    "re-save it") from None
+
+    @staticmethod
+    def _files(folder: Path) -> list[Path]:
+        files = sorted(folder.glob("*.safetensors"))
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                listed = set(json.loads(regular_file(index).read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+                raise FlashnbError(f"{index} is not a valid shard index ({e!r}); restore it from the "
+                                   "checkpoint's source") from None
+            stale = sorted(f.name for f in files if f.name not in listed)
+            if stale:
+                raise FlashnbError(f"{folder} holds {stale}, which {index.name} does not list: stale shards? move "
+                                   "them out of the folder")
+            missing = sorted(n for n in listed if not (folder / str(n)).exists())
+            if missing:
+                raise FlashnbError(f"{index} lists {missing[:3]}, missing from {folder}; the download is incomplete")
+        if not files:
+            bins = sorted(p.name for p in folder.glob("*.bin"))
+            hint = (f" (found {bins}: flashnb never unpickles; re-save the model with "
+                    "save_pretrained(..., safe_serialization=True))") if bins else ""
+            raise FlashnbError(f"no *.safetensors file in {folder}{hint}")
+        return files
 
     def resolve(self, key: str) -> str | None:
         """The key as stored in the files, trying with and without a leading 'model.'."""
@@ -85,7 +132,8 @@ class TensorIndex:
         return None
 
     def get(self, key: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Tensor `key`; a clear error if it is missing or has another shape than expected."""
+        """Tensor `key`; a clear error if it is missing, has another shape than expected, is not
+        floating point, or holds values no trained model has (inf, nan, |x| > MAX_WEIGHT)."""
         k = self.resolve(key)
         if k is None:
             names = ", ".join(f.name for f in self.files)
@@ -97,10 +145,19 @@ class TensorIndex:
                                f"config.json implies {list(expected_shape)}; config and weights disagree")
         try:
             with safe_open(self.where[k], framework="pt") as h:
-                return h.get_tensor(k)
+                t = h.get_tensor(k)
         except (SafetensorError, OSError, ValueError) as e:
             raise FlashnbError(f"{self.where[k]}: tensor {k!r} cannot be read ({e}); the file is "
                                "damaged, re-download or re-save it") from None
+        if t.dtype not in FLOAT_DTYPES:
+            raise FlashnbError(f"{self.where[k]}: tensor {k!r} is {t.dtype}, not a floating-point weight; the file "
+                               "is damaged or holds a quantized model flashnb does not read")
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise FlashnbError(f"{self.where[k]}: tensor {k!r} holds inf or nan values; the checkpoint is damaged")
+        if t.numel() and float(t.abs().max()) > MAX_WEIGHT:
+            raise FlashnbError(f"{self.where[k]}: tensor {k!r} holds values up to {float(t.abs().max()):.3g}, far "
+                               f"beyond a trained model's weights (< {MAX_WEIGHT:g}); the checkpoint is damaged")
+        return t
 
 
 def meta_model(config) -> torch.nn.Module:

@@ -19,11 +19,44 @@ ACTIVATIONS = {
 }
 
 
+# Sizes beyond these are not a model this machine could hold: a config that claims them is damaged.
+LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 17, "ffn_dim": 1 << 20, "intermediate_size": 1 << 20,
+          "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
+          "max_position_embeddings": 1 << 22, "head_dim": 1 << 12, "word_embed_proj_dim": 1 << 17}
+
+
+def check_config(cfg: dict, source: str, required: list[str], optional_ints=(), flags=(), ids=()) -> None:
+    """One clear error for a config.json field of the wrong type or an absurd value: `required` and
+    `optional_ints` (when present) are whole numbers from 1 to LIMITS, `flags` booleans, `ids` token
+    ids (whole numbers >= 0, or null)."""
+    if not isinstance(cfg, dict):
+        raise FlashnbError(f"{source}: a model config must be a JSON object, got {type(cfg).__name__}")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise FlashnbError(f"{source}: the config lacks {missing}; is this a checkpoint of this architecture?")
+    for k in [*required, *(k for k in optional_ints if cfg.get(k) is not None)]:
+        v = cfg[k]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= LIMITS.get(k, 1 << 30):
+            raise FlashnbError(f"{source}: {k} must be a whole number from 1 to {LIMITS.get(k, 1 << 30)}, got {v!r}; "
+                               "the config is damaged: restore it from the checkpoint's source")
+    for k in flags:
+        if cfg.get(k) is not None and not isinstance(cfg[k], bool):
+            raise FlashnbError(f"{source}: {k} must be true or false, got {cfg[k]!r}")
+    def token_id(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    for k in ids:
+        v = cfg.get(k)
+        if v is not None and not (token_id(v) or (isinstance(v, list) and all(map(token_id, v)))):
+            raise FlashnbError(f"{source}: {k} must be a token id (a whole number >= 0), a list of them, or null, "
+                               f"got {v!r}")
+
+
 def activation(name: str, source: str):
     """The activation function called `name` in a Hugging Face config (`source` names that file)."""
     try:
         return ACTIVATIONS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise FlashnbError(
             f"{source}: activation {name!r} is not supported; flashnb knows {sorted(ACTIVATIONS)}"
         ) from None

@@ -11,25 +11,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Callable
 
 import torch
 
 from flashnb.errors import FlashnbError
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """16 hex digits that identify `model` (config + a float16 sample of its weights)."""
-    cfg = model.config.to_hf()
+def fingerprint(config, tensor: Callable[[str], torch.Tensor]) -> str:
+    """16 hex digits that identify the model of `config` whose weight named `name` (flashnb's
+    parameter name) is `tensor(name)`."""
+    cfg = config.to_hf()
     cfg.pop("torch_dtype", None)
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-    samples = [model.embed_tokens.weight]
-    for block in model.layers:
-        samples += [getattr(block.ffn, part).weight for part, _ in model.config.ffn_parts]
+    names = ["embed_tokens.weight"] + [f"layers.{i}.ffn.{part}.weight" for i in range(config.num_hidden_layers)
+                                       for part, _ in config.ffn_parts]
     with torch.no_grad():
-        for w in samples:
+        for name in names:
+            w = tensor(name)
             rows = torch.cat([w[:2], w[-2:]]).detach().to("cpu", torch.float16).contiguous()
             h.update(rows.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """16 hex digits that identify `model` (config + a float16 sample of its weights)."""
+    return fingerprint(model.config, model.get_parameter)
 
 
 def check_fingerprint(found: str, expected: str, what: str, fix: str) -> None:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flashnb.errors import FlashnbError
-from flashnb.models.common import KVCache, activation, causal_attention, default_scale
+from flashnb.models.common import KVCache, activation, causal_attention, check_config, default_scale
 
 
 @dataclass
@@ -69,9 +69,13 @@ class LlamaConfig:
         """Read the fields flashnb needs from a Hugging Face Llama config dict."""
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"]
-        missing = [k for k in required if k not in cfg]
-        if missing:
-            raise FlashnbError(f"{source}: Llama config lacks {missing}; is this a Llama checkpoint?")
+        check_config(cfg, source, required, optional_ints=("num_key_value_heads", "max_position_embeddings",
+                                                           "head_dim"),
+                     flags=("attention_bias", "mlp_bias", "tie_word_embeddings"), ids=("bos_token_id", "eos_token_id"))
+        for k in ("rms_norm_eps", "rope_theta"):
+            v = cfg.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e12):
+                raise FlashnbError(f"{source}: {k} must be a positive number, got {v!r}")
         out = cls(**{k: cfg[k] for k in required},
                   num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
         for f in ("max_position_embeddings", "hidden_act", "rms_norm_eps", "rope_theta",
@@ -82,6 +86,8 @@ class LlamaConfig:
         out.head_dim = cfg.get("head_dim") or out.hidden_size // out.num_attention_heads
         # transformers < 5 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise FlashnbError(f"{source}: rope_parameters / rope_scaling must be an object, got {rope!r}")
         if rope.get("rope_theta") is not None:
             out.rope_theta = rope["rope_theta"]
         if rope.get("rope_type", rope.get("type")) not in (None, "default"):

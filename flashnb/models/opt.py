@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flashnb.errors import FlashnbError
-from flashnb.models.common import KVCache, activation, causal_attention, default_scale
+from flashnb.models.common import KVCache, activation, causal_attention, check_config, default_scale
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq legacy)
 
@@ -72,9 +72,9 @@ class OPTConfig:
         """Read the fields flashnb needs from a Hugging Face OPT config dict."""
         required = ["vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
                     "max_position_embeddings"]
-        missing = [k for k in required if k not in cfg]
-        if missing:
-            raise FlashnbError(f"{source}: OPT config lacks {missing}; is this an OPT checkpoint?")
+        check_config(cfg, source, required, optional_ints=("word_embed_proj_dim",),
+                     flags=("do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine",
+                            "_remove_final_layer_norm"), ids=("bos_token_id", "eos_token_id", "pad_token_id"))
         out = cls(**{k: cfg[k] for k in required})
         for f in ("activation_function", "do_layer_norm_before", "enable_bias",
                   "layer_norm_elementwise_affine", "bos_token_id", "eos_token_id", "pad_token_id",

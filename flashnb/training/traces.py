@@ -175,8 +175,3 @@ def record(model: torch.nn.Module, ids, context: int | None = None, inputs: bool
         model.train(was_training)
     return Trace(active, x_in, ids.astype(np.int32), np.asarray(starts, dtype=np.int64), F,
                  model_fingerprint(model), dict(meta or {}, context=context))
-
-
-def record_text(model: torch.nn.Module, tokenizer, text: str, **kw) -> Trace:
-    """`record` over one prompt: `text` encoded with `tokenizer` (BOS prepended)."""
-    return record(model, tokenizer.encode(text), meta={"text": text}, **kw)
