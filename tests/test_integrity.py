@@ -5,9 +5,7 @@ predictors of another model are refused."""
 from __future__ import annotations
 
 import json
-import shutil
 
-import numpy as np
 import pytest
 import torch
 
