@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,10 @@ def test_checksums_count_in_the_resident_bytes(store):
     with FlashEngine(store, AllNeurons(store.ffn_dim), Policy(0, 1.0)) as eng:
         dram = sum(t.numel() * t.element_size() for t in store.dram_tensors().values())
         assert eng.memory.resident_bytes == dram + table
+
+
+def test_unsorted_and_repeated_ids_are_checked_against_their_own_rows(store):
+    with NeuronReader(store, ReaderConfig(in_flight=2)) as r:
+        for ids in ([0, 5, 3, 9], [7, 7, 2, 0, 2], [3, 1, 2]):   # rows land in first-occurrence order
+            rows = r.read(0, ids).rows
+            assert (rows == r.read(0, sorted(ids)).rows[np.searchsorted(sorted(ids), ids)]).all()

@@ -79,7 +79,7 @@ def test_source_untouched_and_no_temporary_left(sources, tmp_path):
     dst = convert(sources["opt"], tmp_path / "s", ConvertConfig(progress=False))
     assert _digest(sources["opt"]) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
-    assert sorted(p.name for p in dst.iterdir()) == ["dram.safetensors", "ffn.bin", "ffn.xxh3", "manifest.json",
+    assert sorted(p.name for p in dst.iterdir()) == ["dram.safetensors", "ffn.bin", "ffn.sum", "manifest.json",
                                                      "tokenizer.json"]
     with pytest.raises(FlashnbError, match="already exists"):
         convert(sources["opt"], dst, ConvertConfig(progress=False))

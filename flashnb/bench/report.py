@@ -114,7 +114,7 @@ def format_table(result: BenchResult) -> str:
     checked = result.results.get("all")
     if checked and checked.stats.verify_ms is not None and checked.stats.total_ms:
         v = checked.stats.verify_ms
-        lines.append(f"checking every bundle read against its XXH3-64 checksum: {v:.3f} ms per token in "
+        lines.append(f"checking every bundle read against its checksum: {v:.3f} ms per token in "
                      f"{checked.label} ({v / checked.stats.total_ms:.1%} of its total)")
     lines.append(result.io)
     lines.append("ms per generated token, measured on this machine: mean, median and the 10th-90th percentile of the "

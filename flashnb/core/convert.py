@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 from flashnb.core.defaults import ALIGNMENT
-from flashnb.core.integrity import ALGORITHM, DIGEST, bundle_digests
+from flashnb.core.integrity import ALGORITHM, DIGEST, FILE_ALGORITHM, row_digests
 from flashnb.core.store import (CHECKSUM_FILE, DRAM_FILE, DTYPES, FFN_FILE, FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST,
                                 TOKENIZER, Region, align_up)
 from flashnb.errors import FlashnbError
@@ -195,7 +195,7 @@ def _write_store(src: Path, out: Path, config, index: TensorIndex, cfg: ConvertC
         "checksums": {"name": CHECKSUM_FILE, "algorithm": ALGORITHM, "bytes": (out / CHECKSUM_FILE).stat().st_size,
                       "sha256": sums_sha},
         "dram_file": {"name": DRAM_FILE, "bytes": (out / DRAM_FILE).stat().st_size, "sha256": dram_sha,
-                      ALGORITHM: dram_xxh, "tensors": len(dram_items)},
+                      FILE_ALGORITHM: dram_xxh, "tensors": len(dram_items)},
         "tokenizer": tokenizer,
         "layers": [[r.to_json() for r in regs] for regs in layers],
         "source": {"folder": str(src.resolve()), "files": [f.name for f in index.files]},
@@ -303,7 +303,7 @@ def _recover_interrupted(dst: Path) -> None:
 
 def _write_ffn(path: Path, sums_path: Path, index: TensorIndex, config, cfg: ConvertConfig,
                tick: Callable[[], None], samples: dict) -> tuple[list[list[Region]], str]:
-    """Write ffn.bin layer by layer and every row's XXH3-64 into `sums_path`; returns each layer's
+    """Write ffn.bin layer by layer and every row's checksum into `sums_path`; returns each layer's
     regions (offsets, sizes, sha256) and the checksum file's sha256."""
     tdtype, npdtype, _ = DTYPES[cfg.dtype]
     parts = [p for p, _ in config.ffn_parts]
@@ -324,7 +324,7 @@ def _write_ffn(path: Path, sums_path: Path, index: TensorIndex, config, cfg: Con
                 h = hashlib.sha256()
                 off = w.pos
                 w.write(rows.numpy().view(np.uint8), h)
-                digests.append(bundle_digests(rows.numpy()))
+                digests.append(row_digests(rows.numpy()))
                 regs.append(Region(name, off, w.pos - off, f_dim, len(rparts) * d * npdtype.itemsize,
                                    rparts, h.hexdigest()))
             layers.append(regs)

@@ -69,7 +69,7 @@ class ReaderConfig:
         where the kernel allows it, else threads).
     direct: try O_DIRECT (False: buffered reads + fadvise eviction, e.g. for tests of the fallback).
     io_align: direct-I/O block size in bytes; None = probe (512 where the device accepts it, else 4096).
-    verify: check every row read against the store's XXH3-64 checksums (flashnb.core.integrity).
+    verify: check every row read against the store's checksums (flashnb.core.integrity).
     """
 
     in_flight: int = IN_FLIGHT
@@ -296,7 +296,7 @@ class NeuronReader:
                 raise self._io_error(e) from None
             if not scatter:
                 self._gather(plan, regs, uniq.size, first, out)
-            verify_s = self._verify(layer, regs, uniq, first, out) if self.verify else 0.0
+            verify_s = self._verify(layer, regs, uniq, None if inv is None else first, out) if self.verify else 0.0
             if inv is not None and uniq.size < n:  # duplicates: copy from the first occurrence
                 dup = np.ones(n, bool)
                 dup[first] = False
@@ -315,7 +315,7 @@ class NeuronReader:
                             "reported an error; check the disk (dmesg) and the store (`flashnb verify "
                             f"{self.store.path}`), then try again")
 
-    def _verify(self, layer: int, regs, uniq: np.ndarray, first: np.ndarray, out: np.ndarray) -> float:
+    def _verify(self, layer: int, regs, uniq: np.ndarray, first: np.ndarray | None, out: np.ndarray) -> float:
         """Check every row just read against its checksum; seconds spent. One clear error naming the
         first damaged row otherwise."""
         t0 = time.perf_counter()

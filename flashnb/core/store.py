@@ -8,7 +8,7 @@ A store is a folder:
                        under flashnb's parameter names
     ffn.bin            the FFN weight matrices, one region group per layer, each region starting on an
                        `alignment` (4096-byte) boundary so direct I/O can read it
-    ffn.xxh3           an XXH3-64 checksum of every row of every region, checked as rows are read
+    ffn.sum            a 64-bit checksum of every row of every region, checked as rows are read
     tokenizer.json     copied from the source folder (when it has one)
 
 Neuron i of a layer is row i of the up projection(s) and column i of the down projection. The layout
@@ -38,16 +38,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from flashnb.core.defaults import ALIGNMENT
-from flashnb.core.integrity import ALGORITHM, DIGEST, FileIdentity, check_identity, file_digest
+from flashnb.core.integrity import ALGORITHM, DIGEST, FILE_ALGORITHM, FileIdentity, check_identity, file_digest
 from flashnb.core.memory import MemoryShape
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import CONFIGS, ffn_matrix_names, ffn_param, materialize, meta_model
 
 FORMAT = "flashnb-store"
-FORMAT_VERSION = 2  # 2: per-bundle checksums (ffn.xxh3), the DRAM file's XXH3, the model's fingerprint
+FORMAT_VERSION = 2  # 2: per-bundle checksums (ffn.sum), the DRAM file's XXH3, the model's fingerprint
 LAYOUTS = ("bundled", "unbundled")
 MANIFEST, DRAM_FILE, FFN_FILE, TOKENIZER = "manifest.json", "dram.safetensors", "ffn.bin", "tokenizer.json"
-CHECKSUM_FILE = "ffn.xxh3"  # one XXH3-64 per row of every region, in file order (flashnb.core.integrity)
+CHECKSUM_FILE = "ffn.sum"  # one 64-bit checksum per row of every region, in file order (flashnb.core.integrity)
 
 # store dtype name -> (torch dtype, numpy dtype, safetensors dtype tag)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype, str]] = {
@@ -106,7 +106,7 @@ class FlashStore:
     - `regions(layer)`: the layer's `Region`s in ffn.bin
     - `dram_tensors()`: the DRAM-resident tensors by flashnb parameter name
     - `ffn_path`: ffn.bin, for `flashnb.core.reader.NeuronReader`
-    - `checksums(layer)`: each region's per-row XXH3-64, checked by the reader as it reads
+    - `checksums(layer)`: each region's per-row checksums, checked by the reader as it reads
     - `load_model()`: the dense model rebuilt from the store
     - `fingerprint`: the model's (flashnb.models.fingerprint), which predictors must match
 
@@ -180,7 +180,7 @@ class FlashStore:
             check_identity(f, then, self.path)
 
     def checksums(self, layer: int) -> list[np.ndarray] | None:
-        """XXH3-64 of every row of each region of `layer` (uint64 [ffn_dim] per region); None for a
+        """The checksum of every row of each region of `layer` (uint64 [ffn_dim] per region); None for a
         store without them. Read once (8 bytes per row: kept in DRAM, counted in `resident_bytes`)."""
         if self.checksum_path is None:
             return None
@@ -194,7 +194,7 @@ class FlashStore:
         """Every DRAM-resident tensor (flashnb parameter names), optionally cast to `dtype`; the file's
         XXH3-64 is checked against the manifest's the first time."""
         self.check_unchanged()
-        want = self.manifest["dram_file"].get(ALGORITHM)
+        want = self.manifest["dram_file"].get(FILE_ALGORITHM)
         if want and not self._dram_checked:
             if file_digest(self.dram_path) != want:
                 raise _bad(self.dram_path, "does not match its checksum: the file is damaged")
