@@ -15,6 +15,7 @@ file rewritten underneath), not tampering.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ DIGEST = np.dtype("<u8")
 _CHUNK = 8 << 20
 
 
+@functools.lru_cache(maxsize=16)
 def _multipliers(n: int) -> np.ndarray:
     """n fixed odd 64-bit multipliers: SplitMix64 of 1..n (deterministic everywhere)."""
     with np.errstate(over="ignore"):
@@ -48,7 +50,7 @@ def row_digests(rows: np.ndarray) -> np.ndarray:
     if words.shape[1] % 8:
         raise ValueError(f"rows of {words.shape[1]} bytes are not a whole number of 64-bit words")
     words = words.view(DIGEST)
-    return np.einsum("ij,j->i", words, _multipliers(words.shape[1])).astype(DIGEST)
+    return np.einsum("ij,j->i", words, _multipliers(words.shape[1]))
 
 
 def check_rows(out: np.ndarray, first: np.ndarray | None, col_bytes: int, row_bytes: int,
