@@ -38,6 +38,18 @@ def oracle(store):
     return OraclePredictor(store.load_model())
 
 
+def greedy_with_logits(eng, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy generation on the engine, one step per token, keeping the logits of every position."""
+    kv = eng.model.new_cache(1, len(prompt) + n)
+    logits = [eng.step(t, kv) for t in prompt]
+    out = []
+    for _ in range(n):
+        out.append(int(torch.argmax(logits[-1])))
+        if len(out) < n:
+            logits.append(eng.step(out[-1], kv))
+    return out, torch.stack(logits)
+
+
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])
 @pytest.mark.parametrize("window", [0, 1, 4])
 def test_oracle_engine_equals_dense_over_64_tokens(tiny, layout, window):
@@ -45,16 +57,10 @@ def test_oracle_engine_equals_dense_over_64_tokens(tiny, layout, window):
     dense = load_model(folder)
     expected = list(generate(dense, PROMPT, 64))
     with FlashEngine(stores[layout], oracle(stores[layout]), Policy(window, 1.0, in_flight=2)) as eng:
-        got = list(eng.generate(PROMPT, 64))
-        assert got == expected
-        seq = PROMPT + got
-        kv = dense.new_cache(1, len(seq))
-        with torch.no_grad():
-            ref = dense(torch.tensor([seq[:-1]]), kv)[0]
-        # the engine's logits for every position, recomputed token by token on a fresh engine
-    with FlashEngine(stores[layout], oracle(stores[layout]), Policy(window, 1.0, in_flight=2)) as eng:
-        kv = eng.model.new_cache(1, len(seq))
-        logits = torch.stack([eng.step(t, kv) for t in seq[:-1]])
+        got, logits = greedy_with_logits(eng, PROMPT, 64)
+    assert got == expected
+    with torch.no_grad():
+        ref = dense(torch.tensor([PROMPT + got[:-1]]))[0]   # the dense model's logits at every position
     assert (logits - ref).abs().max().item() <= 1e-4
 
 
@@ -121,7 +127,7 @@ def test_simulate_from_a_dense_trace_equals_engine_bytes(tiny, gap):
     """The preview computed from a trace of the dense model alone equals what the engine reads."""
     folder, stores = tiny
     dense = load_model(folder)
-    seq = PROMPT + list(generate(dense, PROMPT, 30))
+    seq = PROMPT + list(generate(dense, PROMPT, 16))
     trace = record(dense, seq)
     sets = sets_from_trace(trace)
     for layout in ("bundled", "unbundled"):

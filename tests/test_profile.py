@@ -94,7 +94,7 @@ def test_incomplete_grid_is_refused():
         Profile(d)
 
 
-def test_reader_efficiency_and_cli(tmp_path, capsys):
+def test_reader_efficiency_and_cli(tmp_path, capsys, monkeypatch):
     src = make_tiny_opt(tmp_path / "m", hidden_size=128, ffn_dim=256, word_embed_proj_dim=128)
     store = convert(src, tmp_path / "s", ConvertConfig(progress=False))
     pfile = Profile(synthetic_profile()).save(tmp_path / "p.json")
@@ -103,6 +103,11 @@ def test_reader_efficiency_and_cli(tmp_path, capsys):
     assert r.calls == 4 and r.bytes_read >= r.bytes_needed == 4 * 26 * 512 and r.requests >= 4
     assert r.efficiency > 0 and r.efficiency_saved > 0 and r.direct in (True, False)
     assert sorted(r.same_time_bps) and all(v > 0 for v in r.same_time_bps.values())
+    import functools
+
+    from flashnb.lab import flash
+    quick = functools.partial(flash.reader_efficiency, rounds=1, calls_per_round=2, cell_seconds=0.02)
+    monkeypatch.setattr(flash, "reader_efficiency", quick)   # the command's own defaults measure for seconds
     assert main(["profile", "--use", str(pfile), "--reader-check", str(store), "--in-flight", "2"]) == 0
     out = capsys.readouterr().out
     assert '"sequential_GBps": 1.0' in out and '"efficiency"' in out

@@ -13,10 +13,12 @@ submission the kernel cannot take yet (EAGAIN); any other error is raised as OSE
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import os
 import platform
+import threading
 import time
 
 import numpy as np
@@ -56,6 +58,7 @@ class AioContext:
             raise OSError(e, f"io_setup({self.depth}) failed: {os.strerror(e)}")
         self._ctx = ctx.value
         self._events = np.zeros(self.depth, EVENT)
+        self.outstanding = 0  # requests submitted and not yet reaped
 
     def close(self) -> None:
         """Destroy the context (the kernel waits for anything still in flight)."""
@@ -117,6 +120,7 @@ class AioBatch:
                             continue
                     else:
                         self.sub += r
+                        c.outstanding += r
                 if not block:
                     return
                 got = lib.syscall(ctypes.c_long(c._getevents), ctx, ctypes.c_long(1),
@@ -128,6 +132,7 @@ class AioBatch:
                     raise OSError(e, f"io_getevents failed: {os.strerror(e)}")
                 self.res[ev["data"][:got].astype(np.int64)] = ev["res"][:got]
                 self.done += got
+                c.outstanding -= got
         except BaseException:
             if self.sub > self.done:  # requests still reference our buffers: let the kernel finish them first
                 c.close()
@@ -139,10 +144,45 @@ class AioBatch:
         return self.res
 
 
+# Destroying a context waits for the kernel (io_destroy took ~35 ms here), so contexts are kept for
+# reuse: a reader takes one with `acquire` and gives it back with `release`.
+_IDLE: dict[int, list[AioContext]] = {}
+_IDLE_MAX = 4
+_IDLE_LOCK = threading.Lock()
+
+
+def acquire(depth: int) -> AioContext:
+    """An AIO context of `depth`: an idle one if there is one, else a new one."""
+    with _IDLE_LOCK:
+        idle = _IDLE.get(depth)
+        if idle:
+            return idle.pop()
+    return AioContext(depth)
+
+
+def release(ctx: AioContext) -> None:
+    """Give back a context; one with requests still in flight, or broken, is closed instead."""
+    with _IDLE_LOCK:
+        idle = _IDLE.setdefault(ctx.depth, [])
+        if ctx._ctx and not ctx.outstanding and len(idle) < _IDLE_MAX:
+            idle.append(ctx)
+            return
+    ctx.close()
+
+
+@atexit.register
+def _close_idle() -> None:
+    with _IDLE_LOCK:
+        for idle in _IDLE.values():
+            for ctx in idle:
+                ctx.close()
+        _IDLE.clear()
+
+
 def available() -> bool:
     """True where a native AIO context can be created (Linux x86-64 / arm64 with io_setup allowed)."""
     try:
-        AioContext(1).close()
+        release(acquire(1))
         return True
     except OSError:
         return False

@@ -182,7 +182,7 @@ class NeuronReader:
         self._aio = None
         if cfg.backend in ("auto", "aio"):
             try:
-                self._aio = aio.AioContext(cfg.in_flight)
+                self._aio = aio.acquire(cfg.in_flight)
             except OSError as e:
                 if cfg.backend == "aio":
                     os.close(self.fd)
@@ -214,7 +214,8 @@ class NeuronReader:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
             if self._aio is not None:
-                self._aio.close()
+                aio.release(self._aio)
+                self._aio = None
             os.close(self.fd)
             self.fd = -1
 

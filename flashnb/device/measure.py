@@ -186,7 +186,7 @@ def _cell_aio(fd: int, file_bytes: int, chunk: int, depth: int, seconds: float, 
     buf = AlignedBuffer(depth * chunk)  # requests share depth slots of it: the bytes are not kept
     addrs = buf.u8.ctypes.data + (np.arange(batch, dtype=np.uint64) % depth) * chunk
     lens = np.full(batch, chunk, dtype=np.int64)
-    ctx = aio.AioContext(depth)
+    ctx = aio.acquire(depth)
     lat: list[float] = []
     reads = k = 0
     try:
@@ -210,7 +210,7 @@ def _cell_aio(fd: int, file_bytes: int, chunk: int, depth: int, seconds: float, 
             k += batch
         elapsed = time.perf_counter() - t_start
     finally:
-        ctx.close()
+        aio.release(ctx)
     return {"chunk_bytes": chunk, "in_flight": depth, "reads": reads, "bytes": reads * chunk, "seconds": elapsed,
             "throughput_bytes_per_s": reads * chunk / elapsed, "latency_p50_s": float(np.percentile(lat, 50)),
             "latency_p99_s": float(np.percentile(lat, 99))}
