@@ -31,6 +31,7 @@ class Shipped:
     def store(self, folder: str | Path, layout: str = "bundled") -> FlashStore:
         """The model as a flash store in `folder`/`layout` (converted on first use, reused afterwards)."""
         path = Path(folder) / layout
+        path.parent.mkdir(parents=True, exist_ok=True)
         if not (path / "manifest.json").is_file():
             convert(self.folder, path, ConvertConfig(layout=layout, progress=False))
         return FlashStore.open(path)

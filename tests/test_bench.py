@@ -50,6 +50,10 @@ def test_every_configuration_runs_and_reports(tmp_path):
     assert r["hybrid"].bytes_read < ffn_bytes
     assert r["all"].requests <= r["windowing"].requests
     assert r["dense"].bytes_read == 0 and r["mmap"].bytes_read is None   # mmap cannot say what it read apart
+    assert r["floor"].bytes_read == 0 and r["floor"].predicted > 0        # the floor reads nothing, predicts
+    res = result.results
+    assert res["all"].floor_ms == res["predictor"].floor_ms == r["floor"].total_ms
+    assert res["naive"].floor_ms == res["mmap"].floor_ms == r["dense"].total_ms
     for name in ("naive", "hybrid", "predictor", "windowing", "all"):
         assert result.results[name].modeled_io_ms > 0
     assert result.results["mmap"].modeled_io_ms is None

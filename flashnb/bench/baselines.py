@@ -6,6 +6,8 @@
   by the kernel as the dense FFN touches them; the file is evicted from the page cache before each
   token, so every token faults its FFN in again.
 * `DenseInDram`: the whole model in DRAM, nothing read per token: the reference.
+* `FloorEngine`: a token's unavoidable work with a predictor (the model without FFNs, predictors,
+  the sparse FFN math of the chosen neurons), the FFN in DRAM: the floor an engine approaches.
 * `AccelerateOffload`: a real peer, the same checkpoint through transformers + accelerate's disk
   offload (every weight in an offload folder, loaded per module per forward); the folder is evicted
   before each token.
@@ -190,6 +192,39 @@ class AccelerateOffload:
         self.model = None
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+class FloorFFN(nn.Module):
+    def __init__(self, eng: "FloorEngine", layer: int, biases: dict[str, torch.Tensor]):
+        super().__init__()
+        self.layer, self.math = layer, BundleFFN(eng.store.config, biases)
+        self.rows = torch.from_numpy(eng.store.ffn_rows(layer))  # the layer's whole FFN, in DRAM
+        rec = eng.recorder
+        self.predict, self.compute = rec.timed("predict", eng.predictor.select), rec.timed("ffn", self._compute)
+        self.record = rec.layer
+
+    def forward(self, x):
+        ids = self.predict(self.layer, x[0, -1])
+        y = self.compute(x, ids)
+        self.record(WindowPlan(ids, ids, ids[:0], ids[:0]))
+        return self.math.finish(y)
+
+    def _compute(self, x, ids: np.ndarray) -> torch.Tensor:
+        return self.math.partial(x, torch.index_select(self.rows, 0, torch.from_numpy(ids)), ids)
+
+
+class FloorEngine(TokenLoop):
+    """The unavoidable work of a token served with `predictor`: the model without its FFNs, the
+    predictor of every layer, and the sparse FFN math over the chosen neurons, with the whole FFN
+    already in DRAM (no reads, no window, no memory management). What an engine approaches."""
+
+    def __init__(self, store: FlashStore | str, predictor):
+        self.store = st = store if isinstance(store, FlashStore) else FlashStore.open(store)
+        self.predictor = predictor
+        if hasattr(predictor, "hold_as"):
+            predictor.hold_as(st.dtype)
+        self.recorder = Recorder()
+        self.model = resident_model(st, lambda i, b: FloorFFN(self, i, b), dtype=st.dtype)
 
 
 class DenseInDram(TokenLoop):

@@ -8,7 +8,8 @@ from flashnb.lab.stats import TokenStats
 
 LABELS = {"naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
           "all": "+bundling (all)", "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
-          "dense": "dense in DRAM", "naive_model": "naive (whole model)"}
+          "dense": "dense in DRAM", "floor": "floor (FFN in DRAM, no reads)", "naive_model": "naive (whole model)"}
+SPARSE = ("predictor", "windowing", "all", "floor")
 
 
 @dataclass
@@ -25,12 +26,13 @@ class ConfigResult:
     modeled_io_ms: float | None    # the cost model's I/O for this run's requests on the device profile
     io_mode: str = ""              # how the runner reached the disk (direct I/O, or the buffered fallback)
     speedup_vs_naive: float | None = None
+    floor_ms: float | None = None  # the same token's unavoidable work, measured in the same run
 
     def to_json(self) -> dict:
         return {"label": self.label, "text": self.text, "seconds": self.seconds, "io_mode": self.io_mode,
                 "dram_bytes": self.dram_bytes,
                 "budget_bytes": self.budget_bytes, "modeled_io_ms": self.modeled_io_ms,
-                "speedup_vs_naive": self.speedup_vs_naive, **self.stats.to_json()}
+                "speedup_vs_naive": self.speedup_vs_naive, "floor_ms": self.floor_ms, **self.stats.to_json()}
 
 
 @dataclass
@@ -83,8 +85,11 @@ class BenchResult:
         modes = "; ".join(sorted({r.io_mode for r in self.results.values() if r.io_mode})) or "none"
         self.io = f"flashnb's reader: {modes}; page cache dropped before each token for mmap and accelerate"
         naive = self.results.get("naive")
-        for r in self.results.values():
+        floors = {True: self.results.get("floor"), False: self.results.get("dense")}
+        for name, r in self.results.items():
             r.speedup_vs_naive = naive.stats.total_ms / r.stats.total_ms if naive and r.stats.total_ms else None
+            floor = floors[name in SPARSE]
+            r.floor_ms = floor.stats.total_ms if floor else None
 
     def to_json(self) -> dict:
         return {"flashnb_bench_version": 2, "date": self.date, "machine": self.machine, "model": self.model,
@@ -101,14 +106,14 @@ def _f(x, spec: str) -> str:
 def format_table(result: BenchResult) -> str:
     """The result as a fixed-width text table (ms per token; MB = 1e6 bytes)."""
     head = (f"{'configuration':<24} {'I/O':>7} {'mem':>6} {'compute':>8} {'total':>8} {'median':>7} {'p10-p90':>13} "
-            f"{'MB/token':>9} {'GB/s':>5} {'vs naive':>8} {'model I/O':>9}")
+            f"{'MB/token':>9} {'GB/s':>5} {'vs naive':>8} {'model I/O':>9} {'x floor':>7}")
     lines = [head, "-" * len(head)]
     for r in result.results.values():
         s = r.stats
         lines.append(f"{r.label:<24} {_f(s.io_ms, '7.2f')} {_f(s.mm_ms, '6.2f')} {_f(s.compute_ms, '8.2f')} "
                      f"{s.total_ms:8.2f} {s.median_ms:7.2f} {s.p10_ms:6.1f}-{s.p90_ms:<6.1f} "
                      f"{s.bytes_per_token / 1e6:9.3f} {_f(s.io_GBps, '5.2f')} {_f(r.speedup_vs_naive, '7.1f')}x "
-                     f"{_f(r.modeled_io_ms, '9.2f')}")
+                     f"{_f(r.modeled_io_ms, '9.2f')} {_f(r.floor_ms and s.total_ms / r.floor_ms, '6.2f')}x")
     for name, why in result.skipped.items():
         lines.append(f"{LABELS[name]:<24} skipped: {why}")
     checked = result.results.get("all")
@@ -120,7 +125,9 @@ def format_table(result: BenchResult) -> str:
     lines.append("ms per generated token, measured on this machine: mean, median and the 10th-90th percentile of the "
                  "tokens; the configurations take turns, one token each. 'model I/O': the cost model's I/O time for "
                  "this run's requests on the device profile (modeled). MB/token for mmap and accelerate: bytes the "
-                 "kernel read.")
+                 "kernel read. 'x floor': total / the same token's unavoidable work measured in this run (the floor: "
+                 "the model without FFNs, the predictors and the sparse FFN math with the FFN in DRAM; dense for "
+                 "the configurations without predictors).")
     rp = result.replay
     if rp:
         lines += ["", rp.label + f"; window {rp.window}, {rp.cache_rows_per_layer} rows per layer",

@@ -15,7 +15,12 @@ Configurations (the paper's Table 2 ladder, then the peers):
     all         + row-column bundling (1 read a neuron)
     mmap        the FFN memory-mapped, page cache dropped before each token (llama.cpp's regime)
     accelerate  transformers + accelerate disk offload of the whole checkpoint, cache dropped per token
-    dense       the whole model in DRAM: reads nothing, the reference
+    dense       the whole model in DRAM: reads nothing, the reference (and the floor of the configurations
+                that use every neuron)
+    floor       the floor of the configurations with predictors: the model without its FFNs, the predictors
+                and the sparse FFN math of the chosen neurons, the FFN in DRAM (no reads, no bookkeeping)
+
+Each configuration's `floor_ms` is the floor (or, without predictors, dense) measured in the same run.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from flashnb.bench.baselines import AccelerateOffload, DenseInDram, HybridEngine, MmapEngine
+from flashnb.bench.baselines import AccelerateOffload, DenseInDram, FloorEngine, HybridEngine, MmapEngine
 from flashnb.bench.report import LABELS, BenchResult, ConfigResult
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
@@ -48,7 +53,8 @@ from flashnb.models.checkpoint import read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import data_dir, shipped_model_dir, temporary_folder
 
-CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "mmap", "accelerate", "dense")
+CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "mmap", "accelerate", "dense", "floor")
+SPARSE = ("predictor", "windowing", "all", "floor")  # the configurations that use predictors
 ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all")  # the flash engine under different policies
 
 
@@ -119,6 +125,8 @@ def _runner(name: str, cfg: BenchConfig, stores: dict, model_dir: Path, work: st
         return MmapEngine(stores["bundled"])
     if name == "dense":
         return DenseInDram(stores["bundled"])
+    if name == "floor":
+        return FloorEngine(stores["bundled"], predictors)
     return AccelerateOffload(model_dir, dtype=torch.float16, offload_dir=str(Path(work) / "offload"))
 
 
@@ -171,7 +179,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     with temporary_folder("flashnb-bench-", workroot) as work:
         stores = {lay: FlashStore.open(convert(model_dir, Path(work) / lay, ConvertConfig(layout=lay, progress=False)))
                   for lay in ("bundled", "unbundled")}
-        predictors = load_predictors(pred_dir) if {"predictor", "windowing", "all"} & set(cfg.configs) else None
+        predictors = load_predictors(pred_dir) if set(SPARSE) & set(cfg.configs) else None
         with ExitStack() as stack:
             runners, streams = {}, {}
             for name in cfg.configs:

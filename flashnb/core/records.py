@@ -169,16 +169,17 @@ class Recorder:
         """The neuron set a layer of the current token used."""
         self.steps[-1].predicted_sets.append(ids)
 
-    def layer(self, plan, stats) -> None:
-        """File one layer (part) of the current token: `plan` (a WindowPlan), `stats` (the ReadStats),
-        and the phases' seconds since the last one."""
+    def layer(self, plan, stats=None) -> None:
+        """File one layer (part) of the current token: `plan` (a WindowPlan), `stats` (the ReadStats;
+        None: nothing was read), and the phases' seconds since the last one."""
         p = self._phase
+        read = (stats.bytes_read, stats.bytes_needed, stats.requests, stats.verify_seconds, stats.direct) \
+            if stats is not None else (0, 0, 0, 0.0, True)
         self.steps[-1].layers.append(LayerStep(
             predicted=plan.predicted.size, cached=plan.cached.size, loaded=plan.loaded.size,
-            evicted=plan.evicted.size, bytes_read=stats.bytes_read, bytes_needed=stats.bytes_needed,
-            requests=stats.requests, predict_s=p["predict"], window_s=p["window"], memory_s=p["memory"],
-            submit_s=p["submit"], wait_s=p["wait"], ffn_s=p["ffn"], overlap_s=self._overlap,
-            verify_s=stats.verify_seconds, direct=stats.direct))
+            evicted=plan.evicted.size, bytes_read=read[0], bytes_needed=read[1], requests=read[2],
+            predict_s=p["predict"], window_s=p["window"], memory_s=p["memory"], submit_s=p["submit"],
+            wait_s=p["wait"], ffn_s=p["ffn"], overlap_s=self._overlap, verify_s=read[3], direct=read[4]))
         for k in p:
             p[k] = 0.0
         self._overlap = 0.0
