@@ -7,83 +7,15 @@ range-checked here, before any work; the heavy modules (torch) are imported only
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
 import threading
 import time
 
+from flashnb.cli_args import MAX_IN_FLIGHT, Parser, memory_budget, pinned_rows, real, utf8_text, whole
 from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.errors import FlashnbError
-
-MAX_IN_FLIGHT = 1024  # the kernel's AIO queue rarely allows more; more only queues in Python
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as flashnb's one line."""
-
-    def error(self, message: str):
-        print(f"flashnb: error: {self.prog.removeprefix('flashnb ')}: {message} (see `{self.prog} --help`)",
-              file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _whole(lo: int, hi: int | None = None, what: str = "a whole number"):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{v} is out of range: give {what} from {lo}"
-                                             + (f" to {hi}" if hi is not None else " or more"))
-        return v
-    return parse
-
-
-def _real(lo: float, hi: float, lo_open: bool = False, what: str = "a number"):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: give {what} in "
-                                             f"{'(' if lo_open else '['}{lo:g}, {hi:g}]")
-        return v
-    return parse
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def memory_budget(text: str) -> float | int:
-    """--memory: a fraction of the model's bytes (0.5) or bytes (20000000, 20MB, 19MiB)."""
-    t = text.strip().upper().replace(" ", "")
-    num = t.rstrip("KMGIB")
-    unit = t[len(num):]
-    if unit in _UNITS and num.isdigit() and (unit or not num.startswith("0")):
-        v = int(num) * _UNITS[unit]
-        if v >= 1:
-            return v
-    try:
-        f = float(text)
-    except ValueError:
-        f = float("nan")
-    if math.isfinite(f) and 0 < f <= 1 and "." in text:
-        return f
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction of the model in (0, 1] (e.g. 0.5) nor bytes "
-                                     "(e.g. 20000000, 20MB or 19MiB)")
-
-
-def _text(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError("the text is not valid UTF-8; pass it in your terminal's UTF-8 "
-                                         "encoding") from None
-    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +60,8 @@ def cmd_demo(args) -> None:
         return
     from flashnb.demo import generate_from_flash
 
-    generate_from_flash(folder, args.prompt, args.n, args.memory, args.window, args.in_flight, args.table)
+    generate_from_flash(folder, args.prompt, args.n, args.memory, args.window, args.in_flight, args.table,
+                        pinned=args.pinned)
 
 
 def cmd_bench(args) -> None:
@@ -163,7 +96,8 @@ def cmd_train(args) -> None:
 
 def cmd_train_predictors(args) -> None:
     from flashnb.paths import SHIPPED_MODEL, data_dir, shipped_model_dir
-    from flashnb.training.build_predictors import BuildConfig, build, card_summary
+    from flashnb.training.build_predictors import (BuildConfig, build, build_hot, build_lookahead, card_summary,
+                                                  hot_summary)
     from flashnb.training.predictors import PredictorTrainConfig
 
     ranks = None
@@ -178,6 +112,19 @@ def cmd_train_predictors(args) -> None:
     out = args.out or str(data_dir() / f"{SHIPPED_MODEL}-predictors")
     cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens,
                       eval_tokens=args.eval_tokens, threads=args.threads, train=tcfg)
+    if args.lookahead and args.hot_neurons_only:
+        raise FlashnbError("--lookahead and --hot-neurons-only are two different jobs: choose one")
+    if args.hot_neurons_only:
+        print(hot_summary(build_hot(cfg, log=lambda m: print(m, file=sys.stderr))))
+        print(f"wrote {out}/hot_neurons.safetensors")
+        return
+    if args.lookahead:
+        card = build_lookahead(cfg, log=lambda m: print(m, file=sys.stderr))
+        m = card["heldout"]["mean"]
+        print(f"lookahead predictors: held-out recall {m['recall']:.1%}, over-selection {m['over_selection']:.2f}x "
+              f"(mean over layers 1..; metrics.json has each layer beside the same-layer set's)")
+        print(f"wrote {out}/lookahead (predictors.safetensors, metrics.json)")
+        return
     card = build(cfg, log=lambda m: print(m, file=sys.stderr))
     print(card_summary(card))
     print(f"wrote {out} (predictors.safetensors, metrics.json, heldout_slice.safetensors)")
@@ -233,7 +180,7 @@ def cmd_profile(args) -> None:
 
 
 def _add_in_flight(parser: argparse.ArgumentParser, what: str = "") -> None:
-    parser.add_argument("--in-flight", type=_whole(1, MAX_IN_FLIGHT), default=IN_FLIGHT,
+    parser.add_argument("--in-flight", type=whole(1, MAX_IN_FLIGHT), default=IN_FLIGHT,
                         help=f"reads in flight{' ' + what if what else ''}: the AIO queue depth, or reader "
                              "threads where AIO is unavailable (default: %(default)s)")
 
@@ -272,7 +219,7 @@ def _add_flash_commands(sub) -> None:
                                     "removed), plus sequential reads; writes a JSON profile with a fitted "
                                     "throughput model. About 80 s; --quick about 10 s.")
     pr.add_argument("--dir", default=None, help="folder for the scratch file (default: the system temp folder)")
-    pr.add_argument("--size", type=_whole(1 << 20, 1 << 40, "bytes"), default=None,
+    pr.add_argument("--size", type=whole(1 << 20, 1 << 40, "bytes"), default=None,
                     help="scratch file bytes (default: 1 GiB; --quick 256 MiB)")
     pr.add_argument("--quick", action="store_true", help="fewer cells, shorter: about 10 s")
     pr.add_argument("--out", default=None, help="profile JSON to write (default: ~/.cache/flashnb/profile.json)")
@@ -280,7 +227,7 @@ def _add_flash_commands(sub) -> None:
     pr.add_argument("--reader-check", default=None, metavar="STORE",
                     help="then read random neuron sets of STORE and print achieved / modeled throughput")
     _add_in_flight(pr, "for --reader-check")
-    pr.add_argument("--fraction", type=_real(0, 1, lo_open=True, what="a fraction"), default=0.1,
+    pr.add_argument("--fraction", type=real(0, 1, lo_open=True, what="a fraction"), default=0.1,
                     help="fraction of each layer's neurons per read for --reader-check (default: %(default)s)")
     pr.set_defaults(func=cmd_profile)
 
@@ -291,10 +238,14 @@ def _add_run_commands(sub) -> None:
                                    "at half of the model's bytes in DRAM, low-rank predictors, a window of "
                                    "recent tokens and row-column bundles; prints the text and, per token, "
                                    "what was read and where the time went.")
-    d.add_argument("--prompt", type=_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
-    d.add_argument("-n", type=_whole(1, 4096), default=32, help="new tokens (default: %(default)s)")
+    d.add_argument("--prompt", type=utf8_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
+    d.add_argument("-n", type=whole(1, 4096), default=32, help="new tokens (default: %(default)s)")
     _add_memory(d)
-    d.add_argument("--window", type=_whole(0, 4096), default=WINDOW, help="window of recent tokens (default: %(default)s)")
+    d.add_argument("--window", type=whole(0, 4096), default=WINDOW, help="window of recent tokens (default: %(default)s)")
+    d.add_argument("--pinned", type=pinned_rows, default=0,
+                   help="rows per layer that keep the hot neurons in DRAM for the whole run, out of the same budget, "
+                        "or 'auto': the split that simulates fastest on the predictors' calibration sets "
+                        "(default: %(default)s)")
     _add_in_flight(d)
     d.add_argument("--no-table", dest="table", action="store_false", help="do not print the per-token table")
     d.add_argument("--dense", action="store_true", help="run dense in DRAM instead (the reference)")
@@ -302,23 +253,25 @@ def _add_run_commands(sub) -> None:
 
     b = sub.add_parser("bench", help="every configuration side by side: naive ... all techniques, and peers",
                        description="Generate the same tokens with naive loading, hybrid, +predictor, "
-                                   "+windowing, +bundling (all), mmap streaming, accelerate disk offload and "
-                                   "the dense model in DRAM, in one process with direct I/O, the configurations "
-                                   "taking turns one token each; print ms per token (I/O / memory / compute, mean, "
-                                   "median and spread), bytes per token, ratio vs naive and the cost model's I/O "
-                                   "for the same requests. Decoding uses FLASHNB_TORCH_THREADS torch threads "
-                                   "(default 2).")
+                                   "+windowing, +bundling (all), all with hot neurons pinned, all with lookahead "
+                                   "predictors, mmap streaming, accelerate disk offload, the dense model in DRAM "
+                                   "and the floor (the FFN in DRAM, nothing read), in one process with direct I/O, "
+                                   "the configurations taking turns one token each; print ms per token (I/O / "
+                                   "memory / compute, mean, median and spread), bytes per token, ratio vs naive, "
+                                   "the cost model's I/O for the same requests and the ratio to the floor. "
+                                   "Decoding uses FLASHNB_TORCH_THREADS torch threads (default 2).")
     b.add_argument("--model", default=None, help="HF model folder (default: the shipped model)")
     b.add_argument("--predictors", default=None, help="predictor folder (default: MODEL-predictors beside it)")
-    b.add_argument("--prompt", type=_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
-    b.add_argument("--tokens", type=_whole(1, 4096), default=16,
+    b.add_argument("--prompt", type=utf8_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
+    b.add_argument("--tokens", type=whole(1, 4096), default=16,
                    help="generated tokens per configuration (default: %(default)s)")
-    b.add_argument("--window", type=_whole(0, 4096), default=WINDOW,
+    b.add_argument("--window", type=whole(0, 4096), default=WINDOW,
                    help="window for +windowing and all (default: %(default)s)")
     _add_memory(b)
     _add_in_flight(b)
     b.add_argument("--configs", default=None, help="comma-separated subset of: naive,hybrid,predictor,windowing,"
-                                                   "all,mmap,accelerate,dense (default: all of them)")
+                                                   "all,pinned,lookahead,mmap,accelerate,dense,floor (default: all of "
+                                                   "them)")
     b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")
     b.add_argument("--profile", default=None, help="device profile JSON (default: the saved one, else a quick one)")
     b.add_argument("--replay", action="store_true",
@@ -334,13 +287,13 @@ def _add_run_commands(sub) -> None:
                        description="Generate text with a model folder (config.json, *.safetensors, "
                                    "tokenizer.json), dense in DRAM.")
     g.add_argument("--model", required=True, help="model folder")
-    g.add_argument("--prompt", type=_text, required=True, help="prompt text")
-    g.add_argument("-n", type=_whole(1, 1 << 20), default=50, help="new tokens (default: %(default)s)")
-    g.add_argument("--temperature", type=_real(0, 100, what="a temperature"), default=0.0,
+    g.add_argument("--prompt", type=utf8_text, required=True, help="prompt text")
+    g.add_argument("-n", type=whole(1, 1 << 20), default=50, help="new tokens (default: %(default)s)")
+    g.add_argument("--temperature", type=real(0, 100, what="a temperature"), default=0.0,
                    help="0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=_real(0, 1, lo_open=True, what="a probability mass"), default=1.0,
+    g.add_argument("--top-p", type=real(0, 1, lo_open=True, what="a probability mass"), default=1.0,
                    help="nucleus sampling mass (default: %(default)s)")
-    g.add_argument("--seed", type=_whole(0, 2**63 - 1), default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="sampling seed (default: %(default)s)")
     g.set_defaults(func=cmd_generate)
 
 
@@ -349,10 +302,10 @@ def _add_training_commands(sub) -> None:
                        description="Train the shipped OPT-style ReLU model on the docstring corpus "
                                    "(see flashnb.training.corpus); resumes from OUT/checkpoint if present.")
     t.add_argument("--out", default="flashnb-opt-21m", help="output folder (default: %(default)s)")
-    t.add_argument("--tokens", type=_whole(1), default=3_200_000, help="training tokens (default: %(default)s)")
-    t.add_argument("--seed", type=_whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
-    t.add_argument("--threads", type=_whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
-    t.add_argument("--sparsity-target", type=_real(0, 1, what="a fraction"), default=0.94,
+    t.add_argument("--tokens", type=whole(1), default=3_200_000, help="training tokens (default: %(default)s)")
+    t.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
+    t.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
+    t.add_argument("--sparsity-target", type=real(0, 1, what="a fraction"), default=0.94,
                    help="FFN sparsity the L1 weight is steered to (default: %(default)s)")
     t.set_defaults(func=cmd_train)
 
@@ -365,29 +318,35 @@ def _add_training_commands(sub) -> None:
     tp.add_argument("--model", default=None, help="model folder (default: the shipped model, data/flashnb-opt-21m)")
     tp.add_argument("--out", default=None,
                     help="output folder (default: the shipped set, data/flashnb-opt-21m-predictors)")
-    tp.add_argument("--train-tokens", type=_whole(16), default=65_536,
+    tp.add_argument("--train-tokens", type=whole(16), default=65_536,
                     help="training-split tokens to trace (default: %(default)s)")
-    tp.add_argument("--eval-tokens", type=_whole(16), default=16_384,
+    tp.add_argument("--eval-tokens", type=whole(16), default=16_384,
                     help="held-out tokens to evaluate on (default: %(default)s)")
-    tp.add_argument("--rank", type=_whole(1), default=64, help="predictor rank of every layer (default: %(default)s)")
+    tp.add_argument("--rank", type=whole(1), default=64, help="predictor rank of every layer (default: %(default)s)")
     tp.add_argument("--ranks", default=None, help="per-layer ranks, comma-separated (overrides --rank)")
-    tp.add_argument("--threshold", type=_real(0, 1, lo_open=True, what="a probability"), default=0.5,
+    tp.add_argument("--threshold", type=real(0, 1, lo_open=True, what="a probability"), default=0.5,
                     help="select a neuron when its probability exceeds this (default: %(default)s)")
-    tp.add_argument("--epochs", type=_whole(1), default=4, help="passes over the trace (default: %(default)s)")
-    tp.add_argument("--lr", type=_real(0, 10, lo_open=True, what="a learning rate"), default=2e-3,
+    tp.add_argument("--epochs", type=whole(1), default=4, help="passes over the trace (default: %(default)s)")
+    tp.add_argument("--lr", type=real(0, 10, lo_open=True, what="a learning rate"), default=2e-3,
                     help="peak learning rate (default: %(default)s)")
-    tp.add_argument("--pos-weight", type=_real(0, 1e6, lo_open=True, what="a weight"), default=1.0,
+    tp.add_argument("--pos-weight", type=real(0, 1e6, lo_open=True, what="a weight"), default=1.0,
                     help="weight of active neurons, times the negative/positive ratio (default: %(default)s)")
     tp.add_argument("--init", choices=["random", "pca"], default="random",
                     help="random, or the FFN's rank-r principal projection (default: %(default)s)")
-    tp.add_argument("--seed", type=_whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
-    tp.add_argument("--threads", type=_whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
+    tp.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
+    tp.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
+    tp.add_argument("--lookahead", action="store_true",
+                    help="train lookahead predictors instead (layer i's FFN input -> layer i+1's neurons, so the "
+                         "engine reads a layer's neurons while its attention runs) into OUT/lookahead")
+    tp.add_argument("--hot-neurons-only", action="store_true",
+                    help="no training: measure how often the predictors already in OUT select each neuron (the hot "
+                         "neurons that --pinned keeps in DRAM) and write OUT/hot_neurons.safetensors")
     tp.set_defaults(func=cmd_train_predictors)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="flashnb", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    p = Parser(prog="flashnb", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     _add_run_commands(sub)
     _add_training_commands(sub)
     _add_flash_commands(sub)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
+from flashnb.core.pinning import HotNeurons
 from flashnb.core.predictor import load_predictors
+from flashnb.core.simulate import choose_pinned
+from flashnb.core.store import FlashStore
+from flashnb.device.costmodel import steps_io_ms
 from flashnb.device.profile import coalescing_gap, load_default_profile
 from flashnb.lab.stats import TokenStats
 from flashnb.models.tokenizer import Tokenizer
@@ -26,20 +31,28 @@ def per_token_table(steps, tok, out_ids) -> str:
 
 
 def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, window: int, in_flight: int,
-                        table: bool = True, predictors_dir: Path | None = None) -> None:
+                        table: bool = True, predictors_dir: Path | None = None, pinned: int | str = 0) -> None:
     """Convert `folder` to a temporary bundled store and generate with the flash engine, printing the
-    text on stdout and what each token read and cost on stderr."""
+    text on stdout and what each token read and cost on stderr. `pinned`: hot-neuron rows per layer,
+    or "auto" (`flashnb.core.simulate.choose_pinned` with the cost model on the saved device profile)."""
     folder = Path(folder)
     tok = Tokenizer.from_folder(folder)
-    predictors = load_predictors(predictors_dir or folder.parent / f"{folder.name}-predictors")
-    policy = Policy(window, memory, in_flight, coalescing_gap(load_default_profile(), in_flight))
+    pred_dir = Path(predictors_dir or folder.parent / f"{folder.name}-predictors")
+    predictors = load_predictors(pred_dir)
+    profile = load_default_profile()
+    policy = Policy(window, memory, in_flight, coalescing_gap(profile, in_flight))
+    hot = HotNeurons.load(pred_dir) if pinned else None
     with temporary_folder("flashnb-demo-") as work:
-        store = convert(folder, work / "store", ConvertConfig(layout="bundled", progress=False))
-        with FlashEngine(store, predictors, policy) as eng:
+        store = FlashStore.open(convert(folder, work / "store", ConvertConfig(layout="bundled", progress=False)))
+        if pinned == "auto":
+            pinned = choose_pinned(hot, store, policy, predictors.memory_bytes(store.np_dtype.itemsize),
+                                   io_ms=lambda steps: steps_io_ms(profile, steps, in_flight)).chosen
+        with FlashEngine(store, predictors, replace(policy, pinned=pinned), hot=hot) as eng:
             mem = eng.memory
             print(f"flashnb: {folder.name} from flash: FFN on disk ({eng.reader.io_mode}), "
                   f"{mem.used_bytes / 2**20:.1f} MiB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
-                  f"{mem.model_bytes / 2**20:.1f} MiB (budget {memory:g}); low-rank predictors, window {window}, "
+                  f"{mem.model_bytes / 2**20:.1f} MiB (budget {memory:g}); low-rank predictors, window {window} "
+                  f"({mem.capacity_rows} rows per layer), {mem.pinned_rows} hot neurons pinned per layer, "
                   "row-column bundles\n", file=sys.stderr)
             ids = tok.encode(prompt)
             out = list(eng.generate(ids, n, eos_id=eng.model.config.eos_token_id))

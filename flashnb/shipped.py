@@ -1,4 +1,5 @@
-"""The model flashnb ships, in one call: `shipped()` -> its folder, config, tokenizer and predictors."""
+"""The model flashnb ships, in one call: `shipped()` -> its folder, config, tokenizer, predictors and
+hot neurons."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from flashnb.core.convert import ConvertConfig, convert
+from flashnb.core.pinning import HotNeurons
 from flashnb.core.predictor import LowRankPredictors, load_predictors
 from flashnb.core.store import FlashStore
 from flashnb.models.checkpoint import load_model, read_config
@@ -23,6 +25,14 @@ class Shipped:
     config: object                  # flashnb.models.opt.OPTConfig
     tokenizer: Tokenizer
     predictors: LowRankPredictors   # data/flashnb-opt-21m-predictors, checked against the model
+
+    @property
+    def predictors_folder(self) -> Path:
+        return self.folder.parent / f"{self.folder.name}-predictors"
+
+    def hot(self) -> HotNeurons:
+        """How often the predictors select each neuron, and their calibration sets (for pinning)."""
+        return HotNeurons.load(self.predictors_folder)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """The whole model in DRAM (flashnb's plain-PyTorch model)."""

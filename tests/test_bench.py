@@ -11,6 +11,7 @@ from flashnb.bench.report import format_table
 from flashnb.bench.run import CONFIGS, BenchConfig, run_bench, take_turns
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import Policy
+from flashnb.core.pinning import HotNeurons
 from flashnb.core.predictor import LowRankPredictor, LowRankPredictors
 from flashnb.core.store import FlashStore
 from flashnb.lab.bundling import layout_summary
@@ -24,21 +25,30 @@ from conftest import make_tiny_opt
 from flash_helpers import synthetic_profile
 
 
-def tiny_predictors(folder, out):
-    """Untrained (random) predictors with a low threshold: enough to exercise the engine."""
+def tiny_predictors(folder, out, extras: bool = False):
+    """Untrained (random) predictors with a low threshold: enough to exercise the engine; with `extras`,
+    lookahead predictors and hot neurons (ranked on random sets) beside them."""
     model = load_model(folder)
     c = model.config
     torch.manual_seed(0)
     layers = [LowRankPredictor(c.hidden_size, c.ffn_dim, 8) for _ in range(c.num_hidden_layers)]
     LowRankPredictors(layers, [0.3] * c.num_hidden_layers, model_fingerprint(model)).save(out)
+    if extras:
+        ahead = [LowRankPredictor(c.hidden_size, c.ffn_dim, 8) for _ in range(c.num_hidden_layers - 1)]
+        LowRankPredictors(ahead, [0.3] * (c.num_hidden_layers - 1), model_fingerprint(model),
+                          lookahead=True).save(out / "lookahead")
+        rng = np.random.default_rng(0)
+        sets = [[np.sort(rng.choice(c.ffn_dim, 12, replace=False)) for _ in range(c.num_hidden_layers)]
+                for _ in range(16)]
+        HotNeurons.measure(sets[:8], sets[8:], c.ffn_dim).save(out)
     return out
 
 
 def test_every_configuration_runs_and_reports(tmp_path):
     folder = make_tiny_opt(tmp_path / "hf")
-    preds = tiny_predictors(folder, tmp_path / "preds")
+    preds = tiny_predictors(folder, tmp_path / "preds", extras=True)
     (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
-    cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=4, memory=1.0,
+    cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=4, memory=0.9,
                       in_flight=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"), progress=False)
     result = run_bench(cfg)
     assert list(result.results) == list(CONFIGS)
@@ -57,10 +67,26 @@ def test_every_configuration_runs_and_reports(tmp_path):
     for name in ("naive", "hybrid", "predictor", "windowing", "all"):
         assert result.results[name].modeled_io_ms > 0
     assert result.results["mmap"].modeled_io_ms is None
+    assert res["pinned"].pinned_rows == result.pinning["chosen"] and res["all"].pinned_rows == 0
+    assert all(m.dram_bytes <= m.budget_bytes for m in res.values() if m.budget_bytes)
+    assert r["pinned"].pinned > 0 or result.pinning["chosen"] == 0
     table = format_table(result)
     assert "accelerate disk offload" in table and "+bundling (all)" in table and "dense in DRAM" in table
     out = json.loads(json.dumps(result.to_json()))  # JSON-ready
     assert out["results"]["all"]["total_ms"] == r["all"].total_ms and out["settings"]["in_flight"] == 2
+
+
+def test_configurations_without_their_files_are_skipped_with_the_fix(tmp_path):
+    folder = make_tiny_opt(tmp_path / "hf")
+    preds = tiny_predictors(folder, tmp_path / "preds")
+    (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
+    cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=2, memory=1.0,
+                      in_flight=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"), progress=False,
+                      configs=("all", "pinned", "lookahead"))
+    result = run_bench(cfg)
+    assert list(result.results) == ["all"]
+    assert "--hot-neurons-only" in result.skipped["pinned"] and "--lookahead" in result.skipped["lookahead"]
+    assert "skipped: no" in format_table(result)
 
 
 def test_window_sweep_and_layout_summary(tmp_path):

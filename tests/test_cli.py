@@ -12,6 +12,15 @@ def test_demo_prints_text(capsys):
     assert out.startswith("Return a new list containing") and len(out) > len("Return a new list containing")
 
 
+def test_demo_pins_hot_neurons_when_asked(capsys):
+    assert main(["demo", "-n", "4", "--memory", "0.8", "--pinned", "auto", "--no-table"]) == 0
+    err = capsys.readouterr().err
+    pinned = int(err.split(" hot neurons pinned per layer")[0].rsplit(" ", 1)[1])
+    assert pinned > 0   # at 80% of the model the simulated split pins hundreds of hot neurons per layer
+    assert main(["demo", "-n", "2", "--pinned", "16", "--no-table"]) == 0
+    assert "16 hot neurons pinned per layer" in capsys.readouterr().err
+
+
 def test_generate_on_a_folder(tiny_opt_dir, capsys):
     assert main(["generate", "--model", str(tiny_opt_dir), "--prompt", "Open the", "-n", "5"]) == 0
     assert capsys.readouterr().out.startswith("Open the")
@@ -98,6 +107,8 @@ def test_bad_thread_variable_is_one_clear_error(tiny_opt_dir, monkeypatch, capsy
 def test_in_flight_is_range_checked(capsys):
     _one_line_error(capsys, ["demo", "--in-flight", "100000"], "argument --in-flight: 100000 is out of range")
     _one_line_error(capsys, ["demo", "--memory", "nan"], "neither a fraction")
+    _one_line_error(capsys, ["demo", "--pinned", "many"], "argument --pinned: 'many' is not a whole number or 'auto'")
+    _one_line_error(capsys, ["bench", "--bogus"], "unrecognized arguments: --bogus")
 
 
 def test_sigterm_during_demo_removes_its_temporary_store(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,8 +12,9 @@ from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.generate import generate
 from flashnb.core.memory import ROW_BOOKKEEPING
+from flashnb.core.pinning import HotNeurons
 from flashnb.core.predictor import AllNeurons, LowRankPredictor, LowRankPredictors, OraclePredictor
-from flashnb.core.simulate import sets_from_trace, simulate
+from flashnb.core.simulate import choose_pinned, sets_from_trace, simulate
 from flashnb.core.store import FlashStore
 from flashnb.models.checkpoint import load_model
 from flashnb.models.fingerprint import model_fingerprint
@@ -194,3 +196,117 @@ def test_a_layer_that_selects_no_neuron_adds_only_the_ffn_bias(tiny):
         assert sum(s.bytes_read for s in eng.steps) == 0
         assert all(n.size == 0 for s in eng.steps for n in s.predicted_sets)
     assert (logits - ref).abs().max().item() <= 1e-4
+
+
+def random_lookahead(model, seed: int = 0, threshold: float = 0.4) -> LowRankPredictors:
+    """Untrained lookahead predictors (layer i guesses layer i + 1): guesses that miss and over-read."""
+    c = model.config
+    torch.manual_seed(seed)
+    layers = [LowRankPredictor(c.hidden_size, c.ffn_dim, 4) for _ in range(c.num_hidden_layers - 1)]
+    return LowRankPredictors(layers, [threshold] * (c.num_hidden_layers - 1), model_fingerprint(model), lookahead=True)
+
+
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+@pytest.mark.parametrize("budget", [1.0, 0.8])
+def test_lookahead_keeps_the_oracle_exact_and_simulate_counts_its_reads(tiny, layout, budget):
+    """Guesses made one layer early (here random ones, which miss and over-read) change what is read
+    and when, never the result: the same tokens and logits as the dense model, and simulate, fed the
+    same guesses, counts the engine's bytes and requests exactly."""
+    folder, stores = tiny
+    dense = load_model(folder)
+    st = stores[layout]
+    ahead, hot = random_lookahead(dense), oracle_hot(dense)
+    pol = Policy(2, budget, in_flight=2, pinned=4)   # with hot neurons pinned too: guesses skip them
+    with FlashEngine(st, oracle(st), pol, lookahead=ahead, hot=hot) as eng:
+        got, logits = greedy_with_logits(eng, PROMPT, 24)
+        steps = eng.steps
+    assert got == list(generate(dense, PROMPT, 24))
+    with torch.no_grad():
+        ref = dense(torch.tensor([PROMPT + got[:-1]]))[0]
+    assert (logits - ref).abs().max().item() <= 1e-4
+    assert all(set(s.lookahead_sets) == set(range(1, st.num_layers)) for s in steps)   # every layer but the first
+    sim = simulate([s.predicted_sets for s in steps], st, pol, ahead.memory_bytes(st.np_dtype.itemsize),
+                   lookahead_sets=[s.lookahead_sets for s in steps], hot=hot)
+    assert [(s.bytes_read, s.requests, s.loaded, s.evicted) for s in sim] == \
+        [(s.bytes_read, s.requests, s.loaded, s.evicted) for s in steps]
+
+
+def test_lookahead_needs_per_layer_rows_and_lookahead_predictors(tiny):
+    folder, stores = tiny
+    dense = load_model(folder)
+    st = stores["bundled"]
+    with pytest.raises(FlashnbError, match="window of at least 1"):
+        FlashEngine(st, oracle(st), Policy(0, 1.0), lookahead=random_lookahead(dense))
+    with pytest.raises(FlashnbError, match="pass them as lookahead="):
+        FlashEngine(st, random_lookahead(dense), Policy(2, 1.0))
+
+
+def oracle_hot(dense, tokens: int = 96) -> HotNeurons:
+    """Hot neurons ranked on the dense model's active sets over random tokens, calibrated on others."""
+    ids = torch.randint(0, dense.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(1))
+    sets = sets_from_trace(record(dense, ids, context=48, inputs=False))
+    return HotNeurons.measure(sets[:64], sets[64:], dense.config.ffn_dim)
+
+
+@pytest.mark.parametrize("window", [0, 2])
+def test_pinned_hot_neurons_keep_the_oracle_exact_and_are_read_once(tiny, window):
+    """Hot neurons pinned in DRAM serve every token that needs them without a read; the result is the
+    dense model's, the memory used stays within the budget, and simulate counts the engine's reads."""
+    folder, stores = tiny
+    dense = load_model(folder)
+    st = stores["bundled"]
+    hot = oracle_hot(dense)
+    pol = Policy(window, 0.9, in_flight=2, pinned=8)
+    with FlashEngine(st, oracle(st), pol, hot=hot) as eng:
+        got, logits = greedy_with_logits(eng, PROMPT, 24)
+        steps, memory = eng.steps, eng.memory
+    assert got == list(generate(dense, PROMPT, 24))
+    with torch.no_grad():
+        ref = dense(torch.tensor([PROMPT + got[:-1]]))[0]
+    assert (logits - ref).abs().max().item() <= 1e-4
+    assert memory.pinned_rows == 8 and memory.used_bytes <= memory.budget_bytes
+    pins = hot.top(8)
+    for s in steps:
+        assert s.pinned == sum(np.isin(ids, pins[i]).sum() for i, ids in enumerate(s.predicted_sets))
+        assert s.predicted == s.cached + s.loaded + s.pinned
+    assert sum(s.pinned for s in steps) > 0
+    sim = simulate([s.predicted_sets for s in steps], st, pol, hot=hot)
+    assert [(s.bytes_read, s.requests, s.loaded, s.evicted, s.pinned) for s in sim] == \
+        [(s.bytes_read, s.requests, s.loaded, s.evicted, s.pinned) for s in steps]
+
+
+def test_choose_pinned_pins_neurons_that_every_token_needs(tiny):
+    """Without a window nothing carries over between tokens, so neurons active on every token are
+    read every token unless pinned: the chosen split pins some and reads less than pinning none."""
+    _, stores = tiny
+    st = stores["bundled"]
+    rng = np.random.default_rng(0)
+    always = np.arange(6)
+    sets = [[np.union1d(always, rng.choice(np.arange(6, st.ffn_dim), 5, replace=False))
+             for _ in range(st.num_layers)] for _ in range(40)]
+    hot = HotNeurons.measure(sets[:20], sets[20:], st.ffn_dim)
+    assert [set(ids) >= set(always) for ids in hot.top(6)] == [True] * st.num_layers
+    choice = choose_pinned(hot, st, Policy(0, 0.9))
+    assert choice.pinned_rows[0] == 0 and choice.chosen in choice.pinned_rows
+    assert choice.chosen >= 6
+    assert choice.bytes_per_token[choice.pinned_rows.index(choice.chosen)] < choice.bytes_per_token[0]
+
+
+def test_pinning_errors_name_the_fix(tiny, tmp_path):
+    folder, stores = tiny
+    st = stores["bundled"]
+    with pytest.raises(FlashnbError, match="pinned rows must be a whole number"):
+        Policy(2, 0.9, pinned=-1)
+    with pytest.raises(FlashnbError, match="need the hot neurons' frequencies"):
+        FlashEngine(st, oracle(st), Policy(2, 0.9, pinned=4))
+    wrong = HotNeurons(np.zeros((st.num_layers, st.ffn_dim + 8), np.float32),
+                       np.zeros((1, st.num_layers, (st.ffn_dim + 15) // 8), np.uint8))
+    with pytest.raises(FlashnbError, match="measured on .* layers of .* neurons"):
+        FlashEngine(st, oracle(st), Policy(2, 0.9, pinned=4), hot=wrong)
+    with pytest.raises(FlashnbError, match="pinned rows"):
+        FlashEngine(st, oracle(st), Policy(2, 0.9, pinned=st.ffn_dim), hot=oracle_hot(load_model(folder)))
+    with pytest.raises(FlashnbError, match="hot_neurons.safetensors is missing.*train-predictors"):
+        HotNeurons.load(tmp_path)
+    (tmp_path / "hot_neurons.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FlashnbError, match="not a readable hot-neuron file"):
+        HotNeurons.load(tmp_path)

@@ -162,6 +162,44 @@ def test_shipped_predictors_reach_recall_on_heldout_slice():
     assert mean.over_selection <= 3.0, mean
     card = json.loads((folder / "metrics.json").read_text())
     assert card["fingerprint"] == preds.fingerprint and len(card["heldout"]["per_layer"]) == 6
+    # the shipped hot neurons: calibrated on exactly these predictors' selections of the first held-out tokens
+    from flashnb.core.pinning import HotNeurons
+    from flashnb.core.simulate import sets_from_trace
+
+    hot = HotNeurons.load(folder)
+    cal = hot.calibration_sets()
+    expected = sets_from_trace(tr, preds)[:len(cal)]
+    assert len(cal) == 256 and all(np.array_equal(a, b) for t, u in zip(cal, expected) for a, b in zip(t, u))
+    assert hot.frequency.shape == (6, model.config.ffn_dim) and hot.frequency.max() <= 1
+
+
+def test_hot_neurons_count_the_predictors_selections(tmp_path):
+    """measure_hot: each neuron's share of training tokens whose selection holds it, and the selections on
+    the first held-out tokens, equal to the predictors' own selections."""
+    from flashnb.core.pinning import HotNeurons
+    from flashnb.core.simulate import sets_from_trace
+    from flashnb.training.build_predictors import measure_hot
+
+    model = tiny(seed=3)
+    train = record(model, torch.randint(0, model.config.vocab_size, (96,), generator=torch.Generator().manual_seed(0)),
+                   context=32)
+    held = record(model, torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)),
+                  context=32)
+    preds = train_predictors(model, train, PredictorTrainConfig(rank=4, epochs=1), progress=False)
+    hot = measure_hot(preds, train, held, tokens=24)
+    sets = sets_from_trace(train, preds)
+    for layer in range(train.n_layers):
+        counts = np.bincount(np.concatenate([t[layer] for t in sets]), minlength=model.config.ffn_dim)
+        assert np.allclose(hot.frequency[layer], counts / len(sets))
+    cal = hot.calibration_sets()
+    assert len(cal) == 24
+    assert all(np.array_equal(a, b) for t, u in zip(cal, sets_from_trace(held, preds)) for a, b in zip(t, u))
+    hot.save(tmp_path)
+    again = HotNeurons.load(tmp_path)
+    assert np.array_equal(again.frequency, hot.frequency) and np.array_equal(again.calibration, hot.calibration)
+    top = again.top(3)
+    assert all(t.size == 3 and np.all(np.diff(t) > 0) for t in top)
+    assert all(hot.frequency[i][top[i]].min() >= np.sort(hot.frequency[i])[-3] for i in range(train.n_layers))
 
 
 def test_build_helpers(tmp_path):

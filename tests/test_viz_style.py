@@ -83,7 +83,8 @@ def _colors(value) -> list:
 
 
 def test_only_style_colours(figures):
-    palette = {*S.TECHNIQUE_COLORS.values(), *S.LAYOUT_COLORS.values(), *S.COMPONENT_COLORS.values(), S.OURS,
+    palette = {*S.TECHNIQUE_COLORS.values(), *S.LAYOUT_COLORS.values(), *S.COMPONENT_COLORS.values(),
+               *S.PHASE_COLORS.values(), S.OURS,
                S.PAPER, *S.sequence(7), "rgba(0,0,0,0)", "white"}
     for name, fig in figures.items():
         for t in fig.data:

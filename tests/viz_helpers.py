@@ -16,7 +16,7 @@ FIGURE_FUNCTIONS = {
     "sparsity.sparsity_figure", "sparsity.activity_heatmap", "sparsity.reuse_figure", "sparsity.selection_figure",
     "sparsity.tradeoff_figure", "sparsity.friend_figure", "engine.window_figure", "engine.memory_figure",
     "engine.layout_figure", "tour.data_moved_figure", "tour.time_breakdown_figure", "tour.breakdown_figure",
-    "tour.ladder_figure", "tour.budget_figure", "tour.costs_figure",
+    "tour.ladder_figure", "tour.budget_figure", "tour.costs_figure", "tour.waterfall_figure", "tour.split_figure",
 }
 
 
@@ -104,7 +104,23 @@ def tour_figures() -> dict:
                         model_bytes=int(1e8), window=4, tokens=8)
     runs = [Run("dense in DRAM", [], None, TokenStats.of([TokenStep(0, [], 3e-3)], 1), int(1e8)),
             Run("flash, learned", [], None, TokenStats.of(steps, 100), int(5.5e7))]
+    from flashnb.core.pinning import PinningChoice
+
+    def token(wall: float, **phases) -> TokenStep:
+        return TokenStep(0, [LayerStep(9, 4, 5, 5, 8192, 8192, 5, **phases)], wall_seconds=wall)
+
+    sparse = {"all": token(0.012, predict_s=1e-3, window_s=5e-4, memory_s=4e-4, submit_s=2e-3, wait_s=3e-3,
+                           ffn_s=2e-3),
+              "floor": TokenStep(0, [LayerStep(9, 9, 0, 0, 0, 0, 0, predict_s=1e-3, ffn_s=1.5e-3)], wall_seconds=5e-3)}
+    floor_bench = BenchResult("today", {}, "m", 1, 1, {}, "synthetic", {},
+                              {n: ConfigResult(n, LABELS[n], TokenStats.of([t], 100), "", 1.0, None, None, None)
+                               for n, t in sparse.items()})
+    choices = {b: PinningChoice([0, 10, 20], [40 * b, 40 * b - 10, 40 * b - 20], [3e5 * b, 2.5e5 * b, 2e5 * b],
+                                [9, 8, 7], [6, 6, 6], [3.0 * b, 2.5 * b, 2.2 * b], "modeled I/O ms per token", 20)
+               for b in (0.7, 0.9)}
     return {
+        "tour.waterfall": vt.waterfall_figure(floor_bench, ("all",)),
+        "tour.split": vt.split_figure(choices, 0.25),
         "tour.data_moved": vt.data_moved_figure(steps, int(5e6), [f"token {i}" for i in range(len(steps))]),
         "tour.time_breakdown": vt.time_breakdown_figure(steps),
         "tour.breakdown": vt.breakdown_figure(bench),

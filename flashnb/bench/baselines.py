@@ -62,7 +62,8 @@ class HybridFFN(nn.Module):
         for ids in np.array_split(self.streamed_ids, pieces) if pieces else []:  # the buffer may hold less than a layer
             got = self.wait(self.submit(self.layer, ids, out=buf[: ids.size]))
             y += self.math.partial(x, torch.from_numpy(got.rows), ids)
-            eng.recorder.layer(WindowPlan(ids, ids[:0], ids, ids), got.stats)
+            eng.recorder.read(got.stats)
+            eng.recorder.layer(WindowPlan(ids, ids[:0], ids, ids))
         return self.math.finish(y)
 
 

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from flashnb.lab.stats import TokenStats
 
 LABELS = {"naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
-          "all": "+bundling (all)", "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
+          "all": "+bundling (all)", "pinned": "all + hot pinned",
+          "lookahead": "all + lookahead",
+          "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
           "dense": "dense in DRAM", "floor": "floor (FFN in DRAM, no reads)", "naive_model": "naive (whole model)"}
-SPARSE = ("predictor", "windowing", "all", "floor")
+SPARSE = ("predictor", "windowing", "all", "pinned", "lookahead", "floor")  # the configurations that use predictors
 
 
 @dataclass
@@ -27,12 +29,27 @@ class ConfigResult:
     io_mode: str = ""              # how the runner reached the disk (direct I/O, or the buffered fallback)
     speedup_vs_naive: float | None = None
     floor_ms: float | None = None  # the same token's unavoidable work, measured in the same run
+    pinned_rows: int | None = None  # hot neurons pinned per layer
+    split_ms: dict | None = None    # the token split into SPLIT's parts (configurations with predictors)
 
     def to_json(self) -> dict:
         return {"label": self.label, "text": self.text, "seconds": self.seconds, "io_mode": self.io_mode,
                 "dram_bytes": self.dram_bytes,
                 "budget_bytes": self.budget_bytes, "modeled_io_ms": self.modeled_io_ms,
-                "speedup_vs_naive": self.speedup_vs_naive, "floor_ms": self.floor_ms, **self.stats.to_json()}
+                "speedup_vs_naive": self.speedup_vs_naive, "floor_ms": self.floor_ms, "pinned_rows": self.pinned_rows,
+                "split_ms": self.split_ms, **self.stats.to_json()}
+
+
+SPLIT = ("model_without_ffn", "predict", "window", "memory", "submit", "wait", "ffn", "rest")
+
+
+def token_split(s: TokenStats, floor: TokenStats) -> dict[str, float]:
+    """A token's milliseconds split into SPLIT's parts: the model without its FFNs (measured as the
+    floor's total less its predictors and FFN math), the engine's phases, and the rest (what none of
+    them covers: Python between the steps, the KV cache, the residual adds)."""
+    model = floor.total_ms - floor.predict_ms - floor.ffn_ms
+    phases = {k: getattr(s, f"{k}_ms") for k in SPLIT[1:-1]}
+    return {"model_without_ffn": model, **phases, "rest": s.total_ms - model - sum(phases.values())}
 
 
 @dataclass
@@ -79,6 +96,7 @@ class BenchResult:
     results: dict[str, ConfigResult]
     skipped: dict[str, str] = field(default_factory=dict)
     replay: ReplayResult | None = None
+    pinning: dict | None = None    # the split candidates simulated for the pinned configuration, and the choice
     io: str = ""
 
     def __post_init__(self):
@@ -90,13 +108,15 @@ class BenchResult:
             r.speedup_vs_naive = naive.stats.total_ms / r.stats.total_ms if naive and r.stats.total_ms else None
             floor = floors[name in SPARSE]
             r.floor_ms = floor.stats.total_ms if floor else None
+            if floor and name in SPARSE and r.stats.predict_ms is not None:
+                r.split_ms = token_split(r.stats, floor.stats)
 
     def to_json(self) -> dict:
         return {"flashnb_bench_version": 2, "date": self.date, "machine": self.machine, "model": self.model,
                 "model_bytes": self.model_bytes, "ffn_bytes": self.ffn_bytes, "settings": self.settings,
                 "io": self.io, "profile_source": self.profile_source, "profile": self.profile,
                 "results": {k: r.to_json() for k, r in self.results.items()}, "skipped": self.skipped,
-                "replay": self.replay.to_json() if self.replay else None}
+                "replay": self.replay.to_json() if self.replay else None, "pinning": self.pinning}
 
 
 def _f(x, spec: str) -> str:
@@ -116,6 +136,12 @@ def format_table(result: BenchResult) -> str:
                      f"{_f(r.modeled_io_ms, '9.2f')} {_f(r.floor_ms and s.total_ms / r.floor_ms, '6.2f')}x")
     for name, why in result.skipped.items():
         lines.append(f"{LABELS[name]:<24} skipped: {why}")
+    if result.pinning:
+        p = result.pinning
+        lines.append(f"{LABELS['pinned']}: {p['chosen']} hot neurons pinned per layer, the split with the least "
+                     f"{p['score_name']} when simulated on the predictors' calibration sets (pinned rows: MB/token, "
+                     f"{p['score_name']}: " + ", ".join(f"{n}: {b / 1e6:.3f}, {c:.2f}" for n, b, c in zip(
+                         p["pinned_rows"], p["bytes_per_token"], p["score"])) + ")")
     checked = result.results.get("all")
     if checked and checked.stats.verify_ms is not None and checked.stats.total_ms:
         v = checked.stats.verify_ms

@@ -13,6 +13,9 @@ Configurations (the paper's Table 2 ladder, then the peers):
     predictor   + low-rank predictors: only predicted neurons, unbundled store (2 reads a neuron)
     windowing   + window of recent tokens' neurons kept in DRAM, unbundled
     all         + row-column bundling (1 read a neuron)
+    pinned      all + hot neurons pinned in DRAM (PowerInfer) beside the window, inside the same budget; the
+                split chosen by simulating each on the calibration sets (PREDICTORS/hot_neurons.safetensors)
+    lookahead   all + lookahead predictors (PREDICTORS/lookahead): each layer's reads start one layer early
     mmap        the FFN memory-mapped, page cache dropped before each token (llama.cpp's regime)
     accelerate  transformers + accelerate disk offload of the whole checkpoint, cache dropped per token
     dense       the whole model in DRAM: reads nothing, the reference (and the floor of the configurations
@@ -30,21 +33,23 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from flashnb.bench.baselines import AccelerateOffload, DenseInDram, FloorEngine, HybridEngine, MmapEngine
-from flashnb.bench.report import LABELS, BenchResult, ConfigResult
+from flashnb.bench.report import LABELS, SPARSE, BenchResult, ConfigResult
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.generate import SamplingConfig
+from flashnb.core.pinning import HOT_FILE, HotNeurons
 from flashnb.core.predictor import AllNeurons, load_predictors
+from flashnb.core.simulate import choose_pinned
 from flashnb.core.store import FlashStore
-from flashnb.device.costmodel import ModelShape, as_device, calls_seconds
+from flashnb.device.costmodel import ModelShape, as_device, calls_seconds, steps_io_ms
 from flashnb.device.measure import ProfileConfig, machine_info, run_profile
 from flashnb.device.profile import Profile, coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
@@ -53,9 +58,9 @@ from flashnb.models.checkpoint import read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import data_dir, shipped_model_dir, temporary_folder
 
-CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "mmap", "accelerate", "dense", "floor")
-SPARSE = ("predictor", "windowing", "all", "floor")  # the configurations that use predictors
-ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all")  # the flash engine under different policies
+CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "mmap", "accelerate", "dense",
+           "floor")
+ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all", "pinned", "lookahead")  # the flash engine under different policies
 
 
 @dataclass
@@ -101,24 +106,28 @@ def take_turns(streams: dict[str, Iterator[int]],
     return texts, spent
 
 
-def engine_setup(name: str, window: int, memory: float | int, in_flight: int, gap_bytes: int) -> tuple[str, Policy]:
+def engine_setup(name: str, window: int, memory: float | int, in_flight: int, gap_bytes: int,
+                 pinned: int = 0) -> tuple[str, Policy]:
     """(store layout, Policy) of an engine configuration: naive reads every neuron of the bundled
     store; +predictor and +windowing read predicted neurons from the unbundled store (the latter
-    keeping a window); all = +windowing on the bundled store."""
-    layout = "bundled" if name in ("naive", "all") else "unbundled"
+    keeping a window); all = +windowing on the bundled store; pinned = all with `pinned` rows per layer."""
+    layout = "bundled" if name in ("naive", "all", "pinned", "lookahead") else "unbundled"
     keep = 0 if name in ("naive", "predictor") else window
-    return layout, Policy(keep, memory, in_flight, gap_bytes)
+    return layout, Policy(keep, memory, in_flight, gap_bytes, pinned if name == "pinned" else 0)
 
 
 def _has(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def _runner(name: str, cfg: BenchConfig, stores: dict, model_dir: Path, work: str, predictors, gap: int):
+def _runner(name: str, cfg: BenchConfig, stores: dict, model_dir: Path, work: str, predictors, extra: dict, gap: int):
     if name in ENGINE_CONFIGS:
-        layout, policy = engine_setup(name, cfg.window, cfg.memory, cfg.in_flight, gap)
+        pinning = extra.get("pinning")
+        layout, policy = engine_setup(name, cfg.window, cfg.memory, cfg.in_flight, gap,
+                                      pinning.chosen if pinning else 0)
         pred = AllNeurons(stores[layout].ffn_dim) if name == "naive" else predictors
-        return FlashEngine(stores[layout], pred, policy)
+        return FlashEngine(stores[layout], pred, policy, lookahead=extra.get(name) if name == "lookahead" else None,
+                           hot=extra.get("hot") if name == "pinned" else None)
     if name == "hybrid":
         return HybridEngine(stores["bundled"], cfg.memory, cfg.in_flight, gap)
     if name == "mmap":
@@ -128,6 +137,28 @@ def _runner(name: str, cfg: BenchConfig, stores: dict, model_dir: Path, work: st
     if name == "floor":
         return FloorEngine(stores["bundled"], predictors)
     return AccelerateOffload(model_dir, dtype=torch.float16, offload_dir=str(Path(work) / "offload"))
+
+
+def _extras(cfg: BenchConfig, pred_dir: Path, store: FlashStore, predictors, gap: int,
+            device) -> tuple[dict, dict]:
+    """What the pinned and lookahead configurations need, when the predictor folder has it: the hot
+    neurons and the chosen split, the lookahead predictors; and why each missing one is skipped."""
+    extra, missing = {}, {}
+    if "pinned" in cfg.configs:
+        if (pred_dir / HOT_FILE).is_file():
+            extra["hot"] = hot = HotNeurons.load(pred_dir)
+            _, policy = engine_setup("all", cfg.window, cfg.memory, cfg.in_flight, gap)
+            extra["pinning"] = choose_pinned(hot, store, policy, predictors.memory_bytes(store.np_dtype.itemsize),
+                                             io_ms=lambda steps: steps_io_ms(device, steps, cfg.in_flight))
+        else:
+            missing["pinned"] = f"no {HOT_FILE} in {pred_dir.name}: flashnb train-predictors --hot-neurons-only writes it"
+    if "lookahead" in cfg.configs:
+        if (pred_dir / "lookahead" / "predictors.safetensors").is_file():
+            extra["lookahead"] = load_predictors(pred_dir / "lookahead")
+        else:
+            missing["lookahead"] = f"no lookahead predictors in {pred_dir.name}/lookahead: flashnb train-predictors " \
+                               "--lookahead writes them"
+    return extra, missing
 
 
 def modeled_io_ms(name: str, stats: TokenStats, shape: ModelShape, in_flight: int, device) -> float | None:
@@ -180,13 +211,17 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         stores = {lay: FlashStore.open(convert(model_dir, Path(work) / lay, ConvertConfig(layout=lay, progress=False)))
                   for lay in ("bundled", "unbundled")}
         predictors = load_predictors(pred_dir) if set(SPARSE) & set(cfg.configs) else None
+        extra, missing = _extras(cfg, pred_dir, stores["bundled"], predictors, gap, device)
         with ExitStack() as stack:
             runners, streams = {}, {}
             for name in cfg.configs:
                 if name == "accelerate" and not _has("transformers", "accelerate"):
                     skipped[name] = "transformers and accelerate are not installed: pip install 'flashnb[bench]'"
                     continue
-                runners[name] = r = _runner(name, cfg, stores, model_dir, work, predictors, gap)
+                if name in missing:
+                    skipped[name] = missing[name]
+                    continue
+                runners[name] = r = _runner(name, cfg, stores, model_dir, work, predictors, extra, gap)
                 stack.callback(r.close)
                 streams[name] = iter(r.generate(prompt, cfg.tokens + 1, SamplingConfig()))  # +1: the prompt's step
             texts, spent = take_turns(streams, cfg.progress)
@@ -197,7 +232,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                     name, LABELS[name], stats, tok.decode(texts[name][:cfg.tokens]), spent[name],
                     mem.used_bytes if mem else getattr(r, "bytes", None), mem.budget_bytes if mem else None,
                     modeled_io_ms(name, stats, shape, cfg.in_flight, device),
-                    r.reader.io_mode if hasattr(r, "reader") else "")
+                    r.reader.io_mode if hasattr(r, "reader") else "", pinned_rows=mem.pinned_rows if mem else None)
                 if name == "predictor":  # its sets drive the replay
                     replay_sets = [s.predicted_sets for s in r.steps[len(prompt):]]
         if cfg.replay:
@@ -212,4 +247,5 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     return BenchResult(time.strftime("%Y-%m-%dT%H:%M:%S%z"), {**machine_info(workroot), "torch": torch.__version__,
                                                              "torch_threads": torch.get_num_threads()},
                        str(model_dir), shape.total_bytes, shape.ffn_bytes, settings, profile_source,
-                       profile.summary(), results, skipped, replay)
+                       profile.summary(), results, skipped, replay,
+                       asdict(extra["pinning"]) if "pinning" in extra else None)

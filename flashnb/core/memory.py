@@ -127,8 +127,11 @@ def plan_memory(shape: MemoryShape, budget: float | int, window: int, predictor_
         raise FlashnbError(
             f"memory budget of {total / 2**20:.2f} MiB ({total / shape.model_bytes:.0%} of the model's "
             f"{shape.model_bytes / 2**20:.2f} MiB) is too small: resident tensors take "
-            f"{shape.resident_bytes / 2**20:.2f} MiB, predictors {predictor_bytes / 2**20:.2f} MiB, leaving no "
-            f"neuron row per layer; raise the budget to at least {need:.3f} of the model")
+            f"{shape.resident_bytes / 2**20:.2f} MiB, predictors {predictor_bytes / 2**20:.2f} MiB"
+            + (f", {pinned_rows} pinned rows per layer {shape.layers * pinned_rows * shape.row_bytes / 2**20:.2f} MiB"
+               if pinned_rows else "")
+            + f", leaving no window row per layer; raise the budget to at least {need:.3f} of the model"
+            + (" or pin fewer rows" if pinned_rows else ""))
     return MemoryPlan(shape.model_bytes, budget_bytes(budget, shape.model_bytes), shape.resident_bytes,
                       predictor_bytes, shape.row_bytes, pinned_rows, caches, capacity, shape.layers,
                       shape.kv_cache_bytes)

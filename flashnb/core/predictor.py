@@ -117,7 +117,7 @@ class LowRankPredictors(Predictor):
     name = "low-rank predictors"
 
     def __init__(self, layers: list[LowRankPredictor], thresholds: list[float], fingerprint: str,
-                 card: dict | None = None):
+                 card: dict | None = None, lookahead: bool = False):
         if len(thresholds) != len(layers):
             raise FlashnbError(f"{len(thresholds)} thresholds for {len(layers)} predictor layers; "
                                "give one threshold per layer")
@@ -127,6 +127,7 @@ class LowRankPredictors(Predictor):
             logit(t)
         self.fingerprint = fingerprint
         self.card = card or {}
+        self.lookahead = lookahead  # layer i's predictor guesses layer i + 1's neurons from layer i's FFN input
         self.n_layers = len(layers)
         self.d_model = layers[0].down.in_features
         self.ffn_dim = layers[0].up.out_features
@@ -138,7 +139,7 @@ class LowRankPredictors(Predictor):
     def with_thresholds(self, thresholds: float | list[float]) -> "LowRankPredictors":
         """The same predictors (weights shared) with other thresholds (one, or one per layer)."""
         t = [thresholds] * self.n_layers if isinstance(thresholds, (int, float)) else list(thresholds)
-        return LowRankPredictors(self.layers, t, self.fingerprint, self.card)
+        return LowRankPredictors(self.layers, t, self.fingerprint, self.card, self.lookahead)
 
     @torch.no_grad()
     def logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,7 @@ class LowRankPredictors(Predictor):
         tmp.replace(out / CARD)
 
     def _header(self) -> dict:
-        return {"format": FORMAT, "fingerprint": self.fingerprint, "n_layers": self.n_layers,
+        return {"format": FORMAT, "fingerprint": self.fingerprint, "lookahead": self.lookahead, "n_layers": self.n_layers,
                 "d_model": self.d_model, "ffn_dim": self.ffn_dim, "ranks": self.ranks,
                 "thresholds": self.thresholds}
 
@@ -231,7 +232,7 @@ def load_predictors(folder: str | Path, model: nn.Module | None = None) -> LowRa
     card = _read_card(d / CARD)
     if model is not None:
         c = model.config
-        if (L, dm, F) != (c.num_hidden_layers, c.hidden_size, c.ffn_dim):
+        if (L + bool(header.get("lookahead")), dm, F) != (c.num_hidden_layers, c.hidden_size, c.ffn_dim):
             raise FlashnbError(f"{f} holds predictors for {L} layers, d_model {dm}, ffn_dim {F}, but the "
                                f"model has {c.num_hidden_layers} layers, d_model {c.hidden_size}, ffn_dim "
                                f"{c.ffn_dim}; they belong to another model: train predictors for this one "
@@ -251,7 +252,7 @@ def load_predictors(folder: str | Path, model: nn.Module | None = None) -> LowRa
                 raise FlashnbError(f"{f}: tensor layers.{i}.{name} holds inf or nan; train the predictors again")
             p.get_parameter(name).data = t.float()
         layers.append(p.eval())
-    preds = LowRankPredictors(layers, thresholds, header["fingerprint"], card)
+    preds = LowRankPredictors(layers, thresholds, header["fingerprint"], card, bool(header.get("lookahead", False)))
     if model is not None:
         check_fingerprint(preds.fingerprint, model_fingerprint(model), str(f),
                           "train predictors for this model with `flashnb train-predictors`")

@@ -54,6 +54,7 @@ class LayerStep:
     overlap_s: float = 0.0  # FFN math done while this layer's reads were in flight (part of ffn_s)
     verify_s: float = 0.0   # checking the rows' checksums as they arrived (part of wait_s)
     direct: bool = True     # O_DIRECT; False: the buffered fallback (the file system refuses direct I/O)
+    pinned: int = 0         # predicted neurons held in the pinned rows (hot neurons; not in cached or loaded)
 
     @property
     def io_seconds(self) -> float:
@@ -73,6 +74,7 @@ class TokenStep:
     wall_seconds: float = 0.0
     storage_read_bytes: int = 0  # what the kernel fetched from storage for this process (/proc/self/io)
     predicted_sets: list[np.ndarray] = field(default_factory=list)  # ids per layer: a trace for simulate
+    lookahead_sets: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> the ids guessed one layer early
 
     def _sum(self, name: str):
         return sum(getattr(s, name) for s in self.layers)
@@ -122,6 +124,10 @@ class TokenStep:
     def evicted(self) -> int:
         return self._sum("evicted")
 
+    @property
+    def pinned(self) -> int:
+        return self._sum("pinned")
+
 
 class Recorder:
     """Collects TokenSteps; `timed` wraps a step of the loop so that its seconds reach its phase."""
@@ -131,6 +137,7 @@ class Recorder:
         self._phase = dict.fromkeys(PHASES, 0.0)
         self._overlap = 0.0
         self._in_flight = False
+        self._reads: list = []
         self._t0 = 0.0
         self._r0 = 0
 
@@ -169,17 +176,28 @@ class Recorder:
         """The neuron set a layer of the current token used."""
         self.steps[-1].predicted_sets.append(ids)
 
-    def layer(self, plan, stats=None) -> None:
-        """File one layer (part) of the current token: `plan` (a WindowPlan), `stats` (the ReadStats;
-        None: nothing was read), and the phases' seconds since the last one."""
-        p = self._phase
-        read = (stats.bytes_read, stats.bytes_needed, stats.requests, stats.verify_seconds, stats.direct) \
-            if stats is not None else (0, 0, 0, 0.0, True)
+    def guessed(self, layer: int, ids: np.ndarray) -> None:
+        """The neuron set a lookahead predictor guessed for `layer` of the current token."""
+        self.steps[-1].lookahead_sets[layer] = ids
+
+    def read(self, stats) -> None:
+        """A read that belongs to the next layer (part) filed: a prefetch, or the part's own read."""
+        self._reads.append(stats)
+
+    def layer(self, plan, pinned: int = 0) -> None:
+        """File one layer (part) of the current token: `plan` (a WindowPlan), `pinned` predicted neurons
+        served by the pinned rows, the reads filed for it since the last one (`read`), and the phases'
+        seconds since the last one."""
+        p, reads = self._phase, self._reads
+        read = (sum(s.bytes_read for s in reads), sum(s.bytes_needed for s in reads), sum(s.requests for s in reads),
+                sum(s.verify_seconds for s in reads), all(s.direct for s in reads))
+        self._reads = []
         self.steps[-1].layers.append(LayerStep(
-            predicted=plan.predicted.size, cached=plan.cached.size, loaded=plan.loaded.size,
+            predicted=plan.predicted.size + pinned, cached=plan.cached.size, loaded=plan.loaded.size,
             evicted=plan.evicted.size, bytes_read=read[0], bytes_needed=read[1], requests=read[2],
             predict_s=p["predict"], window_s=p["window"], memory_s=p["memory"], submit_s=p["submit"],
-            wait_s=p["wait"], ffn_s=p["ffn"], overlap_s=self._overlap, verify_s=read[3], direct=read[4]))
+            wait_s=p["wait"], ffn_s=p["ffn"], overlap_s=self._overlap, verify_s=read[3], direct=read[4],
+            pinned=pinned))
         for k in p:
             p[k] = 0.0
         self._overlap = 0.0

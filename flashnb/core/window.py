@@ -93,6 +93,33 @@ class Window:
             keep[order[:overflow]] = False
         return WindowPlan(predicted, cached, loaded, held[~keep])
 
+    def plan_prefetch(self, guessed) -> WindowPlan:
+        """Lookahead: load the `guessed` neurons of the next token (a guess made one layer early) that
+        are not in DRAM, evicting only what capacity requires (least recently used, not guessed); no
+        window expiry, no token advance: the exact `plan` of the token does that. An empty plan when
+        the guess alone exceeds the capacity."""
+        guessed = sorted_unique(guessed)
+        if guessed.size and (guessed[0] < 0 or guessed[-1] >= self.num_neurons):
+            raise FlashnbError(f"neuron ids must be in 0..{self.num_neurons - 1}")
+        none = guessed[:0]
+        if guessed.size > self.capacity:
+            return WindowPlan(none, none, none, none)
+        hit = self.in_dram[guessed]
+        held = self.held()
+        overflow = held.size + int((~hit).sum()) - self.capacity
+        evicted = none
+        if overflow > 0:
+            spare = held[~np.isin(held, guessed, assume_unique=True)]
+            evicted = np.sort(spare[np.argsort(self.last_used[spare], kind="stable")[:overflow]])
+        return WindowPlan(guessed, guessed[hit], guessed[~hit], evicted)
+
+    def admit(self, plan: WindowPlan) -> None:
+        """A prefetch plan's reads arrived: its loads are in DRAM, kept for the coming token only if
+        that token needs them."""
+        self.in_dram[plan.evicted] = False
+        self.in_dram[plan.loaded] = True
+        self.last_used[plan.loaded] = self.token - self.k
+
     def advance(self, plan: WindowPlan) -> None:
         """The token of `plan` is done: its evictions left DRAM, its loads arrived."""
         self.in_dram[plan.evicted] = False

@@ -315,6 +315,13 @@ def calls_seconds(device, calls: float, requests_per_call: float, request_bytes:
                     + requests_per_call * request_bytes / dev.sparse_throughput(request_bytes, depth))
 
 
+def steps_io_ms(device, steps, in_flight: int) -> float:
+    """The cost model's I/O per token, in ms, for recorded or simulated `steps` (TokenSteps): each
+    reader call's requests at their mean size, with `in_flight` reads in flight."""
+    return 1e3 * float(np.mean([sum(calls_seconds(device, 1, layer.requests, layer.bytes_read // layer.requests, in_flight)
+                                    for layer in s.layers if layer.requests) for s in steps])) if steps else 0.0
+
+
 def token_cost(shape: ModelShape, policy: CostPolicy, device=None) -> TokenCost:
     """Latency per token of `shape` served with `policy` on `device` (see the module doc)."""
     dev = as_device(device)

@@ -277,3 +277,19 @@ def budget_text(sweep: BudgetSweep, budget: float) -> str:
                  "per token.")
     return text + (" Paper: about half of OPT 6.7B in DRAM (Table 2); more DRAM holds a longer window "
                    "and reads less per token.")
+
+
+def floor_text(result: BenchResult, names=("all", "pinned")) -> str:
+    """One line per configuration with a token split: its total against its floor, and the split."""
+    lines = []
+    for name in names:
+        r = result.results.get(name)
+        if r is None or not r.split_ms:
+            continue
+        s = r.stats
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in r.split_ms.items())
+        lines.append(f"{r.label}: {s.total_ms:.1f} ms per token (median {s.median_ms:.1f}, p10-p90 {s.p10_ms:.1f}-"
+                     f"{s.p90_ms:.1f}) = {s.total_ms / r.floor_ms:.2f}x its floor of {r.floor_ms:.1f} ms (measured); "
+                     f"ms: {parts}")
+    return "\n".join(lines)
+

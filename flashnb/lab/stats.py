@@ -49,6 +49,7 @@ class TokenStats:
     cached: float | None = None
     loaded: float | None = None
     evicted: float | None = None
+    pinned: float | None = None      # predicted neurons served by pinned rows (hot neurons)
 
     @classmethod
     def of(cls, steps, ffn_neurons: int, split: bool = True) -> "TokenStats":
@@ -70,7 +71,7 @@ class TokenStats:
                    ffn_ms=phase("ffn_s"), verify_ms=phase("verify_s"), bytes_read=count("bytes_read"), bytes_needed=count("bytes_needed"),
                    requests=count("requests"), reader_calls=_mean(len(s.layers) for s in steps),
                    predicted=count("predicted"), cached=count("cached"), loaded=count("loaded"),
-                   evicted=count("evicted"))
+                   evicted=count("evicted"), pinned=count("pinned"))
 
     @property
     def io_GBps(self) -> float | None:
@@ -86,7 +87,7 @@ class TokenStats:
 
     @property
     def window_hit_share(self) -> float | None:
-        """Share of the predicted neurons already in DRAM."""
+        """Share of the predicted neurons found in the window's rows (pinned ones not counted)."""
         if self.predicted is None:
             return None
         return self.cached / self.predicted if self.predicted else 0.0

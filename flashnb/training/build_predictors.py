@@ -9,9 +9,11 @@ Steps, all deterministic for a given model, corpus and seed:
      predicted-only and top-1 agreement (flashnb.predicted_ffn), sparsity and temporal reuse
      (flashnb.tracestats), and the closest-friend bundling experiment (friends counted on the
      training trace, at most FRIEND_TOKENS evenly spaced tokens; bytes measured on the held-out one);
-  4. the folder: predictors.safetensors, metrics.json (the card) and heldout_slice.safetensors
+  4. the folder: predictors.safetensors, metrics.json (the card), heldout_slice.safetensors
      (the held-out token ids the card was measured on, so tests and notebooks reuse them without
-     rebuilding the corpus).
+     rebuilding the corpus) and hot_neurons.safetensors (how often the predictors select each neuron
+     on the training trace, and their selections on the first CALIBRATION_TOKENS held-out tokens:
+     what pinning hot neurons ranks and calibrates on, flashnb.core.pinning).
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from flashnb.core.pinning import HotNeurons
+from flashnb.core.predictor import LowRankPredictors, load_predictors
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import data_dir
 from flashnb.training import tracestats
 from flashnb.training.corpus import collect
-from flashnb.training.predictors import PredictorTrainConfig, train_predictors
+from flashnb.training.predictors import PredictorTrainConfig, train_lookahead, train_predictors
 from flashnb.training.quality import Selection, mean_selection, quality, selection_metrics
 from flashnb.training.traces import record
 from flashnb.training.train import encode_split
 
 HELDOUT = "heldout_slice.safetensors"
+CALIBRATION_TOKENS = 256  # held-out tokens whose predicted sets choose the pinned/window split
 FRIEND_TOKENS = 16_384  # at most this many (evenly spaced) training-trace tokens count friends
 TARGETS = {"recall_min": 0.95, "over_selection_max": 3.0, "perplexity_increase_max": 0.03,
            "top1_agreement_min": 0.95}
@@ -117,19 +122,7 @@ def _shown(path: str) -> str:
 def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     """Run steps 1-4 of the module docstring; returns the card written to cfg.out/metrics.json."""
     t0 = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
-    model = load_model(cfg.model)
-    tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)
-    cfg.train.layer_ranks(model.config.num_hidden_layers)  # fail before the slow steps
-    if cfg.context > model.config.max_position_embeddings:
-        raise FlashnbError(f"--context {cfg.context} exceeds the model's {model.config.max_position_embeddings}")
-    log("collecting the corpus (docstrings of the stdlib and torch) ...")
-    corpus = collect()
-    train_ids = train_windows(encode_split(tok, corpus.train), cfg.train_tokens, cfg.context, cfg.train.seed)
-    held = encode_split(tok, corpus.heldout)[:cfg.eval_tokens + 1].astype(np.int64)
-    log(f"tracing {len(train_ids)} training and {len(held) - 1} held-out tokens ...")
-    train_trace = record(model, train_ids, cfg.context, progress=progress)
-    held_trace = record(model, held[:-1], cfg.context, progress=progress)
+    model, corpus, train_ids, held, train_trace, held_trace = _traces(cfg, progress, log)
     predictors = train_predictors(model, train_trace, cfg.train, progress=progress)
     log("evaluating on the held-out split ...")
     heldout = evaluate(model, predictors, held_trace, held, cfg.context)
@@ -167,9 +160,90 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     }
     predictors.save(cfg.out, card)
     save_heldout(cfg.out, held, corpus.sha256)
+    measure_hot(predictors, train_trace, held_trace).save(cfg.out)
     card["measured"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
     predictors.save(cfg.out, card)
     return predictors.card
+
+
+LOOKAHEAD = "lookahead"  # the subfolder of a predictor folder that holds its lookahead set
+
+
+def build_lookahead(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
+    """Lookahead predictors for cfg.model (flashnb.training.predictors.train_lookahead), trained on the
+    same corpus windows as `build`, written to cfg.out/lookahead; their held-out selection is reported
+    beside the same-layer set's in cfg.out (when there is one) for the same layers."""
+    t0 = time.perf_counter()
+    model, corpus, train_ids, held, train_trace, held_trace = _traces(cfg, progress, log)
+    ahead = train_lookahead(model, train_trace, cfg.train, progress=progress)
+    L = held_trace.n_layers
+    per_layer = [Selection.of(ahead.predict(i, torch.from_numpy(held_trace.inputs[i])).numpy(), held_trace.mask(i + 1))
+                 for i in range(L - 1)]
+    card = {"what": f"lookahead predictors for {Path(cfg.model).name}: predictor i guesses layer i + 1's neurons "
+                    "from layer i's FFN input",
+            "command": f"flashnb train-predictors --lookahead --model {_shown(cfg.model)} --out {_shown(cfg.out)}",
+            "train": asdict(cfg.train), "train_trace_tokens": int(len(train_ids)), "heldout_tokens": int(len(held) - 1),
+            "heldout": {"per_layer": [s.to_dict() for s in per_layer], "mean": mean_selection(per_layer).to_dict()}}
+    if (Path(cfg.out) / "predictors.safetensors").is_file():
+        same = selection_metrics(load_predictors(cfg.out, model), held_trace)[1:]
+        card["same_layer_heldout"] = {"layers": list(range(1, L)), "per_layer": [s.to_dict() for s in same],
+                                      "mean": mean_selection(same).to_dict()}
+    card["measured"] = {"threads": cfg.threads, "torch": torch.__version__,
+                        "wall_seconds": round(time.perf_counter() - t0, 1)}
+    ahead.save(Path(cfg.out) / LOOKAHEAD, card)
+    return ahead.card
+
+
+def _traces(cfg: BuildConfig, progress: bool, log):
+    """Step 1 (and the held-out trace): (model, corpus, training ids, held-out ids, traces)."""
+    torch.set_num_threads(cfg.threads)
+    model = load_model(cfg.model)
+    tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)
+    cfg.train.layer_ranks(model.config.num_hidden_layers)  # fail before the slow steps
+    if cfg.context > model.config.max_position_embeddings:
+        raise FlashnbError(f"--context {cfg.context} exceeds the model's {model.config.max_position_embeddings}")
+    log("collecting the corpus (docstrings of the stdlib and torch) ...")
+    corpus = collect()
+    train_ids = train_windows(encode_split(tok, corpus.train), cfg.train_tokens, cfg.context, cfg.train.seed)
+    held = encode_split(tok, corpus.heldout)[:cfg.eval_tokens + 1].astype(np.int64)
+    log(f"tracing {len(train_ids)} training and {len(held) - 1} held-out tokens ...")
+    train_trace = record(model, train_ids, cfg.context, progress=progress)
+    held_trace = record(model, held[:-1], cfg.context, progress=progress)
+    return model, corpus, train_ids, held, train_trace, held_trace
+
+
+def measure_hot(predictors: LowRankPredictors, train_trace, held_trace,
+                tokens: int = CALIBRATION_TOKENS) -> HotNeurons:
+    """How often the predictors select each neuron over the training trace, and their selections on
+    the first `tokens` held-out tokens (bit-packed)."""
+    def selected(trace, layer: int, stop: int):
+        for a in range(0, stop, 8192):
+            yield predictors.predict(layer, torch.from_numpy(trace.inputs[layer][a:min(stop, a + 8192)])).numpy()
+
+    L, T = train_trace.n_layers, train_trace.n_tokens
+    freq = np.stack([sum(m.sum(0, dtype=np.float64) for m in selected(train_trace, i, T)) / T for i in range(L)])
+    n = min(tokens, held_trace.n_tokens)
+    cal = np.stack([np.packbits(np.concatenate(list(selected(held_trace, i, n))), axis=1) for i in range(L)], axis=1)
+    return HotNeurons(freq.astype(np.float32), cal)
+
+
+def build_hot(cfg: BuildConfig, progress: bool = True, log=print) -> HotNeurons:
+    """Measure and write the hot neurons of the predictor set already in cfg.out (the traces of
+    `build`, no training): for predictor sets made before flashnb wrote them."""
+    predictors = load_predictors(cfg.out)  # one clear error when there is none
+    _, _, _, _, train_trace, held_trace = _traces(cfg, progress, log)
+    hot = measure_hot(predictors, train_trace, held_trace)
+    hot.save(cfg.out)
+    return hot
+
+
+def hot_summary(hot: HotNeurons) -> str:
+    """One line: how hot each layer's 1st, 16th and 64th most selected neurons are."""
+    top = np.sort(hot.frequency, axis=1)[:, ::-1]
+    ranks = [r for r in (1, 16, 64) if r <= hot.ffn_dim]
+    return (f"share of training tokens whose predicted set holds each layer's {' / '.join(map(str, ranks))} most "
+            "selected neuron: " + "; ".join(f"layer {i}: " + " / ".join(f"{row[r - 1]:.0%}" for r in ranks)
+                                           for i, row in enumerate(top)))
 
 
 def card_summary(card: dict) -> str:

@@ -119,3 +119,20 @@ def train_predictors(model, trace, cfg: PredictorTrainConfig, progress: bool = T
         layers.append(train_layer(trace.inputs[i], trace.mask(i), ranks[i], cfg, first_projection(model.layers[i].ffn, model.config)[0],
                                   desc=f"layer {i}", progress=progress))
     return LowRankPredictors(layers, [cfg.threshold] * trace.n_layers, model_fingerprint(model))
+
+
+def train_lookahead(model, trace, cfg: PredictorTrainConfig, progress: bool = True) -> LowRankPredictors:
+    """Lookahead predictors (Deja Vu's asynchronous lookahead): predictor i guesses layer i + 1's active
+    neurons from layer i's FFN input, one layer early, so the engine can start layer i + 1's reads
+    before its attention runs. L - 1 predictors for L layers; trained like the same-layer ones."""
+    if trace.inputs is None:
+        raise FlashnbError("the trace has no FFN inputs; record it with inputs=True to train predictors")
+    check_model(trace, model)
+    if trace.n_layers < 2:
+        raise FlashnbError("lookahead predictors need a model of at least 2 layers")
+    ranks = cfg.layer_ranks(trace.n_layers)
+    layers = [train_layer(trace.inputs[i], trace.mask(i + 1), ranks[i + 1], cfg, None, desc=f"lookahead {i + 1}",
+                          progress=progress)
+              for i in tqdm(range(trace.n_layers - 1), disable=not progress, desc="lookahead", unit="layer")]
+    return LowRankPredictors(layers, [cfg.threshold] * (trace.n_layers - 1), model_fingerprint(model),
+                             lookahead=True)

@@ -34,11 +34,15 @@ TECHNIQUE_COLORS: dict[str, str] = {
     "mmap": "#cc79a7",         # pink: llama.cpp-style mmap streaming
     "accelerate": "#d55e00",   # vermillion: transformers + accelerate disk offload
     "dense": "#000000",        # black: the whole model in DRAM (the reference)
+    "pinned": "#6a3d9a",       # purple: all + hot neurons pinned (PowerInfer's split)
+    "lookahead": "#fb9a99",    # salmon: all + lookahead reads
+    "floor": "#333333",        # near black: the FFN in DRAM, nothing read (the floor of a sparse token)
 }
 TECHNIQUE_LABELS: dict[str, str] = {
     "naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
     "all": "+bundling (all)", "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
-    "dense": "dense in DRAM",
+    "dense": "dense in DRAM", "pinned": "all + hot pinned", "lookahead": "all + lookahead",
+    "floor": "floor (FFN in DRAM, no reads)",
 }
 # Other spellings of the techniques (costmodel.paper_policies, flashnb bench, the paper's Table 2).
 TECHNIQUE_ALIASES: dict[str, str] = {
@@ -52,6 +56,15 @@ LAYOUT_COLORS: dict[str, str] = {"bundled": TECHNIQUE_COLORS["all"], "unbundled"
 # Latency components (stacked bars).
 COMPONENT_COLORS: dict[str, str] = {"io": "#56b4e9", "mm": "#f0e442", "compute": "#999999"}
 COMPONENT_LABELS: dict[str, str] = {"io": "I/O", "mm": "memory management", "compute": "compute"}
+
+# The parts of a token in the engine's own split (flashnb.bench.report.SPLIT), each in its component's hue.
+PHASE_COLORS: dict[str, str] = {
+    "model_without_ffn": "#999999", "predict": "#e69f00", "window": "#f0e442", "memory": "#d9c600",
+    "submit": "#56b4e9", "wait": "#0072b2", "ffn": "#666666", "rest": "#cccccc"}
+PHASE_LABELS: dict[str, str] = {
+    "model_without_ffn": "model without its FFNs", "predict": "predictors", "window": "window planning",
+    "memory": "memory management", "submit": "submitting reads", "wait": "waiting on reads",
+    "ffn": "sparse FFN math", "rest": "the rest (Python between steps)"}
 
 # Anything that is neither a technique nor a component: this machine's data series / the paper's.
 OURS = TECHNIQUE_COLORS["all"]
@@ -83,7 +96,7 @@ def technique(name: str) -> str:
 def color(technique: str) -> str:
     """The colour of a technique (any spelling in TECHNIQUE_ALIASES), layout or latency component."""
     technique = TECHNIQUE_ALIASES.get(technique, technique)
-    for table in (TECHNIQUE_COLORS, LAYOUT_COLORS, COMPONENT_COLORS):
+    for table in (TECHNIQUE_COLORS, LAYOUT_COLORS, COMPONENT_COLORS, PHASE_COLORS):
         if technique in table:
             return table[technique]
     raise KeyError(f"no colour for {technique!r}; known: {sorted({**TECHNIQUE_COLORS, **LAYOUT_COLORS, **COMPONENT_COLORS})}")

@@ -168,3 +168,78 @@ def costs_figure(runs, model_bytes: int) -> go.Figure:
     fig.update_yaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=1)
     fig.update_yaxes(title_text=S.axis_title("DRAM", "MB"), row=1, col=2)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook 06: where a token goes against its floor, and the pinned/window split
+
+
+def waterfall_figure(result, names=("all", "pinned")) -> go.Figure:
+    """For each named configuration of a bench result with a token split (`ConfigResult.split_ms`), a
+    waterfall of its measured token: the model without its FFNs, then each engine phase stacked on
+    what came before, up to the total; beside it the floor measured in the same run (the same token
+    with the FFN in DRAM: the model, the predictors and the sparse FFN math, nothing read)."""
+    from flashnb.bench.report import SPLIT
+
+    res = [result.results[n] for n in names if n in result.results and result.results[n].split_ms]
+    fig = make_subplots(rows=1, cols=max(1, len(res)), shared_yaxes=True, subplot_titles=[r.label for r in res])
+    for col, r in enumerate(res, 1):
+        x = [S.PHASE_LABELS[k] for k in SPLIT] + ["total", "floor"]
+        base = 0.0
+        for k in SPLIT:
+            v = r.split_ms[k]
+            fig.add_trace(go.Bar(x=[S.PHASE_LABELS[k]], y=[v], base=[base if v >= 0 else base + v],
+                                 name=f"{S.PHASE_LABELS[k]} (measured)", legendgroup=k, showlegend=col == 1,
+                                 **S.bar(k, "measured")), 1, col)
+            base += v
+        fig.add_trace(go.Bar(x=["total"], y=[r.stats.total_ms], name=S.label(r.name, "measured"),
+                             **S.bar(r.name, "measured")), 1, col)
+        fig.add_trace(go.Bar(x=["floor"], y=[r.floor_ms], name=S.label("floor", "measured"), legendgroup="floor",
+                             showlegend=col == 1, **S.bar("floor", "measured")), 1, col)
+        fig.update_xaxes(categoryorder="array", categoryarray=x, row=1, col=col)
+    S.layout(fig, "A token's milliseconds, step by step, against its floor (measured, same run)", height=460,
+             barmode="overlay")
+    fig.update_xaxes(title_text=S.axis_title("part of the token", None))
+    fig.update_yaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=1)
+    return fig
+
+
+def split_figure(choices: dict, share: float | None = None) -> go.Figure:
+    """Hot neurons pinned vs window rows, simulated (flashnb.core.simulate.choose_pinned with the cost
+    model's I/O as its score) at each DRAM budget in `choices` {budget: PinningChoice}: data read per
+    token (left) and the cost model's I/O per token (right) against the share of the budget's neuron
+    rows pinned; each budget's choice a larger marker; `share` marked by a grey band."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("data read from flash per token", "I/O per token"))
+    colors = S.sequence(len(choices) + 1)[1:]  # the lightest is too pale for a line
+    for (budget, c), col in zip(sorted(choices.items()), colors):
+        total = [p + w for p, w in zip(c.pinned_rows, c.window_rows)]
+        x = [100 * p / t for p, t in zip(c.pinned_rows, total)]
+        best = c.pinned_rows.index(c.chosen)
+        name = f"budget {budget:.0%}"
+        for panel, y in ((1, [b / MB for b in c.bytes_per_token]), (2, c.score)):
+            fig.add_trace(go.Scatter(x=x, y=y, name=S.label(name, "modeled", S.SIMULATE), legendgroup=name,
+                                     showlegend=panel == 1, **S.scatter(name, "modeled", col)), 1, panel)
+            chosen = S.scatter(name, "modeled", col, mode="markers")
+            chosen["marker"]["size"] = 15
+            fig.add_trace(go.Scatter(x=[x[best]], y=[y[best]], name=f"{name}: chosen split (modeled, simulate)",
+                                     legendgroup=name, showlegend=False, **chosen), 1, panel)
+    S.layout(fig, "Pinned hot neurons or a longer window: one budget, two uses (simulated)", height=420)
+    fig.update_xaxes(title_text=S.axis_title("neuron rows pinned", "% of the budget's rows"))
+    fig.update_yaxes(title_text=S.axis_title("read from flash", "MB per token"), row=1, col=1)
+    fig.update_yaxes(title_text=S.axis_title("I/O, cost model", "ms per token"), row=1, col=2)
+    if share is not None:
+        mark_share(fig, share)
+    return fig
+
+
+def mark_share(fig, share: float) -> None:
+    """Draw (or move) the chosen share's vertical line on both panels of `split_figure`."""
+    x = 100 * share
+    mine = [s for s in (fig.layout.shapes or ()) if s.name == "chosen share"]
+    if mine:
+        for s in mine:
+            s.x0 = s.x1 = x
+        return
+    for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
+        fig.add_shape(type="line", name="chosen share", xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below",
+                      line=dict(color="rgba(0,0,0,0.35)", width=4))

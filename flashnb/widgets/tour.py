@@ -1,4 +1,5 @@
-"""The tour notebooks' widgets: notebook 06's DRAM-budget slider, notebook 07's model-folder box.
+"""The tour notebooks' widgets: notebook 06's DRAM-budget and pinned-split sliders, notebook 07's
+model-folder box.
 
 Each builder's default value is what CI runs headless (see `flashnb.widgets`).
 """
@@ -9,7 +10,8 @@ import os
 
 from flashnb.lab.byo import ENV_BYO_MODEL
 from flashnb.lab.end_to_end import BudgetSweep, budget_text
-from flashnb.viz.tour import budget_figure, mark_budget
+from flashnb.lab.pinning import SplitSweep, split_text
+from flashnb.viz.tour import budget_figure, mark_budget, mark_share, split_figure
 
 
 def budget_explorer(sweep: BudgetSweep, budget: float = 0.5):
@@ -33,6 +35,31 @@ def budget_explorer(sweep: BudgetSweep, budget: float = 0.5):
         with fig.batch_update():
             mark_budget(fig, change["new"])
         text.value = html.escape(budget_text(sweep, change["new"]))
+
+    slider.observe(redraw, names="value")
+    return W.VBox([slider, text, fig]), slider, fig
+
+
+def split_explorer(sweep: SplitSweep, share: float = 0.0):
+    """A slider over the share of a budget's neuron rows that hold pinned hot neurons: moves the line of
+    `split_figure` and rewrites `split_text` below it. Returns (VBox, slider, FigureWidget)."""
+    import html
+
+    import ipywidgets as W
+    import plotly.graph_objects as go
+
+    shares = sweep.shares()
+    start = min(shares, key=lambda s: abs(s - share))
+    fig = go.FigureWidget(split_figure(sweep.choices, start))
+    text = W.HTML(html.escape(split_text(sweep, start)))
+    slider = W.SelectionSlider(options=[(f"{s:.0%}", s) for s in shares], value=start,
+                               description="rows pinned", continuous_update=False,
+                               style={"description_width": "initial"})
+
+    def redraw(change):
+        with fig.batch_update():
+            mark_share(fig, change["new"])
+        text.value = html.escape(split_text(sweep, change["new"]))
 
     slider.observe(redraw, names="value")
     return W.VBox([slider, text, fig]), slider, fig
