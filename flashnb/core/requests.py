@@ -63,31 +63,37 @@ def plan_scatter(regions, uniq: np.ndarray, first: np.ndarray, out_row_bytes: in
     M = max_request_bytes
     offs, lens, starts, dsts, rlens, gaps = [], [], [], [], [], []
     nrun = 0
+    adjacent = np.diff(uniq) == 1
+    in_order = first.size < 2 or bool(first[-1] - first[0] == first.size - 1 and np.all(np.diff(first) == 1))
     for j, r in enumerate(regions):
         rb = r.row_bytes
         s = r.offset + uniq * rb                          # file offset of each row
         d = first * out_row_bytes + part_col[j]           # destination offset of each row
         brk = np.ones(uniq.size, bool)
-        brk[1:] = (np.diff(uniq) != 1) | (np.diff(d) != rb)
+        brk[1:] = ~adjacent if (in_order and out_row_bytes == rb) else ~adjacent | (np.diff(d) != rb)
         rs = np.flatnonzero(brk)
         nrows = np.diff(np.append(rs, uniq.size))
         step = max(1, M // rb)                            # rows per piece of a long run
-        npc = -(-nrows // step)
-        ridx = np.repeat(np.arange(rs.size), npc)
-        k = np.arange(ridx.size) - np.repeat(np.cumsum(npc) - npc, npc)
-        run_s = s[rs][ridx] + k * step * rb
-        run_d = d[rs][ridx] + k * step * rb
-        run_l = np.minimum(step, nrows[ridx] - k * step) * rb
+        if int(nrows.max()) <= step:                      # (the usual case: no run longer than a request)
+            run_s, run_d, run_l = s[rs], d[rs], nrows * rb
+        else:
+            npc = -(-nrows // step)
+            ridx = np.repeat(np.arange(rs.size), npc)
+            k = np.arange(ridx.size) - np.repeat(np.cumsum(npc) - npc, npc)
+            run_s = s[rs][ridx] + k * step * rb
+            run_d = d[rs][ridx] + k * step * rb
+            run_l = np.minimum(step, nrows[ridx] - k * step) * rb
         R = run_s.size
         gap = np.zeros(R, np.int64)
         gap[:-1] = run_s[1:] - (run_s[:-1] + run_l[:-1])
         new = np.ones(R, bool)
         new[1:] = gap[:-1] > gap_bytes
-        grp = np.cumsum(new) - 1
-        g0 = np.flatnonzero(new)
-        piece = (run_s - run_s[g0][grp]) // M             # about M bytes per request
-        kk = (np.arange(R) - g0[grp]) // (IOV_MAX // 2)   # at most IOV_MAX iovecs per request
-        new[1:] |= (piece[1:] != piece[:-1]) | (kk[1:] != kk[:-1])
+        if not new.all():                                 # some runs share a request: cap its bytes and iovecs
+            grp = np.cumsum(new) - 1
+            g0 = np.flatnonzero(new)
+            piece = (run_s - run_s[g0][grp]) // M         # about M bytes per request
+            kk = (np.arange(R) - g0[grp]) // (IOV_MAX // 2)  # at most IOV_MAX iovecs per request
+            new[1:] |= (piece[1:] != piece[:-1]) | (kk[1:] != kk[:-1])
         req_first = np.flatnonzero(new)
         req_last = np.append(req_first[1:], R) - 1
         gap[req_last] = 0                                 # nothing to skip after a request's last run
@@ -98,6 +104,8 @@ def plan_scatter(regions, uniq: np.ndarray, first: np.ndarray, out_row_bytes: in
         rlens.append(run_l)
         gaps.append(gap)
         nrun += R
+    if len(regions) == 1:
+        return RequestPlan(offs[0], lens[0], np.append(starts[0], nrun), dsts[0], rlens[0], gaps[0], [])
     return RequestPlan(np.concatenate(offs), np.concatenate(lens), np.append(np.concatenate(starts), nrun),
                        np.concatenate(dsts), np.concatenate(rlens), np.concatenate(gaps), [])
 
