@@ -259,7 +259,8 @@ def _add_run_commands(sub) -> None:
                                    "the configurations taking turns one token each; print ms per token (I/O / "
                                    "memory / compute, mean, median and spread), bytes per token, ratio vs naive, "
                                    "the cost model's I/O for the same requests and the ratio to the floor. "
-                                   "Decoding uses FLASHNB_TORCH_THREADS torch threads (default 2).")
+                                   "Decoding uses FLASHNB_TORCH_THREADS torch threads (default: 2 when 2 cores "
+                                   "are idle, else 1).")
     b.add_argument("--model", default=None, help="HF model folder (default: the shipped model)")
     b.add_argument("--predictors", default=None, help="predictor folder (default: MODEL-predictors beside it)")
     b.add_argument("--prompt", type=utf8_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")

@@ -81,14 +81,19 @@ def test_decode_threads_default_and_override(monkeypatch):
 
     import torch
 
-    from flashnb.core.generate import DECODE_THREADS, set_decode_threads
+    from flashnb.core import generate as G
 
     before = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    assert 0 <= G.idle_cores(0.05) <= cores + 1e-9
     try:
         monkeypatch.delenv("FLASHNB_TORCH_THREADS", raising=False)
-        assert set_decode_threads() == min(DECODE_THREADS, os.cpu_count() or 1) == torch.get_num_threads()
+        monkeypatch.setattr(G, "idle_cores", lambda: float(cores))     # an idle machine: up to DECODE_THREADS
+        assert G.set_decode_threads() == min(G.DECODE_THREADS, cores) == torch.get_num_threads()
+        monkeypatch.setattr(G, "idle_cores", lambda: 0.4)              # other work on the cores: one thread
+        assert G.set_decode_threads() == 1 == torch.get_num_threads()
         monkeypatch.setenv("FLASHNB_TORCH_THREADS", "1")
-        assert set_decode_threads() == 1 == torch.get_num_threads()
+        assert G.set_decode_threads() == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 

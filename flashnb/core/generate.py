@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -27,18 +28,37 @@ class SamplingConfig:
             raise FlashnbError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
 
 
-DECODE_THREADS = 2  # torch threads for token-at-a-time decoding, unless the machine has fewer cores
+DECODE_THREADS = 2  # at most this many torch threads for token-at-a-time decoding
+
+
+def idle_cores(sample_seconds: float = 0.1) -> float:
+    """Cores no process used over the next `sample_seconds` (from /proc/stat; all cores where the
+    kernel does not say)."""
+    cores = os.cpu_count() or 1
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)   # idle + iowait
+        return sum(v[:8]) - idle, sum(v[:8])
+    try:
+        b0, t0 = ticks()
+        time.sleep(sample_seconds)
+        b1, t1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return float(cores)
+    return cores * (1 - (b1 - b0) / (t1 - t0)) if t1 > t0 else float(cores)
 
 
 def set_decode_threads() -> int:
     """Set torch's thread count for token-at-a-time decoding and return it: FLASHNB_TORCH_THREADS if
-    set, else min(DECODE_THREADS, cores).
+    set, else as many threads (at most DECODE_THREADS) as there are idle cores, measured over 0.1 s.
 
-    A token is a chain of small matrix-vector products, so more threads help only a little; the
-    flash reader needs no CPU thread of its own when native AIO carries its reads. Measured on a
-    2-core VM (flashnb bench, shipped model): 2 threads against 1 gave the dense model in DRAM
-    5.5-6.9 ms against 7.6-8.4 ms per token, and the engine with every technique 17-23 ms against
-    28-29 ms.
+    Threads that find their core taken wait for each other at every matrix product: measured on a
+    2-core VM with two busy processes beside it, the engine with every technique took 118 ms per token
+    with 2 threads against 27 ms with 1 (dense: 23 against 15); idle, 2 threads and 1 were within the
+    spread for the engine (14-19 ms) and 2 were faster for the dense model (3.9-6.7 against 5.2-9.2 ms).
+    So: 2 threads only when 2 cores are idle.
     """
     env = os.environ.get("FLASHNB_TORCH_THREADS")
     cores = os.cpu_count() or 1
@@ -51,7 +71,7 @@ def set_decode_threads() -> int:
             raise FlashnbError(f"FLASHNB_TORCH_THREADS must be a whole number from 1 to {cores} (this machine's "
                                f"cores), got {env!r}; unset it for the default")
     else:
-        n = min(DECODE_THREADS, cores)
+        n = max(1, min(DECODE_THREADS, cores, int(idle_cores() + 0.25)))
     torch.set_num_threads(n)
     return n
 
