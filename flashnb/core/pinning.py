@@ -129,7 +129,7 @@ class PinningChoice:
     chosen: int                     # pinned rows per layer
 
 
-def candidate_splits(most: int, ffn_dim: int, steps: int = 12) -> list[int]:
+def candidate_splits(most: int, ffn_dim: int, steps: int = 10) -> list[int]:
     """Pinned-row counts to try: 0 up to `most` and below the FFN's neurons per layer, evenly spaced."""
     top = max(0, min(ffn_dim - 1, most))
     return sorted({int(round(top * i / steps)) for i in range(steps + 1)})

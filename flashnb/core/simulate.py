@@ -85,17 +85,18 @@ def _prefetch(reader: NeuronReader, window: Window, layer: int, guessed: np.ndar
 
 def choose_pinned(hot: HotNeurons, store: FlashStore | str, policy: Policy, predictor_bytes: int = 0,
                   candidates: list[int] | None = None,
-                  io_ms: Callable[[list[TokenStep]], float] | None = None) -> PinningChoice:
+                  io_ms: Callable[[list[TokenStep]], float] | None = None, tokens: int = 128) -> PinningChoice:
     """Split the budget between pinned hot neurons and the window: simulate `hot`'s calibration sets
     (held-out tokens, not the ones that ranked the neurons) for each candidate count of pinned rows per
     layer under `policy` otherwise, and choose as `PinningChoice` says. The score is `io_ms(steps)`
-    (e.g. the cost model's I/O per token on a device profile) or, without it, bytes read per token.
+    (e.g. the cost model's I/O per token on a device profile) or, without it, bytes read per token, over
+    the first `tokens` calibration tokens.
     Default candidates: evenly spaced from 0 to the most that leaves each window the rows of 90% of
     the calibration tokens' sets."""
     st = store if isinstance(store, FlashStore) else FlashStore.open(store)
     shape = st.memory_shape()
     caches = plan_memory(shape, policy.memory_budget, policy.window, predictor_bytes).caches
-    sets = hot.calibration_sets()
+    sets = hot.calibration_sets()[:tokens]
     need = int(np.percentile([ids.size for token in sets for ids in token], 90))  # window rows a token needs
     most = (rows_in_budget(shape, policy.memory_budget, predictor_bytes) - caches * max(1, need)) // st.num_layers
     candidates = sorted({0, *(candidates if candidates is not None else candidate_splits(most, st.ffn_dim))})
