@@ -71,15 +71,27 @@ def cmd_bench(args) -> None:
     from flashnb.bench.report import format_table
     from flashnb.bench.run import CONFIGS, BenchConfig, run_bench
 
+    from flashnb.bench import scale
+
     _decode_threads()
-    configs = tuple(args.configs.split(",")) if args.configs else CONFIGS
+    if sum(map(bool, (args.scale, args.sweep_sizes, args.replay))) > 1:
+        raise FlashnbError("--scale, --sweep-sizes and --replay are three different runs: choose one")
+    default = scale.SCALE_CONFIGS if args.scale else CONFIGS
+    configs = tuple(args.configs.split(",")) if args.configs else default
     cfg = BenchConfig(model=args.model, predictors=args.predictors, prompt=args.prompt, tokens=args.tokens,
                       window=args.window, memory=args.memory, in_flight=args.in_flight, dir=args.dir,
-                      configs=configs, profile=args.profile, replay=args.replay, keep_replay=args.keep_replay)
-    result = run_bench(cfg)
-    print(format_table(result))
+                      configs=configs, profile=args.profile, replay=args.replay, keep_replay=args.keep_replay,
+                      scale=args.scale, keep=args.keep)
+    if args.sweep_sizes:
+        points, runs = scale.run_sweep(cfg, log=lambda m: print(m, file=sys.stderr))
+        print(scale.format_sweep(points))
+        out = {"sweep": [vars(p) for p in points], "runs": {k: r.to_json() for k, r in runs.items()}}
+    else:
+        result = scale.run_scale(cfg, log=lambda m: print(m, file=sys.stderr)) if args.scale else run_bench(cfg)
+        print(format_table(result))
+        out = result.to_json()
     if args.out:
-        Path(args.out).write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
 
 
@@ -281,6 +293,14 @@ def _add_run_commands(sub) -> None:
     b.add_argument("--keep-replay", action="store_true",
                    help="keep the replay files in --dir (folders replay-bundled-* and replay-unbundled-*) for the "
                         "next run; delete those folders to free the space")
+    b.add_argument("--scale", default=None, metavar="NAME",
+                   help="run the engine at an OPT shape instead (125m, 1.3b, 2.7b, 6.7b, 13b, or d_model,ffn,layers) "
+                        "on deterministic random weights, with the shipped model's neuron sets widened onto it: "
+                        "writes both layouts in --dir (6.7b: about 22 GB) and deletes them afterwards unless --keep")
+    b.add_argument("--sweep-sizes", action="store_true",
+                   help="naive, all and mmap at the shipped model and at the 125m, 1.3b, 2.7b and 6.7b shapes, one "
+                        "run each: where flash loading starts to pay on this machine")
+    b.add_argument("--keep", action="store_true", help="keep the --scale stores in --dir for the next run")
     b.add_argument("--out", default=None, help="write the JSON result here")
     b.set_defaults(func=cmd_bench)
 

@@ -22,8 +22,8 @@ def test_widen_keeps_sets_sizes_and_maps_each_neuron_to_factor_neurons():
     assert len(wide) == 2 and len(wide[0]) == SHAPE.layers
     assert [w.size for w in wide[0]] == [8, 4] and wide[1][1].size == 0
     assert all(np.all(np.diff(w) > 0) for t in wide for w in t)  # sorted, unique
-    with pytest.raises(FlashnbError, match="multiple"):
-        widen(small, 100, SHAPE)
+    with pytest.raises(FlashnbError, match="at least as wide"):
+        widen(small, SHAPE.ffn_dim + 1, SHAPE)
 
 
 def test_naive_and_sparse_replays_read_exact_bytes(stores):

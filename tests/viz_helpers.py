@@ -17,6 +17,7 @@ FIGURE_FUNCTIONS = {
     "sparsity.tradeoff_figure", "sparsity.friend_figure", "engine.window_figure", "engine.memory_figure",
     "engine.layout_figure", "tour.data_moved_figure", "tour.time_breakdown_figure", "tour.breakdown_figure",
     "tour.ladder_figure", "tour.budget_figure", "tour.costs_figure", "tour.waterfall_figure", "tour.split_figure",
+    "tour.sweep_figure",
 }
 
 
@@ -118,7 +119,12 @@ def tour_figures() -> dict:
     choices = {b: PinningChoice([0, 10, 20], [40 * b, 40 * b - 10, 40 * b - 20], [3e5 * b, 2.5e5 * b, 2e5 * b],
                                 [9, 8, 7], [6, 6, 6], [3.0 * b, 2.5 * b, 2.2 * b], "modeled I/O ms per token", 20)
                for b in (0.7, 0.9)}
+    from flashnb.bench.scale import SweepPoint
+
+    sweep_points = [SweepPoint(n, int(b), 30.0, 30.0 / r, 20.0, r, r * 0.6, r * 1.1)
+                    for n, b, r in (("shipped", 4e7, 2.2), ("125m", 2.5e8, 4.6), ("6.7b", 1.34e10, 9.0))]
     return {
+        "tour.sweep": vt.sweep_figure(sweep_points, 4.8),
         "tour.waterfall": vt.waterfall_figure(floor_bench, ("all",)),
         "tour.split": vt.split_figure(choices, 0.25),
         "tour.data_moved": vt.data_moved_figure(steps, int(5e6), [f"token {i}" for i in range(len(steps))]),

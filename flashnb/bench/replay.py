@@ -103,19 +103,24 @@ def replay_store(folder: str | Path, layout: str, shape: ReplayShape | None = No
     return FlashStore(d, manifest, config)
 
 
-def widen(sets_small: list[list[np.ndarray]], small_ffn: int, shape: ReplayShape, seed: int = 0) -> list[list[np.ndarray]]:
-    """Map per-token, per-layer neuron sets of a small model onto `shape` (see the module doc)."""
-    factor = shape.ffn_dim // small_ffn
-    if factor < 1 or shape.ffn_dim % small_ffn:
-        raise FlashnbError(f"the replay FFN ({shape.ffn_dim}) must be a multiple of the traced FFN ({small_ffn})")
-    perm = np.random.default_rng(seed).permutation(shape.ffn_dim)
+def widen(sets_small: list[list[np.ndarray]], small_ffn: int, shape, seed: int = 0) -> list[list[np.ndarray]]:
+    """Map per-token, per-layer neuron sets of a small model onto `shape` (`layers`, `ffn_dim`; see the
+    module doc): small neuron j stands for the wide neurons perm[j * F // f : (j + 1) * F // f] (F / f of
+    them, rounded), so the share of active neurons is kept."""
+    F = shape.ffn_dim
+    if F < small_ffn:
+        raise FlashnbError(f"the wide FFN ({F}) must be at least as wide as the traced FFN ({small_ffn})")
+    perm = np.random.default_rng(seed).permutation(F)
+    bounds = np.arange(small_ffn + 1, dtype=np.int64) * F // small_ffn
     L = len(sets_small[0])
     out = []
     for token in sets_small:
         layers = []
         for wl in range(shape.layers):
             ids = np.asarray(token[wl * L // shape.layers], dtype=np.int64)
-            wide = (ids[:, None] * factor + np.arange(factor)[None, :]).reshape(-1)
+            lo, hi = bounds[ids], bounds[ids + 1]
+            n = hi - lo
+            wide = np.repeat(lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
             layers.append(np.sort(perm[wide]))
         out.append(layers)
     return out

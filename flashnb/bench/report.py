@@ -97,6 +97,7 @@ class BenchResult:
     skipped: dict[str, str] = field(default_factory=dict)
     replay: ReplayResult | None = None
     pinning: dict | None = None    # the split candidates simulated for the pinned configuration, and the choice
+    scale: dict | None = None      # `flashnb bench --scale`: the shape, the weights, where the neuron sets come from
     io: str = ""
 
     def __post_init__(self):
@@ -116,7 +117,8 @@ class BenchResult:
                 "model_bytes": self.model_bytes, "ffn_bytes": self.ffn_bytes, "settings": self.settings,
                 "io": self.io, "profile_source": self.profile_source, "profile": self.profile,
                 "results": {k: r.to_json() for k, r in self.results.items()}, "skipped": self.skipped,
-                "replay": self.replay.to_json() if self.replay else None, "pinning": self.pinning}
+                "replay": self.replay.to_json() if self.replay else None, "pinning": self.pinning,
+                "scale": self.scale}
 
 
 def _f(x, spec: str) -> str:
@@ -154,6 +156,8 @@ def format_table(result: BenchResult) -> str:
                  "kernel read. 'x floor': total / the same token's unavoidable work measured in this run (the floor: "
                  "the model without FFNs, the predictors and the sparse FFN math with the FFN in DRAM; dense for "
                  "the configurations without predictors).")
+    if result.scale:
+        lines += scale_lines(result)
     rp = result.replay
     if rp:
         lines += ["", rp.label + f"; window {rp.window}, {rp.cache_rows_per_layer} rows per layer",
@@ -168,3 +172,34 @@ def format_table(result: BenchResult) -> str:
         lines.append("paper, OPT 6.7B on an M1 Max (Table 2), I/O ms: naive 2196, +predictor 738, +windowing 164, "
                      "+bundling 87 (25.2x vs its naive, the whole model)")
     return "\n".join(lines)
+
+
+def scale_lines(result: BenchResult) -> list[str]:
+    """What a `--scale` run is (shape, weights, neuron sets), its DRAM against the budget, and the paper."""
+    sc, res = result.scale, result.results
+    sh = sc["shape"]
+    lines = ["", f"scale: {sh['name']} ({sh['layers']} layers, d_model {sh['d_model']}, ffn {sh['ffn_dim']}, fp16, "
+                 f"{result.model_bytes / 1e9:.2f} GB, FFN {result.ffn_bytes / 1e9:.2f} GB); weights {sc['weights']}",
+             f"neuron sets: {sc['neuron_sets']}"]
+    budgets = [r for r in res.values() if r.budget_bytes]
+    if budgets:
+        worst = max(budgets, key=lambda r: r.dram_bytes / r.budget_bytes)
+        lines.append(f"DRAM for weights per configuration (accounted): at most {worst.dram_bytes / 1e9:.2f} GB of a "
+                     f"{worst.budget_bytes / 1e9:.2f} GB budget ({worst.label}); the process, every configuration "
+                     f"at once (resident tensors shared, each its own rows, mmap's pages): {sc['process_rss_bytes'] / 1e9:.2f}"
+                     f" GB resident now, {sc['process_peak_rss_bytes'] / 1e9:.2f} GB at its peak")
+    naive, best = res.get("naive_model") or res.get("naive"), res.get("all")
+    if naive and best and best.stats.total_ms and best.stats.io_ms:
+        lines.append(f"all vs {naive.label}: {naive.stats.total_ms / best.stats.total_ms:.1f}x per token, compute "
+                     f"included; its I/O {naive.stats.io_ms / best.stats.io_ms:.1f}x")
+    if sh["name"] == "opt-6.7b":
+        from flashnb.device.costmodel import paper_data
+
+        p = paper_data()
+        t, io = p["latency_totals_opt_6_7b_ms"], {r["name"]: r["io_latency_ms"] for r in p["table2"]["rows"]}
+        lines.append(f"paper, OPT 6.7B, half the model in DRAM, M1 Max CPU ({p['latency_totals_opt_6_7b_ms']['ref']}): "
+                     f"{t['cpu_naive']} ms per token naive, {t['cpu_ours']} ms with every technique "
+                     f"({t['cpu_naive'] / t['cpu_ours']:.1f}x); I/O ({p['table2']['ref'].split(':')[0]}): "
+                     f"{io['naive']} ms naive (the whole model), {io['+bundling']} ms with every technique "
+                     f"({io['naive'] / io['+bundling']:.1f}x)")
+    return lines

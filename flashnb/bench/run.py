@@ -79,6 +79,8 @@ class BenchConfig:
     profile: str | None = None        # profile JSON; None = the saved default, else a quick profile
     replay: bool = False              # also replay the predictor run's sets at OPT 6.7B's shape (~17 GB of files)
     keep_replay: bool = False         # keep the replay files in `dir` for the next run
+    scale: str | None = None          # run at an OPT shape on random weights instead (flashnb.bench.scale)
+    keep: bool = False                # --scale: keep its stores in `dir` for the next run
     progress: bool = True
 
 

@@ -70,7 +70,7 @@ def _sample(samples: dict, name: str, w: torch.Tensor) -> None:
     samples[name] = torch.cat([w[:2], w[-2:]]).clone()
 
 
-def _layer_rows(index: TensorIndex, config, layer: int, tdtype: torch.dtype, samples: dict) -> list[torch.Tensor]:
+def _layer_rows(index, config, layer: int, tdtype: torch.dtype, samples: dict) -> list[torch.Tensor]:
     """The FFN matrices of `layer`, each as [ffn, d] neuron-major rows in the store dtype."""
     d, f = config.hidden_size, config.ffn_dim
     out = []
@@ -83,7 +83,7 @@ def _layer_rows(index: TensorIndex, config, layer: int, tdtype: torch.dtype, sam
     return out
 
 
-def _write_dram(path: Path, index: TensorIndex, config, items: list[tuple[str, tuple[int, ...]]],
+def _write_dram(path: Path, index, config, items: list[tuple[str, tuple[int, ...]]],
                 dtype: str, tick: Callable[[], None], samples: dict) -> tuple[str, str]:
     """Write the DRAM tensors as a safetensors file one tensor at a time; returns its sha256 and XXH3-64.
 
@@ -131,17 +131,32 @@ def convert(src: str | Path, dst: str | Path, cfg: ConvertConfig | None = None) 
     src, dst = Path(src), Path(os.path.abspath(dst))  # absolute: "." can be renamed as its full path
     config = read_config(src)
     index = TensorIndex(src)
+    tokenizer = regular_file(src / TOKENIZER, "tokenizer.json") if (src / TOKENIZER).exists() else None
+    source = {"folder": str(src.resolve()), "files": [f.name for f in index.files]}
+    return write_store(dst, config, json.loads((src / "config.json").read_text()), index, cfg, tokenizer, source,
+                       check=lambda: check_destination(src, dst, cfg.overwrite))
+
+
+def write_store(dst: str | Path, config, model_config: dict, tensors, cfg: ConvertConfig,
+                tokenizer: Path | None = None, source: dict | None = None, check=None) -> Path:
+    """Write a store of `config`'s model at `dst` from `tensors` (anything with `get(key, shape)`
+    returning a tensor for a Hugging Face key, as flashnb.models.checkpoint.TensorIndex does);
+    `model_config` is the config.json the manifest keeps. Atomic: a temporary folder next to `dst`,
+    renamed when complete; `check()` (default: refuse an existing `dst` unless cfg.overwrite allows
+    replacing a store) runs before and after writing."""
+    dst = Path(os.path.abspath(dst))
+    check = check or (lambda: check_replaceable(dst, cfg.overwrite))
     if not dst.parent.is_dir():
         raise FlashnbError(f"folder {dst.parent} does not exist; create it first")
     _recover_interrupted(dst)
-    check_destination(src, dst, cfg.overwrite)
+    check()
     tmp = _temporary_folder(dst)
     try:
         try:
-            _write_store(src, tmp, config, index, cfg, dst.name)
+            _write_store(tmp, config, model_config, tensors, cfg, dst.name, tokenizer, source or {})
         except OSError as e:
             raise _os_error(e, dst.parent) from None
-        check_destination(src, dst, cfg.overwrite)  # again: the folder may have changed while we wrote
+        check()  # again: the folder may have changed while we wrote
         if dst.exists():  # overwrite: move the old store aside first so dst is never half-written
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             os.replace(dst, old)
@@ -167,7 +182,8 @@ def _temporary_folder(dst: Path) -> Path:
     return tmp
 
 
-def _write_store(src: Path, out: Path, config, index: TensorIndex, cfg: ConvertConfig, name: str) -> None:
+def _write_store(out: Path, config, model_config: dict, index, cfg: ConvertConfig, name: str,
+                 tokenizer_file: Path | None, source: dict) -> None:
     """Write every file of a store into the folder `out`: DRAM tensors, FFN and its checksums,
     tokenizer, manifest last."""
     from tqdm.auto import tqdm
@@ -182,12 +198,12 @@ def _write_store(src: Path, out: Path, config, index: TensorIndex, cfg: ConvertC
         layers, sums_sha = _write_ffn(out / FFN_FILE, out / CHECKSUM_FILE, index, config, cfg,
                                       lambda: bar.update(1), samples)
     tokenizer = None
-    if (src / TOKENIZER).exists():
-        shutil.copyfile(regular_file(src / TOKENIZER, "tokenizer.json"), out / TOKENIZER)
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, out / TOKENIZER)
         tokenizer = TOKENIZER
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "model_type": config.model_type,
-        "model_config": json.loads((src / "config.json").read_text()), "dtype": cfg.dtype, "layout": cfg.layout,
+        "model_config": model_config, "dtype": cfg.dtype, "layout": cfg.layout,
         "alignment": ALIGNMENT, "d_model": config.hidden_size, "ffn_dim": config.ffn_dim,
         "num_layers": config.num_hidden_layers, "parts": [p for p, _ in config.ffn_parts],
         "fingerprint": fingerprint(config, samples.__getitem__),
@@ -198,7 +214,7 @@ def _write_store(src: Path, out: Path, config, index: TensorIndex, cfg: ConvertC
                       FILE_ALGORITHM: dram_xxh, "tensors": len(dram_items)},
         "tokenizer": tokenizer,
         "layers": [[r.to_json() for r in regs] for regs in layers],
-        "source": {"folder": str(src.resolve()), "files": [f.name for f in index.files]},
+        "source": source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -247,6 +263,12 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     if d in s.parents:
         raise FlashnbError(f"store {dst} contains the source folder {src}; choose a store path that does "
                            "not hold the checkpoint (replacing it would delete the source)")
+    check_replaceable(dst, overwrite)
+
+
+def check_replaceable(dst: Path, overwrite: bool) -> None:
+    """Refuse a store path that is a file or a link, or an existing folder that is not a flashnb store
+    holding only its own files (and any existing folder without `overwrite`)."""
     if dst.is_symlink():
         raise FlashnbError(f"{dst} is a symbolic link; give the store's real path (flashnb does not "
                            "replace links)")
@@ -301,7 +323,7 @@ def _recover_interrupted(dst: Path) -> None:
                 print(f"flashnb: removed {p}, left by an interrupted convert (process {pid})", file=sys.stderr)
 
 
-def _write_ffn(path: Path, sums_path: Path, index: TensorIndex, config, cfg: ConvertConfig,
+def _write_ffn(path: Path, sums_path: Path, index, config, cfg: ConvertConfig,
                tick: Callable[[], None], samples: dict) -> tuple[list[list[Region]], str]:
     """Write ffn.bin layer by layer and every row's checksum into `sums_path`; returns each layer's
     regions (offsets, sizes, sha256) and the checksum file's sha256."""

@@ -179,6 +179,7 @@ class TokenLoop:
         self.before_token()
         self.recorder.start_token(token)
         try:
+            self.within_token()
             logits = self.model(torch.tensor([[token]]), kv)[0, -1]
         except BaseException:
             self.abandon()
@@ -191,6 +192,10 @@ class TokenLoop:
 
     def before_token(self) -> None:
         """Hook run before each token, outside its timing (baselines evict the page cache here)."""
+
+    def within_token(self) -> None:
+        """Hook run at the start of each token, inside its timing (the paper's naive moves the rest of the
+        model here)."""
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig | None = None,
                  eos_id: int | None = None) -> Iterator[int]:

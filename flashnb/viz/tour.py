@@ -243,3 +243,27 @@ def mark_share(fig, share: float) -> None:
     for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
         fig.add_shape(type="line", name="chosen share", xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below",
                       line=dict(color="rgba(0,0,0,0.35)", width=4))
+
+
+def sweep_figure(points, paper_speedup: float | None = None) -> go.Figure:
+    """Speed-up of all techniques per token against model size (flashnb.bench.scale.SweepPoint list):
+    over naive and over mmap, measured (solid), and over naive modeled as measured compute plus the
+    cost model's I/O (dashed); the paper's OPT 6.7B CPU speed-up starred."""
+    x = [p.model_bytes / 1e9 for p in points]
+    text = [p.name for p in points]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=[p.all_vs_naive for p in points], text=text, name="all vs naive (measured)",
+                             **S.scatter("naive", "measured")))
+    fig.add_trace(go.Scatter(x=x, y=[p.all_vs_mmap for p in points], text=text, name="all vs mmap (measured)",
+                             **S.scatter("mmap", "measured")))
+    fig.add_trace(go.Scatter(x=x, y=[p.modeled_all_vs_naive for p in points], text=text,
+                             name="all vs naive (modeled: measured compute + cost model I/O)",
+                             **S.scatter("naive", "modeled")))
+    if paper_speedup is not None:
+        fig.add_trace(go.Scatter(x=[13.4], y=[paper_speedup], name="OPT 6.7B on the M1 Max CPU (paper, Table 3)",
+                                 **S.scatter("all", "paper", S.PAPER, mode="markers")))
+    S.hline(fig, 1.0, "measured", "no gain", color_=S.color("naive"))
+    S.layout(fig, "Where flash loading starts to pay: speed-up per token against model size",
+             x=("model size, fp16", "GB, log scale"), y=("speed-up of all techniques", "x"), height=420)
+    fig.update_xaxes(type="log")
+    return fig

@@ -1,0 +1,432 @@
+"""`flashnb bench --scale NAME`: the engine itself at the shapes of the paper's models, on this disk.
+
+This machine cannot hold OPT 6.7B's trained weights, but its disk can hold a store of that shape, and
+its DRAM half of one. `scale_stores` writes such a store (both layouts) with deterministic random fp16
+weights: matrices normal with std 0.02 (as OPT initialises them), LayerNorm weights 1, biases 0. The
+DRAM part (embeddings, attention, norms, biases) is loaded and computed for real; the FFN is read from
+flash and computed for the chosen neurons by the same `FlashEngine` that runs the shipped model.
+
+Random weights carry no activation sparsity, so the neurons each token uses come from elsewhere: the
+shipped model's predictors, run over held-out text, and mapped onto the wider FFN as the trace replay
+maps them (flashnb.bench.replay.widen: each shipped neuron stands for `ffn_dim / 2048` neurons scattered
+by a fixed permutation; layer l uses the shipped layer l * 6 // layers). `ReplayedSets` serves them to
+the engine in order, after running a random low-rank predictor of the paper's rank, so a token pays what
+a real predictor costs in time and DRAM. Every result says so in its `neuron_sets` line.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashnb.bench.replay import widen
+from flashnb.core.convert import ConvertConfig, write_store
+from flashnb.core.engine import FlashEngine, Policy
+from flashnb.core.io import AlignedBuffer, open_for_reading
+from flashnb.core.predictor import LowRankPredictor, Predictor
+from flashnb.core.records import LayerStep
+from flashnb.core.store import DRAM_FILE, FFN_FILE, FlashStore
+from flashnb.errors import FlashnbError
+from flashnb.models.opt import OPTConfig
+
+# OPT shapes (d_model, ffn_dim, layers, attention heads): the paper's OPT 6.7B and its smaller and larger kin.
+SCALES = {"125m": (768, 3072, 12, 12), "1.3b": (2048, 8192, 24, 32), "2.7b": (2560, 10240, 32, 32),
+          "6.7b": (4096, 16384, 32, 32), "13b": (5120, 20480, 40, 40)}
+SEED = 0
+WRITER = 2  # the version of SyntheticWeights and the shapes' configs
+PREDICTOR_RANK = 128  # the paper's rank for most layers of OPT 6.7B (Section 3.1: 128, up to 1024 in the last)
+VOCAB = 50272         # OPT's
+SHIPPED_FFN = 2048    # the shipped model's FFN width, whose neuron sets are widened
+
+
+@dataclass(frozen=True)
+class ScaleShape:
+    name: str
+    d_model: int
+    ffn_dim: int
+    layers: int
+    heads: int
+
+    @property
+    def tag(self) -> str:
+        return f"opt-{self.name}" if self.name in SCALES else f"d{self.d_model}-f{self.ffn_dim}-l{self.layers}"
+
+    def config(self) -> OPTConfig:
+        return OPTConfig(vocab_size=VOCAB, hidden_size=self.d_model, ffn_dim=self.ffn_dim,
+                         num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                         max_position_embeddings=2048)
+
+    def bytes(self) -> tuple[int, int]:
+        """(FFN bytes, everything else) at fp16, counted from the model (flashnb.device.costmodel.ModelShape)."""
+        from flashnb.device.costmodel import ModelShape
+
+        m = ModelShape.from_config(self.config(), 2, self.tag)
+        return m.ffn_bytes, m.other_bytes
+
+
+def parse_scale(text: str, small_ffn: int = SHIPPED_FFN) -> ScaleShape:
+    """One of SCALES, or a custom 'd_model,ffn_dim,layers' (heads: d_model / 64)."""
+    if text in SCALES:
+        return ScaleShape(text, *SCALES[text])
+    try:
+        d, f, n = (int(x) for x in text.split(","))
+    except ValueError:
+        raise FlashnbError(f"--scale {text!r}: give one of {', '.join(SCALES)} or 'd_model,ffn_dim,layers' "
+                           "(e.g. 64,2048,2)") from None
+    if d < 64 or d % 64 or n < 1 or f < small_ffn:
+        raise FlashnbError(f"--scale {text!r}: d_model must be a multiple of 64 (heads of 64), layers >= 1, and "
+                           f"ffn_dim at least {small_ffn} (the shipped model's FFN, whose neuron sets are widened "
+                           "onto it)")
+    return ScaleShape(text, d, f, n, d // 64)
+
+
+class SyntheticWeights:
+    """A deterministic random checkpoint, tensor by tensor (what `write_store` reads): LayerNorm weights
+    1, biases 0, matrices normal with std 0.02, each cut from one shared block of random values at an
+    offset given by its name (fast to make at any size; no two matrices alike)."""
+
+    def __init__(self, seed: int = SEED, block_values: int = 1 << 24):
+        g = torch.Generator().manual_seed(seed)
+        self.block = (torch.randn(block_values, generator=g) * 0.02).to(torch.float16)
+
+    def get(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        n = int(np.prod(shape, dtype=np.int64))
+        if key.endswith(".bias"):
+            return torch.zeros(shape, dtype=torch.float16)
+        if "layer_norm" in key and key.endswith(".weight"):
+            return torch.ones(shape, dtype=torch.float16)
+        start = zlib.crc32(key.encode()) % self.block.numel()
+        reps = -(-(start + n) // self.block.numel())
+        flat = self.block.repeat(reps)[start:start + n] if reps > 1 else self.block[start:start + n]
+        return flat.reshape(shape).clone()
+
+
+def _free_bytes(folder: Path) -> int:
+    s = os.statvfs(folder)
+    return s.f_bavail * s.f_frsize
+
+
+def _valid(path: Path, shape: ScaleShape) -> FlashStore | None:
+    try:
+        st = FlashStore.open(path)
+    except FlashnbError:
+        return None
+    return st if st.manifest.get("source") == _source(shape) else None
+
+
+def _source(shape: ScaleShape) -> dict:
+    """What a scale store's manifest says it is (a store written by another version is written again)."""
+    return {"synthetic": shape.tag, "seed": SEED, "writer": WRITER}
+
+
+def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log=print) -> dict[str, FlashStore]:
+    """Both layouts of a random-weight store of `shape` in root/flashnb-scale-TAG/ (reused when already
+    there and valid); the two stores share one DRAM file (a hard link), so a process holds it once."""
+    folder = Path(root) / f"flashnb-scale-{shape.tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    ffn, other = shape.bytes()
+    stores: dict[str, FlashStore] = {}
+    for layout in ("bundled", "unbundled"):
+        st = _valid(folder / layout, shape)
+        if st is None:
+            need = ffn + other + (1 << 28)
+            if _free_bytes(folder) < need:
+                raise FlashnbError(f"a {shape.tag} store ({layout}) needs {need / 1e9:.2f} GB free in {folder} "
+                                   f"({(ffn + other) / 1e9:.2f} GB of weights and 0.27 GB to spare), which has "
+                                   f"{_free_bytes(folder) / 1e9:.2f} GB: free some space or pass --dir on a larger disk")
+            log(f"writing the {layout} store of {shape.tag} ({(ffn + other) / 1e9:.2f} GB of random weights) in "
+                f"{folder} ...")
+            write_store(folder / layout, shape.config(), shape.config().to_hf(), SyntheticWeights(),
+                        ConvertConfig(layout=layout, dtype="fp16", overwrite=True, progress=progress),
+                        source=_source(shape))
+            st = FlashStore.open(folder / layout)
+        stores[layout] = st
+    a, b = stores["bundled"].dram_path, stores["unbundled"].dram_path
+    if not os.path.samefile(a, b) and stores["bundled"].manifest["dram_file"] == stores["unbundled"].manifest["dram_file"]:
+        tmp = b.with_name(DRAM_FILE + ".link")
+        os.link(a, tmp)
+        os.replace(tmp, b)
+        stores["unbundled"] = FlashStore.open(folder / "unbundled")
+    return stores
+
+
+def remove_scale_stores(root: str | Path, shape: ScaleShape) -> None:
+    """Delete what `scale_stores` wrote (only its own files)."""
+    folder = Path(root) / f"flashnb-scale-{shape.tag}"
+    for layout in ("bundled", "unbundled"):
+        for name in ("manifest.json", DRAM_FILE, FFN_FILE, "ffn.sum"):
+            p = folder / layout / name
+            if p.is_file():
+                p.unlink()
+        if (folder / layout).is_dir() and not any((folder / layout).iterdir()):
+            (folder / layout).rmdir()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+class ReplayedSets(Predictor):
+    """Serves recorded neuron sets (sets[token][layer]) in order, one token after another, after running
+    a random low-rank predictor of `rank` on the token (its output unused), so that the token pays a
+    real predictor's time and the budget its DRAM."""
+
+    name = "replayed sets"
+
+    def __init__(self, sets: list[list[np.ndarray]], d_model: int, ffn_dim: int, rank: int = PREDICTOR_RANK,
+                 seed: int = SEED):
+        torch.manual_seed(seed)
+        self.sets, self.ffn_dim = sets, ffn_dim
+        self.layers = [LowRankPredictor(d_model, ffn_dim, rank).to(torch.float16).eval() for _ in sets[0]]
+        self.count = [0] * len(self.layers)
+
+    @torch.no_grad()
+    def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        self.layers[layer](x.to(torch.float16))  # what a predictor of this rank costs
+        t = self.count[layer]
+        self.count[layer] += 1
+        return self.sets[t % len(self.sets)][layer]
+
+    def memory_bytes(self, itemsize: int) -> int:
+        return itemsize * sum(p.numel() for m in self.layers for p in m.parameters())
+
+
+class WholeModelNaive(FlashEngine):
+    """The paper's naive: nothing stays in DRAM between tokens, so every token moves the whole model.
+    The engine with every neuron (read with direct I/O, computed) plus, inside each token's time, the
+    store's DRAM file read from flash with direct I/O (the weights are then used from their resident
+    copy, which holds the same bytes)."""
+
+    def __init__(self, store: FlashStore, predictor: Predictor, policy: Policy):
+        super().__init__(store, predictor, policy)
+        self.fd, self.direct = open_for_reading(store.dram_path)
+        self.size = store.dram_path.stat().st_size
+        self.buffer = AlignedBuffer(64 << 20)
+
+    def within_token(self) -> None:
+        t0 = time.perf_counter()
+        done = 0
+        while done < self.size:
+            n = os.preadv(self.fd, [self.buffer.view], done)
+            if n <= 0:
+                break
+            done += n
+        io = time.perf_counter() - t0
+        self.recorder.steps[-1].layers.append(LayerStep(0, 0, 0, 0, done, done, -(-done // self.buffer.nbytes),
+                                                        wait_s=io, direct=self.direct))
+
+    def close(self) -> None:
+        super().close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def shipped_sets(tokens: int) -> tuple[list[list[np.ndarray]], int]:
+    """The shipped predictors' neuron sets for the first `tokens` held-out tokens (one context), and
+    the shipped model's FFN width."""
+    from flashnb.core.simulate import sets_from_trace
+    from flashnb.shipped import shipped
+    from flashnb.training.build_predictors import load_heldout
+    from flashnb.training.traces import record
+
+    m = shipped()
+    ids = load_heldout(m.predictors_folder, tokens)
+    return sets_from_trace(record(m.dense(), ids, context=max(tokens, 1)), m.predictors), m.config.ffn_dim
+
+
+SCALE_CONFIGS = ("naive", "naive_model", "predictor", "windowing", "all", "mmap")
+SWEEP = ("shipped", "125m", "1.3b", "2.7b", "6.7b")
+
+
+def _runner(name: str, stores: dict, sets, shape: ScaleShape, policy: Policy):
+    from flashnb.bench.baselines import MmapEngine
+    from flashnb.bench.run import engine_setup
+    from flashnb.core.predictor import AllNeurons
+
+    if name == "mmap":
+        return MmapEngine(stores["bundled"])
+    if name in ("naive", "naive_model"):
+        everything = AllNeurons(shape.ffn_dim)
+        pol = Policy(0, policy.memory_budget, policy.in_flight, policy.gap_bytes)
+        cls = WholeModelNaive if name == "naive_model" else FlashEngine
+        return cls(stores["bundled"], everything, pol)
+    layout, pol = engine_setup(name, policy.window, policy.memory_budget, policy.in_flight, policy.gap_bytes)
+    return FlashEngine(stores[layout], ReplayedSets(sets, shape.d_model, shape.ffn_dim), pol)
+
+
+def process_rss() -> tuple[int, int]:
+    """(resident set now, its peak so far) of this process, in bytes (0 where the kernel does not say)."""
+    now = peak = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    now = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return now, peak
+
+
+def run_scale(cfg, log=print):
+    """`flashnb bench --scale`: SCALE_CONFIGS (those of cfg.configs that are among them) at cfg.scale's
+    shape, taking turns, as a BenchResult (JSON like `flashnb bench --out`)."""
+    import tempfile
+    from contextlib import ExitStack
+
+    from flashnb.bench.report import LABELS, BenchResult, ConfigResult
+    from flashnb.bench.run import _profile, modeled_io_ms, take_turns
+    from flashnb.core.generate import SamplingConfig
+    from flashnb.device.costmodel import ModelShape, as_device
+    from flashnb.device.measure import machine_info
+    from flashnb.device.profile import coalescing_gap
+    from flashnb.lab.stats import TokenStats
+
+    shape = parse_scale(cfg.scale)
+    configs = list(cfg.configs)
+    unknown = sorted(set(configs) - set(SCALE_CONFIGS))
+    if unknown:
+        raise FlashnbError(f"--scale runs {', '.join(SCALE_CONFIGS)}; {', '.join(unknown)} cannot run on random "
+                           "weights (drop them from --configs)")
+    if cfg.tokens < 1:
+        raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
+    root = Path(cfg.dir or tempfile.gettempdir())
+    if not root.is_dir():
+        raise FlashnbError(f"--dir {root} does not exist; create it or pick another folder")
+    profile, profile_source = _profile(cfg, root)
+    device, gap = as_device(profile), coalescing_gap(profile, cfg.in_flight)
+    prompt_len = 2
+    small, small_ffn = shipped_sets(prompt_len + cfg.tokens + 1)
+    sets = widen(small, small_ffn, shape)
+    prompt = [2, 133][:prompt_len]  # any ids: the weights are random, the sets replayed
+    stores = scale_stores(root, shape, cfg.progress, log)
+    results: dict[str, ConfigResult] = {}
+    try:
+        config = stores["bundled"].config
+        mshape = ModelShape.from_config(config, 2, shape.tag)
+        policy = Policy(cfg.window, cfg.memory, cfg.in_flight, gap)
+        with ExitStack() as stack:
+            runners = {}
+            for name in configs:
+                runners[name] = r = _runner(name, stores, sets, shape, policy)
+                stack.callback(r.close)
+            streams = {k: iter(r.generate(prompt, cfg.tokens + 1, SamplingConfig())) for k, r in runners.items()}
+            _, spent = take_turns(streams, cfg.progress)
+            rss_now, rss_peak = process_rss()
+            for name, r in runners.items():
+                stats = TokenStats.of(r.steps[len(prompt):], shape.layers * shape.ffn_dim, split=name != "mmap")
+                mem = getattr(r, "memory", None)
+                results[name] = ConfigResult(
+                    name, LABELS[name], stats, "", spent[name], mem.used_bytes if mem else None,
+                    mem.budget_bytes if mem else None,
+                    modeled_io_ms("naive" if name == "naive_model" else name, stats, mshape, cfg.in_flight, device),
+                    r.reader.io_mode if hasattr(r, "reader") else "")
+    finally:
+        if not cfg.keep:
+            remove_scale_stores(root, shape)
+    ffn, other = shape.bytes()
+    scale = {"shape": {"name": shape.tag, "d_model": shape.d_model, "ffn_dim": shape.ffn_dim, "layers": shape.layers,
+                       "heads": shape.heads, "dtype": "fp16"},
+             "weights": "random (normal, std 0.02; LayerNorm weights 1, biases 0), deterministic",
+             "neuron_sets": f"the shipped model's predicted sets, widened x{shape.ffn_dim / small_ffn:g} onto this FFN "
+                            f"(scattered), with a random rank-{PREDICTOR_RANK} predictor run for its cost",
+             "process_rss_bytes": rss_now, "process_peak_rss_bytes": rss_peak,
+             "kept_stores": bool(cfg.keep)}
+    settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "progress"}
+    return BenchResult(time.strftime("%Y-%m-%dT%H:%M:%S%z"), {**machine_info(root), "torch": torch.__version__,
+                                                             "torch_threads": torch.get_num_threads()},
+                       shape.tag, ffn + other, ffn, settings, profile_source, profile.summary(), results, {},
+                       None, None, scale=scale)
+
+
+@dataclass
+class SweepPoint:
+    """One model size of the sweep: per-token totals measured in one run (taking turns), and the
+    speed-up of 'all' modeled as measured non-I/O time plus the cost model's I/O."""
+
+    name: str
+    model_bytes: int
+    naive_ms: float
+    all_ms: float
+    mmap_ms: float | None
+    all_vs_naive: float
+    all_vs_mmap: float | None
+    modeled_all_vs_naive: float | None
+
+
+def sweep_point(name: str, result) -> SweepPoint:
+    r = result.results
+    naive, best, mm = r["naive"], r["all"], r.get("mmap")
+
+    def modeled(c):
+        s = c.stats
+        return None if c.modeled_io_ms is None or s.io_ms is None else s.total_ms - s.io_ms + c.modeled_io_ms
+    mn, ma = modeled(naive), modeled(best)
+    return SweepPoint(name, result.model_bytes, naive.stats.total_ms, best.stats.total_ms,
+                      mm.stats.total_ms if mm else None, naive.stats.total_ms / best.stats.total_ms,
+                      mm.stats.total_ms / best.stats.total_ms if mm else None,
+                      mn / ma if mn and ma else None)
+
+
+WINDOW_SHARE = 0.24  # of the FFN held in DRAM by the paper's window at half memory (Section 4.1)
+
+
+def sweep_budget(name: str) -> float:
+    """The sweep's DRAM budget for a size, as a fraction of its model: the resident tensors, the
+    predictors and WINDOW_SHARE of the FFN, as the paper's half memory was for OPT 6.7B (51% by this
+    rule); a half-memory budget would leave smaller models, whose embeddings weigh more, no rows."""
+    if name == "shipped":
+        from flashnb.device.costmodel import ModelShape
+        from flashnb.shipped import shipped
+
+        m = shipped()
+        shape = ModelShape.from_config(m.config, 2)
+        ffn, other, pred = shape.ffn_bytes, shape.other_bytes, m.predictors.memory_bytes(2)
+    else:
+        shape = parse_scale(name)
+        ffn, other = shape.bytes()
+        pred = 2 * shape.layers * PREDICTOR_RANK * (shape.d_model + shape.ffn_dim)
+    return min(1.0, (other + pred + WINDOW_SHARE * ffn) / (other + ffn))
+
+
+def run_sweep(cfg, sizes=SWEEP, log=print) -> tuple[list[SweepPoint], dict]:
+    """naive, all and mmap at each size ('shipped' = the shipped model, else a --scale name), one run
+    per size; returns the points and each run's BenchResult."""
+    from dataclasses import replace
+
+    from flashnb.bench.run import run_bench
+
+    points, runs = [], {}
+    for name in sizes:
+        budget = sweep_budget(name)
+        log(f"sweep: {name}, DRAM budget {budget:.1%} of the model (its resident tensors, predictors and a "
+            f"quarter of its FFN) ...")
+        if name == "shipped":
+            res = run_bench(replace(cfg, scale=None, configs=("naive", "all", "mmap"), memory=budget))
+        else:
+            res = run_scale(replace(cfg, scale=name, configs=("naive", "all", "mmap"), memory=budget), log=log)
+        runs[name] = res
+        points.append(sweep_point(name, res))
+    return points, runs
+
+
+def format_sweep(points: list[SweepPoint]) -> str:
+    head = (f"{'model':<16} {'GB':>7} {'naive ms':>9} {'all ms':>8} {'mmap ms':>8} {'all vs naive':>12} "
+            f"{'all vs mmap':>11} {'modeled':>8}")
+    lines = [head, "-" * len(head)]
+    for p in points:
+        lines.append(f"{p.name:<16} {p.model_bytes / 1e9:7.2f} {p.naive_ms:9.1f} {p.all_ms:8.1f} "
+                     f"{'' if p.mmap_ms is None else f'{p.mmap_ms:8.1f}':>8} {p.all_vs_naive:11.2f}x "
+                     f"{'' if p.all_vs_mmap is None else f'{p.all_vs_mmap:10.2f}x':>11} "
+                     f"{'' if p.modeled_all_vs_naive is None else f'{p.modeled_all_vs_naive:7.2f}x':>8}")
+    lines.append("ms per generated token, measured; each size one run with naive, all and mmap taking turns; the "
+                 "shipped model is trained, the others are random weights at OPT shapes with the shipped model's "
+                 "neuron sets widened. 'modeled': all vs naive with each one's measured compute plus the cost "
+                 "model's I/O for its requests.")
+    return "\n".join(lines)
