@@ -85,6 +85,7 @@ def cmd_bench(args) -> None:
     if args.sweep_sizes:
         points, runs = scale.run_sweep(cfg, log=lambda m: print(m, file=sys.stderr))
         print(scale.format_sweep(points))
+        print(scale.pays_text(points))
         out = {"sweep": [vars(p) for p in points], "runs": {k: r.to_json() for k, r in runs.items()}}
     else:
         result = scale.run_scale(cfg, log=lambda m: print(m, file=sys.stderr)) if args.scale else run_bench(cfg)

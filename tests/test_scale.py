@@ -112,3 +112,19 @@ def test_bench_scale_options_are_checked(capsys, tmp_path):
     assert "choose one" in capsys.readouterr().err
     assert main(["bench", "--scale", TINY, "--configs", "naive,dense", "--dir", str(tmp_path)]) == 2
     assert "cannot run on random weights" in capsys.readouterr().err
+
+
+def test_the_size_sweep_measures_each_size_in_one_run(tmp_path):
+    (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
+    cfg = BenchConfig(tokens=2, in_flight=4, dir=str(tmp_path), progress=False, profile=str(tmp_path / "profile.json"))
+    points, runs = S.run_sweep(cfg, ("shipped", TINY), log=lambda m: None)
+    assert [p.name for p in points] == ["shipped", TINY] and set(runs) == {"shipped", TINY}
+    for p in points:
+        r = runs[p.name].results
+        assert list(r) == ["naive", "all", "mmap"]
+        assert p.all_vs_naive == pytest.approx(r["naive"].stats.total_ms / r["all"].stats.total_ms)
+        assert runs[p.name].settings["memory"] == pytest.approx(S.sweep_budget(p.name))
+    assert 0.5 < S.sweep_budget("6.7b") < 0.55          # OPT 6.7B: about the paper's half memory
+    table, sentence = S.format_sweep(points), S.pays_text(points)
+    assert TINY in table and sentence.startswith("On this machine all techniques are")
+    assert not list(tmp_path.glob("flashnb-scale-*"))   # the scale stores are deleted without --keep

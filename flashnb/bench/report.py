@@ -187,7 +187,8 @@ def scale_lines(result: BenchResult) -> list[str]:
         lines.append(f"DRAM for weights per configuration (accounted): at most {worst.dram_bytes / 1e9:.2f} GB of a "
                      f"{worst.budget_bytes / 1e9:.2f} GB budget ({worst.label}); the process, every configuration "
                      f"at once (resident tensors shared, each its own rows, mmap's pages): {sc['process_rss_bytes'] / 1e9:.2f}"
-                     f" GB resident now, {sc['process_peak_rss_bytes'] / 1e9:.2f} GB at its peak")
+                     f" GB resident now, {sc['process_peak_rss_bytes'] / 1e9:.2f} GB at its peak; beside the budget, "
+                     f"the KV cache this run used: {sc['kv_cache_bytes'] / 1e6:.1f} MB per configuration")
     naive, best = res.get("naive_model") or res.get("naive"), res.get("all")
     if naive and best and best.stats.total_ms and best.stats.io_ms:
         lines.append(f"all vs {naive.label}: {naive.stats.total_ms / best.stats.total_ms:.1f}x per token, compute "

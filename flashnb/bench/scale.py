@@ -319,6 +319,8 @@ def run_scale(cfg, log=print):
             streams = {k: iter(r.generate(prompt, cfg.tokens + 1, SamplingConfig())) for k, r in runners.items()}
             _, spent = take_turns(streams, cfg.progress)
             rss_now, rss_peak = process_rss()
+            c = stores["bundled"].config   # keys and values, every layer, each position the run generated
+            kv_bytes = 2 * c.num_hidden_layers * c.hidden_size * 2 * (len(prompt) + cfg.tokens + 1)
             for name, r in runners.items():
                 stats = TokenStats.of(r.steps[len(prompt):], shape.layers * shape.ffn_dim, split=name != "mmap")
                 mem = getattr(r, "memory", None)
@@ -336,7 +338,7 @@ def run_scale(cfg, log=print):
              "weights": "random (normal, std 0.02; LayerNorm weights 1, biases 0), deterministic",
              "neuron_sets": f"the shipped model's predicted sets, widened x{shape.ffn_dim / small_ffn:g} onto this FFN "
                             f"(scattered), with a random rank-{PREDICTOR_RANK} predictor run for its cost",
-             "process_rss_bytes": rss_now, "process_peak_rss_bytes": rss_peak,
+             "process_rss_bytes": rss_now, "process_peak_rss_bytes": rss_peak, "kv_cache_bytes": kv_bytes,
              "kept_stores": bool(cfg.keep)}
     settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "progress"}
     return BenchResult(time.strftime("%Y-%m-%dT%H:%M:%S%z"), {**machine_info(root), "torch": torch.__version__,
@@ -430,3 +432,16 @@ def format_sweep(points: list[SweepPoint]) -> str:
                  "neuron sets widened. 'modeled': all vs naive with each one's measured compute plus the cost "
                  "model's I/O for its requests.")
     return "\n".join(lines)
+
+
+def pays_text(points: list[SweepPoint]) -> str:
+    """One sentence: from which size on all techniques beat naive by 2x and mmap at all, on this machine."""
+    pts = sorted(points, key=lambda p: p.model_bytes)
+    twice = next((p for p in pts if p.all_vs_naive >= 2), None)
+    beats = next((p for p in pts if p.all_vs_mmap and p.all_vs_mmap > 1), None)
+    top = pts[-1]
+    parts = [f"all techniques are {top.all_vs_naive:.1f}x faster per token than naive at {top.name} "
+             f"({top.model_bytes / 1e9:.2f} GB)"]
+    parts.append(f"at least 2x from {twice.name} on" if twice else "never 2x at these sizes")
+    parts.append(f"and beat mmap streaming from {beats.name} on" if beats else "and never beat mmap streaming here")
+    return "On this machine " + ", ".join(parts[:2]) + ", " + parts[2] + " (measured, one run per size)."
