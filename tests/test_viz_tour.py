@@ -160,6 +160,26 @@ def test_budget_figure_and_explorer(setup):
     assert "DRAM budget 100% of the model" in box.children[1].value
 
 
+def test_split_explorer_moves_along_the_simulated_splits():
+    from flashnb.core.pinning import PinningChoice
+    from flashnb.lab.pinning import SplitSweep
+    from flashnb.lab.stats import TokenStats
+    from flashnb.core.records import LayerStep, TokenStep
+
+    choices = {b: PinningChoice([0, 100, 200], [400, 300, 200], [4e5, 3e5, 2.5e5], [40, 30, 25], [6, 6, 6],
+                                [4.0, 3.0, 2.6], "modeled I/O ms per token", 200) for b in (0.7, 0.9)}
+    stats = {k: TokenStats.of([TokenStep(0, [LayerStep(9, 4, 5, 5, n, n, 5, wait_s=1e-3)], wall_seconds=5e-3)], 100)
+             for k, n in (("unpinned", 400000), ("pinned", 250000))}
+    sweep = SplitSweep(choices, 4, 0.9, stats, 8)
+    box, slider, widget = W.split_explorer(sweep)
+    assert slider.value == 0.0 and [s.x0 for s in widget.layout.shapes if s.name == "chosen share"] == [0.0, 0.0]
+    assert "budget 70%: 0 pinned + 400 window rows" in box.children[1].value
+    slider.value = 0.5
+    assert [s.x0 for s in widget.layout.shapes if s.name == "chosen share"] == [50.0, 50.0]
+    assert "budget 90%: 200 pinned + 200 window rows per layer read 0.250 MB" in box.children[1].value
+    assert "the chosen split 0.250 MB" in box.children[1].value      # the engine's confirmation, measured
+
+
 def test_costs_figure_from_dense_and_flash_runs(setup):
     store, prompt, folder = setup["store"], setup["prompt"], setup["folder"]
     dense = byo.dense_run(folder, prompt, 4)

@@ -135,14 +135,18 @@ def budget_figure(sweep, budget: float | None = None) -> go.Figure:
 
 def mark_budget(fig, budget: float) -> None:
     """Draw (or move) the chosen budget's vertical line on both panels of `budget_figure`."""
-    x = 100 * budget
-    mine = [s for s in (fig.layout.shapes or ()) if s.name == "chosen budget"]
+    _mark_both_panels(fig, 100 * budget, "chosen budget")
+
+
+def _mark_both_panels(fig, x: float, name: str) -> None:
+    """Draw (or move) a grey vertical line named `name` at `x` on both panels of a 1 x 2 figure."""
+    mine = [s for s in (fig.layout.shapes or ()) if s.name == name]
     if mine:
         for s in mine:
             s.x0 = s.x1 = x
         return
     for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
-        fig.add_shape(type="line", name="chosen budget", xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below",
+        fig.add_shape(type="line", name=name, xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below",
                       line=dict(color="rgba(0,0,0,0.35)", width=4))
 
 
@@ -234,15 +238,7 @@ def split_figure(choices: dict, share: float | None = None) -> go.Figure:
 
 def mark_share(fig, share: float) -> None:
     """Draw (or move) the chosen share's vertical line on both panels of `split_figure`."""
-    x = 100 * share
-    mine = [s for s in (fig.layout.shapes or ()) if s.name == "chosen share"]
-    if mine:
-        for s in mine:
-            s.x0 = s.x1 = x
-        return
-    for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
-        fig.add_shape(type="line", name="chosen share", xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below",
-                      line=dict(color="rgba(0,0,0,0.35)", width=4))
+    _mark_both_panels(fig, 100 * share, "chosen share")
 
 
 def sweep_figure(points, paper_speedup: float | None = None) -> go.Figure:

@@ -14,55 +14,46 @@ from flashnb.lab.pinning import SplitSweep, split_text
 from flashnb.viz.tour import budget_figure, mark_budget, mark_share, split_figure
 
 
-def budget_explorer(sweep: BudgetSweep, budget: float = 0.5):
-    """A slider over the sweep's modeled budgets that moves the chosen-budget line of `budget_figure`
-    and rewrites `budget_text` below it. Returns (VBox, slider, FigureWidget); the slider starts at the
-    budget nearest to `budget`."""
+def _explorer(options: list[tuple[str, float]], start: float, description: str, figure, mark, text_of):
+    """A selection slider over `options` whose moves call `mark(fig, value)` on the FigureWidget of
+    `figure` and rewrite the text `text_of(value)` below it. Returns (VBox, slider, FigureWidget)."""
     import html
 
     import ipywidgets as W
     import plotly.graph_objects as go
 
-    budgets = [p.budget for p in sweep.modeled["all"]]
-    options = [(f"{b:.1%}" if round(b * 100) != b * 100 else f"{b:.0%}", b) for b in budgets]
-    start = min(budgets, key=lambda b: abs(b - budget))
-    fig = go.FigureWidget(budget_figure(sweep, start))
-    text = W.HTML(html.escape(budget_text(sweep, start)))
-    slider = W.SelectionSlider(options=options, value=start, description="DRAM budget", continuous_update=False,
+    fig = go.FigureWidget(figure)
+    text = W.HTML(html.escape(text_of(start)))
+    slider = W.SelectionSlider(options=options, value=start, description=description, continuous_update=False,
                                style={"description_width": "initial"})
 
     def redraw(change):
         with fig.batch_update():
-            mark_budget(fig, change["new"])
-        text.value = html.escape(budget_text(sweep, change["new"]))
+            mark(fig, change["new"])
+        text.value = html.escape(text_of(change["new"]))
 
     slider.observe(redraw, names="value")
     return W.VBox([slider, text, fig]), slider, fig
+
+
+def budget_explorer(sweep: BudgetSweep, budget: float = 0.5):
+    """A slider over the sweep's modeled budgets that moves the chosen-budget line of `budget_figure`
+    and rewrites `budget_text` below it. Returns (VBox, slider, FigureWidget); the slider starts at the
+    budget nearest to `budget`."""
+    budgets = [p.budget for p in sweep.modeled["all"]]
+    options = [(f"{b:.1%}" if round(b * 100) != b * 100 else f"{b:.0%}", b) for b in budgets]
+    start = min(budgets, key=lambda b: abs(b - budget))
+    return _explorer(options, start, "DRAM budget", budget_figure(sweep, start), mark_budget,
+                     lambda b: budget_text(sweep, b))
 
 
 def split_explorer(sweep: SplitSweep, share: float = 0.0):
     """A slider over the share of a budget's neuron rows that hold pinned hot neurons: moves the line of
     `split_figure` and rewrites `split_text` below it. Returns (VBox, slider, FigureWidget)."""
-    import html
-
-    import ipywidgets as W
-    import plotly.graph_objects as go
-
     shares = sweep.shares()
     start = min(shares, key=lambda s: abs(s - share))
-    fig = go.FigureWidget(split_figure(sweep.choices, start))
-    text = W.HTML(html.escape(split_text(sweep, start)))
-    slider = W.SelectionSlider(options=[(f"{s:.0%}", s) for s in shares], value=start,
-                               description="rows pinned", continuous_update=False,
-                               style={"description_width": "initial"})
-
-    def redraw(change):
-        with fig.batch_update():
-            mark_share(fig, change["new"])
-        text.value = html.escape(split_text(sweep, change["new"]))
-
-    slider.observe(redraw, names="value")
-    return W.VBox([slider, text, fig]), slider, fig
+    return _explorer([(f"{s:.0%}", s) for s in shares], start, "rows pinned", split_figure(sweep.choices, start),
+                     mark_share, lambda s: split_text(sweep, s))
 
 
 def model_folder_box(default: str | None = None):
