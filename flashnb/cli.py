@@ -108,7 +108,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_train_predictors(args) -> None:
-    from flashnb.paths import SHIPPED_MODEL, data_dir, shipped_model_dir
+    from pathlib import Path
+
+    from flashnb.paths import shipped_model_dir
     from flashnb.training.build_predictors import (BuildConfig, build, build_hot, build_lookahead, card_summary,
                                                   hot_summary)
     from flashnb.training.predictors import PredictorTrainConfig
@@ -122,11 +124,18 @@ def cmd_train_predictors(args) -> None:
     tcfg = PredictorTrainConfig(rank=args.rank, ranks=ranks, threshold=args.threshold, epochs=args.epochs,
                                 lr=args.lr, pos_weight=args.pos_weight, init=args.init, seed=args.seed)
     model = args.model or str(shipped_model_dir())
-    out = args.out or str(data_dir() / f"{SHIPPED_MODEL}-predictors")
-    cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens,
-                      eval_tokens=args.eval_tokens, threads=args.threads, train=tcfg)
+    name = Path(model).resolve().name
+    beside = Path(model).resolve().parent / f"{name}-predictors"   # where flashnb looks for a model's predictors
+    out = args.out or str(beside if args.hot_neurons_only else Path.cwd() / f"{name}-predictors")
     if args.lookahead and args.hot_neurons_only:
         raise FlashnbError("--lookahead and --hot-neurons-only are two different jobs: choose one")
+    written = (Path(out) / "hot_neurons.safetensors" if args.hot_neurons_only else
+               Path(out) / "lookahead" / "predictors.safetensors" if args.lookahead else
+               Path(out) / "predictors.safetensors")
+    if written.exists() and not args.force:
+        raise FlashnbError(f"{written} exists; pass --force to replace it, or choose another --out")
+    cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens,
+                      eval_tokens=args.eval_tokens, threads=args.threads, train=tcfg)
     if args.hot_neurons_only:
         print(hot_summary(build_hot(cfg, log=lambda m: print(m, file=sys.stderr))))
         print(f"wrote {out}/hot_neurons.safetensors")
@@ -335,11 +344,14 @@ def _add_training_commands(sub) -> None:
                         description="Trace the model on the corpus training split, train a low-rank "
                                     "predictor per layer (balanced BCE), evaluate on the held-out split "
                                     "(recall, over-selection, perplexity, top-1 agreement) and write "
-                                    "OUT/predictors.safetensors + OUT/metrics.json. The defaults "
-                                    "reproduce the shipped set.")
+                                    "OUT/predictors.safetensors + OUT/metrics.json + OUT/hot_neurons.safetensors. "
+                                    "The defaults reproduce the shipped set (in a new folder: nothing is "
+                                    "replaced without --force).")
     tp.add_argument("--model", default=None, help="model folder (default: the shipped model, data/flashnb-opt-21m)")
     tp.add_argument("--out", default=None,
-                    help="output folder (default: the shipped set, data/flashnb-opt-21m-predictors)")
+                    help="output folder (default: MODEL-predictors in the current folder; with --hot-neurons-only, "
+                         "the predictors beside the model, e.g. data/flashnb-opt-21m-predictors)")
+    tp.add_argument("--force", action="store_true", help="replace what OUT already holds")
     tp.add_argument("--train-tokens", type=whole(16), default=65_536,
                     help="training-split tokens to trace (default: %(default)s)")
     tp.add_argument("--eval-tokens", type=whole(16), default=16_384,

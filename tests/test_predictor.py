@@ -202,6 +202,23 @@ def test_hot_neurons_count_the_predictors_selections(tmp_path):
     assert all(hot.frequency[i][top[i]].min() >= np.sort(hot.frequency[i])[-3] for i in range(train.n_layers))
 
 
+def test_train_predictors_never_replaces_predictors_without_force(capsys, tmp_path, monkeypatch):
+    from flashnb.paths import data_dir
+
+    shipped = data_dir() / "flashnb-opt-21m-predictors"
+    before = {f.name: f.stat().st_mtime_ns for f in shipped.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    for argv in (["train-predictors", "--out", str(shipped)], ["train-predictors", "--hot-neurons-only"],
+                 ["train-predictors", "--lookahead", "--out", str(tmp_path)]):
+        if "--lookahead" in argv:
+            (tmp_path / "lookahead").mkdir()
+            (tmp_path / "lookahead" / "predictors.safetensors").write_bytes(b"x")
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "exists; pass --force to replace it, or choose another --out" in err and "\n" not in err.strip()
+    assert {f.name: f.stat().st_mtime_ns for f in shipped.iterdir()} == before
+
+
 def test_build_helpers(tmp_path):
     from flashnb.training.build_predictors import load_heldout, save_heldout, train_windows
 
