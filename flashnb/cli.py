@@ -11,9 +11,8 @@ import os
 import signal
 import sys
 import threading
-import time
 
-from flashnb.cli_args import MAX_IN_FLIGHT, Parser, memory_budget, pinned_rows, real, utf8_text, whole
+from flashnb.cli_args import Parser, add_in_flight, add_memory, pinned_rows, real, utf8_text, whole
 from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.errors import FlashnbError
 
@@ -29,24 +28,34 @@ def _decode_threads() -> None:
 
 
 def _generate_dense(folder, prompt: str, n: int, temperature: float, top_p: float, seed: int) -> None:
-    from flashnb.core.generate import SamplingConfig, generate
-    from flashnb.models.checkpoint import load_model
-    from flashnb.models.tokenizer import Tokenizer
+    from flashnb.core.generate import SamplingConfig
+    from flashnb.demo import generate_dense
 
-    sampling = SamplingConfig(temperature, top_p, seed)
-    model, tok = load_model(folder), Tokenizer.from_folder(folder)
-    ids = tok.encode(prompt)
-    t0 = time.perf_counter()
-    out = list(generate(model, ids, n, sampling, eos_id=model.config.eos_token_id))
-    dt = time.perf_counter() - t0
-    print(prompt + tok.decode(out))
-    print(f"\n[{len(out)} tokens in {dt:.2f} s, dense in DRAM, {len(out) / max(dt, 1e-9):.1f} tokens/s]",
-          file=sys.stderr)
+    generate_dense(folder, prompt, n, SamplingConfig(temperature, top_p, seed))
 
 
 def cmd_generate(args) -> None:
     _decode_threads()
-    _generate_dense(args.model, args.prompt, args.n, args.temperature, args.top_p, args.seed)
+    if args.model is not None:
+        flash_only = [f"--{o.replace('_', '-')}" for o in ("predictors", "policy", "window", "memory", "in_flight",
+                                                           "pinned", "stats") if getattr(args, o) is not None]
+        if flash_only:
+            raise FlashnbError(f"{', '.join(flash_only)}: only for the flash engine, which runs a store: use "
+                               "--store STORE (`flashnb convert` writes one) instead of --model")
+        _generate_dense(args.model, args.prompt, args.n, args.temperature, args.top_p, args.seed)
+        return
+    _generate_from_store(args)
+
+
+def _generate_from_store(args) -> None:
+    from flashnb.core.generate import SamplingConfig
+    from flashnb.demo import generate_from_store
+
+    generate_from_store(args.store, args.prompt, args.n, policy=args.policy or "predictors",
+                        predictors=args.predictors, window=WINDOW if args.window is None else args.window,
+                        memory=MEMORY_BUDGET if args.memory is None else args.memory,
+                        in_flight=IN_FLIGHT if args.in_flight is None else args.in_flight, pinned=args.pinned or 0,
+                        stats=args.stats or "table", sampling=SamplingConfig(args.temperature, args.top_p, args.seed))
 
 
 def cmd_demo(args) -> None:
@@ -97,11 +106,14 @@ def cmd_bench(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from flashnb.training.train import TrainConfig, train
+    from flashnb.training.train import TrainConfig, check_out, train
 
     cfg = TrainConfig(out=args.out, tokens=args.tokens, seed=args.seed, threads=args.threads,
-                      sparsity_target=args.sparsity_target)
+                      sparsity_target=args.sparsity_target, checkpoint_seconds=args.checkpoint_minutes * 60)
+    check_out(cfg, args.resume)
     card = train(cfg)
+    if card is None:
+        raise KeyboardInterrupt
     h = card["heldout"]
     print(f"wrote {args.out}: held-out perplexity {h['perplexity']:.1f}, "
           f"FFN sparsity {h['sparsity_mean']:.1%} (training_card.json has the rest)")
@@ -201,18 +213,6 @@ def cmd_profile(args) -> None:
 # The parser
 
 
-def _add_in_flight(parser: argparse.ArgumentParser, what: str = "") -> None:
-    parser.add_argument("--in-flight", type=whole(1, MAX_IN_FLIGHT), default=IN_FLIGHT,
-                        help=f"reads in flight{' ' + what if what else ''}: the AIO queue depth, or reader "
-                             "threads where AIO is unavailable (default: %(default)s)")
-
-
-def _add_memory(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--memory", type=memory_budget, default=MEMORY_BUDGET,
-                        help="DRAM budget for weights: a fraction of the model's bytes (0.5) or bytes (20000000, "
-                             "20MB, 19MiB) (default: %(default)s)")
-
-
 def _add_flash_commands(sub) -> None:
     c = sub.add_parser("convert", help="convert a Hugging Face folder into a flash store",
                        description="Write a flash store: manifest.json, dram.safetensors (everything but the "
@@ -248,7 +248,7 @@ def _add_flash_commands(sub) -> None:
     pr.add_argument("--use", default=None, metavar="FILE", help="load this profile instead of measuring")
     pr.add_argument("--reader-check", default=None, metavar="STORE",
                     help="then read random neuron sets of STORE and print achieved / modeled throughput")
-    _add_in_flight(pr, "for --reader-check")
+    add_in_flight(pr, "for --reader-check")
     pr.add_argument("--fraction", type=real(0, 1, lo_open=True, what="a fraction"), default=0.1,
                     help="fraction of each layer's neurons per read for --reader-check (default: %(default)s)")
     pr.set_defaults(func=cmd_profile)
@@ -262,13 +262,13 @@ def _add_run_commands(sub) -> None:
                                    "what was read and where the time went.")
     d.add_argument("--prompt", type=utf8_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
     d.add_argument("-n", type=whole(1, 4096), default=32, help="new tokens (default: %(default)s)")
-    _add_memory(d)
+    add_memory(d)
     d.add_argument("--window", type=whole(0, 4096), default=WINDOW, help="window of recent tokens (default: %(default)s)")
     d.add_argument("--pinned", type=pinned_rows, default=0,
                    help="rows per layer that keep the hot neurons in DRAM for the whole run, out of the same budget, "
                         "or 'auto': the split that simulates fastest on the predictors' calibration sets "
                         "(default: %(default)s)")
-    _add_in_flight(d)
+    add_in_flight(d)
     d.add_argument("--no-table", dest="table", action="store_false", help="do not print the per-token table")
     d.add_argument("--dense", action="store_true", help="run dense in DRAM instead (the reference)")
     d.set_defaults(func=cmd_demo)
@@ -290,8 +290,8 @@ def _add_run_commands(sub) -> None:
                    help="generated tokens per configuration (default: %(default)s)")
     b.add_argument("--window", type=whole(0, 4096), default=WINDOW,
                    help="window for +windowing and all (default: %(default)s)")
-    _add_memory(b)
-    _add_in_flight(b)
+    add_memory(b)
+    add_in_flight(b)
     b.add_argument("--configs", default=None, help="comma-separated subset of: naive,hybrid,predictor,windowing,"
                                                    "all,pinned,lookahead,mmap,accelerate,dense,floor (default: all of "
                                                    "them)")
@@ -314,10 +314,15 @@ def _add_run_commands(sub) -> None:
     b.add_argument("--out", default=None, help="write the JSON result here")
     b.set_defaults(func=cmd_bench)
 
-    g = sub.add_parser("generate", help="generate text from a Hugging Face model folder",
-                       description="Generate text with a model folder (config.json, *.safetensors, "
-                                   "tokenizer.json), dense in DRAM.")
-    g.add_argument("--model", required=True, help="model folder")
+    g = sub.add_parser("generate", help="generate text: dense from a model folder, or from flash with a store",
+                       description="Generate text. --model FOLDER (config.json, *.safetensors, tokenizer.json): "
+                                   "the dense model in DRAM. --store STORE (written by `flashnb convert`): the flash "
+                                   "engine, FFN on disk under a memory budget, printing per token what was read and "
+                                   "where the time went, as the demo does. The continuation is printed in bold on a "
+                                   "terminal (NO_COLOR turns that off).")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", default=None, help="model folder: run it dense in DRAM")
+    src.add_argument("--store", default=None, help="flash store: run it with the flash engine")
     g.add_argument("--prompt", type=utf8_text, required=True, help="prompt text")
     g.add_argument("-n", type=whole(1, 1 << 20), default=50, help="new tokens (default: %(default)s)")
     g.add_argument("--temperature", type=real(0, 100, what="a temperature"), default=0.0,
@@ -325,19 +330,38 @@ def _add_run_commands(sub) -> None:
     g.add_argument("--top-p", type=real(0, 1, lo_open=True, what="a probability mass"), default=1.0,
                    help="nucleus sampling mass (default: %(default)s)")
     g.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="sampling seed (default: %(default)s)")
+    f = g.add_argument_group("with --store")
+    f.add_argument("--policy", choices=["predictors", "oracle", "all"], default=None,
+                   help="which neurons each token reads: the low-rank predictors, the exact active set (oracle: a "
+                        "reference that holds the whole FFN to predict) or every neuron (naive) (default: predictors)")
+    f.add_argument("--predictors", default=None,
+                   help="predictor folder (default: the shipped predictors, when STORE holds the shipped model)")
+    f.add_argument("--window", type=whole(0, 4096), default=None, help=f"window of recent tokens (default: {WINDOW})")
+    add_memory(f, unset=True)
+    add_in_flight(f, unset=True)
+    f.add_argument("--pinned", type=pinned_rows, default=None,
+                   help="rows per layer that keep the hot neurons in DRAM, or 'auto' (default: 0)")
+    f.add_argument("--stats", choices=["table", "summary", "json"], default=None,
+                   help="table: per-token records and means on stderr; summary: the means only; json: one JSON "
+                        "object on stdout (text, per-token records, means) (default: table)")
     g.set_defaults(func=cmd_generate)
 
 
 def _add_training_commands(sub) -> None:
     t = sub.add_parser("train", help="reproduce the shipped model from the offline corpus",
                        description="Train the shipped OPT-style ReLU model on the docstring corpus "
-                                   "(see flashnb.training.corpus); resumes from OUT/checkpoint if present.")
+                                   "(see flashnb.training.corpus). It checkpoints into OUT/checkpoint every 100 "
+                                   "steps, every --checkpoint-minutes and on Ctrl-C; --resume continues from there. "
+                                   "The shipped model took 1.6 h with 2 threads on an idle 2-core machine.")
     t.add_argument("--out", default="flashnb-opt-21m", help="output folder (default: %(default)s)")
     t.add_argument("--tokens", type=whole(1), default=3_200_000, help="training tokens (default: %(default)s)")
     t.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
     t.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
     t.add_argument("--sparsity-target", type=real(0, 1, what="a fraction"), default=0.94,
                    help="FFN sparsity the L1 weight is steered to (default: %(default)s)")
+    t.add_argument("--checkpoint-minutes", type=real(0, 1e6, lo_open=True, what="minutes"), default=3.0,
+                   help="also checkpoint after this many minutes (default: %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")
     t.set_defaults(func=cmd_train)
 
     tp = sub.add_parser("train-predictors", help="train the per-layer FFN activation predictors",

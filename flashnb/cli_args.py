@@ -7,6 +7,8 @@ import argparse
 import math
 import sys
 
+from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET
+
 MAX_IN_FLIGHT = 1024  # the kernel's AIO queue rarely allows more; more only queues in Python
 
 
@@ -26,8 +28,8 @@ def whole(lo: int, hi: int | None = None, what: str = "a whole number"):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{v} is out of range: give {what} from {lo}"
-                                             + (f" to {hi}" if hi is not None else " or more"))
+            raise argparse.ArgumentTypeError(f"{v} is out of range: give {what} "
+                                             + (f"from {lo} to {hi}" if hi is not None else f"of {lo} or more"))
         return v
     return parse
 
@@ -78,3 +80,17 @@ def utf8_text(text: str) -> str:
 
 def pinned_rows(text: str) -> int | str:
     return "auto" if text == "auto" else whole(0, None, "a whole number or 'auto'")(text)
+
+
+def add_in_flight(parser, what: str = "", unset: bool = False) -> None:
+    """--in-flight; `unset`: None when not given (the command tells an engine default from a choice)."""
+    parser.add_argument("--in-flight", type=whole(1, MAX_IN_FLIGHT), default=None if unset else IN_FLIGHT,
+                        help=f"reads in flight{' ' + what if what else ''}: the AIO queue depth, or reader "
+                             f"threads where AIO is unavailable (default: {IN_FLIGHT})")
+
+
+def add_memory(parser, unset: bool = False) -> None:
+    """--memory; `unset`: None when not given."""
+    parser.add_argument("--memory", type=memory_budget, default=None if unset else MEMORY_BUDGET,
+                        help="DRAM budget for weights: a fraction of the model's bytes (0.5) or bytes (20000000, "
+                             f"20MB, 19MiB) (default: {MEMORY_BUDGET})")

@@ -1,22 +1,30 @@
-"""`flashnb demo`: the shipped model generating from flash at half its memory, token by token."""
+"""`flashnb demo` and `flashnb generate`: the flash engine generating, token by token, with what each token
+read and where its time went (and the dense model, the reference)."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
+from flashnb.core.generate import SamplingConfig, generate
 from flashnb.core.pinning import HotNeurons
-from flashnb.core.predictor import load_predictors
+from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET, WINDOW
+from flashnb.core.predictor import AllNeurons, OraclePredictor, load_predictors
 from flashnb.core.simulate import choose_pinned
 from flashnb.core.store import FlashStore
 from flashnb.device.costmodel import steps_io_ms
 from flashnb.device.profile import coalescing_gap, load_default_profile
+from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
+from flashnb.models.checkpoint import load_model
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import temporary_folder
+from flashnb.paths import shipped_predictors_dir, temporary_folder
 
 
 def per_token_table(steps, tok, out_ids) -> str:
@@ -30,39 +38,124 @@ def per_token_table(steps, tok, out_ids) -> str:
     return "\n".join(lines)
 
 
+def show_text(prompt: str, continuation: str, stream=None) -> str:
+    """The prompt and what the model added, marked off: the continuation in bold on a terminal (unless
+    NO_COLOR is set), else after the prompt as it is (so the text pipes unchanged)."""
+    stream = stream or sys.stdout
+    if stream.isatty() and not os.environ.get("NO_COLOR"):
+        return f"{prompt}\x1b[1m{continuation}\x1b[0m"
+    return prompt + continuation
+
+
+def token_records(steps, tok, out_ids) -> list[dict]:
+    """The per-token table as JSON records (counts are neurons summed over layers; times in ms)."""
+    return [{"token": tid, "text": tok.decode([tid]), "predicted": s.predicted, "pinned": s.pinned,
+             "cached": s.cached, "read": s.loaded, "evicted": s.evicted, "bytes_read": s.bytes_read,
+             "requests": s.requests, "io_ms": s.io_seconds * 1e3, "mm_ms": s.mm_seconds * 1e3,
+             "compute_ms": s.compute_seconds * 1e3, "total_ms": s.wall_seconds * 1e3}
+            for s, tid in zip(steps, out_ids)]
+
+
+def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str, n: int, *,
+                      hot: HotNeurons | None = None, sampling: SamplingConfig | None = None,
+                      stats: str = "table", name: str | None = None) -> None:
+    """Generate from `store` with the flash engine: the text on stdout, and on stderr the engine's setting,
+    per token what was read and where the time went (`stats`: "table"), or only the means ("summary");
+    `stats="json"` prints one JSON object on stdout instead (text, per-token records, means)."""
+    tok = Tokenizer.from_folder(store.path, bos_id=store.config.bos_token_id)
+    with FlashEngine(store, predictor, policy, hot=hot) as eng:
+        mem = eng.memory
+        print(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
+              f"{mem.used_bytes / 2**20:.1f} MiB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
+              f"{mem.model_bytes / 2**20:.1f} MiB (budget {policy.memory_budget:g}); {predictor.name}, window "
+              f"{policy.window} ({mem.capacity_rows} rows per layer), {mem.pinned_rows} hot neurons pinned per "
+              f"layer, {store.layout} store\n", file=sys.stderr)
+        ids = tok.encode(prompt)
+        out = list(eng.generate(ids, n, sampling, eos_id=eng.model.config.eos_token_id))
+        steps = eng.steps[len(ids):]
+    mean = TokenStats.of(steps, store.num_layers * store.ffn_dim) if steps else None
+    if stats == "json":
+        print(json.dumps({"prompt": prompt, "text": tok.decode(out), "store": str(store.path),
+                          "predictor": predictor.name, "window": policy.window,
+                          "memory_budget": policy.memory_budget, "dram_bytes": mem.used_bytes,
+                          "model_bytes": mem.model_bytes, "io_mode": eng.reader.io_mode,
+                          "tokens": token_records(steps, tok, out), "mean": mean.to_json() if mean else None}))
+        return
+    print(show_text(prompt, tok.decode(out)))
+    if stats == "table":
+        print(per_token_table(steps, tok, out), file=sys.stderr)
+    if mean:
+        print(f"\nper generated token (mean of {mean.tokens}, measured): {mean.bytes_read / 1e6:.3f} MB read in "
+              f"{mean.requests:.0f} requests, I/O {mean.io_ms:.2f} ms, memory management {mean.mm_ms:.2f} ms, "
+              f"compute {mean.compute_ms:.2f} ms, total {mean.total_ms:.2f} ms (median {mean.median_ms:.2f}); the "
+              f"whole FFN would be {(mem.model_bytes - mem.resident_bytes) / 1e6:.2f} MB", file=sys.stderr)
+
+
 def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, window: int, in_flight: int,
                         table: bool = True, predictors_dir: Path | None = None, pinned: int | str = 0) -> None:
-    """Convert `folder` to a temporary bundled store and generate with the flash engine, printing the
-    text on stdout and what each token read and cost on stderr. `pinned`: hot-neuron rows per layer,
-    or "auto" (`flashnb.core.simulate.choose_pinned` with the cost model on the saved device profile)."""
+    """Convert `folder` to a temporary bundled store and generate with the flash engine (`generate_on_store`).
+    `pinned`: hot-neuron rows per layer, or "auto" (`flashnb.core.simulate.choose_pinned` with the cost
+    model on the saved device profile)."""
     folder = Path(folder)
-    tok = Tokenizer.from_folder(folder)
     pred_dir = Path(predictors_dir or folder.parent / f"{folder.name}-predictors")
     predictors = load_predictors(pred_dir)
-    profile = load_default_profile()
-    policy = Policy(window, memory, in_flight, coalescing_gap(profile, in_flight))
-    hot = HotNeurons.load(pred_dir) if pinned else None
     with temporary_folder("flashnb-demo-") as work:
         store = FlashStore.open(convert(folder, work / "store", ConvertConfig(layout="bundled", progress=False)))
-        if pinned == "auto":
-            pinned = choose_pinned(hot, store, policy, predictors.memory_bytes(store.np_dtype.itemsize),
-                                   io_ms=lambda steps: steps_io_ms(profile, steps, in_flight)).chosen
-        with FlashEngine(store, predictors, replace(policy, pinned=pinned), hot=hot) as eng:
-            mem = eng.memory
-            print(f"flashnb: {folder.name} from flash: FFN on disk ({eng.reader.io_mode}), "
-                  f"{mem.used_bytes / 2**20:.1f} MiB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
-                  f"{mem.model_bytes / 2**20:.1f} MiB (budget {memory:g}); low-rank predictors, window {window} "
-                  f"({mem.capacity_rows} rows per layer), {mem.pinned_rows} hot neurons pinned per layer, "
-                  "row-column bundles\n", file=sys.stderr)
-            ids = tok.encode(prompt)
-            out = list(eng.generate(ids, n, eos_id=eng.model.config.eos_token_id))
-            print(prompt + tok.decode(out))
-            steps = eng.steps[len(ids):]
-            if table:
-                print(per_token_table(steps, tok, out), file=sys.stderr)
-            if steps:
-                s = TokenStats.of(steps, eng.store.num_layers * eng.store.ffn_dim)
-                print(f"\nper generated token (mean of {s.tokens}, measured): {s.bytes_read / 1e6:.3f} MB read in "
-                      f"{s.requests:.0f} requests, I/O {s.io_ms:.2f} ms, memory management {s.mm_ms:.2f} ms, "
-                      f"compute {s.compute_ms:.2f} ms, total {s.total_ms:.2f} ms (median {s.median_ms:.2f}); the whole "
-                      f"FFN would be {mem.model_bytes / 1e6 - mem.resident_bytes / 1e6:.2f} MB", file=sys.stderr)
+        policy, hot = pinned_policy(store, predictors, pred_dir, memory, window, in_flight, pinned)
+        generate_on_store(store, predictors, policy, prompt, n, hot=hot, stats="table" if table else "summary",
+                          name=folder.name)
+
+
+def pinned_policy(store: FlashStore, predictors, pred_dir: Path | None, memory: float | int, window: int,
+                  in_flight: int, pinned: int | str) -> tuple[Policy, HotNeurons | None]:
+    """The engine's policy with `pinned` hot-neuron rows per layer ("auto": the split that simulates fastest
+    on the saved device profile), and the hot neurons from `pred_dir` (None when nothing is pinned)."""
+    profile = load_default_profile()
+    policy = Policy(window, memory, in_flight, coalescing_gap(profile, in_flight))
+    if not pinned:
+        return policy, None
+    if pred_dir is None:
+        raise FlashnbError("--pinned needs the hot neurons that `flashnb train-predictors` writes beside the "
+                           "predictors: pass --predictors FOLDER")
+    hot = HotNeurons.load(pred_dir)
+    if pinned == "auto":
+        pinned = choose_pinned(hot, store, policy, predictors.memory_bytes(store.np_dtype.itemsize),
+                               io_ms=lambda steps: steps_io_ms(profile, steps, in_flight)).chosen
+    return replace(policy, pinned=pinned), hot
+
+
+def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: str = "predictors",
+                        predictors: str | Path | None = None, window: int = WINDOW,
+                        memory: float | int = MEMORY_BUDGET, in_flight: int = IN_FLIGHT, pinned: int | str = 0,
+                        stats: str = "table", sampling: SamplingConfig | None = None) -> None:
+    """`flashnb generate --store`: the flash engine on a store written by `flashnb convert`. `policy`:
+    "predictors" (from `predictors`, default the shipped ones when the store holds the shipped model),
+    "oracle" (the exact active set) or "all" (every neuron: naive)."""
+    store = FlashStore.open(store_dir)
+    if predictors is None and (policy == "predictors" or pinned):
+        if load_predictors(shipped_predictors_dir()).fingerprint != store.fingerprint:
+            raise FlashnbError(f"{store.path} holds a model other than the shipped one: pass --predictors FOLDER "
+                               "(`flashnb train-predictors --model SOURCE` writes them), or --policy oracle (exact; "
+                               "holds the whole FFN in DRAM to predict) or --policy all (naive: every neuron read)")
+        predictors = shipped_predictors_dir()
+    if policy == "predictors":
+        predictor = load_predictors(predictors)
+    elif policy == "oracle":
+        predictor = OraclePredictor(store.load_model())
+    else:
+        predictor = AllNeurons(store.ffn_dim)
+    pol, hot = pinned_policy(store, predictor, Path(predictors) if predictors else None, memory, window,
+                             in_flight, pinned)
+    generate_on_store(store, predictor, pol, prompt, n, hot=hot, stats=stats, sampling=sampling)
+
+
+def generate_dense(folder: str | Path, prompt: str, n: int, sampling: SamplingConfig | None = None) -> None:
+    """`flashnb generate --model`: the dense model of a Hugging Face folder in DRAM; the text on stdout."""
+    model, tok = load_model(folder), Tokenizer.from_folder(folder)
+    ids = tok.encode(prompt)
+    t0 = time.perf_counter()
+    out = list(generate(model, ids, n, sampling, eos_id=model.config.eos_token_id))
+    dt = time.perf_counter() - t0
+    print(show_text(prompt, tok.decode(out)))
+    print(f"\n[{len(out)} tokens in {dt:.2f} s, dense in DRAM, {len(out) / max(dt, 1e-9):.1f} tokens/s]",
+          file=sys.stderr)

@@ -33,6 +33,11 @@ def shipped_model_dir() -> Path:
     return d
 
 
+def shipped_predictors_dir() -> Path:
+    """The folder of the shipped model's predictors and hot neurons (data/flashnb-opt-21m-predictors)."""
+    return data_dir() / f"{SHIPPED_MODEL}-predictors"
+
+
 # Temporary folders in use (scratch stores of `flashnb demo` and `flashnb bench`): the command line's
 # SIGTERM handler removes them before the process ends, wherever the signal lands.
 TEMPORARY: list[Path] = []

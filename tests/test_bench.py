@@ -72,6 +72,11 @@ def test_every_configuration_runs_and_reports(tmp_path):
     assert r["pinned"].pinned > 0 or result.pinning["chosen"] == 0
     table = format_table(result)
     assert "accelerate disk offload" in table and "+bundling (all)" in table and "dense in DRAM" in table
+    head, _, *rows = table.splitlines()[:2 + len(res)]
+    ends = [head.index(name) + len(name) - 1 for name in ("I/O", "mem", "compute", "total", "median", "MB/token",
+                                                           "GB/s", "vs naive", "model I/O", "x floor")]
+    for row in rows:   # every value (a number or a dash) ends where its column's name ends
+        assert len(row) == len(head) and all(row[i] != " " and row[i + 1:i + 2] in ("", " ") for i in ends), row
     out = json.loads(json.dumps(result.to_json()))  # JSON-ready
     assert out["results"]["all"]["total_ms"] == r["all"].total_ms and out["settings"]["in_flight"] == 2
 

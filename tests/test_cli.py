@@ -26,6 +26,64 @@ def test_generate_on_a_folder(tiny_opt_dir, capsys):
     assert capsys.readouterr().out.startswith("Open the")
 
 
+@pytest.fixture(scope="module")
+def shipped_store(tmp_path_factory):
+    from flashnb.core.convert import ConvertConfig, convert
+    from flashnb.paths import shipped_model_dir
+
+    return convert(shipped_model_dir(), tmp_path_factory.mktemp("s") / "store", ConvertConfig(progress=False))
+
+
+def test_generate_from_a_store_equals_dense_with_the_oracle(shipped_store, capsys):
+    from flashnb.paths import shipped_model_dir
+
+    prompt = ["--prompt", "Open the file", "-n", "12"]
+    assert main(["generate", "--model", str(shipped_model_dir()), *prompt]) == 0
+    dense = capsys.readouterr().out
+    assert main(["generate", "--store", str(shipped_store), "--policy", "oracle", "--memory", "0.6", *prompt]) == 0
+    out, err = capsys.readouterr()
+    assert out == dense and "oracle, window 4" in err and "I/O ms" in err and "per generated token" in err
+
+
+def test_generate_from_a_store_prints_json_records(shipped_store, capsys):
+    import json
+
+    argv = ["generate", "--store", str(shipped_store), "--prompt", "Return a new list", "-n", "6"]
+    assert main(argv + ["--stats", "summary"]) == 0   # the shipped predictors, found by the store's fingerprint
+    text = capsys.readouterr().out.rstrip("\n")
+    assert main(argv + ["--stats", "json", "--window", "2"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["prompt"] + got["text"] == text and got["predictor"] == "low-rank predictors" and got["window"] == 2
+    assert len(got["tokens"]) == 5 and got["mean"]["tokens"] == 5   # the first new token comes with the prompt
+    for r in got["tokens"]:
+        assert r["predicted"] == r["cached"] + r["read"] + r["pinned"] and r["bytes_read"] >= r["read"] * 2048
+    assert got["mean"]["bytes_read"] == pytest.approx(sum(r["bytes_read"] for r in got["tokens"]) / 5)
+
+
+def test_generate_from_a_store_of_another_model_needs_predictors(tmp_path, tiny_opt_dir, capsys):
+    from flashnb.core.convert import ConvertConfig, convert
+
+    store = convert(tiny_opt_dir, tmp_path / "store", ConvertConfig(progress=False))
+    _one_line_error(capsys, ["generate", "--store", str(store), "--prompt", "Open"], "pass --predictors FOLDER")
+    assert main(["generate", "--store", str(store), "--prompt", "Open", "-n", "3", "--policy", "all", "--memory", "0.9"]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, ["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "--window", "2"],
+                    "--window: only for the flash engine")
+
+
+def test_the_continuation_is_bold_on_a_terminal_only(monkeypatch):
+    from flashnb.demo import show_text
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert show_text("Open", " it", Tty()) == "Open\x1b[1m it\x1b[0m"
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert show_text("Open", " it", Tty()) == "Open it"
+
+
 @pytest.mark.parametrize("command", sorted(build_parser()._subparsers._group_actions[0].choices))
 def test_every_command_has_help(command):
     r = subprocess.run([sys.executable, "-m", "flashnb.cli", command, "--help"], capture_output=True, text=True)
@@ -57,7 +115,7 @@ def test_memory_is_a_fraction_or_bytes(capsys, value, words):
 
 
 def test_memory_parses_fractions_and_bytes():
-    from flashnb.cli import memory_budget
+    from flashnb.cli_args import memory_budget
 
     assert memory_budget("0.5") == 0.5 and memory_budget("1.0") == 1.0
     assert memory_budget("20000000") == 20_000_000 and memory_budget("20MB") == 20_000_000

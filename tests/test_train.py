@@ -7,6 +7,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from flashnb.models.tokenizer import Tokenizer
 from flashnb.training.corpus import Corpus
 from flashnb.training.train import TrainConfig, train
 
@@ -22,12 +23,14 @@ def tiny(out) -> TrainConfig:
 
 
 def test_train_writes_a_folder_transformers_loads(tmp_path):
-    from transformers import OPTForCausalLM
+    from transformers import AutoTokenizer, OPTForCausalLM
 
     card = train(tiny(tmp_path / "m"), corpus=CORPUS, progress=False)
     folder = tmp_path / "m"
     assert {"config.json", "model.safetensors", "tokenizer.json", "training_card.json"} <= {p.name for p in folder.iterdir()}
     hf = OPTForCausalLM.from_pretrained(folder)
+    hf_tok, ours = AutoTokenizer.from_pretrained(folder), Tokenizer.from_folder(folder)
+    assert hf_tok(TEXTS[0]).input_ids == ours.encode(TEXTS[0]) and ours.encode(TEXTS[0])[0] == hf.config.bos_token_id
     assert hf.config.ffn_dim == 64 and hf.config.num_hidden_layers == 2
     assert card["tokens_seen"] == 6 * 4 * 16 and card["steps"] == 6
     h = card["heldout"]
@@ -44,3 +47,63 @@ def test_resume_is_exact(tmp_path):
     a = load_file(tmp_path / "a" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from flashnb.training import train as train_module
+
+    train(tiny(tmp_path / "a"), corpus=CORPUS, progress=False)
+    lr_at, pressed = train_module.lr_at, []
+
+    def lr_then_ctrl_c(step, cfg):
+        if step == 2 and not pressed:
+            pressed.append(step)
+            signal.raise_signal(signal.SIGINT)   # as if the user pressed Ctrl-C once during the third step
+        return lr_at(step, cfg)
+
+    monkeypatch.setattr(train_module, "lr_at", lr_then_ctrl_c)
+    assert train(tiny(tmp_path / "b"), corpus=CORPUS, progress=True) is None
+    err = capsys.readouterr().err
+    assert err.startswith("flashnb train: fitting the tokenizer") and "stopped at step 3 of 6" in err
+    assert train_module.checkpointed_step(tmp_path / "b" / "checkpoint") == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler is given back
+    monkeypatch.setattr(train_module, "lr_at", lr_at)
+    train(tiny(tmp_path / "b"), corpus=CORPUS, progress=False)
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_also_come_by_the_clock(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from flashnb.training import train as train_module
+
+    saved = []
+    save = train_module._save_checkpoint
+    monkeypatch.setattr(train_module, "_save_checkpoint", lambda ckpt, m, o, state, rng: (saved.append(state.step),
+                                                                                         save(ckpt, m, o, state, rng)))
+    train(replace(tiny(tmp_path / "a"), checkpoint_seconds=1e9), corpus=CORPUS, progress=False)
+    assert saved == [6]                       # only the last step: 100 steps or 1e9 s never came
+    saved.clear()
+    train(replace(tiny(tmp_path / "b"), checkpoint_seconds=1e-9), corpus=CORPUS, progress=False)
+    assert saved == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_command_resumes_only_when_asked(tmp_path, capsys):
+    from flashnb.cli import main
+
+    out = tmp_path / "m"
+    assert train(tiny(out), corpus=CORPUS, progress=False, stop_at_step=2) is None
+
+    def error(argv):
+        assert main(["train", "--out", str(out), *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "checkpointed at step 2" in error([]) and "add --resume" in error([])
+    assert "holds no checkpoint to resume" in error(["--resume", "--out", str(tmp_path / "new")])
+    train(tiny(out), corpus=CORPUS, progress=False)
+    (out / "checkpoint" / "state.json").unlink()
+    assert "already holds a model" in error([])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 from flashnb.lab.stats import TokenStats
@@ -121,23 +123,27 @@ class BenchResult:
                 "scale": self.scale}
 
 
-def _f(x, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
+def _f(x, spec: str, unit: str = "") -> str:
+    """`x` in `spec` followed by `unit`, or a dash right-aligned in the same width where x is unknown."""
+    if x is None:
+        return "—".rjust(int(re.match(r"\d*", spec).group() or 0) + len(unit))
+    return format(x, spec) + unit
 
 
 def format_table(result: BenchResult) -> str:
     """The result as a fixed-width text table (ms per token; MB = 1e6 bytes)."""
-    head = (f"{'configuration':<24} {'I/O':>7} {'mem':>6} {'compute':>8} {'total':>8} {'median':>7} {'p10-p90':>13} "
+    w = max([24] + [len(r.label) for r in result.results.values()])
+    head = (f"{'configuration':<{w}} {'I/O':>7} {'mem':>6} {'compute':>8} {'total':>8} {'median':>7} {'p10-p90':>13} "
             f"{'MB/token':>9} {'GB/s':>5} {'vs naive':>8} {'model I/O':>9} {'x floor':>7}")
     lines = [head, "-" * len(head)]
     for r in result.results.values():
         s = r.stats
-        lines.append(f"{r.label:<24} {_f(s.io_ms, '7.2f')} {_f(s.mm_ms, '6.2f')} {_f(s.compute_ms, '8.2f')} "
+        lines.append(f"{r.label:<{w}} {_f(s.io_ms, '7.2f')} {_f(s.mm_ms, '6.2f')} {_f(s.compute_ms, '8.2f')} "
                      f"{s.total_ms:8.2f} {s.median_ms:7.2f} {s.p10_ms:6.1f}-{s.p90_ms:<6.1f} "
-                     f"{s.bytes_per_token / 1e6:9.3f} {_f(s.io_GBps, '5.2f')} {_f(r.speedup_vs_naive, '7.1f')}x "
-                     f"{_f(r.modeled_io_ms, '9.2f')} {_f(r.floor_ms and s.total_ms / r.floor_ms, '6.2f')}x")
+                     f"{s.bytes_per_token / 1e6:9.3f} {_f(s.io_GBps, '5.2f')} {_f(r.speedup_vs_naive, '7.1f', 'x')} "
+                     f"{_f(r.modeled_io_ms, '9.2f')} {_f(r.floor_ms and s.total_ms / r.floor_ms, '6.2f', 'x')}")
     for name, why in result.skipped.items():
-        lines.append(f"{LABELS[name]:<24} skipped: {why}")
+        lines.append(f"{LABELS[name]:<{w}} skipped: {why}")
     if result.pinning:
         p = result.pinning
         lines.append(f"{LABELS['pinned']}: {p['chosen']} hot neurons pinned per layer, the split with the least "
@@ -166,7 +172,7 @@ def format_table(result: BenchResult) -> str:
         for name, m in rp.results.items():
             s = m.stats
             lines.append(f"{LABELS[name]:<24} {s.io_ms:9.1f} {s.bytes_read / 1e6:9.1f} {s.requests:9.0f} "
-                         f"{_f(s.io_GBps, '6.2f')} {_f(m.io_vs_naive, '7.1f')}x {_f(m.io_vs_naive_model, '7.1f')}x")
+                         f"{_f(s.io_GBps, '6.2f')} {_f(m.io_vs_naive, '7.1f', 'x')} {_f(m.io_vs_naive_model, '7.1f', 'x')}")
         lines.append("vs naive: against reading every layer's whole FFN; vs model: against reading the whole model "
                      "(13.4 GB), the naive of the paper's Table 2")
         lines.append("paper, OPT 6.7B on an M1 Max (Table 2), I/O ms: naive 2196, +predictor 738, +windowing 164, "

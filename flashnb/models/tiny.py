@@ -28,15 +28,18 @@ TEXTS = ["Return the number of items in the container.", "Open the file and retu
 OPT_DEFAULTS = dict(vocab_size=300, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=64, word_embed_proj_dim=32)
 LLAMA_DEFAULTS = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, hidden_act="relu", max_position_embeddings=64)
+                      num_attention_heads=4, num_key_value_heads=2, hidden_act="relu", max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=2, pad_token_id=1)  # the tokenizer's <s>, </s>, <pad>
 BACKENDS = ("auto", "transformers", "flashnb")
 
 
 def save_tiny_tokenizer(folder: str | Path, vocab_size: int = 300) -> None:
-    """A byte-level BPE fitted on TEXTS, saved as `folder`/tokenizer.json."""
-    from flashnb.models.tokenizer import train_bpe
+    """A byte-level BPE fitted on TEXTS, saved in `folder` for flashnb and for transformers' AutoTokenizer;
+    its start token is the folder's config.json `bos_token_id` (written first), else OPT's 2."""
+    from flashnb.models.tokenizer import config_bos, train_bpe
 
-    train_bpe(TEXTS, vocab_size).save(folder)
+    bos = config_bos(Path(folder))
+    train_bpe(TEXTS, vocab_size, bos_id=2 if bos is None else bos).save(folder)
 
 
 def has_transformers() -> bool:

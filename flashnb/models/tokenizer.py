@@ -1,4 +1,5 @@
-"""Tokenizers through the `tokenizers` library: load tokenizer.json, encode/decode, train a BPE."""
+"""Tokenizers through the `tokenizers` library: load tokenizer.json, encode/decode, train a BPE, and save
+them so that transformers' `AutoTokenizer` encodes exactly as flashnb does."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from flashnb.errors import FlashnbError
 
@@ -26,7 +27,7 @@ class Tokenizer:
         `bos_token_id` (OPT: 2), else none."""
         f = Path(folder) / "tokenizer.json"
         if bos_id is None:
-            bos_id = _config_bos(Path(folder))
+            bos_id = config_bos(Path(folder))
         if not f.is_file():
             raise FlashnbError(f"{f} is missing: flashnb needs the model's tokenizer.json "
                                "(save it with tokenizer.save_pretrained(folder))")
@@ -47,14 +48,39 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def save(self, folder: str | Path) -> None:
-        self.tok.save(str(Path(folder) / "tokenizer.json"))
+        """Write `folder`/tokenizer.json and, for transformers' `AutoTokenizer`, tokenizer_config.json and
+        special_tokens_map.json: the same ids as `encode` (the start token added by tokenizer.json's post
+        processor), OPT's special tokens, padding on the left (for batched generation). The model's
+        config.json, when already in `folder`, gives the context length."""
+        folder = Path(folder)
+        special = {name: t for name, t in (("eos_token", "</s>"), ("unk_token", "<unk>"), ("pad_token", "<pad>"))
+                   if self.tok.token_to_id(t) is not None}
+        if self.bos_id is not None:
+            bos = self.tok.id_to_token(self.bos_id)
+            special = {"bos_token": bos, **special}
+            self.tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, self.bos_id)])
+        self.tok.save(str(folder / "tokenizer.json"))
+        context = _config(folder).get("max_position_embeddings")
+        hf = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "padding_side": "left",
+              "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}
+        if isinstance(context, int) and not isinstance(context, bool):
+            hf["model_max_length"] = context
+        (folder / "tokenizer_config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def _config_bos(folder: Path) -> int | None:
+def _config(folder: Path) -> dict:
+    """The folder's config.json as a dict; {} when it is missing or unreadable."""
     try:
-        bos = json.loads((folder / "config.json").read_text()).get("bos_token_id")
-    except (OSError, ValueError, AttributeError):
-        return None
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def config_bos(folder: Path) -> int | None:
+    bos = _config(folder).get("bos_token_id")
     return bos if isinstance(bos, int) and not isinstance(bos, bool) and bos >= 0 else None
 
 

@@ -6,13 +6,18 @@ warmup + cosine learning rate, on random 256-token windows; an L1 penalty on the
     lam <- max(0, lam + l1_rate * clip(target - batch_sparsity, -0.02, +0.02)).
 It writes a Hugging Face folder (config.json, model.safetensors in fp16, tokenizer.json) and a
 training card with the corpus hash, tokens seen, wall time, held-out perplexity and sparsity per layer,
-both measured on the fp16 weights it ships. Checkpoints (safetensors + JSON, no pickle) let a run resume.
+both measured on the fp16 weights it ships. Checkpoints (safetensors + JSON, no pickle) let a run resume:
+one every `checkpoint_every` steps and every `checkpoint_seconds`, and one when Ctrl-C (SIGINT) or SIGTERM
+asks the run to stop (at the end of the step under way; a second Ctrl-C stops at once, without one).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,11 +55,16 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     checkpoint_every: int = 100
+    checkpoint_seconds: float = 180.0
     eval_tokens: int = 65_536
 
     @property
     def steps(self) -> int:
         return max(1, self.tokens // (self.batch * self.context))
+
+
+# Settings that may change between a run and its resumption: they do not change what is trained.
+RESUMABLE = ("out", "threads", "checkpoint_every", "checkpoint_seconds")
 
 
 @dataclass
@@ -140,26 +150,128 @@ def _load_checkpoint(ckpt: Path, model, opt, rng: np.random.Generator) -> TrainS
     return TrainState(**meta["state"])
 
 
+class StopRequest:
+    """While entered (in the main thread), SIGINT and SIGTERM set `signal` instead of ending the process, so
+    that training stops at the end of the step under way with a checkpoint; a second SIGINT interrupts."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def _ask(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._ask) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def checkpointed_step(ckpt: Path) -> int | None:
+    """The step of the checkpoint in `ckpt`, or None if there is none."""
+    try:
+        return int(json.loads((ckpt / "state.json").read_text())["state"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_out(cfg: TrainConfig, resume: bool) -> None:
+    """The command line's guard: a checkpoint in OUT is continued only with `resume`, a finished model in OUT
+    is never trained over, and `resume` needs a checkpoint."""
+    out = Path(cfg.out)
+    step = checkpointed_step(out / "checkpoint")
+    if step is not None and not resume:
+        raise FlashnbError(f"{out} holds a run checkpointed at step {step} of {cfg.steps}: add --resume to "
+                           "continue it, or choose another --out")
+    if step is None and (out / "model.safetensors").exists():
+        raise FlashnbError(f"{out} already holds a model: choose another --out")
+    if step is None and resume:
+        raise FlashnbError(f"{out / 'checkpoint'} holds no checkpoint to resume: drop --resume to start a run")
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"flashnb train: {message}", file=sys.stderr, flush=True)
+
+
+def _steps(cfg: TrainConfig, model, opt, rng: np.random.Generator, state: TrainState, train_ids: np.ndarray,
+           ckpt: Path, stop: StopRequest, progress: bool, stop_at_step: int | None) -> bool:
+    """Train from `state.step` to the end, checkpointing as `cfg` says; True if stopped early (with a checkpoint)."""
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, unit="step")
+    t0 = time.perf_counter() - state.seconds
+    saved_at = time.perf_counter()
+    try:
+        while state.step < cfg.steps:
+            starts = rng.integers(0, len(train_ids) - cfg.context - 1, cfg.batch)
+            window = np.stack([train_ids[s:s + cfg.context + 1] for s in starts]).astype(np.int64)
+            x, y = torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])
+            for g in opt.param_groups:
+                g["lr"] = lr_at(state.step, cfg)
+            logits = model(x)
+            ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+            acts = [b.ffn.last_activation for b in model.layers]
+            l1 = torch.stack([a.abs().mean() for a in acts]).mean()
+            loss = ce + state.lam * l1
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                sparsity = torch.stack([(a == 0).float().mean() for a in acts]).mean().item()
+            err = max(-0.02, min(0.02, cfg.sparsity_target - sparsity))
+            state.lam = max(0.0, state.lam + cfg.l1_rate * err)
+            state.step += 1
+            bar.update(1)
+            bar.set_postfix(ce=f"{ce.item():.3f}", sparsity=f"{sparsity:.3f}", lam=f"{state.lam:.3f}")
+            if state.step % 20 == 0:
+                state.log.append({"step": state.step, "ce": round(ce.item(), 4), "sparsity": round(sparsity, 4),
+                                  "lam": round(state.lam, 4)})
+            early = stop.signal is not None or state.step == stop_at_step
+            if (early or state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps
+                    or time.perf_counter() - saved_at >= cfg.checkpoint_seconds):
+                state.seconds = time.perf_counter() - t0
+                _save_checkpoint(ckpt, model, opt, state, rng)
+                saved_at = time.perf_counter()
+            if early:
+                return True
+        return False
+    finally:
+        bar.close()
+
+
 def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
           stop_at_step: int | None = None) -> dict | None:
     """Train (or resume) the model described by `cfg`; returns the training card it writes.
 
     `stop_at_step` ends the run early after checkpointing that step (returns None), as an
-    interruption would; calling `train` again with the same `cfg` resumes exactly there.
+    interruption would; calling `train` again with the same `cfg` resumes exactly there. Ctrl-C or
+    SIGTERM end it the same way at the end of the step under way (returns None).
     """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     out.mkdir(parents=True, exist_ok=True)
-    corpus = corpus or collect()
+    if corpus is None:
+        _say(progress, "collecting the corpus (docstrings of the standard library and torch, pydoc topics; "
+                       "about a minute)")
+        corpus = collect()
     tok_path = ckpt / "tokenizer.json"
     if tok_path.exists():
         tok = Tokenizer.from_folder(ckpt, bos_id=2)
     else:
+        _say(progress, f"fitting the tokenizer (byte-level BPE, {cfg.vocab_size} entries) on "
+                       f"{len(corpus.train)} documents")
         tok = train_bpe(corpus.train, cfg.vocab_size)
         ckpt.mkdir(parents=True, exist_ok=True)
         tok.save(ckpt)
+    _say(progress, "encoding the corpus")
     train_ids, held_ids = encode_split(tok, corpus.train), encode_split(tok, corpus.heldout)
 
     mcfg = OPTConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, ffn_dim=cfg.ffn_dim,
@@ -181,49 +293,28 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
     state = TrainState()
     if (ckpt / "state.json").exists():
         saved = json.loads((ckpt / "config.json").read_text())
-        if saved != asdict(cfg) | {"out": saved["out"]}:
-            raise FlashnbError(f"{ckpt} was written with other settings ({saved}); pass the same "
-                               "options to resume, or another --out to start afresh")
+        differ = sorted(k for k in set(saved) | set(asdict(cfg))
+                        if k not in RESUMABLE and saved.get(k) != asdict(cfg).get(k))
+        if differ:
+            raise FlashnbError(f"{ckpt} was written with other settings ({', '.join(f'{k}={saved.get(k)}' for k in differ)}); "
+                               "pass the same options to resume, or another --out to start afresh")
         state = _load_checkpoint(ckpt, model, opt, rng)
+        _say(progress, f"resuming from {ckpt} at step {state.step} of {cfg.steps}")
     (ckpt / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     model.train()
     set_recording(model, True)
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, unit="step")
-    t0 = time.perf_counter() - state.seconds
-    while state.step < cfg.steps:
-        starts = rng.integers(0, len(train_ids) - cfg.context - 1, cfg.batch)
-        window = np.stack([train_ids[s:s + cfg.context + 1] for s in starts]).astype(np.int64)
-        x, y = torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(state.step, cfg)
-        logits = model(x)
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
-        acts = [b.ffn.last_activation for b in model.layers]
-        l1 = torch.stack([a.abs().mean() for a in acts]).mean()
-        loss = ce + state.lam * l1
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            sparsity = torch.stack([(a == 0).float().mean() for a in acts]).mean().item()
-        err = max(-0.02, min(0.02, cfg.sparsity_target - sparsity))
-        state.lam = max(0.0, state.lam + cfg.l1_rate * err)
-        state.step += 1
-        bar.update(1)
-        bar.set_postfix(ce=f"{ce.item():.3f}", sparsity=f"{sparsity:.3f}", lam=f"{state.lam:.3f}")
-        if state.step % 20 == 0:
-            state.log.append({"step": state.step, "ce": round(ce.item(), 4), "sparsity": round(sparsity, 4),
-                              "lam": round(state.lam, 4)})
-        if state.step % cfg.checkpoint_every == 0 or state.step in (cfg.steps, stop_at_step):
-            state.seconds = time.perf_counter() - t0
-            _save_checkpoint(ckpt, model, opt, state, rng)
-        if state.step == stop_at_step:
-            bar.close()
-            return None
-    bar.close()
+    _say(progress, f"training {cfg.steps} steps of {cfg.batch} x {cfg.context} tokens on {cfg.threads} thread(s); "
+                   f"a checkpoint every {cfg.checkpoint_every} steps and every {cfg.checkpoint_seconds:g} s, and on "
+                   "Ctrl-C")
+    with StopRequest() as stop:
+        stopped = _steps(cfg, model, opt, rng, state, train_ids, ckpt, stop, progress, stop_at_step)
+    if stopped:
+        _say(progress, f"stopped at step {state.step} of {cfg.steps}; checkpoint saved in {ckpt}: the same command "
+                       "with --resume continues from there")
+        return None
     set_recording(model, False)
+    _say(progress, "saving the model and measuring it on the held-out split")
 
     save_model(model, out, dtype=torch.float16)
     tok.save(out)
