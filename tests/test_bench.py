@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from flashnb.bench.report import format_table
@@ -14,11 +15,11 @@ from flashnb.core.engine import Policy
 from flashnb.core.pinning import HotNeurons
 from flashnb.core.predictor import LowRankPredictor, LowRankPredictors
 from flashnb.core.store import FlashStore
+from flashnb.errors import FlashnbError
 from flashnb.lab.bundling import layout_summary
-from flashnb.lab.windowing import window_sweep
+from flashnb.lab.windowing import window_budget_grid, window_sweep
 from flashnb.models.checkpoint import load_model
 from flashnb.models.fingerprint import model_fingerprint
-from flashnb.viz.engine import window_figure
 from flashnb.widgets.engine import window_explorer
 
 from conftest import make_tiny_opt
@@ -102,16 +103,23 @@ def test_window_sweep_and_layout_summary(tmp_path):
     rows = window_sweep(sets, store, Policy(0, 1.0), range(0, 4))
     assert [r.window for r in rows] == [0, 1, 2, 3]
     assert rows[0].hit_share == 0.0 and rows[3].mb_per_token < rows[0].mb_per_token
-    fig = window_figure(rows, 2)
-    tokens = next(t for t in fig.data if t.type == "scatter")
-    opacity = {w: o for t in fig.data if t.type == "bar" for w, o in zip(t.x, t.marker.opacity)}
-    assert list(tokens.y) == list(rows[2].per_token_mb) and opacity == {0: 0.35, 1: 0.35, 2: 1.0, 3: 0.35}
-    box, slider, widget = window_explorer(rows, 64, window=2)
-    slider.value = 3                                    # the observer redraws both panels
-    tokens = next(t for t in widget.data if t.type == "scatter")
+    ffn_bytes = store.memory_shape().ffn_bytes
+    assert rows[2].ffn_share == pytest.approx(rows[2].mb_per_token * 1e6 / ffn_bytes)
+    grid = window_budget_grid(sets, store, Policy(0, 1.0), range(0, 4), budgets=(0.01, 0.9, 1.0))
+    assert grid.budgets == (0.9, 1.0)                  # 1% holds no row: left out
+    assert grid.at(1.0) == tuple(rows) and grid.gain(1.0) == rows[0].mb_per_token / rows[3].mb_per_token
+    with pytest.raises(FlashnbError, match="the least is"):
+        window_budget_grid(sets, store, Policy(0, 1.0), range(0, 4), budgets=(0.01,))
+    paper = {"window": 5, "ffn_loaded_predictor": 0.1, "ffn_loaded_window": 0.024, "window_reuse": 0.78,
+             "window_cached_fraction": 0.24}
+    box, slider, budgets, widget = window_explorer(grid, paper, window=2, budget=0.9)
+    slider.value = 3                                    # the observers redraw the bars, the frame and the text
+    budgets.value = 1.0
     opacity = {w: o for t in widget.data if t.type == "bar" for w, o in zip(t.x, t.marker.opacity)}
-    assert list(tokens.y) == list(rows[3].per_token_mb) and "window 3:" in box.children[1].value
     assert opacity == {0: 0.35, 1: 0.35, 2: 0.35, 3: 1.0}
+    assert [y for t in widget.data if t.type == "bar" for y in t.y] == [100 * r.ffn_share for r in rows]
+    assert "window 3 at 100% of the model" in box.children[1].value
+    assert next(sh for sh in widget.layout.shapes if sh.name == "chosen").y0 == 0.5   # the second budget
 
 
 def test_layout_summary_of_engine_records():

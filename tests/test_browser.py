@@ -3,7 +3,9 @@
 nbval proves every notebook runs in a kernel; this test proves what a reader sees. It starts
 JupyterLab on a copy of notebooks/03_windowing.ipynb (so the browser's autosave never writes to the
 repository), runs all cells through JupyterLab's own command, moves the window slider with the
-keyboard and checks that the plotly figure's data follows it, and that the page logged no errors.
+keyboard and checks that the plotly figure's data follows it, then moves it again and re-runs the cells
+that confirm the preview with the engine (they must run at the new window, without an error), and that
+the page logged no errors.
 
 It needs /usr/bin/chromium and the `playwright` package (the `test` extra); `.ci/run` installs
 Chromium. Playwright drives the system Chromium: never `playwright install` (no browser downloads).
@@ -172,7 +174,8 @@ def test_window_slider_redraws_plot(lab, tmp_path):
             page.on("pageerror", lambda e: console_errors.append(f"pageerror: {e}"))
             try:
                 _run_all(page, lab)
-                _move_slider(page, screenshot)
+                window = _move_slider(page, screenshot)
+                _rerun_after_moving(page, window)
             except BaseException:
                 page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
                 print(f"\nfailure screenshot: {tmp_path / 'failure.png'}\nserver log: {lab['log']}")
@@ -200,7 +203,43 @@ def _run_all(page, lab) -> None:
     page.set_default_timeout(REDRAW_S * 1000)
 
 
-def _move_slider(page, screenshot: Path) -> None:
+RERUN_JS = """async (marker) => {
+    const app = window.jupyterapp;
+    const nb = app.shell.currentWidget;
+    const cells = nb.content.widgets;
+    const i = cells.findIndex(c => c.model.type === 'code' && c.model.sharedModel.getSource().includes(marker));
+    if (i < 0) return {found: false};
+    nb.content.activeCellIndex = i;
+    await app.commands.execute('notebook:run-cell');
+    const outs = cells[i].model.toJSON().outputs || [];
+    return {found: true, errors: outs.filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue),
+            text: outs.map(o => [].concat(o.text || []).join('')).join('')};
+}"""
+
+
+def _rerun_after_moving(page, window: int) -> None:
+    """Move the window slider one more step, then re-run the engine check and its assertion: they must run at
+    the slider's new window (the notebook's store and recording are still there) without an error."""
+    slider = page.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text="window"))
+    handle, readout = slider.locator(".noUi-handle"), slider.locator(".widget-readout")
+    smax = int(float(handle.get_attribute("aria-valuemax")))
+    key, moved = ("ArrowRight", window + 1) if window < smax else ("ArrowLeft", window - 1)
+    handle.focus()
+    page.keyboard.press(key)
+    sync_api.expect(readout).to_have_text(str(moved), timeout=REDRAW_S * 1000)
+    page.wait_for_function(KERNEL_IDLE_JS, polling=250)
+    page.set_default_timeout(RUN_ALL_S * 1000)
+    confirm = page.evaluate(RERUN_JS, "w, b = slider.value, budget_slider.value")
+    assert confirm["found"] and not confirm["errors"], confirm
+    assert confirm["text"].startswith(f"window {moved} at "), confirm["text"]
+    check = page.evaluate(RERUN_JS, "assert measured == replayed")
+    assert check["found"] and not check["errors"] and "True" in check["text"], check
+    page.wait_for_function(KERNEL_IDLE_JS, polling=250)
+    page.set_default_timeout(REDRAW_S * 1000)
+
+
+def _move_slider(page, screenshot: Path) -> int:
+    """Move the window slider one step and back, checking the plot follows; returns the slider's value."""
     # The IntSlider whose description says "window", and the cell output that holds it and its plot.
     # (A `has=` locator is matched inside the element it filters, hence page.locator(...) built fresh.)
     window_slider = page.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text="window"))
@@ -242,3 +281,4 @@ def _move_slider(page, screenshot: Path) -> None:
     sync_api.expect(readout).to_have_text(str(start), timeout=REDRAW_S * 1000)
     page.wait_for_function(f"before => ({PLOT_DATA_JS})() === before", arg=before, polling=100)
     page.wait_for_function(KERNEL_IDLE_JS, polling=250)
+    return start

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import plotly.graph_objects as go
 import pytest
-from viz_helpers import FIGURE_FUNCTIONS, bar_series, style_figures, tour_figures, window_rows
+from viz_helpers import PAPER_WINDOW, FIGURE_FUNCTIONS, bar_series, style_figures, tour_figures, window_grid
 
 from flashnb.viz import engine as ve
 from flashnb.viz import style as S
@@ -107,13 +107,13 @@ def _bar_color(fig, name_start: str, i: int = 0) -> str:
 def test_a_technique_has_one_colour_in_every_module(figures):
     f = figures
     table2 = {S.technique(x): c for x, (_, c) in bar_series(f["flash.table2"], "paper's device").items()}
-    window_bars = {w: c for w, (_, c) in bar_series(f["engine.window"], "mean per token").items()}
-    window_tokens = next(t for t in f["engine.window"].data if t.type == "scatter")
+    window_bars = {w: c for w, (_, c) in bar_series(f["engine.window"], "read per token").items()}
+    window_map = next(t for t in f["engine.window"].data if t.type == "heatmap")
     seen = {                                                        # window 0 = predictor alone, then windowing
         "predictor": [table2["predictor"], window_bars[0], _bar_color(f["sparsity.selection"], "+predictor"),
                       f["sparsity.tradeoff"].data[0].line.color],
         "windowing": [table2["windowing"], window_bars[1], f["sparsity.reuse"].data[-2].line.color,
-                      window_tokens.line.color],
+                      window_map.colorscale[-1][1]],
         "all": [table2["all"], _bar_color(f["engine.memory"], "preallocated")],
         "naive": [table2["naive"], _bar_color(f["engine.memory"], "reallocate")],
         "bundled": [_bar_color(f["flash.layouts"], "bundled"), _bar_color(f["engine.layout"], "bundled"),
@@ -166,18 +166,21 @@ def test_bars_one_trace_per_colour_in_one_slot():
         S.bars(["a", "b"], [1, 2], [grey], "measured", "x (measured)")
 
 
-def test_window_figure_highlight_follows_the_window():
-    rows = window_rows()
-    fig = ve.window_figure(rows, 2)
+def test_window_figure_highlight_follows_the_window_and_the_budget():
+    grid = window_grid()
+    fig = ve.window_figure(grid, 2, 0.5, PAPER_WINDOW)
     bars = [t for t in fig.data if t.type == "bar"]
     assert [list(t.x) for t in bars] == [[0], [1, 2, 3]]                        # predictor alone, then windowing
     assert len({t.offsetgroup for t in bars}) == 1
-    ve.highlight(fig, rows, 3)
+    ve.highlight(fig, grid, 3, 0.8)
     assert {w: o for t in bars for w, o in zip(t.x, t.marker.opacity)} == {0: 0.35, 1: 0.35, 2: 0.35, 3: 1.0}
-    tokens = next(t for t in fig.data if t.type == "scatter")
-    assert list(tokens.y) == list(rows[3].per_token_mb) and "window 3" in tokens.name
-    ve.highlight(fig, rows, 0)
-    assert bars[0].marker.opacity == (1.0,) and tokens.line.color == S.color("predictor")
+    assert [y for t in bars for y in t.y] == [100 * r.ffn_share for r in grid.at(0.8)]   # in % of the FFN
+    frame = next(sh for sh in fig.layout.shapes if sh.name == "chosen")
+    assert (frame.x0, frame.x1, frame.y0, frame.y1) == (2.5, 3.5, 0.5, 1.5)       # window 3, the second budget
+    paper = next(t for t in fig.data if "paper" in (t.name or ""))
+    assert list(paper.x) == [0, 5] and list(paper.y) == [10.0, 2.4]
+    heat = next(t for t in fig.data if t.type == "heatmap")
+    assert list(heat.y) == ["50%", "80%"] and heat.z[1][3] == 100 * grid.row(0.8, 3).ffn_share
 
 
 def test_hline_label_sits_on_its_line_on_a_log_axis(figures):

@@ -22,10 +22,19 @@ FIGURE_FUNCTIONS = {
 
 
 
-def window_rows():
-    from flashnb.lab.windowing import WindowRow
+def window_grid():
+    """A WindowGrid of two budgets and windows 0..3: the share read halves with the window, and at the larger
+    budget it reads a third less."""
+    from flashnb.lab.windowing import WindowGrid, WindowRow
 
-    return [WindowRow(w, 1.0 / (w + 1), 10.0, 20.0, 0.5, 30, (1.0, 0.5 / (w + 1))) for w in range(4)]
+    def rows(scale):
+        return tuple(WindowRow(w, scale / (w + 1), 10.0, 20.0, 0.5, 30, (1.0, 0.5 / (w + 1)), scale * 0.1 / (w + 1),
+                               0.2) for w in range(4))
+    return WindowGrid((0.5, 0.8), (rows(1.0), rows(0.66)))
+
+
+PAPER_WINDOW = {"window": 5, "ffn_loaded_predictor": 0.10, "ffn_loaded_window": 0.024, "window_reuse": 0.78,
+                "window_cached_fraction": 0.24}
 
 
 def style_figures() -> dict:
@@ -63,7 +72,7 @@ def style_figures() -> dict:
         "sparsity.selection": vs.selection_figure(sel),
         "sparsity.tradeoff": vs.tradeoff_figure(ThresholdCurve([0.3, 0.5], [0.99, 0.9], [2.0, 1.2]), 0.5),
         "sparsity.friends": vs.friend_figure(ts.friend_experiment(trace, neuron_bytes=128)),
-        "engine.window": ve.window_figure(window_rows(), 2),
+        "engine.window": ve.window_figure(window_grid(), 2, 0.5, PAPER_WINDOW),
         "engine.memory": ve.memory_figure([MemoryTiming(1, 1e-5, 3e-5), MemoryTiming(4, 2e-5, 9e-5)]),
         "engine.layout": ve.layout_figure(layout_summary(steps)),
     }

@@ -1,7 +1,9 @@
 """Lesson 03, windowing (§3.1): how much does each token read at each window size?
 
 `window_sweep` replays one recorded run's neuron sets through `flashnb.core.simulate` at every window
-size (modeled: exactly the bytes and requests the engine would issue, without running the model).
+size (modeled: exactly the bytes and requests the engine would issue, without running the model);
+`window_budget_grid` does it at several DRAM budgets, since the budget decides how many of the window's
+neurons fit: the window pays until the rows the budget leaves it are full, then it flattens.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from flashnb.core.engine import Policy
-from flashnb.core.memory import plan_memory
+from flashnb.core.memory import min_budget, plan_memory
 from flashnb.core.simulate import simulate
 from flashnb.core.store import FlashStore
+from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
 
 MB = 1e6
@@ -28,6 +31,8 @@ class WindowRow:
     hit_share: float                  # predicted neurons already in DRAM
     capacity_rows: int                # rows per layer the budget leaves the window
     per_token_mb: tuple[float, ...]   # every token's read, the first included
+    ffn_share: float = 0.0            # read per token / the whole FFN's bytes (the paper's "% of the FFN")
+    capacity_share: float = 0.0       # the window's rows / the FFN's neurons (the paper's 24% at k = 5)
 
 
 def window_sweep(sets, store: FlashStore, policy: Policy, windows=range(0, 9), predictor_bytes: int = 0) -> list[WindowRow]:
@@ -39,5 +44,43 @@ def window_sweep(sets, store: FlashStore, policy: Policy, windows=range(0, 9), p
         s = TokenStats.of(sim[1:], store.num_layers * store.ffn_dim)
         cap = plan_memory(store.memory_shape(), pol.memory_budget, pol.window, predictor_bytes).capacity_rows
         rows.append(WindowRow(int(w), s.bytes_read / MB, s.loaded, s.predicted, s.window_hit_share, cap,
-                              tuple(t.bytes_read / MB for t in sim)))
+                              tuple(t.bytes_read / MB for t in sim), s.bytes_read / store.memory_shape().ffn_bytes,
+                              min(cap, store.ffn_dim) / store.ffn_dim))
     return rows
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """`window_sweep` at each DRAM budget (fractions of the model's bytes) that leaves the window a row."""
+
+    budgets: tuple[float, ...]
+    rows: tuple[tuple[WindowRow, ...], ...]   # rows[i][j]: budgets[i], the j-th window
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        return tuple(r.window for r in self.rows[0])
+
+    def at(self, budget: float) -> tuple[WindowRow, ...]:
+        return self.rows[self.budgets.index(budget)]
+
+    def row(self, budget: float, window: int) -> WindowRow:
+        return next(r for r in self.at(budget) if r.window == window)
+
+    def gain(self, budget: float) -> float:
+        """How many times less the longest window reads than window 0 at `budget`."""
+        rows = self.at(budget)
+        return rows[0].mb_per_token / rows[-1].mb_per_token if rows[-1].mb_per_token else float("inf")
+
+
+def window_budget_grid(sets, store: FlashStore, policy: Policy, windows=range(0, 9),
+                       budgets=(0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 1.0), predictor_bytes: int = 0) -> WindowGrid:
+    """`window_sweep` at every budget in `budgets` that holds the resident tensors, the predictors and a
+    row per layer for the longest window (modeled)."""
+    shape, longest = store.memory_shape(), max(windows)
+    fits = [b for b in budgets if b >= min_budget(shape, longest, predictor_bytes)]
+    if not fits:
+        raise FlashnbError(f"none of the budgets {budgets} holds the resident tensors and predictors with a window "
+                           f"of {longest}: the least is {min_budget(shape, longest, predictor_bytes):.3f}")
+    rows = tuple(tuple(window_sweep(sets, store, replace(policy, memory_budget=b), windows, predictor_bytes))
+                 for b in fits)
+    return WindowGrid(tuple(fits), rows)

@@ -20,37 +20,47 @@ def _window_technique(window: int) -> str:
     return "predictor" if window == 0 else "windowing"
 
 
-def window_figure(rows, window: int) -> go.Figure:
-    """Left: mean MB read per token vs window (modeled by simulate; window 0 is the predictor alone,
-    in its colour), the chosen window opaque. Right: MB read token by token at the chosen window."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean per token, by window", "token by token, chosen window"))
-    ws = [r.window for r in rows]
-    fig.add_traces(S.bars(ws, [r.mb_per_token for r in rows], [S.color(_window_technique(w)) for w in ws],
-                          "modeled", S.label("mean per token", "modeled", S.SIMULATE)), rows=1, cols=1)
-    fig.add_trace(go.Scatter(y=[], **S.scatter("windowing", "modeled")), 1, 2)
-    S.layout(fig, "Data read from flash per token, one recorded run (modeled, simulate)", height=400,
-             showlegend=False)
-    fig.update_layout(margin=dict(b=50))
-    fig.update_xaxes(title_text=S.axis_title("window", "tokens"), row=1, col=1)
-    fig.update_yaxes(title_text=S.axis_title("read per token", "MB"), row=1, col=1)
-    fig.update_xaxes(title_text=S.axis_title("generated token", "index"), row=1, col=2)
-    fig.update_yaxes(title_text=S.axis_title("read", "MB"), row=1, col=2)
-    highlight(fig, rows, window)
+def window_figure(grid, window: int, budget: float, paper: dict) -> go.Figure:
+    """Left: the share of the FFN read per token vs window at `budget` (modeled by simulate; window 0 is the
+    predictor alone, in its colour), the chosen window opaque, the paper's OPT 6.7B points (predictor alone,
+    and its window) as stars. Right: the same for every budget (rows) and window (columns), the chosen cell
+    framed. `grid`: flashnb.lab.windowing.WindowGrid; `paper`: data/paper.json's opt_6_7b_policy."""
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.14,
+                        subplot_titles=("by window, at the chosen DRAM budget", "every budget and window"))
+    ws = list(grid.windows)
+    rows = grid.at(budget)
+    fig.add_traces(S.bars(ws, [100 * r.ffn_share for r in rows], [S.color(_window_technique(w)) for w in ws],
+                          "modeled", S.label("read per token", "modeled", S.SIMULATE),
+                          hovertemplate="window %{x}: %{y:.2f}% of the FFN<extra></extra>"), rows=1, cols=1)
+    k = paper["window"]
+    fig.add_trace(go.Scatter(x=[0, k], y=[100 * paper["ffn_loaded_predictor"], 100 * paper["ffn_loaded_window"]],
+                             text=[f"{paper['ffn_loaded_predictor']:.0%}", f"{paper['ffn_loaded_window']:.1%}"],
+                             textposition="middle right", name=S.label("OPT 6.7B, half memory", "paper"),
+                             **S.scatter("paper", "paper", S.PAPER, mode="markers+text")), 1, 1)
+    fig.add_trace(go.Heatmap(x=ws, y=[f"{b:.0%}" for b in grid.budgets],
+                             z=[[100 * r.ffn_share for r in rs] for rs in grid.rows],
+                             colorscale=[[0, "white"], [1, S.color("windowing")]], texttemplate="%{z:.1f}",
+                             showscale=False, name=S.label("read per token, % of the FFN", "modeled", S.SIMULATE),
+                             hovertemplate="window %{x}, budget %{y}: %{z:.2f}% of the FFN<extra></extra>"), 1, 2)
+    fig.add_shape(type="rect", xref="x2", yref="y2", name="chosen", line=dict(color=S.PAPER, width=3, dash="solid"))
+    S.layout(fig, "Share of the FFN read from flash per token, one recorded run (modeled, simulate)", height=420)
+    fig.update_xaxes(title_text=S.axis_title("window", "tokens"), dtick=1)
+    fig.update_yaxes(title_text=S.axis_title("read per token", "% of the FFN"), rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text=S.axis_title("DRAM budget", "% of the model"), row=1, col=2)
+    highlight(fig, grid, window, budget)
     return fig
 
 
-def highlight(fig, rows, window: int) -> None:
-    """Show `window` in a `window_figure` (or its FigureWidget): its bar opaque, its tokens on the right.
-    (The left panel's bars are one trace per colour: window 0 and the windows after it.)"""
+def highlight(fig, grid, window: int, budget: float) -> None:
+    """Show `window` at `budget` in a `window_figure` (or its FigureWidget): the left panel's bars at that
+    budget, the chosen bar opaque; the heat map's frame on that cell. (The bars are one trace per colour:
+    window 0 and the windows after it.)"""
     for t in fig.data:
         if t.type == "bar":
+            t.y = [100 * grid.row(budget, w).ffn_share for w in t.x]
             t.marker.opacity = [1.0 if w == window else 0.35 for w in t.x]
-    sel = next(r for r in rows if r.window == window)
-    c = S.color(_window_technique(window))
-    tokens = next(t for t in fig.data if t.type == "scatter")
-    tokens.y = list(sel.per_token_mb)
-    tokens.marker.color, tokens.line.color = c, c
-    tokens.name = S.label(f"window {window}", "modeled", S.SIMULATE)
+    i = grid.budgets.index(budget)   # the heat map's rows are categories 0, 1, ... on its y axis
+    fig.update_shapes(dict(x0=window - 0.5, x1=window + 0.5, y0=i - 0.5, y1=i + 0.5), selector=dict(name="chosen"))
 
 
 # -- notebook 05: memory management --------------------------------------------------------------

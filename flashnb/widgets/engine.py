@@ -1,35 +1,43 @@
-"""Notebook 03's window slider: how much must each token read at each window size?"""
+"""Notebook 03's sliders: how much must each token read at each window size and DRAM budget?"""
 
 from __future__ import annotations
 
 from flashnb.viz.engine import highlight, window_figure
 
 
-def window_text(row, ffn_neurons: int) -> str:
-    """One line for a `window_sweep` row (flashnb.lab.windowing.WindowRow): data read, hits, cache size;
-    the paper's figures beside them."""
-    return (f"window {row.window}: {row.mb_per_token:.3f} MB read per token (modeled, simulate), "
-            f"{row.neurons_loaded:.0f} of {row.predicted:.0f} predicted neurons read "
-            f"({row.hit_share:.0%} already in DRAM); cache {row.capacity_rows} rows per layer "
-            f"= {row.capacity_rows / ffn_neurons:.0%} of a layer's FFN. Paper (OPT 6.7B, window 5): "
-            "predictor alone loads ~10% of the FFN per token, windowing ~2.4%.")
+def window_text(grid, window: int, budget: float, paper: dict) -> str:
+    """One line for a cell of a `window_budget_grid` (flashnb.lab.windowing.WindowGrid): the share of the FFN
+    read, the reuse, the window's rows; the paper's figures beside them, and what the window gains here."""
+    r = grid.row(budget, window)
+    return (f"window {window} at {budget:.0%} of the model in DRAM: <b>{r.ffn_share:.2%} of the FFN</b> read per "
+            f"token ({r.mb_per_token:.3f} MB; modeled, simulate), {r.hit_share:.0%} of the predicted neurons "
+            f"already in DRAM, the window's rows hold {r.capacity_share:.0%} of the FFN. Window 0 &rarr; "
+            f"{grid.windows[-1]} reads {grid.gain(budget):.1f}x less at this budget. Paper (OPT 6.7B, half "
+            f"memory, window {paper['window']}): {paper['ffn_loaded_predictor']:.0%} &rarr; "
+            f"{paper['ffn_loaded_window']:.1%} of the FFN, {paper['window_reuse']:.0%} reused, the window's rows "
+            f"{paper['window_cached_fraction']:.0%} of the FFN.")
 
 
-def window_explorer(rows, ffn_neurons: int, window: int = 4):
-    """A window slider over `window_sweep` rows that redraws `window_figure` and its summary line.
-    Returns (box, slider, figure widget)."""
+def window_explorer(grid, paper: dict, window: int = 4, budget: float | None = None):
+    """A window slider and a DRAM-budget slider over a `window_budget_grid` that redraw `window_figure` and
+    its summary line. Returns (box, window slider, budget slider, figure widget)."""
     import ipywidgets as W
     import plotly.graph_objects as go
 
-    fig = go.FigureWidget(window_figure(rows, window))
-    text = W.HTML(window_text(next(r for r in rows if r.window == window), ffn_neurons))
-    slider = W.IntSlider(value=window, min=rows[0].window, max=rows[-1].window, description="window",
+    budget = grid.budgets[0] if budget is None else budget
+    fig = go.FigureWidget(window_figure(grid, window, budget, paper))
+    text = W.HTML(window_text(grid, window, budget, paper))
+    slider = W.IntSlider(value=window, min=grid.windows[0], max=grid.windows[-1], description="window",
                          continuous_update=False)
+    budgets = W.SelectionSlider(options=[(f"{b:.0%}", b) for b in grid.budgets], value=budget,
+                                description="DRAM budget", continuous_update=False,
+                                style={"description_width": "initial"})
 
-    def redraw(change):
+    def redraw(_):
         with fig.batch_update():
-            highlight(fig, rows, change["new"])
-        text.value = window_text(next(r for r in rows if r.window == change["new"]), ffn_neurons)
+            highlight(fig, grid, slider.value, budgets.value)
+        text.value = window_text(grid, slider.value, budgets.value, paper)
 
     slider.observe(redraw, names="value")
-    return W.VBox([slider, text, fig]), slider, fig
+    budgets.observe(redraw, names="value")
+    return W.VBox([W.HBox([slider, budgets]), text, fig]), slider, budgets, fig
