@@ -1,8 +1,9 @@
 """Lesson 02, sparsity and predictors: how good are the predictors at any threshold?
 
-`ThresholdExplorer` computes, on one held-out trace, each layer's predictor logits and the dense
-model's logits once; `measure(threshold)` then gives the selection metrics (fast) and the quality of
-the model whose FFNs use only the selected neurons (a forward pass over the held-out tokens).
+`ThresholdExplorer` computes, on one held-out trace, each layer's predictor logits, the dense model's
+logits and every neuron's contribution to its FFN's output once; `measure(threshold)` then gives the
+selection metrics (fast), the share of the FFN's output that the missed neurons carry, and the quality
+of the model whose FFNs use only the selected neurons (a forward pass over the held-out tokens).
 The statistics of the trace itself (sparsity, reuse, closest friends) are in flashnb.training.tracestats.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from flashnb.core.predictor import first_projection
 from flashnb.training.quality import Quality, Selection, dense_window_logits, mean_selection, quality, trace_logits
 
 
@@ -23,6 +26,7 @@ class ThresholdResult:
     per_layer: list[Selection]
     mean: Selection
     quality: Quality
+    missed_mass: float = 0.0   # share of the FFN output's magnitude carried by the neurons it missed (layer mean)
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,14 @@ class ThresholdExplorer:
         self.logits = [trace_logits(predictors, trace, i) for i in range(trace.n_layers)]
         self.masks = [trace.mask(i) for i in range(trace.n_layers)]
         self.dense = dense_window_logits(model, self.ids, self.context)
+        self.mass = [neuron_mass(model, i, trace.inputs[i]) for i in range(trace.n_layers)]
         self._measured: dict[float, ThresholdResult] = {}
+
+    def missed_mass(self, threshold: float) -> list[float]:
+        """Per layer: the share of the FFN's output magnitude (summed over tokens) that the neurons the
+        predictors miss at `threshold` would have contributed."""
+        z = np.log(threshold / (1 - threshold))
+        return [float(mass[lg <= z].sum() / max(mass.sum(), 1e-30)) for lg, mass in zip(self.logits, self.mass)]
 
     def selection(self, threshold: float) -> list[Selection]:
         """Per-layer selection metrics at probability `threshold` (from the cached logits)."""
@@ -62,8 +73,20 @@ class ThresholdExplorer:
         if key not in self._measured:
             per_layer = self.selection(key)
             q = quality(self.model, self.predictors.with_thresholds(key), self.ids, self.context, self.dense)
-            self._measured[key] = ThresholdResult(key, per_layer, mean_selection(per_layer), q)
+            self._measured[key] = ThresholdResult(key, per_layer, mean_selection(per_layer), q,
+                                                  float(np.mean(self.missed_mass(key))))
         return self._measured[key]
+
+
+@torch.no_grad()
+def neuron_mass(model, layer: int, inputs: np.ndarray) -> np.ndarray:
+    """[tokens, ffn] float32: how much each neuron adds to its layer's FFN output for each traced input,
+    |act(first projection)| x the norm of its column of the down projection (0 for an inactive neuron)."""
+    ffn = model.layers[layer].ffn
+    proj, act = first_projection(ffn, model.config)
+    x = torch.from_numpy(np.asarray(inputs)).to(proj.weight.dtype)
+    down = getattr(ffn, model.config.ffn_parts[-1][0]).weight          # [d_model, ffn]
+    return (act(proj(x)).abs().float() * down.float().norm(dim=0)).numpy()
 
 
 def threshold_text(m: ThresholdResult) -> str:
@@ -72,6 +95,7 @@ def threshold_text(m: ThresholdResult) -> str:
     return (f"threshold {m.threshold:.2f} (measured over {q.tokens} held-out tokens): recall {s.recall:.1%} "
             f"(paper 95%), precision {s.precision:.1%}, false positives {s.false_positive_rate:.1%} (paper 7%), "
             f"over-selection {s.over_selection:.2f}x (paper ~3x), loads {s.selected_share:.1%} of the FFN per "
-            f"token | perplexity dense {q.dense_perplexity:.2f} -> predicted-only "
+            f"token; the missed neurons carry {m.missed_mass:.2%} of the FFN's output | perplexity dense "
+            f"{q.dense_perplexity:.2f} -> predicted-only "
             f"{q.predicted_perplexity:.2f} ({q.perplexity_increase:+.1%}), top-1 agreement "
             f"{q.top1_agreement:.1%}")
