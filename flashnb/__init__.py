@@ -2,12 +2,13 @@
 
 The front door (imported on first use, so `import flashnb` stays light):
 
-    from flashnb import shipped, convert, open_store, FlashEngine, Policy, load_predictors
+    from flashnb import shipped, convert, open_store, FlashEngine, Policy, load_predictors, set_decode_threads
 
+    set_decode_threads()                            # torch threads for token-at-a-time decoding
     m = shipped()                                   # folder, config, tokenizer, predictors
     store = m.store("/tmp/flashnb")                 # the FFN on flash (a bundled store)
     with FlashEngine(store, m.predictors, Policy(window=4, memory_budget=0.5)) as eng:
-        ids = list(eng.generate(m.tokenizer.encode("Return a new list containing"), 20))
+        ids = list(eng.generate(m.tokenizer.encode("Return a new list containing"), 20, eos_id=2))
     print(m.tokenizer.decode(ids), TokenStats.of(eng.steps, store.num_layers * store.ffn_dim))
 """
 
@@ -33,6 +34,7 @@ _FRONT_DOOR = {
     "simulate": "flashnb.core.simulate",
     "TokenStats": "flashnb.lab.stats",
     "set_decode_threads": "flashnb.core.generate",
+    "scratch_folder": "flashnb.paths",
 }
 
 __all__ = ["FlashnbError", "__version__", *_FRONT_DOOR]

@@ -57,6 +57,10 @@ def memory_budget(text: str) -> float | int:
     unit = t[len(num):]
     if unit in _UNITS and num.isdigit() and (unit or not num.startswith("0")):
         v = int(num) * _UNITS[unit]
+        if not unit and 1 <= v < 1 << 20:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is ambiguous: as bytes it is less than 1 MiB, no model's budget; give a fraction of the "
+                f"model in (0, 1] with a point (0.5, or 1.0 for all of it) or bytes with a unit ({text}MB, {text}GiB)")
         if v >= 1:
             return v
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
-from flashnb.core.generate import SamplingConfig, generate
+from flashnb.core.generate import SamplingConfig, check_context, generate
 from flashnb.core.pinning import HotNeurons
 from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.core.predictor import AllNeurons, OraclePredictor, load_predictors
@@ -22,7 +22,7 @@ from flashnb.device.costmodel import steps_io_ms
 from flashnb.device.profile import coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
-from flashnb.models.checkpoint import load_model
+from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import shipped_predictors_dir, temporary_folder
 
@@ -50,7 +50,7 @@ def show_text(prompt: str, continuation: str, stream=None) -> str:
 def token_records(steps, tok, out_ids) -> list[dict]:
     """The per-token table as JSON records (counts are neurons summed over layers; times in ms)."""
     return [{"token": tid, "text": tok.decode([tid]), "predicted": s.predicted, "pinned": s.pinned,
-             "cached": s.cached, "read": s.loaded, "evicted": s.evicted, "bytes_read": s.bytes_read,
+             "cached": s.cached, "loaded": s.loaded, "evicted": s.evicted, "bytes_read": s.bytes_read,
              "requests": s.requests, "io_ms": s.io_seconds * 1e3, "mm_ms": s.mm_seconds * 1e3,
              "compute_ms": s.compute_seconds * 1e3, "total_ms": s.wall_seconds * 1e3}
             for s, tid in zip(steps, out_ids)]
@@ -97,6 +97,7 @@ def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, 
     `pinned`: hot-neuron rows per layer, or "auto" (`flashnb.core.simulate.choose_pinned` with the cost
     model on the saved device profile)."""
     folder = Path(folder)
+    check_early(Tokenizer.from_folder(folder).encode(prompt), n, read_config(folder), pinned)
     pred_dir = Path(predictors_dir or folder.parent / f"{folder.name}-predictors")
     predictors = load_predictors(pred_dir)
     with temporary_folder("flashnb-demo-") as work:
@@ -132,8 +133,17 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
     "predictors" (from `predictors`, default the shipped ones when the store holds the shipped model),
     "oracle" (the exact active set) or "all" (every neuron: naive)."""
     store = FlashStore.open(store_dir)
+    tok = Tokenizer.from_folder(store.path, bos_id=store.config.bos_token_id)
+    check_early(tok.encode(prompt), n, store.config, pinned)
+    if predictors is not None and policy != "predictors" and not pinned:
+        raise FlashnbError(f"--predictors is for --policy predictors (or --pinned): --policy {policy} does not use "
+                           "them; drop one of the two")
     if predictors is None and (policy == "predictors" or pinned):
         if load_predictors(shipped_predictors_dir()).fingerprint != store.fingerprint:
+            if policy != "predictors":
+                raise FlashnbError("--pinned holds the hot neurons that `flashnb train-predictors` writes beside the "
+                                   f"predictors, and {store.path} holds a model other than the shipped one: pass "
+                                   "--predictors FOLDER, or drop --pinned")
             raise FlashnbError(f"{store.path} holds a model other than the shipped one: pass --predictors FOLDER "
                                "(`flashnb train-predictors --model SOURCE` writes them), or --policy oracle (exact; "
                                "holds the whole FFN in DRAM to predict) or --policy all (naive: every neuron read)")
@@ -149,10 +159,24 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
     generate_on_store(store, predictor, pol, prompt, n, hot=hot, stats=stats, sampling=sampling)
 
 
+def check_early(prompt_ids: list[int], n: int, config, pinned: int | str = 0) -> None:
+    """What depends on the model, checked as soon as its config is read, before any heavy work: the
+    prompt and new tokens within its context, pinned rows within its FFN."""
+    check_context(prompt_ids, n, config)
+    if isinstance(pinned, int) and not 0 <= pinned <= config.ffn_dim:
+        raise FlashnbError(f"--pinned {pinned} is out of range: give a whole number from 0 to {config.ffn_dim} (the "
+                           "FFN's neurons per layer) or 'auto'")
+
+
 def generate_dense(folder: str | Path, prompt: str, n: int, sampling: SamplingConfig | None = None) -> None:
     """`flashnb generate --model`: the dense model of a Hugging Face folder in DRAM; the text on stdout."""
-    model, tok = load_model(folder), Tokenizer.from_folder(folder)
+    if (Path(folder) / "manifest.json").is_file() and not (Path(folder) / "config.json").is_file():
+        raise FlashnbError(f"{folder} is a flashnb store, not a model folder: run it with --store {folder}")
+    config = read_config(folder)
+    tok = Tokenizer.from_folder(folder)
     ids = tok.encode(prompt)
+    check_early(ids, n, config)
+    model = load_model(folder)
     t0 = time.perf_counter()
     out = list(generate(model, ids, n, sampling, eos_id=model.config.eos_token_id))
     dt = time.perf_counter() - t0

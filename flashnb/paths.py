@@ -38,6 +38,41 @@ def shipped_predictors_dir() -> Path:
     return data_dir() / f"{SHIPPED_MODEL}-predictors"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` may still run (another user's process, or a number no process can have: yes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def publish(tmp: Path, dst: Path) -> None:
+    """Move the finished file `tmp` to `dst`, readable as any new file of this user (safetensors writes
+    its files for the owner alone)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    Path(tmp).replace(dst)
+
+
+SCRATCH_PREFIX = "flashnb-nb-"
+
+
+def scratch_folder(dir: str | Path | None = None) -> tempfile.TemporaryDirectory:
+    """A temporary folder for a notebook's stores (use `.name`), named flashnb-nb-PID-...: removed when the
+    object goes or the process exits normally; the folders of earlier processes that are gone (a kernel
+    killed or restarted before it could clean up) are removed here first."""
+    base = Path(dir) if dir is not None else Path(tempfile.gettempdir())
+    for old in base.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = old.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=dir)
+
+
 # Temporary folders in use (scratch stores of `flashnb demo` and `flashnb bench`): the command line's
 # SIGTERM handler removes them before the process ends, wherever the signal lands.
 TEMPORARY: list[Path] = []

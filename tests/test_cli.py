@@ -1,3 +1,4 @@
+import argparse
 import subprocess
 import sys
 
@@ -56,7 +57,7 @@ def test_generate_from_a_store_prints_json_records(shipped_store, capsys):
     assert got["prompt"] + got["text"] == text and got["predictor"] == "low-rank predictors" and got["window"] == 2
     assert len(got["tokens"]) == 5 and got["mean"]["tokens"] == 5   # the first new token comes with the prompt
     for r in got["tokens"]:
-        assert r["predicted"] == r["cached"] + r["read"] + r["pinned"] and r["bytes_read"] >= r["read"] * 2048
+        assert r["predicted"] == r["cached"] + r["loaded"] + r["pinned"] and r["bytes_read"] >= r["loaded"] * 2048
     assert got["mean"]["bytes_read"] == pytest.approx(sum(r["bytes_read"] for r in got["tokens"]) / 5)
 
 
@@ -69,6 +70,30 @@ def test_generate_from_a_store_of_another_model_needs_predictors(tmp_path, tiny_
     capsys.readouterr()
     _one_line_error(capsys, ["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "--window", "2"],
                     "--window: only for the flash engine")
+
+
+def test_what_depends_on_the_model_is_checked_before_any_work(shipped_store, tiny_opt_dir, tmp_path, capsys):
+    import time
+
+    from flashnb.core.convert import ConvertConfig, convert
+    from flashnb.paths import shipped_model_dir
+
+    t0 = time.perf_counter()
+    _one_line_error(capsys, ["demo", "-n", "300"], "exceeds the model's context of 256")
+    _one_line_error(capsys, ["demo", "--pinned", "99999"], "--pinned 99999 is out of range: give a whole number "
+                                                             "from 0 to 2048")
+    store = ["generate", "--store", str(shipped_store), "--prompt", "Open"]
+    _one_line_error(capsys, store + ["-n", "300"], "exceeds the model's context")
+    _one_line_error(capsys, store + ["--policy", "oracle", "--predictors", "x"], "--predictors is for --policy "
+                                                                                  "predictors")
+    _one_line_error(capsys, ["generate", "--model", str(shipped_store), "--prompt", "Open"],
+                    f"is a flashnb store, not a model folder: run it with --store {shipped_store}")
+    _one_line_error(capsys, ["generate", "--model", str(shipped_model_dir()), "--prompt", "x", "-n", "300"],
+                    "exceeds the model's context")
+    assert time.perf_counter() - t0 < 20   # refused before converting or loading anything (each well under 1 s)
+    other = convert(tiny_opt_dir, tmp_path / "store", ConvertConfig(progress=False))
+    _one_line_error(capsys, ["generate", "--store", str(other), "--prompt", "Open", "--policy", "all", "--pinned", "8"],
+                    "--pinned holds the hot neurons")
 
 
 def test_the_continuation_is_bold_on_a_terminal_only(monkeypatch):
@@ -109,7 +134,7 @@ def test_bad_numbers_are_one_line_before_any_work(tiny_opt_dir, capsys, argv, wo
 
 @pytest.mark.parametrize("value,words", [("1.5", "neither a fraction of the model in (0, 1]"),
                                          ("0", "neither a fraction"), ("inf", "neither a fraction"),
-                                         ("-3MB", "neither a fraction")])
+                                         ("-3MB", "neither a fraction"), ("2", "'2' is ambiguous")])
 def test_memory_is_a_fraction_or_bytes(capsys, value, words):
     _one_line_error(capsys, ["demo", f"--memory={value}"], words)
 
@@ -119,7 +144,10 @@ def test_memory_parses_fractions_and_bytes():
 
     assert memory_budget("0.5") == 0.5 and memory_budget("1.0") == 1.0
     assert memory_budget("20000000") == 20_000_000 and memory_budget("20MB") == 20_000_000
-    assert memory_budget("19MiB") == 19 * 2**20 and isinstance(memory_budget("1"), int)
+    assert memory_budget("19MiB") == 19 * 2**20 and memory_budget("2KiB") == 2048   # a unit says bytes
+    for ambiguous in ("1", "2", "1048575"):   # a bare number under 1 MiB: a fraction meant without its point?
+        with pytest.raises(argparse.ArgumentTypeError, match="is ambiguous"):
+            memory_budget(ambiguous)
 
 
 def test_a_prompt_that_is_not_utf8_is_one_line(tiny_opt_dir, capsys):

@@ -68,3 +68,23 @@ def test_01_full_profile_path_runs(monkeypatch, tmp_path):
 def test_the_options_are_still_there(name):
     source = "\n".join(code_cells(name))
     assert ("QUICK = True" in source) if name.startswith("01") else ("TRAIN = False" in source)
+
+
+def test_scratch_folders_of_gone_kernels_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from flashnb.paths import scratch_folder
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"flashnb-nb-{int(gone.stdout)}-abc"   # a kernel killed before it cleaned up
+    alive = tmp_path / f"flashnb-nb-{os.getppid()}-def"     # another running process's folder
+    other = tmp_path / "flashnb-nb-notapid"                 # not ours to judge
+    for d in (dead, alive, other):
+        (d / "store").mkdir(parents=True)
+    work = scratch_folder(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()
+    assert Path(work.name).name.startswith(f"flashnb-nb-{os.getpid()}-")
+    work.cleanup()
+    assert not Path(work.name).exists()

@@ -105,5 +105,17 @@ def test_the_command_resumes_only_when_asked(tmp_path, capsys):
     assert "checkpointed at step 2" in error([]) and "add --resume" in error([])
     assert "holds no checkpoint to resume" in error(["--resume", "--out", str(tmp_path / "new")])
     train(tiny(out), corpus=CORPUS, progress=False)
-    (out / "checkpoint" / "state.json").unlink()
+    assert not (out / "checkpoint").exists()       # a finished run keeps no optimizer state
     assert "already holds a model" in error([])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert "holds files of its own" in error(["--out", str(tmp_path / "mine")])
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

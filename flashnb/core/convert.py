@@ -33,6 +33,7 @@ from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import (TensorIndex, ffn_matrix_names, ffn_param, meta_model, read_config,
                                        regular_file)
 from flashnb.models.fingerprint import fingerprint
+from flashnb.paths import pid_alive
 
 
 @dataclass
@@ -291,16 +292,6 @@ def check_replaceable(dst: Path, overwrite: bool) -> None:
                            "--force will not delete them: move them out first, or choose another store path")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # another user's process, or a number no process can have: leave it alone
-    return True
-
-
 def _recover_interrupted(dst: Path) -> None:
     """Clean up after a convert to `dst` that was killed (SIGKILL, power loss) by a process no longer
     alive: its unfinished temporary folder `.NAME.tmp-PID` is removed; an old store it had moved
@@ -310,7 +301,7 @@ def _recover_interrupted(dst: Path) -> None:
     for kind in ("tmp", "old"):
         for p in sorted(dst.parent.glob(f".{dst.name}.{kind}-*")):
             pid = p.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _pid_alive(int(pid)) or not p.is_dir() or p.is_symlink():
+            if not pid.isdigit() or pid_alive(int(pid)) or not p.is_dir() or p.is_symlink():
                 continue
             if any(not f.is_file() or f.name not in allowed for f in p.iterdir()):
                 continue

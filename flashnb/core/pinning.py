@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from flashnb.errors import FlashnbError
+from flashnb.paths import publish
 
 HOT_FILE = "hot_neurons.safetensors"
 
@@ -78,7 +79,7 @@ class HotNeurons:
         tmp = p.with_name(p.name + ".tmp")
         save_file({"frequency": self.frequency, "calibration": self.calibration}, str(tmp),
                   metadata={"format": "flashnb-hot-neurons/1"})
-        tmp.replace(p)
+        publish(tmp, p)
         return p
 
     @classmethod

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from flashnb.errors import FlashnbError
 from flashnb.models.fingerprint import check_fingerprint, model_fingerprint
+from flashnb.paths import publish
 
 FORMAT = "flashnb-predictors/1"
 WEIGHTS = "predictors.safetensors"
@@ -178,7 +179,7 @@ class LowRankPredictors(Predictor):
         header = self._header()
         tmp = out / (WEIGHTS + ".tmp")
         save_file(tensors, str(tmp), metadata={"flashnb": json.dumps(header)})
-        tmp.replace(out / WEIGHTS)
+        publish(tmp, out / WEIGHTS)
         self.card = dict(card if card is not None else self.card) | header
         tmp = out / (CARD + ".tmp")
         tmp.write_text(json.dumps(self.card, indent=2) + "\n")

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from flashnb.errors import FlashnbError
 from flashnb.models import llama, opt
+from flashnb.paths import publish
 
 # model_type -> each architecture's config (which owns its facts: FFN parts, activation, key names)
 # and model class
@@ -212,5 +213,5 @@ def save_model(model: torch.nn.Module, path: str | Path, dtype: torch.dtype = to
     tensors = {model.config.hf_key(n): p.detach().to(dtype).contiguous() for n, p in model.named_parameters()}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    publish(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -34,7 +34,7 @@ from flashnb.core.predictor import LowRankPredictors, load_predictors
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import data_dir
+from flashnb.paths import data_dir, publish
 from flashnb.training import tracestats
 from flashnb.training.corpus import collect
 from flashnb.training.predictors import PredictorTrainConfig, train_lookahead, train_predictors
@@ -81,7 +81,7 @@ def save_heldout(folder: str | Path, ids: np.ndarray, corpus_sha256: str) -> Non
     p = Path(folder) / HELDOUT
     tmp = p.with_name(p.name + ".tmp")
     save_file({"ids": ids.astype(np.int32)}, str(tmp), metadata={"corpus_sha256": corpus_sha256})
-    tmp.replace(p)
+    publish(tmp, p)
 
 
 def load_heldout(folder: str | Path, tokens: int | None = None) -> np.ndarray:

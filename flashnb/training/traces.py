@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from flashnb.errors import FlashnbError
 from flashnb.models.fingerprint import check_fingerprint, model_fingerprint
+from flashnb.paths import publish
 
 FORMAT = "flashnb-trace/1"
 
@@ -84,7 +85,7 @@ class Trace:
                   "meta": self.meta}
         tmp = p.with_name(p.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"flashnb": json.dumps(header)})
-        tmp.replace(p)
+        publish(tmp, p)
 
 
 def load_trace(path: str | Path, model: torch.nn.Module | None = None) -> Trace:

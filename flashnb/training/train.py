@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -191,8 +192,26 @@ def check_out(cfg: TrainConfig, resume: bool) -> None:
                            "continue it, or choose another --out")
     if step is None and (out / "model.safetensors").exists():
         raise FlashnbError(f"{out} already holds a model: choose another --out")
+    if step is None and out.is_dir() and any(out.iterdir()):
+        raise FlashnbError(f"{out} exists and holds files of its own: `flashnb train` writes a new model folder; "
+                           "choose a new or empty --out")
     if step is None and resume:
         raise FlashnbError(f"{out / 'checkpoint'} holds no checkpoint to resume: drop --resume to start a run")
+
+
+def _check_same_settings(ckpt: Path, cfg: TrainConfig) -> None:
+    """A checkpoint is resumed only with the settings that wrote it (those in RESUMABLE may change)."""
+    if not (ckpt / "state.json").exists():
+        return
+    try:
+        saved = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError):
+        raise FlashnbError(f"{ckpt / 'config.json'} is missing or unreadable: the checkpoint cannot be resumed; "
+                           "choose another --out to start afresh") from None
+    differ = sorted(k for k in set(saved) | set(asdict(cfg)) if k not in RESUMABLE and saved.get(k) != asdict(cfg).get(k))
+    if differ:
+        raise FlashnbError(f"{ckpt} was written with other settings ({', '.join(f'{k}={saved.get(k)}' for k in differ)}); "
+                           "pass the same options to resume, or another --out to start afresh")
 
 
 def _say(progress: bool, message: str) -> None:
@@ -257,6 +276,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
+    _check_same_settings(ckpt, cfg)
     out.mkdir(parents=True, exist_ok=True)
     if corpus is None:
         _say(progress, "collecting the corpus (docstrings of the standard library and torch, pydoc topics; "
@@ -292,24 +312,19 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
     rng = np.random.default_rng(cfg.seed)
     state = TrainState()
     if (ckpt / "state.json").exists():
-        saved = json.loads((ckpt / "config.json").read_text())
-        differ = sorted(k for k in set(saved) | set(asdict(cfg))
-                        if k not in RESUMABLE and saved.get(k) != asdict(cfg).get(k))
-        if differ:
-            raise FlashnbError(f"{ckpt} was written with other settings ({', '.join(f'{k}={saved.get(k)}' for k in differ)}); "
-                               "pass the same options to resume, or another --out to start afresh")
         state = _load_checkpoint(ckpt, model, opt, rng)
         _say(progress, f"resuming from {ckpt} at step {state.step} of {cfg.steps}")
     (ckpt / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     model.train()
     set_recording(model, True)
-    _say(progress, f"training {cfg.steps} steps of {cfg.batch} x {cfg.context} tokens on {cfg.threads} thread(s); "
+    todo = f"steps {state.step + 1}..{cfg.steps}" if state.step else f"{cfg.steps} steps"
+    _say(progress, f"training {todo} of {cfg.batch} x {cfg.context} tokens on {cfg.threads} thread(s); "
                    f"a checkpoint every {cfg.checkpoint_every} steps and every {cfg.checkpoint_seconds:g} s, and on "
                    "Ctrl-C")
     with StopRequest() as stop:
         stopped = _steps(cfg, model, opt, rng, state, train_ids, ckpt, stop, progress, stop_at_step)
-    if stopped:
+    if stopped or stop.signal is not None:   # (a signal during the last step's checkpoint: stop there too)
         _say(progress, f"stopped at step {state.step} of {cfg.steps}; checkpoint saved in {ckpt}: the same command "
                        "with --resume continues from there")
         return None
@@ -333,4 +348,6 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
         "log": state.log,
     }
     (out / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    shutil.rmtree(ckpt, ignore_errors=True)   # the run is finished: its optimizer state (6x the model) goes
+    _say(progress, f"wrote {out}: model.safetensors, config.json, the tokenizer files and training_card.json")
     return card
