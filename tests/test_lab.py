@@ -15,6 +15,7 @@ from flashnb.lab import byo, end_to_end, quickstart
 from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tiny import make_tiny_llama, make_tiny_opt
+from flashnb.paths import shipped_model_dir
 
 
 @pytest.mark.parametrize("make", [make_tiny_opt, make_tiny_llama])
@@ -33,7 +34,7 @@ def test_tiny_backends_write_the_same_checkpoint_shape(tmp_path, make):
         make(tmp_path / "x", backend="jax")
 
 
-def test_byo_model_uses_the_path_or_the_environment_or_builds_a_tiny_model(tmp_path, monkeypatch):
+def test_byo_model_uses_the_path_or_the_environment_or_the_shipped_model_or_builds_a_tiny_one(tmp_path, monkeypatch):
     monkeypatch.delenv(byo.ENV_BYO_MODEL, raising=False)
     mine = make_tiny_opt(tmp_path / "mine", backend="flashnb")
     folder, yours, what = byo.byo_model(str(mine), tmp_path / "w1")
@@ -41,6 +42,9 @@ def test_byo_model_uses_the_path_or_the_environment_or_builds_a_tiny_model(tmp_p
     monkeypatch.setenv(byo.ENV_BYO_MODEL, str(mine))
     assert byo.byo_model("", tmp_path / "w2")[0] == mine
     monkeypatch.delenv(byo.ENV_BYO_MODEL)
+    folder, yours, what = byo.byo_model("  ", tmp_path / "w2")
+    assert not yours and folder == shipped_model_dir() and "the shipped model flashnb-opt-21m" in what
+    monkeypatch.setenv("FLASHNB_DATA", str(tmp_path / "no-data"))   # installed without data/
     (tmp_path / "w3").mkdir()
     folder, yours, what = byo.byo_model("  ", tmp_path / "w3")
     assert not yours and folder.parent == tmp_path / "w3" and "tiny RANDOM OPT" in what
@@ -97,6 +101,15 @@ def test_quick_predictors_train_and_report_selection(tiny):
         byo.quick_predictors(folder, ids[:10])
 
 
+def test_model_predictors_take_the_folder_beside_the_model_else_train_quick_ones(tiny):
+    ids = byo.Tokenizer.from_folder(shipped_model_dir()).encode(byo.sample_text(2000))
+    preds, text = byo.model_predictors(shipped_model_dir(), ids)
+    assert preds.ranks == [64] * 6 and text.startswith("the predictors beside the model (flashnb-opt-21m-predictors")
+    folder, _ = tiny
+    preds, text = byo.model_predictors(folder, list(range(3, 300)) * 2, rank=8, epochs=1)
+    assert preds.ranks == [8, 8] and "trained just now" in text and "flashnb train-predictors --model" in text
+
+
 def test_memory_and_store_texts_are_exact_bytes(tiny):
     _, store = tiny
     with FlashEngine(store, OraclePredictor(store.load_model()), Policy(2, 0.5, in_flight=2)) as eng:
@@ -141,3 +154,20 @@ def test_compare_tells_a_rounding_tie_from_a_real_difference():
     noisy = byo.Run("flash", [0, 1], ref.logits + 0.5, stats, 0)         # same tokens, logits far off
     c = byo.compare(ref, noisy)
     assert c.same_tokens and not c.rounding_only
+
+
+def test_memory_management_timing_reports_every_run_and_what_reallocating_copies():
+    import numpy as np
+
+    from flashnb.lab.memory import MemoryTiming, rows_kept, time_memory_management
+
+    sets = [np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([2, 3, 4]), np.array([5])]
+    t = time_memory_management(sets, ffn_dim=8, width=4, window=1, capacity=8, repeats=3)
+    assert len(t.preallocated_runs) == len(t.naive_runs) == 3
+    assert t.preallocated_s == sorted(t.preallocated_runs)[1] and t.naive_s == sorted(t.naive_runs)[1]
+    # window 1 keeps the previous token's neurons while the next one runs: {0,1,2} stay for token 1, {1,2,3}
+    # for token 2, {2,3,4} for token 3: three rows copied each time; without a window nothing stays
+    assert rows_kept(sets, 8, window=1, capacity=8) == 3.0
+    assert rows_kept(sets, 8, window=0, capacity=8) == 0.0
+    assert MemoryTiming(1, 1.0, 2.0, (0.9, 1.1), (1.9, 2.1)).apart
+    assert not MemoryTiming(1, 1.0, 1.2, (0.9, 1.3), (1.1, 1.4)).apart

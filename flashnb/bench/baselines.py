@@ -146,7 +146,15 @@ class AccelerateOffload:
                                "pip install transformers accelerate") from None
         self._tmp = None if offload_dir else tempfile.TemporaryDirectory(prefix="flashnb-offload-")
         self.dir = Path(offload_dir or self._tmp.name)
-        model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=dtype).eval()
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()   # no "Loading weights" bar in the bench's output or a notebook's
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=dtype).eval()
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         disk_offload(model, offload_dir=str(self.dir), execution_device="cpu")
         self.model = model
         self.files = sorted(self.dir.rglob("*.dat"))

@@ -15,24 +15,34 @@ from flashnb.core.window import Window
 
 @dataclass(frozen=True)
 class MemoryTiming:
-    """Seconds per token for one layer (best of the repeats, measured)."""
+    """Seconds per token for one layer: the median of the runs, and every run (measured; the two schemes
+    take turns, run after run, so the machine's drift slows both alike)."""
 
     window: int
     preallocated_s: float   # the paper's: one matrix, delete = copy the last rows over, append at the end
     naive_s: float          # a fresh matrix every token (torch.cat of the kept rows and the new ones)
+    preallocated_runs: tuple[float, ...] = ()
+    naive_runs: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
         return self.naive_s / self.preallocated_s
 
+    @property
+    def apart(self) -> bool:
+        """Whether the two ranges of runs do not overlap: only then is the faster one surely faster."""
+        if not self.preallocated_runs or not self.naive_runs:
+            return True
+        return max(self.preallocated_runs) < min(self.naive_runs) or max(self.naive_runs) < min(self.preallocated_runs)
+
 
 def time_memory_management(sets: list[np.ndarray], ffn_dim: int, width: int, window: int, capacity: int,
-                           dtype=torch.float16, repeats: int = 3) -> MemoryTiming:
+                           dtype=torch.float16, repeats: int = 5) -> MemoryTiming:
     """Both schemes follow the same window decisions and add the same rows (random values standing in
-    for what the reader returns); only how DRAM is managed differs."""
+    for what the reader returns); only how DRAM is managed differs. `repeats` runs of each, taking turns."""
     pool = torch.randn(ffn_dim, width, generator=torch.Generator().manual_seed(0)).to(dtype)
     np_pool = pool.numpy()
-    pre = naive = float("inf")
+    pre, naive = [], []
     for _ in range(repeats):
         win, rows = Window(ffn_dim, capacity, window), NeuronRows(ffn_dim, capacity, width, np_pool.dtype)
         t0 = time.perf_counter()
@@ -41,7 +51,7 @@ def time_memory_management(sets: list[np.ndarray], ffn_dim: int, width: int, win
             rows.make_room(plan.evicted, plan.loaded.size)[:] = np_pool[: plan.loaded.size]
             rows.commit(plan.loaded)
             win.advance(plan)
-        pre = min(pre, (time.perf_counter() - t0) / len(sets))
+        pre.append((time.perf_counter() - t0) / len(sets))
 
         win = Window(ffn_dim, capacity, window)  # the same decisions
         mat, held = torch.empty(0, width, dtype=dtype), np.zeros(0, np.int64)
@@ -52,5 +62,17 @@ def time_memory_management(sets: list[np.ndarray], ffn_dim: int, width: int, win
             mat = torch.cat([mat[torch.from_numpy(keep)], pool[: plan.loaded.size]])  # a new matrix every token
             held = np.concatenate([held[keep], plan.loaded])
             win.advance(plan)
-        naive = min(naive, (time.perf_counter() - t0) / len(sets))
-    return MemoryTiming(window, pre, naive)
+        naive.append((time.perf_counter() - t0) / len(sets))
+    return MemoryTiming(window, float(np.median(pre)), float(np.median(naive)), tuple(pre), tuple(naive))
+
+
+def rows_kept(sets: list[np.ndarray], ffn_dim: int, window: int, capacity: int) -> float:
+    """Mean rows a layer keeps from one token to the next: what reallocating copies every token."""
+    win, kept = Window(ffn_dim, capacity, window), []
+    held = 0
+    for ids in sets:
+        plan = win.plan(ids)
+        kept.append(held - plan.evicted.size)
+        held += plan.loaded.size - plan.evicted.size
+        win.advance(plan)
+    return float(np.mean(kept[1:])) if len(kept) > 1 else 0.0

@@ -66,18 +66,23 @@ def highlight(fig, grid, window: int, budget: float) -> None:
 # -- notebook 05: memory management --------------------------------------------------------------
 
 def memory_figure(timings) -> go.Figure:
-    """Memory management per token for one layer (µs) vs window (flashnb.lab.memory.MemoryTiming list): the paper's preallocated matrix with
-    swap-with-last deletion (in the colour of all techniques) against reallocating every token (in the
-    colour of naive). Measured."""
+    """Memory management per token for one layer (µs) vs window (flashnb.lab.memory.MemoryTiming list): the
+    paper's preallocated matrix with swap-with-last deletion (in the colour of all techniques) against
+    reallocating every token (in the colour of naive). Measured: the median of the runs, the whiskers their
+    range."""
     ts = sorted(timings, key=lambda t: t.window)
     ws = [t.window for t in ts]
     fig = go.Figure()
-    for key, technique, what in (("preallocated_s", "all", "preallocated + swap-with-last"),
-                                 ("naive_s", "naive", "reallocate every token")):
-        fig.add_trace(go.Bar(x=ws, y=[getattr(t, key) * 1e6 for t in ts], name=S.label(what, "measured"),
-                             **S.bar(technique, "measured")))
-    S.layout(fig, "Memory management per token, one layer (measured, best of repeats)", x=("window", "tokens"),
-             y=("memory management per token", "µs"), height=360, barmode="group")
+    for key, technique, what in (("preallocated", "all", "preallocated + swap-with-last"),
+                                 ("naive", "naive", "reallocate every token")):
+        mid = [getattr(t, f"{key}_s") * 1e6 for t in ts]
+        runs = [getattr(t, f"{key}_runs") or (getattr(t, f"{key}_s"),) for t in ts]
+        fig.add_trace(go.Bar(x=ws, y=mid, name=S.label(what, "measured"), **S.bar(technique, "measured"),
+                             error_y=dict(type="data", symmetric=False, color="#444",
+                                          array=[max(r) * 1e6 - m for r, m in zip(runs, mid)],
+                                          arrayminus=[m - min(r) * 1e6 for r, m in zip(runs, mid)])))
+    S.layout(fig, "Memory management per token, one layer (measured: medians, whiskers: range)",
+             x=("window", "tokens"), y=("memory management per token", "µs"), height=360, barmode="group")
     fig.update_xaxes(type="category")
     return fig
 

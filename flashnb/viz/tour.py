@@ -263,3 +263,13 @@ def sweep_figure(points, paper_speedup: float | None = None) -> go.Figure:
              x=("model size, fp16", "GB, log scale"), y=("speed-up of all techniques", "x"), height=420)
     fig.update_xaxes(type="log")
     return fig
+
+
+def text_block(text: str, font_px: int = 11):
+    """A fixed-width text (a table made for a terminal) as notebook HTML in a smaller font, so that a row
+    of 120-odd characters fits the output area without wrapping."""
+    import html
+
+    from IPython.display import HTML
+
+    return HTML(f'<pre style="font-size:{font_px}px;line-height:1.35">{html.escape(text)}</pre>')
