@@ -143,3 +143,19 @@ def test_configurations_take_turns_one_token_each():
     assert order == ["a", "b", "c", "a", "c", "a", "c"]  # b's text ended after one token
     assert texts == {"a": [0, 1, 2], "b": [0], "c": [0, 1, 2]}
     assert set(spent) == {"a", "b", "c"}
+
+
+def test_layouts_take_turns_over_rounds(tmp_path):
+    from flashnb.core.predictor import OraclePredictor
+    from flashnb.lab.bundling import LayoutStats, apart, layout_rounds
+
+    folder = make_tiny_opt(tmp_path / "hf")
+    stores = {layout: FlashStore.open(convert(folder, tmp_path / layout, ConvertConfig(layout=layout, progress=False)))
+              for layout in ("bundled", "unbundled")}
+    oracle = OraclePredictor(load_model(folder))
+    s = layout_rounds(stores, oracle, [2, 5, 7], 4, Policy(window=1, memory_budget=1.0), rounds=2)
+    assert len(s["bundled"].io_ms_runs) == len(s["unbundled"].io_ms_runs) == 2
+    assert s["bundled"].io_ms == float(np.median(s["bundled"].io_ms_runs))
+    assert s["bundled"].requests < s["unbundled"].requests          # the same neurons in half the requests
+    a, b = (LayoutStats(n, 1, 1, 1, m, 1, runs) for n, m, runs in (("a", 1.0, (0.9, 1.1)), ("b", 2.0, (1.9, 2.1))))
+    assert apart(a, b) and not apart(a, LayoutStats("c", 1, 1, 1, 1.0, 1, (1.0, 2.0)))

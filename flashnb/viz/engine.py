@@ -100,9 +100,13 @@ def layout_figure(summary: dict) -> go.Figure:
         kw = dict(name=S.label(n, "measured"), legendgroup=n, **S.bar(n, "measured"))
         fig.add_trace(go.Bar(x=[n], y=[v.requests], **kw), 1, 1)
         fig.add_trace(go.Bar(x=[n], y=[v.mean_request_bytes / 1024], showlegend=False, **kw), 1, 2)
-        fig.add_trace(go.Bar(x=[n], y=[v.io_ms], showlegend=False, text=[f"{v.gbps:.2f} GB/s"],
-                             textposition="outside", **kw), 1, 3)
-    S.layout(fig, "Bundled vs unbundled store, same tokens and neurons (measured, direct I/O)", height=380)
+        runs = v.io_ms_runs or (v.io_ms,)
+        fig.add_trace(go.Bar(x=[n], y=[v.io_ms], showlegend=False, text=[f"{v.gbps:.3f} GB/s"],
+                             textposition="outside", **kw,
+                             error_y=dict(type="data", symmetric=False, color="#444", array=[max(runs) - v.io_ms],
+                                          arrayminus=[v.io_ms - min(runs)])), 1, 3)
+    S.layout(fig, "Bundled vs unbundled store, same tokens (measured, direct I/O; whiskers: runs' range)",
+             height=380)
     for col, (q, unit) in enumerate((("requests", "count per token"), ("request size", "KiB"),
                                      ("I/O per token", "ms")), start=1):
         fig.update_yaxes(title_text=S.axis_title(q, unit), row=1, col=col)
