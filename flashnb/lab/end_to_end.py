@@ -14,6 +14,7 @@ import numpy as np
 
 from flashnb.bench.baselines import HybridEngine
 from flashnb.bench.report import BenchResult
+from flashnb.bench.run import take_turns
 from flashnb.core.defaults import IN_FLIGHT
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.memory import hybrid_plan, min_budget, plan_memory
@@ -214,7 +215,7 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
                  modeled: int | list[float] = 12, tokens: int = 4, window: int = 4,
                  in_flight: int = IN_FLIGHT) -> BudgetSweep:
     """Run 'all' (learned predictors, window, bundled store) and 'hybrid' at each budget in `measured`
-    for `tokens` generated tokens after `prompt_ids` (the two taking turns), and model both on
+    for `tokens` generated tokens after `prompt_ids` (the two taking turns, one token each), and model both on
     `modeled` budgets (a list, or a count spread from the smallest feasible budget to 1.0)."""
     st = store
     if st.layout != "bundled":
@@ -233,8 +234,8 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
     for b in sorted(measured):
         with FlashEngine(st, predictors, Policy(window, b, in_flight, gap)) as eng, \
                 HybridEngine(st, b, in_flight, gap) as hyb:
+            take_turns({"all": eng.generate(prompt_ids, tokens), "hybrid": hyb.generate(prompt_ids, tokens)})
             for name, runner in (("all", eng), ("hybrid", hyb)):
-                list(runner.generate(prompt_ids, tokens))
                 s = TokenStats.of(runner.steps[n_prompt:], neurons)
                 meas[name].append(_measured_point(b, runner, s))
                 cpu[name].append((b, s.total_ms - s.io_ms))
@@ -242,7 +243,10 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
     grid = sorted({float(x) for x in np.round(np.linspace(lo, 1.0, modeled), 3)} | set(measured)) \
         if isinstance(modeled, int) else sorted(float(b) for b in modeled)
     device = as_device(profile)
-    near = lambda name, b: min(cpu[name], key=lambda c: abs(c[0] - b))[1]  # noqa: E731
+    def near(name: str, b: float) -> float:   # the measured CPU ms, linear between the measured budgets
+        xs, ys = zip(*sorted(cpu[name]))
+        return float(np.interp(b, xs, ys))
+
     mod: dict[str, list[BudgetPoint]] = {"all": [], "hybrid": []}
     for b in grid:
         pol = Policy(window, b, in_flight, gap)
@@ -257,10 +261,10 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
         mod["hybrid"].append(BudgetPoint(b, hp.used_bytes, streamed / MB, io, io + near("hybrid", b)))
     notes = [f"measured: {tokens} generated tokens per run after a {n_prompt}-token prompt, direct I/O",
              "modeled 'all': the bytes and requests simulate finds at each budget for the first run's neuron sets, "
-             "their I/O time from the cost model on this disk's profile, plus the CPU time measured at the nearest "
-             "budget",
+             "their I/O time from the cost model on this disk's profile, plus the CPU time measured at the budgets "
+             "around it (linear between them)",
              "modeled 'hybrid': the rows the budget leaves streamed at this disk's large-read rate, plus the CPU time "
-             "measured at the nearest budget"]
+             "measured at the budgets around it (linear between them)"]
     return BudgetSweep(meas, mod, shape.model_bytes, window, tokens, notes)
 
 

@@ -77,7 +77,7 @@ def throughput_figure(profile: Profile, paper: PaperDevice | None = None) -> go.
              x=("chunk size", "bytes, log scale"), y=("throughput", "GB/s, log scale"), height=520)
     fig.update_xaxes(type="log", tickvals=list(profile.chunks), ticktext=[size_text(c) for c in profile.chunks])
     fig.update_layout(legend=dict(font=dict(size=10)))
-    return fig
+    return S.label_log_axes(fig)
 
 
 def format_table2(rows: list[Table2Row]) -> str:
@@ -116,7 +116,7 @@ def table2_figure(profile: Profile | None = None) -> go.Figure:
              x=("configuration", None), y=("I/O per token", "ms, log scale"), height=440, barmode="group")
     fig.update_yaxes(type="log")
     fig.update_layout(legend_tracegroupgap=0)  # legend groups of S.bars: rows as close as ungrouped entries
-    return fig
+    return S.label_log_axes(fig)
 
 
 def bundling_figure(profile: Profile) -> go.Figure:
@@ -136,7 +136,7 @@ def bundling_figure(profile: Profile) -> go.Figure:
     S.layout(fig, "Same 0.2 GB per token, read unbundled or bundled (modeled, OPT 6.7B, window k=5)",
              x=("device", None), y=("I/O per token", "ms, log scale"), height=420, barmode="group")
     fig.update_yaxes(type="log")
-    return fig
+    return S.label_log_axes(fig)
 
 
 def layouts_figure(rows) -> go.Figure:

@@ -187,6 +187,31 @@ def hline(fig, y: float, source: str, text: str, color_: str | None = None, **kw
     return fig
 
 
+def label_log_axes(fig):
+    """Label every log axis of `fig` at 1, 2, 5 x 10^k within its traces' values, written out in full:
+    plotly's default labels the minor ticks with a bare digit ("2", "5"), which reads as 2 MB where it
+    means 20. Axes with tick values of their own are left alone. Call it last."""
+    layout = fig.layout
+    for key in [k for k in layout.to_plotly_json() if k.startswith(("xaxis", "yaxis"))]:
+        axis = layout[key]
+        if axis.type != "log" or axis.tickvals is not None:
+            continue
+        ref = key[0] + key[5:]                                        # "yaxis2" -> "y2"
+        values = []
+        for t in fig.data:
+            if (getattr(t, key[0] + "axis", None) or key[0]) == ref:
+                v = getattr(t, key[0], None)
+                values += [float(x) for x in (v if v is not None else []) if x is not None and float(x) > 0]
+        if not values:
+            continue
+        lo, hi = min(values), max(values)
+        ticks = [m * 10.0 ** e for e in range(int(math.floor(math.log10(lo))) - 1, int(math.ceil(math.log10(hi))) + 1)
+                 for m in (1, 2, 5)]
+        ticks = [t for t in ticks if lo / 1.5 <= t <= hi * 1.5] or [lo, hi]
+        axis.update(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+    return fig
+
+
 def axis_title(quantity: str, unit: str | None) -> str:
     """'bytes read per token (MB)'; unit None for counts and ratios is written as such."""
     return f"{quantity} ({unit})" if unit else quantity

@@ -42,7 +42,7 @@ def data_moved_figure(steps, ffn_bytes: int, token_text: list[str] | None = None
     fig.update_xaxes(title_text=S.axis_title("generated token", None))
     fig.update_yaxes(title_text=S.axis_title("read from flash", "MB"), type="log", row=1, col=1)
     fig.update_yaxes(title_text=S.axis_title("neurons, all layers", "count"), row=1, col=2)
-    return fig
+    return S.label_log_axes(fig)
 
 
 def time_breakdown_figure(steps, token_text: list[str] | None = None) -> go.Figure:
@@ -102,7 +102,7 @@ def ladder_figure(rows) -> go.Figure:
              y=("naive I/O time / this I/O time", "x, log scale"), height=420, barmode="group")
     fig.update_yaxes(type="log")
     fig.update_layout(legend_tracegroupgap=0)  # legend groups of S.bars: rows as close as ungrouped entries
-    return fig
+    return S.label_log_axes(fig)
 
 
 def budget_figure(sweep, budget: float | None = None) -> go.Figure:
@@ -130,7 +130,7 @@ def budget_figure(sweep, budget: float | None = None) -> go.Figure:
     fig.update_yaxes(title_text=S.axis_title("read from flash", "MB per token"), type="log", row=1, col=2)
     if budget is not None:
         mark_budget(fig, budget)
-    return fig
+    return S.label_log_axes(fig)
 
 
 def mark_budget(fig, budget: float) -> None:
@@ -262,7 +262,7 @@ def sweep_figure(points, paper_speedup: float | None = None) -> go.Figure:
     S.layout(fig, "Where flash loading starts to pay: speed-up per token against model size",
              x=("model size, fp16", "GB, log scale"), y=("speed-up of all techniques", "x"), height=420)
     fig.update_xaxes(type="log")
-    return fig
+    return S.label_log_axes(fig)
 
 
 def text_block(text: str, font_px: int = 11):
