@@ -171,3 +171,14 @@ def test_memory_management_timing_reports_every_run_and_what_reallocating_copies
     assert rows_kept(sets, 8, window=0, capacity=8) == 0.0
     assert MemoryTiming(1, 1.0, 2.0, (0.9, 1.1), (1.9, 2.1)).apart
     assert not MemoryTiming(1, 1.0, 1.2, (0.9, 1.3), (1.1, 1.4)).apart
+
+
+def test_exercise_checks_say_how_far_a_guess_is():
+    from flashnb.lab.exercises import Verdict, check
+
+    assert "set your guess above" in check(None, 3.0, "ratio")
+    assert "well judged" in check(3.3, 3.0, "ratio", within=0.25) and "+10%" in check(3.3, 3.0, "ratio")
+    far = check(1.0, 3.0, "ratio", "x", hint="count the requests")
+    assert "(-67%)" in far and far.endswith("Hint: count the requests") and "guessed 1x" in far
+    assert "(in MB)" in check(None, 1.0, "bytes", "MB") and "(a ratio" in check(None, 1.0, "r", "x")
+    assert Verdict(2.0, 0.0, 0.1).error == 2.0 and not Verdict(None, 1.0, 0.1).close
