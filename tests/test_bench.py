@@ -159,3 +159,27 @@ def test_layouts_take_turns_over_rounds(tmp_path):
     assert s["bundled"].requests < s["unbundled"].requests          # the same neurons in half the requests
     a, b = (LayoutStats(n, 1, 1, 1, m, 1, runs) for n, m, runs in (("a", 1.0, (0.9, 1.1)), ("b", 2.0, (1.9, 2.1))))
     assert apart(a, b) and not apart(a, LayoutStats("c", 1, 1, 1, 1.0, 1, (1.0, 2.0)))
+
+
+def test_window_timeline_replays_the_engines_window_decisions(tmp_path):
+    from flashnb.core.simulate import simulate
+    from flashnb.lab.windowing import EVICTED, HIT, READ, window_timeline
+    from flashnb.widgets.engine import timeline_explorer
+
+    folder = make_tiny_opt(tmp_path / "hf")
+    store = FlashStore.open(convert(folder, tmp_path / "store", ConvertConfig(dtype="fp32", progress=False)))
+    rng = np.random.default_rng(1)
+    sets = [[np.sort(rng.choice(64, 10, replace=False)) for _ in range(2)] for _ in range(12)]
+    policy = Policy(window=2, memory_budget=1.0)
+    tl = window_timeline(sets, store, policy, layer=1, neurons=64)
+    sim = simulate(sets, store, policy)
+    assert tl.states.shape == (64, 12)
+    assert tl.count(HIT) == sum(s.layers[1].cached for s in sim)       # the same hits and reads as simulate
+    assert tl.count(READ) == sum(s.layers[1].loaded for s in sim)
+    assert tl.count(EVICTED) == sum(s.layers[1].evicted for s in sim)
+    box, slider, budgets, fig = timeline_explorer(lambda w, b: window_timeline(sets, store, Policy(w, b), 1),
+                                                  window=2, budget=1.0, budgets=(0.9, 1.0))
+    before = np.array(fig.data[0].z).copy()
+    slider.value = 0                                      # no window: nothing is ever a hit
+    assert not (np.array(fig.data[0].z) == HIT).any() and (before == HIT).any()
+    assert "window 0" in box.children[1].value

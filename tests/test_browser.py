@@ -220,7 +220,7 @@ RERUN_JS = """async (marker) => {
 def _rerun_after_moving(page, window: int) -> None:
     """Move the window slider one more step, then re-run the engine check and its assertion: they must run at
     the slider's new window (the notebook's store and recording are still there) without an error."""
-    slider = page.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text="window"))
+    slider = page.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text="window")).first
     handle, readout = slider.locator(".noUi-handle"), slider.locator(".widget-readout")
     smax = int(float(handle.get_attribute("aria-valuemax")))
     key, moved = ("ArrowRight", window + 1) if window < smax else ("ArrowLeft", window - 1)
@@ -243,7 +243,7 @@ def _move_slider(page, screenshot: Path) -> int:
     # The IntSlider whose description says "window", and the cell output that holds it and its plot.
     # (A `has=` locator is matched inside the element it filters, hence page.locator(...) built fresh.)
     window_slider = page.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text="window"))
-    output = page.locator(".jp-OutputArea-output").filter(has=window_slider)
+    output = page.locator(".jp-OutputArea-output").filter(has=window_slider).first   # the first: the preview
     sync_api.expect(output).to_have_count(1, timeout=REDRAW_S * 1000)
     slider = output.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text="window"))
     sync_api.expect(slider).to_have_count(1, timeout=REDRAW_S * 1000)
@@ -272,7 +272,7 @@ def _move_slider(page, screenshot: Path) -> int:
     assert len(json.loads(moved)) == len(json.loads(before)), "the redraw changed the number of traces"
 
     page.wait_for_function(KERNEL_IDLE_JS, polling=250)
-    cell = page.locator(".jp-Cell").filter(has=window_slider)
+    cell = page.locator(".jp-Cell").filter(has=window_slider).first
     cell.screenshot(path=str(screenshot))
 
     # And back: the plot returns to exactly what it showed at the start.

@@ -14,7 +14,8 @@ from sparsity_helpers import tiny
 FIGURE_FUNCTIONS = {
     "flash.throughput_figure", "flash.table2_figure", "flash.bundling_figure", "flash.layouts_figure",
     "sparsity.sparsity_figure", "sparsity.activity_heatmap", "sparsity.reuse_figure", "sparsity.selection_figure",
-    "sparsity.tradeoff_figure", "sparsity.friend_figure", "engine.window_figure", "engine.memory_figure",
+    "sparsity.tradeoff_figure", "sparsity.friend_figure", "engine.window_figure", "engine.timeline_figure",
+    "engine.memory_figure",
     "engine.layout_figure", "tour.data_moved_figure", "tour.time_breakdown_figure", "tour.breakdown_figure",
     "tour.ladder_figure", "tour.budget_figure", "tour.costs_figure", "tour.waterfall_figure", "tour.split_figure",
     "tour.sweep_figure",
@@ -31,6 +32,16 @@ def window_grid():
         return tuple(WindowRow(w, scale / (w + 1), 10.0, 20.0, 0.5, 30, (1.0, 0.5 / (w + 1)), scale * 0.1 / (w + 1),
                                0.2) for w in range(4))
     return WindowGrid((0.5, 0.8), (rows(1.0), rows(0.66)))
+
+
+def timeline():
+    """A WindowTimeline of 3 neurons over 4 tokens, every state present."""
+    import numpy as np
+
+    from flashnb.lab.windowing import WindowTimeline
+
+    states = np.array([[3, 2, 2, 4], [0, 3, 1, 2], [3, 1, 4, 0]], dtype=np.int8)
+    return WindowTimeline(0, 2, 0.5, 10, (5, 9, 12), states)
 
 
 PAPER_WINDOW = {"window": 5, "ffn_loaded_predictor": 0.10, "ffn_loaded_window": 0.024, "window_reuse": 0.78,
@@ -73,6 +84,7 @@ def style_figures() -> dict:
         "sparsity.tradeoff": vs.tradeoff_figure(ThresholdCurve([0.3, 0.5], [0.99, 0.9], [2.0, 1.2]), 0.5),
         "sparsity.friends": vs.friend_figure(ts.friend_experiment(trace, neuron_bytes=128)),
         "engine.window": ve.window_figure(window_grid(), 2, 0.5, PAPER_WINDOW),
+        "engine.timeline": ve.timeline_figure(timeline(), n_prompt=2),
         "engine.memory": ve.memory_figure([MemoryTiming(1, 1e-5, 3e-5), MemoryTiming(4, 2e-5, 9e-5)]),
         "engine.layout": ve.layout_figure(layout_summary(steps)),
     }

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from flashnb.core.engine import Policy
 from flashnb.core.memory import min_budget, plan_memory
 from flashnb.core.simulate import simulate
+from flashnb.core.window import Window, split_predicted
 from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
@@ -84,3 +87,46 @@ def window_budget_grid(sets, store: FlashStore, policy: Policy, windows=range(0,
     rows = tuple(tuple(window_sweep(sets, store, replace(policy, memory_budget=b), windows, predictor_bytes))
                  for b in fits)
     return WindowGrid(tuple(fits), rows)
+
+
+# The state of a neuron at a token in a `window_timeline` (0: not in DRAM).
+HELD, HIT, READ, EVICTED = 1, 2, 3, 4
+STATES = {0: "not in DRAM", HELD: "held, not needed", HIT: "needed, already held (hit)", READ: "needed, read from flash",
+          EVICTED: "evicted"}
+
+
+@dataclass(frozen=True)
+class WindowTimeline:
+    """One layer's neurons token by token under a window and a budget (the engine's own window decisions,
+    `flashnb.core.window.Window`, replayed on recorded sets): `states[i, t]` is neuron `neurons[i]`'s state
+    at token t (STATES), for the most often needed neurons."""
+
+    layer: int
+    window: int
+    budget: float | int
+    capacity_rows: int
+    neurons: tuple[int, ...]
+    states: np.ndarray            # int8 [neurons, tokens]
+
+    def count(self, state: int) -> int:
+        return int((self.states == state).sum())
+
+
+def window_timeline(sets, store: FlashStore, policy: Policy, layer: int, predictor_bytes: int = 0,
+                    neurons: int = 96) -> WindowTimeline:
+    """Replay `layer`'s recorded neuron sets (sets[t][layer]) through the window `policy` gives it, and
+    keep every state of its `neurons` most often needed neurons (modeled: the engine's plan, no reads)."""
+    cap = plan_memory(store.memory_shape(), policy.memory_budget, policy.window, predictor_bytes).capacity_rows
+    win = Window(store.ffn_dim, cap, policy.window)
+    states = np.zeros((store.ffn_dim, len(sets)), dtype=np.int8)
+    for t, token_sets in enumerate(sets):
+        states[win.held(), t] = HELD
+        for part in split_predicted(np.asarray(token_sets[layer], dtype=np.int64), cap):   # as the engine does
+            plan = win.plan(part)
+            states[plan.evicted, t] = np.where(states[plan.evicted, t] >= HIT, states[plan.evicted, t], EVICTED)
+            states[plan.cached, t] = HIT
+            states[plan.loaded, t] = READ
+            win.advance(plan)
+    needed = ((states == HIT) | (states == READ)).sum(axis=1)
+    top = np.argsort(-needed, kind="stable")[:neurons]
+    return WindowTimeline(layer, policy.window, policy.memory_budget, cap, tuple(int(i) for i in top), states[top])

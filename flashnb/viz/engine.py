@@ -63,6 +63,35 @@ def highlight(fig, grid, window: int, budget: float) -> None:
     fig.update_shapes(dict(x0=window - 0.5, x1=window + 0.5, y0=i - 0.5, y1=i + 0.5), selector=dict(name="chosen"))
 
 
+# The colours of a neuron's states in `timeline_figure` (flashnb.lab.windowing.STATES, 0..4).
+_STATE_COLORS = ("white", S.sequence(7)[0], S.color("windowing"), S.color("predictor"), S.color("naive"))
+
+
+def timeline_figure(tl, n_prompt: int = 0) -> go.Figure:
+    """One layer's most needed neurons (rows, most needed on top) token by token (columns): white not in DRAM,
+    light blue held but not needed, green needed and already held (a window hit), orange read from flash,
+    grey evicted; modeled by replaying the engine's window decisions (flashnb.lab.windowing.window_timeline)."""
+    from flashnb.lab.windowing import STATES
+
+    n = len(_STATE_COLORS)
+    scale = [[f, c] for i, c in enumerate(_STATE_COLORS) for f in (i / n, (i + 1) / n)]
+    fig = go.Figure(go.Heatmap(z=tl.states, zmin=-0.5, zmax=n - 0.5, colorscale=scale, showscale=False,
+                               y=[f"n{i}" for i in tl.neurons], name=S.label("state", "modeled", S.SIMULATE),
+                               customdata=[[STATES[int(v)] for v in row] for row in tl.states],
+                               hovertemplate="token %{x}, neuron %{y}: %{customdata}<extra></extra>"))
+    key = " ".join(f"<span style='color:{c}'>&#9632;</span> {STATES[i]}" for i, c in enumerate(_STATE_COLORS) if i)
+    fig.add_annotation(text=key + " (modeled, simulate)", xref="paper", yref="paper", x=0, y=1.01, showarrow=False,
+                       xanchor="left", yanchor="bottom", font=dict(size=11))
+    if n_prompt:
+        fig.add_vline(x=n_prompt - 0.5, line_dash="dash", line_color=S.OURS)
+    S.layout(fig, f"Layer {tl.layer}: window {tl.window}, {tl.capacity_rows} rows (modeled, simulate)",
+             x=("token", "prompt left of the dashed line"), y=("neuron", f"the {len(tl.neurons)} most needed"),
+             height=430)
+    fig.update_layout(margin=dict(l=60, r=20, t=90, b=60))
+    fig.update_yaxes(showticklabels=False, autorange="reversed")
+    return fig
+
+
 # -- notebook 05: memory management --------------------------------------------------------------
 
 def memory_figure(timings) -> go.Figure:

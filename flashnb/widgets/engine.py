@@ -41,3 +41,44 @@ def window_explorer(grid, paper: dict, window: int = 4, budget: float | None = N
     slider.observe(redraw, names="value")
     budgets.observe(redraw, names="value")
     return W.VBox([W.HBox([slider, budgets]), text, fig]), slider, budgets, fig
+
+
+def timeline_text(tl) -> str:
+    """One line for a `window_timeline`: how many times its neurons hit, were read and were evicted."""
+    from flashnb.lab.windowing import EVICTED, HIT, READ
+
+    hits, reads, gone = tl.count(HIT), tl.count(READ), tl.count(EVICTED)
+    return (f"layer {tl.layer}, window {tl.window}, {tl.capacity_rows} rows per layer: over {tl.states.shape[1]} tokens "
+            f"these {len(tl.neurons)} neurons were needed {hits + reads} times, {hits} of them already in DRAM "
+            f"({hits / max(hits + reads, 1):.0%}), {reads} read from flash; {gone} evictions (modeled, simulate).")
+
+
+def timeline_explorer(timeline, window: int = 4, budget: float = 0.5, budgets=(0.5, 0.6, 0.8, 1.0),
+                      n_prompt: int = 0):
+    """A window slider and a budget slider that redraw `timeline_figure` (`timeline(window, budget)` returns a
+    WindowTimeline). Returns (box, window slider, budget slider, figure widget)."""
+    import ipywidgets as W
+    import plotly.graph_objects as go
+
+    from flashnb.viz.engine import timeline_figure
+
+    tl = timeline(window, budget)
+    fig = go.FigureWidget(timeline_figure(tl, n_prompt))
+    text = W.HTML(timeline_text(tl))
+    slider = W.IntSlider(value=window, min=0, max=8, description="window", continuous_update=False)
+    budget_slider = W.SelectionSlider(options=[(f"{b:.0%}", b) for b in budgets], value=budget,
+                                      description="DRAM budget", continuous_update=False,
+                                      style={"description_width": "initial"})
+
+    def redraw(_):
+        new = timeline(slider.value, budget_slider.value)
+        drawn = timeline_figure(new, n_prompt)
+        with fig.batch_update():
+            for attr in ("z", "y", "customdata"):
+                setattr(fig.data[0], attr, getattr(drawn.data[0], attr))
+            fig.layout.title.text = drawn.layout.title.text
+        text.value = timeline_text(new)
+
+    slider.observe(redraw, names="value")
+    budget_slider.observe(redraw, names="value")
+    return W.VBox([W.HBox([slider, budget_slider]), text, fig]), slider, budget_slider, fig
