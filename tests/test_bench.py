@@ -183,3 +183,20 @@ def test_window_timeline_replays_the_engines_window_decisions(tmp_path):
     slider.value = 0                                      # no window: nothing is ever a hit
     assert not (np.array(fig.data[0].z) == HIT).any() and (before == HIT).any()
     assert "window 0" in box.children[1].value
+
+
+def test_byte_layout_shows_the_readers_own_requests(tmp_path):
+    from flashnb.core.reader import NeuronReader, ReaderConfig
+    from flashnb.lab.bundling import byte_layout
+
+    folder = make_tiny_opt(tmp_path / "hf")
+    stores = {layout: FlashStore.open(convert(folder, tmp_path / layout, ConvertConfig(layout=layout, progress=False)))
+              for layout in ("bundled", "unbundled")}
+    ids = np.array([1, 2, 6, 40])
+    slices = byte_layout(stores, 0, ids, rows=8)
+    assert [(s.layout, s.region) for s in slices] == [("bundled", "bundles"), ("unbundled", "fc1"), ("unbundled", "fc2")]
+    assert all(s.needed == (1, 2, 6) for s in slices)                 # neuron 40 lies beyond the 8 rows shown
+    with NeuronReader(stores["bundled"], ReaderConfig()) as reader:
+        sizes = reader.request_sizes(0, ids[:3])
+    assert sum(n for _, n in slices[0].requests) == int(sizes.sum())  # the reader's own plan, in the slice
+    assert len(slices[1].requests) + len(slices[2].requests) == 2 * len(slices[0].requests)   # twice the reads

@@ -15,7 +15,7 @@ FIGURE_FUNCTIONS = {
     "flash.throughput_figure", "flash.table2_figure", "flash.bundling_figure", "flash.layouts_figure",
     "sparsity.sparsity_figure", "sparsity.activity_heatmap", "sparsity.reuse_figure", "sparsity.selection_figure",
     "sparsity.tradeoff_figure", "sparsity.friend_figure", "engine.window_figure", "engine.timeline_figure",
-    "engine.memory_figure",
+    "engine.memory_figure", "engine.byte_layout_figure",
     "engine.layout_figure", "tour.data_moved_figure", "tour.time_breakdown_figure", "tour.breakdown_figure",
     "tour.ladder_figure", "tour.budget_figure", "tour.costs_figure", "tour.waterfall_figure", "tour.split_figure",
     "tour.sweep_figure",
@@ -42,6 +42,15 @@ def timeline():
 
     states = np.array([[3, 2, 2, 4], [0, 3, 1, 2], [3, 1, 4, 0]], dtype=np.int8)
     return WindowTimeline(0, 2, 0.5, 10, (5, 9, 12), states)
+
+
+def byte_slices():
+    """Two layouts' first 8 rows of one layer: neurons 1, 2 and 6 needed."""
+    from flashnb.lab.bundling import RegionSlice
+
+    return [RegionSlice("bundled", "bundles", 8, 2048, (1, 2, 6), ((2048, 4096), (12288, 2048))),
+            RegionSlice("unbundled", "fc1", 8, 1024, (1, 2, 6), ((1024, 2048), (6144, 1024))),
+            RegionSlice("unbundled", "fc2", 8, 1024, (1, 2, 6), ((1024, 2048), (6144, 1024)))]
 
 
 PAPER_WINDOW = {"window": 5, "ffn_loaded_predictor": 0.10, "ffn_loaded_window": 0.024, "window_reuse": 0.78,
@@ -85,6 +94,7 @@ def style_figures() -> dict:
         "sparsity.friends": vs.friend_figure(ts.friend_experiment(trace, neuron_bytes=128)),
         "engine.window": ve.window_figure(window_grid(), 2, 0.5, PAPER_WINDOW),
         "engine.timeline": ve.timeline_figure(timeline(), n_prompt=2),
+        "engine.byte_layout": ve.byte_layout_figure(byte_slices()),
         "engine.memory": ve.memory_figure([MemoryTiming(1, 1e-5, 3e-5), MemoryTiming(4, 2e-5, 9e-5)]),
         "engine.layout": ve.layout_figure(layout_summary(steps)),
     }

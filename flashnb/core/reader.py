@@ -1,8 +1,7 @@
 """Reading neurons from flash: direct I/O, native AIO, coalescing, and per-call statistics (§3.2).
 
-`NeuronReader.read(layer, ids, out)` fetches the store rows (see flashnb.core.store) of any set of
-neuron ids of one layer: unsorted, with duplicates, empty or all. It is the engine's hot path, so the
-work per call is a handful of numpy operations and one or two system calls per round of requests.
+`NeuronReader.read(layer, ids, out)` fetches the store rows (flashnb.core.store) of any neuron ids of one
+layer (unsorted, duplicated, none or all): the engine's hot path, a few numpy operations per call.
 
 How a call goes:
 
@@ -19,15 +18,13 @@ How a call goes:
    block-aligned (scatter), else through an aligned staging buffer and one vectorized gather.
 3. Duplicated ids are copied from their first occurrence.
 
-`submit` starts a call and returns a `PendingRead` at once, so the engine computes while the disk
-works; `wait()` completes it. One call is pending at a time: a thread that submits again before
-waiting gets a clear error, another thread waits its turn, and a pending read that is dropped
-without `wait()` is completed when it is collected.
+`submit` starts a call and returns a `PendingRead` at once, so the engine computes while the disk works;
+`wait()` completes it. One call is pending at a time: a thread that submits again before waiting gets a
+clear error, another waits its turn, and a dropped pending read is completed when it is collected.
 
-The file is opened with os.O_DIRECT (no page cache: the paper's F_NOCACHE). Where the file system
-refuses it, the reader falls back to buffered reads, evicts the layer's span with
-posix_fadvise(POSIX_FADV_DONTNEED) after every call, and says so (`NeuronReader.io_mode`,
-`ReadStats.direct` False).
+The file is opened with os.O_DIRECT (no page cache: the paper's F_NOCACHE). Where the file system refuses it,
+the reader reads buffered, evicts the layer's span with posix_fadvise(POSIX_FADV_DONTNEED) after every call,
+and says so (`NeuronReader.io_mode`, `ReadStats.direct` False). `requests` shows a call's reads unread.
 """
 
 from __future__ import annotations
@@ -343,12 +340,16 @@ class NeuronReader:
         return uniq, first, inv, scatter, plan
 
     def request_sizes(self, layer: int, ids, out_aligned: bool = True) -> np.ndarray:
-        """Bytes of every request `read(layer, ids)` would issue (into a block-aligned `out` unless
-        `out_aligned` is False), without reading anything: what `flashnb.core.simulate` counts."""
+        """Bytes of every request `read(layer, ids)` would issue: what `flashnb.core.simulate` counts."""
+        return self.requests(layer, ids, out_aligned)[1]
+
+    def requests(self, layer: int, ids, out_aligned: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(file offsets, bytes) of every request `read(layer, ids)` would issue (into a block-aligned `out`
+        unless `out_aligned` is False), in file order, without reading anything."""
         ids = as_ids(ids, self.store.ffn_dim, f"layer {layer}")
-        if ids.size == 0:
-            return np.zeros(0, np.int64)
-        return np.asarray(self._plan(self.store.regions(layer), ids, out_aligned)[4].req_len, dtype=np.int64)
+        plan = self._plan(self.store.regions(layer), ids, out_aligned)[4] if ids.size else None
+        return ((np.asarray(plan.req_off, np.int64), np.asarray(plan.req_len, np.int64)) if plan is not None
+                else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
 
     def _stats(self, layer, n, n_u, req_len, retries, t0, path) -> ReadStats:
         return ReadStats(layer=layer, neurons_requested=int(n), neurons_unique=int(n_u), requests=int(req_len.size),

@@ -65,3 +65,35 @@ def layout_rounds(stores: dict, predictors, prompt_ids: list[int], n: int, polic
         out[name] = replace(first, io_ms=float(np.median(runs)), io_ms_runs=runs,
                             gbps=first.mb / float(np.median(runs)) if np.median(runs) else 0.0)
     return out
+
+
+@dataclass(frozen=True)
+class RegionSlice:
+    """The first `rows` rows of one region of a layer, the rows one token needs there, and the requests
+    the reader issues for them, in bytes from the region's start (computed by the reader's own planner)."""
+
+    layout: str
+    region: str          # "bundles", or the matrix of an unbundled region (fc1, fc2, ...)
+    rows: int
+    row_bytes: int
+    needed: tuple[int, ...]                  # the needed neurons among the first `rows`
+    requests: tuple[tuple[int, int], ...]    # (offset, bytes) of each request that starts in the slice
+
+
+def byte_layout(stores: dict, layer: int, ids, rows: int = 48, gap_bytes: int = 0) -> list[RegionSlice]:
+    """For each store (name -> FlashStore) and each of its regions in `layer`: where the needed neurons
+    `ids` among the first `rows` lie and the requests that read them (modeled: no bytes are read)."""
+    from flashnb.core.reader import NeuronReader, ReaderConfig
+
+    ids = np.asarray(ids, dtype=np.int64)
+    sel = ids[ids < rows]
+    out = []
+    for name, store in stores.items():
+        with NeuronReader(store, ReaderConfig(gap_bytes=gap_bytes)) as reader:
+            offs, lens = reader.requests(layer, sel)
+        for reg in store.regions(layer):
+            inside = (offs >= reg.offset) & (offs < reg.offset + rows * reg.row_bytes)
+            reqs = tuple((int(o - reg.offset), int(n)) for o, n in zip(offs[inside], lens[inside]))
+            out.append(RegionSlice(name, reg.name if name == "bundled" else "+".join(reg.parts), rows, reg.row_bytes,
+                                   tuple(int(i) for i in sel), reqs))
+    return out

@@ -92,6 +92,31 @@ def timeline_figure(tl, n_prompt: int = 0) -> go.Figure:
     return fig
 
 
+def byte_layout_figure(slices) -> go.Figure:
+    """The first rows of each region of one layer (flashnb.lab.bundling.byte_layout), one line per region:
+    the rows one token needs, filled in their layout's colour, and the reads the reader issues for them, framed
+    (dashed); modeled by the reader's own request planner, nothing read."""
+    fig = go.Figure()
+    labels = [f"{s.layout}: {s.region}" for s in slices]
+    for i, (s, label) in enumerate(zip(slices, labels)):
+        kib = s.row_bytes / 1024
+        fig.add_trace(go.Bar(orientation="h", y=[label] * len(s.needed), x=[kib] * len(s.needed),
+                             base=[n * kib for n in s.needed], width=0.5, showlegend=i in (0, len(slices) - 1),
+                             name=S.label(f"rows needed, {s.layout}", "modeled"), legendgroup=s.layout,
+                             hovertemplate="neuron row at %{base:.1f} KiB<extra></extra>", **S.bar(s.layout, "modeled")))
+        for off, n in s.requests:
+            row = len(slices) - 1 - i   # the category's position: the first slice is drawn on top
+            fig.add_shape(type="rect", x0=off / 1024, x1=(off + n) / 1024, y0=row - 0.38, y1=row + 0.38,
+                          line=dict(color=S.OURS, width=1.5, dash="dash"))
+    S.layout(fig, "Where one token's neurons lie in each layout, and the reads that fetch them (modeled)",
+             x=("offset in the region", "KiB"), y=("region of the layer", "layout: matrices"),
+             height=140 + 60 * len(slices), barmode="overlay")
+    fig.update_yaxes(categoryorder="array", categoryarray=labels[::-1], range=[-0.6, len(slices) - 0.4])
+    rows = slices[0].rows * slices[0].row_bytes / 1024 if slices else 0
+    fig.update_xaxes(range=[0, rows])
+    return fig
+
+
 # -- notebook 05: memory management --------------------------------------------------------------
 
 def memory_figure(timings) -> go.Figure:
