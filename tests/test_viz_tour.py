@@ -92,18 +92,19 @@ def test_breakdown_figure_puts_modeled_io_beside_measured(setup):
     assert names == ["I/O (measured)", "memory management (measured)", "compute (measured)", "I/O (modeled)",
                      "total, not split (measured)"]
     io_measured, io_modeled = fig.data[0], fig.data[3]
-    assert [tuple(x) for x in io_measured.x][0] == tuple(LABELS[n] for n in CONFIGS for _ in (0, 1))
     res = result.results
-    assert list(io_measured.y[0::2]) == [res[n].stats.io_ms for n in CONFIGS]   # measured slots
-    assert all(v is None for v in io_measured.y[1::2])                         # modeled slots empty
-    assert list(io_modeled.y[1::2]) == [res[n].modeled_io_ms for n in CONFIGS]
+    slots = [(n, s) for n in res for s in ("measured", "modeled") if s == "measured" or res[n].modeled_io_ms is not None]
+    assert tuple(io_measured.y[0]) == tuple(LABELS[n] for n, _ in slots) and io_measured.orientation == "h"
+    assert [v for v, (_, s) in zip(io_measured.x, slots) if s == "measured"] == [res[n].stats.io_ms for n in res]
+    assert all(v is None for v, (_, s) in zip(io_measured.x, slots) if s == "modeled")   # modeled slots empty
+    assert [v for v, (_, s) in zip(io_modeled.x, slots) if s == "modeled"] == \
+        [res[n].modeled_io_ms for n in res if res[n].modeled_io_ms is not None]
     assert io_modeled.marker.pattern.shape == "/" and not io_measured.marker.pattern.shape
     assert io_measured.marker.color == S.color("io")
-    unsplit = fig.data[-1]
-    assert unsplit.y[2 * CONFIGS.index("mmap")] == res["mmap"].stats.total_ms
-    assert unsplit.marker.color[2 * CONFIGS.index("mmap")] == S.color("mmap")
-    assert unsplit.y[0] is None                                                  # naive is split
-    assert fig.layout.yaxis.title.text == "time per token (ms)"
+    unsplit, mmap = fig.data[-1], slots.index(("mmap", "measured"))
+    assert unsplit.x[mmap] == res["mmap"].stats.total_ms and unsplit.marker.color[mmap] == S.color("mmap")
+    assert unsplit.x[0] is None                                                  # naive is split
+    assert fig.layout.xaxis.title.text == "time per token (ms)"
 
 
 def test_table2_beside_and_ladder_figure(setup):
@@ -213,3 +214,16 @@ def test_budget_sweep_measures_and_models_every_budget(setup):
     assert mod[1.0].mb_per_token <= mod[0.6].mb_per_token          # more DRAM never reads more
     with pytest.raises(FlashnbError, match="outside"):
         end_to_end.budget_sweep(store, preds, setup["prompt"], setup["profile"], measured=(0.01,), tokens=2)
+
+
+def test_waterfall_lays_each_phase_after_the_last_up_to_the_total():
+    from viz_helpers import tour_figures
+
+    fig = tour_figures()["tour.waterfall"]
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert all(t.orientation == "h" for t in bars)
+    phases, total, floor = bars[:-2], bars[-2], bars[-1]
+    for before, after in zip(phases, phases[1:]):          # each starts where the one before ended
+        assert after.base[0] == pytest.approx(before.base[0] + before.x[0]) or after.x[0] < 0
+    assert phases[-1].base[0] + phases[-1].x[0] == pytest.approx(total.x[0])   # the phases add up to the total
+    assert list(floor.y) == ["floor"] and list(fig.layout.yaxis.categoryarray)[0] == "floor"

@@ -61,26 +61,30 @@ def time_breakdown_figure(steps, token_text: list[str] | None = None) -> go.Figu
 
 
 def breakdown_figure(result) -> go.Figure:
-    """Latency per token of every configuration of a bench result (flashnb.bench.report.BenchResult):
-    measured I/O, memory management and compute stacked (one unsplit bar where the runner cannot
-    separate them), and beside it, hatched, the cost model's I/O for the same requests."""
+    """Latency per token of every configuration of a bench result (flashnb.bench.report.BenchResult), one
+    horizontal bar each: measured I/O, memory management and compute stacked (one unsplit bar where the
+    runner cannot separate them), and under it, hatched, the cost model's I/O for the same requests
+    (configurations the cost model does not cover have no such bar)."""
     res = result.results
-    names = list(res)
+    slots = [(n, s) for n in res for s in ("measured", "modeled") if s == "measured" or res[n].modeled_io_ms is not None]
+    cats = ([res[n].label for n, _ in slots], [s for _, s in slots])
     fig = go.Figure()
-    sources = ("measured", "modeled")
-    cats = ([res[n].label for n in names for _ in sources], [s for _ in names for s in sources])
     for comp in COMPONENTS:
-        y = [getattr(res[n].stats, f"{comp}_ms") if s == "measured" else None for n in names for s in sources]
-        fig.add_trace(go.Bar(x=cats, y=y, name=S.label(comp, "measured"), legendgroup=comp, **S.bar(comp, "measured")))
-    y = [res[n].modeled_io_ms if s == "modeled" else None for n in names for s in sources]
-    fig.add_trace(go.Bar(x=cats, y=y, name=S.label("io", "modeled"), legendgroup="io", **S.bar("io", "modeled")))
-    unsplit = [n for n in names if res[n].stats.io_ms is None]
+        x = [getattr(res[n].stats, f"{comp}_ms") if s == "measured" else None for n, s in slots]
+        fig.add_trace(go.Bar(y=cats, x=x, orientation="h", name=S.label(comp, "measured"), legendgroup=comp,
+                             **S.bar(comp, "measured")))
+    x = [res[n].modeled_io_ms if s == "modeled" else None for n, s in slots]
+    fig.add_trace(go.Bar(y=cats, x=x, orientation="h", name=S.label("io", "modeled"), legendgroup="io",
+                         **S.bar("io", "modeled")))
+    unsplit = {n for n in res if res[n].stats.io_ms is None}
     if unsplit:
-        y = [res[n].stats.total_ms if (n in unsplit and s == "measured") else None for n in names for s in sources]
-        colors = [S.color(n) for n in names for _ in sources]
-        fig.add_trace(go.Bar(x=cats, y=y, name="total, not split (measured)", marker=dict(color=colors)))
-    return S.layout(fig, "Latency per token by configuration: measured, and the modeled I/O beside it",
-                    x=("configuration", None), y=("time per token", "ms"), height=440, barmode="stack")
+        x = [res[n].stats.total_ms if (n in unsplit and s == "measured") else None for n, s in slots]
+        fig.add_trace(go.Bar(y=cats, x=x, orientation="h", name="total, not split (measured)",
+                             marker=dict(color=[S.color(n) for n, _ in slots])))
+    S.layout(fig, "Latency per token by configuration: measured, and the modeled I/O under it",
+             x=("time per token", "ms"), y=("configuration", None), height=140 + 22 * len(slots), barmode="stack")
+    fig.update_yaxes(autorange="reversed")
+    return fig
 
 
 def ladder_figure(rows) -> go.Figure:
@@ -180,31 +184,32 @@ def costs_figure(runs, model_bytes: int) -> go.Figure:
 
 def waterfall_figure(result, names=("all", "pinned")) -> go.Figure:
     """For each named configuration of a bench result with a token split (`ConfigResult.split_ms`), a
-    waterfall of its measured token: the model without its FFNs, then each engine phase stacked on
-    what came before, up to the total; beside it the floor measured in the same run (the same token
-    with the FFN in DRAM: the model, the predictors and the sparse FFN math, nothing read)."""
+    waterfall of its measured token, read top to bottom: the model without its FFNs, then each engine phase
+    laid after what came before, up to the total; under it the floor measured in the same run (the same
+    token with the FFN in DRAM: the model, the predictors and the sparse FFN math, nothing read)."""
     from flashnb.bench.report import SPLIT
 
     res = [result.results[n] for n in names if n in result.results and result.results[n].split_ms]
-    fig = make_subplots(rows=1, cols=max(1, len(res)), shared_yaxes=True, subplot_titles=[r.label for r in res])
+    fig = make_subplots(rows=1, cols=max(1, len(res)), shared_yaxes=True, subplot_titles=[r.label for r in res],
+                        horizontal_spacing=0.04)
+    rows = [S.PHASE_LABELS[k] for k in SPLIT] + ["total", "floor"]
     for col, r in enumerate(res, 1):
-        x = [S.PHASE_LABELS[k] for k in SPLIT] + ["total", "floor"]
         base = 0.0
         for k in SPLIT:
             v = r.split_ms[k]
-            fig.add_trace(go.Bar(x=[S.PHASE_LABELS[k]], y=[v], base=[base if v >= 0 else base + v],
-                                 name=f"{S.PHASE_LABELS[k]} (measured)", legendgroup=k, showlegend=col == 1,
+            fig.add_trace(go.Bar(y=[S.PHASE_LABELS[k]], x=[v], base=[base if v >= 0 else base + v], orientation="h",
+                                 name=f"{S.PHASE_LABELS[k]} (measured)", legendgroup=k, showlegend=False,
                                  **S.bar(k, "measured")), 1, col)
             base += v
-        fig.add_trace(go.Bar(x=["total"], y=[r.stats.total_ms], name=S.label(r.name, "measured"),
-                             **S.bar(r.name, "measured")), 1, col)
-        fig.add_trace(go.Bar(x=["floor"], y=[r.floor_ms], name=S.label("floor", "measured"), legendgroup="floor",
-                             showlegend=col == 1, **S.bar("floor", "measured")), 1, col)
-        fig.update_xaxes(categoryorder="array", categoryarray=x, row=1, col=col)
-    S.layout(fig, "A token's milliseconds, step by step, against its floor (measured, same run)", height=460,
+        fig.add_trace(go.Bar(y=["total"], x=[r.stats.total_ms], orientation="h", name=S.label(r.name, "measured"),
+                             showlegend=False, **S.bar(r.name, "measured")), 1, col)
+        fig.add_trace(go.Bar(y=["floor"], x=[r.floor_ms], orientation="h", name=S.label("floor", "measured"),
+                             legendgroup="floor", showlegend=False, **S.bar("floor", "measured")), 1, col)
+        fig.update_xaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=col)
+    S.layout(fig, "A token's milliseconds, step by step, against its floor (measured, same run)", height=420,
              barmode="overlay")
-    fig.update_xaxes(title_text=S.axis_title("part of the token", None))
-    fig.update_yaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=1)
+    fig.update_yaxes(categoryorder="array", categoryarray=rows[::-1])
+    fig.update_yaxes(title_text=S.axis_title("part of the token", None), row=1, col=1)
     return fig
 
 
