@@ -82,7 +82,7 @@ def test_oracle_flash_run_matches_dense_and_compare_finds_differences(tiny):
     margin = (dense.logits[3, dense.tokens[3]] - dense.logits[3, dense.tokens[3] + 1]).item()
     assert c.margin_at_difference == pytest.approx(margin)
     assert not c.rounding_only                       # logits 1.0 off: far beyond fp16 rounding of these logits
-    assert "identical up to position 3 of 12" in byo.compare_text("other", c)
+    assert "the first 3 of 12 tokens identical, then one differs" in byo.compare_text("other", c)
     assert "preferred its token by" in byo.compare_text("other", c)
     assert "all 12 greedy tokens identical" in byo.compare_text("oracle", byo.compare(dense, oracle))
     text = byo.format_costs([dense, oracle])
@@ -182,3 +182,15 @@ def test_exercise_checks_say_how_far_a_guess_is():
     assert "(-67%)" in far and far.endswith("Hint: count the requests") and "guessed 1x" in far
     assert "(in MB)" in check(None, 1.0, "bytes", "MB") and "(a ratio" in check(None, 1.0, "r", "x")
     assert Verdict(2.0, 0.0, 0.1).error == 2.0 and not Verdict(None, 1.0, 0.1).close
+
+
+def test_swap_with_last_steps_are_what_neuron_rows_does():
+    from flashnb.lab.memory import swap_with_last_steps
+
+    first, deleted, appended = swap_with_last_steps((3, 12, 25, 40, 51, 64), (12, 40), (7, 99), capacity=8)
+    assert first.ids == (3, 12, 25, 40, 51, 64, -1, -1)
+    assert deleted.ids == (3, 51, 25, 64, -1, -1, -1, -1)           # the last rows that stay fill the two holes
+    assert deleted.state[:4] == ("kept", "moved", "kept", "moved")
+    assert appended.ids[:6] == (3, 51, 25, 64, 7, 99) and appended.state[4:6] == ("new", "new")
+    last = swap_with_last_steps((1, 2, 3), (3,), (), capacity=4)[1]
+    assert last.ids == (1, 2, -1, -1) and "moved" not in last.state   # deleting the last row moves nothing

@@ -15,7 +15,7 @@ FIGURE_FUNCTIONS = {
     "flash.throughput_figure", "flash.table2_figure", "flash.bundling_figure", "flash.layouts_figure",
     "sparsity.sparsity_figure", "sparsity.activity_heatmap", "sparsity.reuse_figure", "sparsity.selection_figure",
     "sparsity.tradeoff_figure", "sparsity.friend_figure", "engine.window_figure", "engine.timeline_figure",
-    "engine.memory_figure", "engine.byte_layout_figure",
+    "engine.memory_figure", "engine.byte_layout_figure", "engine.swap_figure",
     "engine.layout_figure", "tour.data_moved_figure", "tour.time_breakdown_figure", "tour.breakdown_figure",
     "tour.ladder_figure", "tour.budget_figure", "tour.costs_figure", "tour.waterfall_figure", "tour.split_figure",
     "tour.sweep_figure",
@@ -63,7 +63,7 @@ def style_figures() -> dict:
     from flashnb.device.profile import Profile
     from flashnb.lab.bundling import layout_summary
     from flashnb.lab.flash import LayoutRun
-    from flashnb.lab.memory import MemoryTiming
+    from flashnb.lab.memory import MemoryTiming, swap_with_last_steps
     from flashnb.lab.sparsity import ThresholdCurve
     from flashnb.training import tracestats as ts
     from flashnb.training.quality import Selection
@@ -95,6 +95,7 @@ def style_figures() -> dict:
         "engine.window": ve.window_figure(window_grid(), 2, 0.5, PAPER_WINDOW),
         "engine.timeline": ve.timeline_figure(timeline(), n_prompt=2),
         "engine.byte_layout": ve.byte_layout_figure(byte_slices()),
+        "engine.swap": ve.swap_figure(swap_with_last_steps()),
         "engine.memory": ve.memory_figure([MemoryTiming(1, 1e-5, 3e-5), MemoryTiming(4, 2e-5, 9e-5)]),
         "engine.layout": ve.layout_figure(layout_summary(steps)),
     }

@@ -176,7 +176,8 @@ def compare_text(name: str, c: Comparison) -> str:
     else:
         why = (f"a near tie: the dense model's two candidates {c.margin_at_difference:.2g} apart" if c.rounding_only
                else f"the dense model preferred its token by {c.margin_at_difference:.2g}")
-        same = f"tokens identical up to position {c.first_difference} of {c.tokens} ({why})"
+        same = (f"the first {c.first_difference} of {c.tokens} tokens identical, then one differs ({why})"
+                if c.first_difference else f"the very first of {c.tokens} tokens differs ({why})")
     return (f"{name} vs dense: {same}; largest logit difference {c.max_abs_logit_diff:.2g} "
             f"({c.max_rel_logit_diff:.1e} of the largest logit)")
 

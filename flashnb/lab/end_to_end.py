@@ -240,8 +240,9 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
                 meas[name].append(_measured_point(b, runner, s))
                 cpu[name].append((b, s.total_ms - s.io_ms))
             sets = sets or [s.predicted_sets for s in eng.steps]
-    grid = sorted({float(x) for x in np.round(np.linspace(lo, 1.0, modeled), 3)} | set(measured)) \
-        if isinstance(modeled, int) else sorted(float(b) for b in modeled)
+    grid = sorted({float(x) for x in np.round(np.linspace(lo, 1.0, modeled), 3)
+                   if all(abs(x - m) > 0.01 for m in measured)} | set(measured)) \
+        if isinstance(modeled, int) else sorted(float(b) for b in modeled)   # no stop within 1% of a measured one
     device = as_device(profile)
     def near(name: str, b: float) -> float:   # the measured CPU ms, linear between the measured budgets
         xs, ys = zip(*sorted(cpu[name]))

@@ -76,3 +76,38 @@ def rows_kept(sets: list[np.ndarray], ffn_dim: int, window: int, capacity: int) 
         held += plan.loaded.size - plan.evicted.size
         win.advance(plan)
     return float(np.mean(kept[1:])) if len(kept) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class RowsSnapshot:
+    """A layer's preallocated rows after one step: the neuron each row holds (-1: free) and what happened
+    to the row in that step ("kept", "moved" into a hole, "new", "free")."""
+
+    caption: str
+    ids: tuple[int, ...]
+    state: tuple[str, ...]
+
+
+def swap_with_last_steps(start=(3, 12, 25, 40, 51, 64), delete=(12, 40), append=(7, 99),
+                         capacity: int = 8) -> list[RowsSnapshot]:
+    """Run flashnb's NeuronRows on a small matrix (each row holding its neuron's id as its value): the rows
+    after filling them with `start`, after deleting `delete` (swap-with-last), after appending `append`."""
+    rows = NeuronRows(max((*start, *delete, *append)) + 1, capacity, 1, np.int64)
+
+    def snap(caption: str, before: np.ndarray | None, new: tuple[int, ...] = ()) -> RowsSnapshot:
+        ids = np.full(capacity, -1, np.int64)
+        ids[:rows.n] = rows.held()
+        state = ["free" if i < 0 else "new" if i in new else
+                 "moved" if before is not None and before[r] != i else "kept" for r, i in enumerate(ids)]
+        return RowsSnapshot(caption, tuple(int(i) for i in ids), tuple(state))
+
+    start, delete, append = (np.asarray(x, dtype=np.int64) for x in (start, delete, append))
+    rows.append(start, start[:, None])
+    out = [snap(f"{len(start)} neurons in rows 0..{len(start) - 1}", None)]
+    before = np.array(out[-1].ids)
+    rows.delete(delete)
+    out.append(snap(f"delete {', '.join(map(str, delete))}: the last rows fill the holes", before))
+    rows.append(append, append[:, None])
+    out.append(snap(f"append {', '.join(map(str, append))} at the end", None, tuple(int(i) for i in append)))
+    assert all(rows.slot[i] == r for r, i in enumerate(rows.held()))   # the pointer array agrees
+    return out

@@ -141,6 +141,32 @@ def memory_figure(timings) -> go.Figure:
     return fig
 
 
+_ROW_STATES = ("free", "kept", "moved", "new")
+_ROW_COLORS = ("white", S.sequence(7)[1], S.color("all"), S.color("predictor"))
+
+
+def swap_figure(snapshots) -> go.Figure:
+    """A layer's preallocated rows (rows of the matrix, top to bottom) after each step of
+    flashnb.lab.memory.swap_with_last_steps (columns), each cell the neuron id the row holds: kept rows light,
+    rows moved into a hole blue, new rows orange, free rows white."""
+    n = len(_ROW_STATES)
+    scale = [[f, c] for i, c in enumerate(_ROW_COLORS) for f in (i / n, (i + 1) / n)]
+    z = [[_ROW_STATES.index(s.state[r]) for s in snapshots] for r in range(len(snapshots[0].ids))]
+    text = [["" if s.ids[r] < 0 else str(s.ids[r]) for s in snapshots] for r in range(len(snapshots[0].ids))]
+    fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", zmin=-0.5, zmax=n - 0.5, colorscale=scale,
+                               showscale=False, xgap=3, ygap=3, x=[s.caption for s in snapshots],
+                               y=[f"row {r}" for r in range(len(z))], name=S.label("rows", "measured"),
+                               hovertemplate="%{y}: neuron %{text}<extra></extra>"))
+    key = " ".join(f"<span style='color:{c}'>&#9632;</span> {st}" for st, c in zip(_ROW_STATES[1:], _ROW_COLORS[1:]))
+    fig.add_annotation(text=key + " (measured: flashnb's NeuronRows)", xref="paper", yref="paper", x=0, y=1.01,
+                       showarrow=False, xanchor="left", yanchor="bottom", font=dict(size=11))
+    S.layout(fig, "Swap-with-last deletion, step by step (measured)", x=("step", None),
+             y=("row of the preallocated matrix", None), height=380)
+    fig.update_layout(margin=dict(l=80, r=20, t=90, b=60))
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
 # -- notebook 04: bundled vs unbundled -----------------------------------------------------------
 
 def layout_figure(summary: dict) -> go.Figure:

@@ -58,10 +58,10 @@ def split_explorer(sweep: SplitSweep, share: float = 0.0):
 
 def model_folder_box(default: str | None = None):
     """A text box for a Hugging Face model folder, pre-filled from `default` or $FLASHNB_BYO_MODEL
-    (empty in CI: notebook 07 then builds a tiny random model)."""
+    (empty in CI: notebook 07 then runs the shipped model)."""
     import ipywidgets as W
 
     value = default if default is not None else os.environ.get(ENV_BYO_MODEL, "")
     return W.Text(value=value, description="model folder",
-                  placeholder="e.g. ~/models/opt-1.3b (empty: a tiny random OPT)",
+                  placeholder="e.g. ~/models/opt-1.3b (empty: the shipped model)",
                   layout=W.Layout(width="80%"), style={"description_width": "initial"})
