@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -254,6 +255,7 @@ def _move_slider(page, screenshot: Path) -> int:
 
     handle = slider.locator(".noUi-handle")
     readout = slider.locator(".widget-readout")
+    sync_api.expect(readout).to_have_text(re.compile(r"^\s*\d+\s*$"), timeout=REDRAW_S * 1000)   # rendered
     start = int(readout.inner_text())
     smin, smax = (int(float(handle.get_attribute(a))) for a in ("aria-valuemin", "aria-valuemax"))
     assert smin <= start <= smax and smin < smax, (smin, start, smax)
