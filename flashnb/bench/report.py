@@ -123,8 +123,9 @@ class BenchResult:
                 "scale": self.scale}
 
 
-def _f(x, spec: str, unit: str = "") -> str:
-    """`x` in `spec` followed by `unit`, or a dash right-aligned in the same width where x is unknown."""
+def cell(x, spec: str, unit: str = "") -> str:
+    """A fixed-width table cell: `x` in `spec` followed by `unit`, or a dash right-aligned in the same width
+    where x is unknown."""
     if x is None:
         return "—".rjust(int(re.match(r"\d*", spec).group() or 0) + len(unit))
     return format(x, spec) + unit
@@ -138,10 +139,10 @@ def format_table(result: BenchResult) -> str:
     lines = [head, "-" * len(head)]
     for r in result.results.values():
         s = r.stats
-        lines.append(f"{r.label:<{w}} {_f(s.io_ms, '7.2f')} {_f(s.mm_ms, '6.2f')} {_f(s.compute_ms, '8.2f')} "
+        lines.append(f"{r.label:<{w}} {cell(s.io_ms, '7.2f')} {cell(s.mm_ms, '6.2f')} {cell(s.compute_ms, '8.2f')} "
                      f"{s.total_ms:8.2f} {s.median_ms:7.2f} {s.p10_ms:6.1f}-{s.p90_ms:<6.1f} "
-                     f"{s.bytes_per_token / 1e6:9.3f} {_f(s.io_GBps, '5.2f')} {_f(r.speedup_vs_naive, '7.1f', 'x')} "
-                     f"{_f(r.modeled_io_ms, '9.2f')} {_f(r.floor_ms and s.total_ms / r.floor_ms, '6.2f', 'x')}")
+                     f"{s.bytes_per_token / 1e6:9.3f} {cell(s.io_GBps, '5.2f')} {cell(r.speedup_vs_naive, '7.1f', 'x')} "
+                     f"{cell(r.modeled_io_ms, '9.2f')} {cell(r.floor_ms and s.total_ms / r.floor_ms, '6.2f', 'x')}")
     for name, why in result.skipped.items():
         lines.append(f"{LABELS[name]:<{w}} skipped: {why}")
     if result.pinning:
@@ -172,7 +173,7 @@ def format_table(result: BenchResult) -> str:
         for name, m in rp.results.items():
             s = m.stats
             lines.append(f"{LABELS[name]:<24} {s.io_ms:9.1f} {s.bytes_read / 1e6:9.1f} {s.requests:9.0f} "
-                         f"{_f(s.io_GBps, '6.2f')} {_f(m.io_vs_naive, '7.1f', 'x')} {_f(m.io_vs_naive_model, '7.1f', 'x')}")
+                         f"{cell(s.io_GBps, '6.2f')} {cell(m.io_vs_naive, '7.1f', 'x')} {cell(m.io_vs_naive_model, '7.1f', 'x')}")
         lines.append("vs naive: against reading every layer's whole FFN; vs model: against reading the whole model "
                      "(13.4 GB), the naive of the paper's Table 2")
         lines.append("paper, OPT 6.7B on an M1 Max (Table 2), I/O ms: naive 2196, +predictor 738, +windowing 164, "

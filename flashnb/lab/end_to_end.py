@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from flashnb.bench.baselines import HybridEngine
-from flashnb.bench.report import BenchResult
+from flashnb.bench.report import BenchResult, cell
 from flashnb.bench.run import take_turns
 from flashnb.core.defaults import IN_FLIGHT
 from flashnb.core.engine import FlashEngine, Policy
@@ -108,15 +108,13 @@ def table2_beside(result: BenchResult) -> list[LadderRow]:
 
 
 def format_table2_beside(rows: list[LadderRow]) -> str:
-    def f(x, spec):
-        return "—" if x is None else format(x, spec)
     head = (f"{'configuration':<20} {'paper GB':>8} {'paper ms':>8} {'paper x':>7} | {'our MB':>7} {'our ms':>7} "
             f"{'our x':>6} {'model ms':>8} {'model x':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.label:<20} {r.paper_GB:8.1f} {r.paper_io_ms:8.0f} {r.paper_io_vs_naive:6.1f}x | "
-                     f"{r.mb_per_token:7.2f} {f(r.io_ms, '7.2f')} {f(r.io_vs_naive, '5.1f')}x "
-                     f"{f(r.modeled_io_ms, '8.2f')} {f(r.modeled_io_vs_naive, '6.1f')}x")
+                     f"{r.mb_per_token:7.2f} {cell(r.io_ms, '7.2f')} {cell(r.io_vs_naive, '5.1f', 'x')} "
+                     f"{cell(r.modeled_io_ms, '8.2f')} {cell(r.modeled_io_vs_naive, '6.1f', 'x')}")
     lines.append("I/O per token. paper: OPT 6.7B fp16, half memory, M1 Max (Table 2); ours: measured on this "
                  "machine (direct I/O), model: the cost model for this run's requests on this disk's profile; "
                  "x = naive's I/O time / this row's.")
