@@ -58,11 +58,12 @@ def token_records(steps, tok, out_ids) -> list[dict]:
 
 def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str, n: int, *,
                       hot: HotNeurons | None = None, sampling: SamplingConfig | None = None,
-                      stats: str = "table", name: str | None = None) -> None:
+                      stats: str = "table", name: str | None = None, tok: Tokenizer | None = None) -> None:
     """Generate from `store` with the flash engine: the text on stdout, and on stderr the engine's setting,
     per token what was read and where the time went (`stats`: "table"), or only the means ("summary");
-    `stats="json"` prints one JSON object on stdout instead (text, per-token records, means)."""
-    tok = Tokenizer.from_folder(store.path, bos_id=store.config.bos_token_id)
+    `stats="json"` prints one JSON object on stdout instead (text, per-token records, means). `tok`: the
+    model's tokenizer when the caller has it (default: the store's copy)."""
+    tok = tok or Tokenizer.from_folder(store.path, bos_id=store.config.bos_token_id)
     with FlashEngine(store, predictor, policy, hot=hot) as eng:
         mem = eng.memory
         print(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
@@ -97,14 +98,15 @@ def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, 
     `pinned`: hot-neuron rows per layer, or "auto" (`flashnb.core.simulate.choose_pinned` with the cost
     model on the saved device profile)."""
     folder = Path(folder)
-    check_early(Tokenizer.from_folder(folder).encode(prompt), n, read_config(folder), pinned)
+    tok = Tokenizer.from_folder(folder)
+    check_early(tok.encode(prompt), n, read_config(folder), pinned)
     pred_dir = Path(predictors_dir or folder.parent / f"{folder.name}-predictors")
     predictors = load_predictors(pred_dir)
     with temporary_folder("flashnb-demo-") as work:
         store = FlashStore.open(convert(folder, work / "store", ConvertConfig(layout="bundled", progress=False)))
         policy, hot = pinned_policy(store, predictors, pred_dir, memory, window, in_flight, pinned)
         generate_on_store(store, predictors, policy, prompt, n, hot=hot, stats="table" if table else "summary",
-                          name=folder.name)
+                          name=folder.name, tok=tok)
 
 
 def pinned_policy(store: FlashStore, predictors, pred_dir: Path | None, memory: float | int, window: int,
@@ -156,7 +158,7 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
         predictor = AllNeurons(store.ffn_dim)
     pol, hot = pinned_policy(store, predictor, Path(predictors) if predictors else None, memory, window,
                              in_flight, pinned)
-    generate_on_store(store, predictor, pol, prompt, n, hot=hot, stats=stats, sampling=sampling)
+    generate_on_store(store, predictor, pol, prompt, n, hot=hot, stats=stats, sampling=sampling, tok=tok)
 
 
 def check_early(prompt_ids: list[int], n: int, config, pinned: int | str = 0) -> None:

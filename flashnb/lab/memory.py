@@ -69,11 +69,9 @@ def time_memory_management(sets: list[np.ndarray], ffn_dim: int, width: int, win
 def rows_kept(sets: list[np.ndarray], ffn_dim: int, window: int, capacity: int) -> float:
     """Mean rows a layer keeps from one token to the next: what reallocating copies every token."""
     win, kept = Window(ffn_dim, capacity, window), []
-    held = 0
     for ids in sets:
         plan = win.plan(ids)
-        kept.append(held - plan.evicted.size)
-        held += plan.loaded.size - plan.evicted.size
+        kept.append(win.held().size - plan.evicted.size)
         win.advance(plan)
     return float(np.mean(kept[1:])) if len(kept) > 1 else 0.0
 

@@ -54,12 +54,12 @@ class ThresholdExplorer:
     def missed_mass(self, threshold: float) -> list[float]:
         """Per layer: the share of the FFN's output magnitude (summed over tokens) that the neurons the
         predictors miss at `threshold` would have contributed."""
-        z = np.log(threshold / (1 - threshold))
+        z = _logit(threshold)
         return [float(mass[lg <= z].sum() / max(mass.sum(), 1e-30)) for lg, mass in zip(self.logits, self.mass)]
 
     def selection(self, threshold: float) -> list[Selection]:
         """Per-layer selection metrics at probability `threshold` (from the cached logits)."""
-        z = np.log(threshold / (1 - threshold))
+        z = _logit(threshold)
         return [Selection.of(lg > z, m) for lg, m in zip(self.logits, self.masks)]
 
     def curve(self, thresholds=np.round(np.arange(0.1, 0.91, 0.1), 2)) -> ThresholdCurve:
@@ -76,6 +76,11 @@ class ThresholdExplorer:
             self._measured[key] = ThresholdResult(key, per_layer, mean_selection(per_layer), q,
                                                   float(np.mean(self.missed_mass(key))))
         return self._measured[key]
+
+
+def _logit(threshold: float) -> float:
+    """The predictor logit above which a neuron is selected at probability `threshold`."""
+    return float(np.log(threshold / (1 - threshold)))
 
 
 @torch.no_grad()
