@@ -225,3 +225,13 @@ def test_log_axes_are_labelled_in_full(figures):
                     assert all(float(t) == pytest.approx(v) for t, v in zip(axis["ticktext"], axis["tickvals"]) if
                                t.replace(".", "", 1).replace("e-", "", 1).isdigit()), f"{name}.{key}"
     assert seen >= 4
+
+
+def test_shared_log_axes_are_labelled_for_every_panel(figures):
+    """table2_figure's panels share one log axis (make_subplots' shared_yaxes): its labels must span the bars
+    of both panels, not only those of the panel the axis is drawn beside."""
+    fig = figures["flash.table2"]
+    assert fig.layout.yaxis2.matches == "y"
+    ys = [float(v) for t in fig.data for v in t.y if v]
+    assert fig.layout.yaxis.tickvals == fig.layout.yaxis2.tickvals
+    assert max(fig.layout.yaxis.tickvals) * 1.5 >= max(ys) and min(fig.layout.yaxis.tickvals) / 1.5 <= min(ys)

@@ -227,3 +227,8 @@ def test_waterfall_lays_each_phase_after_the_last_up_to_the_total():
         assert after.base[0] == pytest.approx(before.base[0] + before.x[0]) or after.x[0] < 0
     assert phases[-1].base[0] + phases[-1].x[0] == pytest.approx(total.x[0])   # the phases add up to the total
     assert list(floor.y) == ["floor"] and list(fig.layout.yaxis.categoryarray)[0] == "floor"
+
+
+def test_text_block_keeps_a_terminal_table_unwrapped():
+    block = V.text_block("a < b\n" + "x" * 130)
+    assert "white-space:pre" in block.data and "a &lt; b" in block.data and "x" * 130 in block.data

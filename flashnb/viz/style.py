@@ -190,16 +190,20 @@ def hline(fig, y: float, source: str, text: str, color_: str | None = None, **kw
 def label_log_axes(fig):
     """Label every log axis of `fig` at 1, 2, 5 x 10^k within its traces' values, written out in full:
     plotly's default labels the minor ticks with a bare digit ("2", "5"), which reads as 2 MB where it
-    means 20. Axes with tick values of their own are left alone. Call it last."""
+    means 20. Axes that match one another (make_subplots' shared axes) get the ticks of all their traces.
+    Axes with tick values of their own are left alone. Call it last."""
     layout = fig.layout
-    for key in [k for k in layout.to_plotly_json() if k.startswith(("xaxis", "yaxis"))]:
+    keys = [k for k in layout.to_plotly_json() if k.startswith(("xaxis", "yaxis"))]
+    ref = {k: k[0] + k[5:] for k in keys}                                  # "yaxis2" -> "y2"
+    root = {ref[k]: layout[k].matches or ref[k] for k in keys}
+    for key in keys:
         axis = layout[key]
         if axis.type != "log" or axis.tickvals is not None:
             continue
-        ref = key[0] + key[5:]                                        # "yaxis2" -> "y2"
+        group = {r for r, g in root.items() if g == root[ref[key]]}
         values = []
         for t in fig.data:
-            if (getattr(t, key[0] + "axis", None) or key[0]) == ref:
+            if (getattr(t, key[0] + "axis", None) or key[0]) in group:
                 v = getattr(t, key[0], None)
                 values += [float(x) for x in (v if v is not None else []) if x is not None and float(x) > 0]
         if not values:

@@ -270,11 +270,12 @@ def sweep_figure(points, paper_speedup: float | None = None) -> go.Figure:
     return S.label_log_axes(fig)
 
 
-def text_block(text: str, font_px: int = 11):
-    """A fixed-width text (a table made for a terminal) as notebook HTML in a smaller font, so that a row
-    of 120-odd characters fits the output area without wrapping."""
+def text_block(text: str, font_px: int = 10):
+    """A fixed-width text (a table made for a terminal) as notebook HTML in a smaller font that never wraps:
+    a row of 120-odd characters fits the output area, and a longer one scrolls instead of breaking."""
     import html
 
     from IPython.display import HTML
 
-    return HTML(f'<pre style="font-size:{font_px}px;line-height:1.35">{html.escape(text)}</pre>')
+    style = f"font-size:{font_px}px;line-height:1.35;white-space:pre;overflow-x:auto"
+    return HTML(f'<pre style="{style}">{html.escape(text)}</pre>')
