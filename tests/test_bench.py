@@ -184,6 +184,22 @@ def test_window_timeline_replays_the_engines_window_decisions(tmp_path):
     assert not (np.array(fig.data[0].z) == HIT).any() and (before == HIT).any()
     assert "window 0" in box.children[1].value
 
+    from flashnb.viz.engine import window_animation_figure
+
+    tokens = [f" t{i}" for i in range(12)]
+    fig = window_animation_figure(tl, tokens, n_prompt=3)
+    assert [f.name for f in fig.frames] == [str(t) for t in range(12)]            # one frame per token
+    frame = fig.frames[5]
+    z = np.array(frame.data[0].z, dtype=object)
+    assert (z[:, :6] == tl.states[:, :6]).all() and (z[:, 6:] == None).all()    # noqa: E711  revealed up to 5
+    held, current = frame.data[1], frame.data[2]
+    assert (min(held.x), max(held.x)) == (2.5, 4.5) and (min(current.x), max(current.x)) == (4.5, 5.5)
+    assert "token 5 ' t5'" in frame.layout.title.text and "' t3 t4'" in frame.layout.title.text   # window 2
+    col = tl.states[:, 5]
+    assert f"{(col == HIT).sum()} hits, {(col == READ).sum()} read, {(col == EVICTED).sum()} evicted" in \
+        frame.layout.title.text
+    assert [list(s["args"][0]) for s in fig.layout.sliders[0].steps] == [[str(t)] for t in range(12)]
+
 
 def test_byte_layout_shows_the_readers_own_requests(tmp_path):
     from flashnb.core.reader import NeuronReader, ReaderConfig

@@ -82,8 +82,9 @@ def test_oracle_flash_run_matches_dense_and_compare_finds_differences(tiny):
     margin = (dense.logits[3, dense.tokens[3]] - dense.logits[3, dense.tokens[3] + 1]).item()
     assert c.margin_at_difference == pytest.approx(margin)
     assert not c.rounding_only                       # logits 1.0 off: far beyond fp16 rounding of these logits
-    assert "the first 3 of 12 tokens identical, then one differs" in byo.compare_text("other", c)
-    assert "preferred its token by" in byo.compare_text("other", c)
+    text = " ".join(byo.compare_text("other", c).split())          # wrapped for the notebook; read as one line
+    assert "the first 3 of 12 tokens identical, then one differs" in text
+    assert "preferred its token by" in text
     assert "all 12 greedy tokens identical" in byo.compare_text("oracle", byo.compare(dense, oracle))
     text = byo.format_costs([dense, oracle])
     assert text.splitlines()[2].startswith("dense") and "oracle" in text
@@ -113,11 +114,11 @@ def test_model_predictors_take_the_folder_beside_the_model_else_train_quick_ones
 def test_memory_and_store_texts_are_exact_bytes(tiny):
     _, store = tiny
     with FlashEngine(store, OraclePredictor(store.load_model()), Policy(2, 0.5, in_flight=2)) as eng:
-        text = quickstart.memory_text(eng.memory, "tiny")
+        text = " ".join(quickstart.memory_text(eng.memory, "tiny").split())   # read as one line
     m = eng.memory
     assert f"{m.model_bytes / 1e6:.1f} MB of weights" in text and f"{m.capacity_rows} rows per cache" in text
     assert f"{m.used_bytes / m.model_bytes:.0%} of the model" in text
-    s = quickstart.store_text(store)
+    s = " ".join(quickstart.store_text(store).split())
     assert s.startswith("bundled fp32 store: ffn.bin") and f"{store.num_layers} layers x 256 neurons" in s
     assert quickstart.ffn_bytes(store) == 2 * 256 * 2 * 32 * 4
 
@@ -194,3 +195,28 @@ def test_swap_with_last_steps_are_what_neuron_rows_does():
     assert appended.ids[:6] == (3, 51, 25, 64, 7, 99) and appended.state[4:6] == ("new", "new")
     last = swap_with_last_steps((1, 2, 3), (3,), (), capacity=4)[1]
     assert last.ids == (1, 2, -1, -1) and "moved" not in last.state   # deleting the last row moves nothing
+
+
+def test_memory_share_sets_the_engines_memory_management_beside_its_io_and_the_papers(tiny):
+    from flashnb.lab.memory import memory_share
+    from flashnb.lab.text import WIDTH
+
+    folder, store = tiny
+    r = memory_share(store, OraclePredictor(store.load_model()), [2, 10, 20], 6, window=2, budget=0.5, runs=2)
+    assert len(r.mm_ms) == len(r.io_ms) == len(r.total_ms) == 2
+    assert all(m > 0 and i > 0 and m + i < t for m, i, t in zip(r.mm_ms, r.io_ms, r.total_ms))
+    assert r.paper_mm_ms == 65 and r.paper_io_ms == 125 and round(r.paper_share, 2) == 0.34   # §4.1
+    text = r.text()
+    assert all(len(line) <= WIDTH for line in text.splitlines())
+    assert "65 ms beside 125 ms of flash reads, 34%" in " ".join(text.split())
+
+
+def test_printed_sentences_wrap_between_words():
+    from flashnb.lab.text import WIDTH, wrap
+
+    text = " ".join(f"word{i}" for i in range(60)) + "\n\n/a/path/" + "x" * 120
+    out = wrap(text)
+    lines = out.splitlines()
+    assert all(len(line) <= WIDTH for line in lines[:-1]) and lines[-2] == ""        # paragraphs kept
+    assert out.replace("\n  ", " ").split() == text.split()                          # no word cut
+    assert lines[-1] == "/a/path/" + "x" * 120                                       # a path stays whole

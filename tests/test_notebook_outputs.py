@@ -65,3 +65,19 @@ def test_the_repository_sanitizer_is_applied_to_kept_outputs_and_is_idempotent()
     once = cell.outputs[0]["text"]
     assert once == "FlashStore('TEMP_DIR/bundled', opt, bundled) at 0xADDRESS; TEMP_PATH; 12 ms\n"
     assert clean(_nb(cell), patterns=patterns) == [] and cell.outputs[0]["text"] == once
+
+
+def test_committed_text_outputs_fit_the_notebook_width():
+    """JupyterLab breaks a longer printed line mid-word: every committed text line of every notebook fits
+    flashnb.lab.text.WIDTH (the lessons wrap their sentences with flashnb.lab.text.wrap)."""
+    from pathlib import Path
+
+    from flashnb.lab.text import WIDTH
+
+    long = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            for output in cell.get("outputs", []):
+                text = output.get("text", "") or output.get("data", {}).get("text/plain", "")
+                long += [f"{path.name} cell {i}: {line[:60]}..." for line in text.splitlines() if len(line) > WIDTH]
+    assert not long, long

@@ -235,3 +235,10 @@ def test_shared_log_axes_are_labelled_for_every_panel(figures):
     ys = [float(v) for t in fig.data for v in t.y if v]
     assert fig.layout.yaxis.tickvals == fig.layout.yaxis2.tickvals
     assert max(fig.layout.yaxis.tickvals) * 1.5 >= max(ys) and min(fig.layout.yaxis.tickvals) / 1.5 <= min(ys)
+
+
+def test_every_figure_has_one_width():
+    """Static figures and widgets stand side by side in a notebook: one width for all (a FigureWidget
+    would otherwise fall back to 700 px while a static figure fills its cell)."""
+    widths = {name: fig.layout.width for name, fig in {**style_figures(), **tour_figures()}.items()}
+    assert set(widths.values()) == {S.WIDTH}, widths

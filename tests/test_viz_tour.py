@@ -90,7 +90,7 @@ def test_breakdown_figure_puts_modeled_io_beside_measured(setup):
     fig = V.breakdown_figure(result)
     names = [t.name for t in fig.data]
     assert names == ["I/O (measured)", "memory management (measured)", "compute (measured)", "I/O (modeled)",
-                     "total, not split (measured)"]
+                     "mmap streaming: total, not split (measured)"]
     io_measured, io_modeled = fig.data[0], fig.data[3]
     res = result.results
     slots = [(n, s) for n in res for s in ("measured", "modeled") if s == "measured" or res[n].modeled_io_ms is not None]
@@ -102,7 +102,7 @@ def test_breakdown_figure_puts_modeled_io_beside_measured(setup):
     assert io_modeled.marker.pattern.shape == "/" and not io_measured.marker.pattern.shape
     assert io_measured.marker.color == S.color("io")
     unsplit, mmap = fig.data[-1], slots.index(("mmap", "measured"))
-    assert unsplit.x[mmap] == res["mmap"].stats.total_ms and unsplit.marker.color[mmap] == S.color("mmap")
+    assert unsplit.x[mmap] == res["mmap"].stats.total_ms and unsplit.marker.color == S.color("mmap")  # legend too
     assert unsplit.x[0] is None                                                  # naive is split
     assert fig.layout.xaxis.title.text == "time per token (ms)"
 
@@ -159,6 +159,9 @@ def test_budget_figure_and_explorer(setup):
     slider.value = 1.0
     assert [s.x0 for s in widget.layout.shapes if s.name == "chosen budget"] == [100.0, 100.0]
     assert "DRAM budget 100% of the model" in box.children[1].value
+    for label, budget in slider.options:                               # the slider and its text agree
+        slider.value = budget
+        assert f"DRAM budget {label} of the model" in box.children[1].value
 
 
 def test_split_explorer_moves_along_the_simulated_splits():

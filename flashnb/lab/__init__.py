@@ -8,5 +8,8 @@
     bundling     04: bundled vs unbundled engine runs
     memory       05: preallocated rows with swap-with-last deletion vs reallocation, timed
     end_to_end   06: the bench beside the paper's Tables 2 and 3; latency vs DRAM budget
+    pinning      06: the budget split between hot neurons pinned and the window (PowerInfer)
     byo          07: your own model, dense vs flash
+    exercises    the "try this" cells: a guess against the measured answer
+    text         printed sentences wrapped between words (JupyterLab breaks long lines mid-word)
 """

@@ -20,6 +20,7 @@ from flashnb.core.predictor import LowRankPredictors, Predictor, load_predictors
 from flashnb.device.costmodel import ModelShape
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
+from flashnb.lab.text import wrap
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tiny import has_transformers, make_tiny_opt
 from flashnb.models.tokenizer import Tokenizer
@@ -47,13 +48,13 @@ def byo_model(path: str | None, workdir: str | Path) -> tuple[Path, bool, str]:
     if path:
         folder = Path(path).expanduser()
         config = read_config(folder)  # a clear error if this is not a model folder flashnb runs
-        return folder, True, f"your model: {folder} ({config.model_type}, {_params(config) / 1e6:.3g} M parameters)"
+        return folder, True, wrap(f"your model: {folder} ({config.model_type}, {_params(config) / 1e6:.3g} M parameters)")
     try:
         folder = shipped_model_dir()
     except FlashnbError:   # installed without the repository's data/: the steps on a tiny random model
         return _tiny_random(workdir)
     config = read_config(folder)
-    return folder, False, (f"no model folder given (text box empty, {ENV_BYO_MODEL} unset): the shipped model "
+    return folder, False, wrap(f"no model folder given (text box empty, {ENV_BYO_MODEL} unset): the shipped model "
                            f"{folder.name} ({_params(config) / 1e6:.1f} M parameters, a ReLU OPT trained by `flashnb "
                            "train`) with its shipped predictors. Put your own folder in the box and re-run the cells "
                            "below to run yours.")
@@ -62,7 +63,7 @@ def byo_model(path: str | None, workdir: str | Path) -> tuple[Path, bool, str]:
 def _tiny_random(workdir: str | Path) -> tuple[Path, bool, str]:
     folder = make_tiny_opt(Path(workdir) / "tiny-random-opt", backend="flashnb", **TINY_BYO)
     config = read_config(folder)
-    return folder, False, (f"no model folder given and no shipped model (data/ is missing): built a tiny RANDOM OPT "
+    return folder, False, wrap(f"no model folder given and no shipped model (data/ is missing): built a tiny RANDOM OPT "
                            f"({_params(config) / 1e6:.1f} M parameters: d_model {config.hidden_size}, ffn "
                            f"{config.ffn_dim}, {config.num_hidden_layers} layers) in a temporary folder. Its text is "
                            "gibberish and about half of its FFN neurons fire per token (a trained OPT: a few percent); "
@@ -178,7 +179,7 @@ def compare_text(name: str, c: Comparison) -> str:
                else f"the dense model preferred its token by {c.margin_at_difference:.2g}")
         same = (f"the first {c.first_difference} of {c.tokens} tokens identical, then one differs ({why})"
                 if c.first_difference else f"the very first of {c.tokens} tokens differs ({why})")
-    return (f"{name} vs dense: {same}; largest logit difference {c.max_abs_logit_diff:.2g} "
+    return wrap(f"{name} vs dense: {same}; largest logit difference {c.max_abs_logit_diff:.2g} "
             f"({c.max_rel_logit_diff:.1e} of the largest logit)")
 
 
@@ -242,7 +243,7 @@ def model_predictors(folder: str | Path, ids: list[int], rank: int = 64, epochs:
 
 def predictor_text(q: QuickPredictors) -> str:
     s = q.selection
-    return (f"learned predictors (rank {q.rank}, {q.epochs} epochs on {q.train_tokens} tokens, trained just now): "
+    return wrap(f"learned predictors (rank {q.rank}, {q.epochs} epochs on {q.train_tokens} tokens, trained just now): "
             f"on {q.heldout_tokens} held-out tokens recall {s.recall:.1%}, over-selection "
             f"{s.over_selection:.2f}x; {s.active_share:.1%} of the FFN fires per token, they select "
             f"{s.selected_share:.1%}. Paper (OPT 6.7B): 5% false negatives, ~3x over-selection (Section 3.1).")

@@ -24,6 +24,7 @@ from flashnb.device.measure import ProfileConfig, run_profile
 from flashnb.device.profile import coalescing_gap, default_profile_path, load_default_profile
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
+from flashnb.lab.text import wrap
 
 MB = 1e6
 MiB, KiB = 1 << 20, 1 << 10
@@ -63,7 +64,7 @@ def disk_text(profile) -> str:
     name = disk.get("device") or "unknown disk"
     fs = disk.get("fs_type") or ""
     t = int(profile.in_flight_counts[-1])
-    return (f"{name}{' / ' + fs if fs else ''}: sequential {profile.sequential_throughput() / 1e9:.2f} GB/s, "
+    return wrap(f"{name}{' / ' + fs if fs else ''}: sequential {profile.sequential_throughput() / 1e9:.2f} GB/s, "
             f"random 16 KiB reads with {t} in flight {profile.throughput(16384, t) / 1e9:.2f} GB/s "
             f"({'direct I/O' if profile.direct else 'buffered + fadvise'}; measured). "
             "Paper's M1 Max: 6.1 GB/s sequential, 2.25 GB/s for 16 KiB bundles (Table 2).")
@@ -267,16 +268,21 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
     return BudgetSweep(meas, mod, shape.model_bytes, window, tokens, notes)
 
 
+def budget_label(budget: float) -> str:
+    """A budget as the slider and its text both write it: '50%', or '55.3%' when it is not a whole percent."""
+    return f"{budget:.0%}" if round(budget * 100, 6) == round(budget * 100) else f"{budget:.1%}"
+
+
 def budget_text(sweep: BudgetSweep, budget: float) -> str:
     """One paragraph for the budget slider: modeled at `budget`, measured nearest to it, the paper."""
     a, h = sweep.at("all", budget), sweep.at("hybrid", budget)
     ma, mh = sweep.at("all", budget, "measured"), sweep.at("hybrid", budget, "measured")
-    text = (f"DRAM budget {budget:.0%} of the model ({budget * sweep.model_bytes / MB:.1f} MB). "
+    text = (f"DRAM budget {budget_label(budget)} of the model ({budget * sweep.model_bytes / MB:.1f} MB). "
             f"Modeled: all techniques {a.total_ms:.1f} ms per token ({a.mb_per_token:.2f} MB read, "
             f"{a.hit_share:.0%} of the predicted neurons already in DRAM); hybrid {h.total_ms:.1f} ms "
             f"({h.mb_per_token:.2f} MB read).")
     if ma is not None:
-        text += (f" Measured at {ma.budget:.0%}: all techniques {ma.total_ms:.1f} ms, hybrid {mh.total_ms:.1f} ms "
+        text += (f" Measured at {budget_label(ma.budget)}: all techniques {ma.total_ms:.1f} ms, hybrid {mh.total_ms:.1f} ms "
                  "per token.")
     return text + (" Paper: about half of OPT 6.7B in DRAM (Table 2); more DRAM holds a longer window "
                    "and reads less per token.")
@@ -294,5 +300,5 @@ def floor_text(result: BenchResult, names=("all", "pinned")) -> str:
         lines.append(f"{r.label}: {s.total_ms:.1f} ms per token (median {s.median_ms:.1f}, p10-p90 {s.p10_ms:.1f}-"
                      f"{s.p90_ms:.1f}) = {s.total_ms / r.floor_ms:.2f}x its floor of {r.floor_ms:.1f} ms (measured); "
                      f"ms: {parts}")
-    return "\n".join(lines)
+    return "\n".join(wrap(line) for line in lines)
 

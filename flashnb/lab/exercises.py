@@ -1,12 +1,14 @@
 """The notebooks' "try this" cells: a learner's guess set against the number the notebook measured.
 
-`check(guess, answer, ...)` returns one line: an invitation while the guess is None, else the guess, the
+`check(guess, answer, ...)` returns one sentence (wrapped to flashnb.lab.text.WIDTH): an invitation while the guess is None, else the guess, the
 answer and how far apart they are, with a hint when the guess is off by more than `within` (relative).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from flashnb.lab.text import wrap
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ def check(guess: float | None, answer: float, what: str, unit: str = "", within:
     v = Verdict(None if guess is None else float(guess), float(answer), within)
     if v.guess is None:
         kind = {"x": " (a ratio: 2 for twice)", "": ""}.get(unit, f" (in {unit})")
-        return f"{what}: set your guess above{kind}, then run this cell again."
+        return wrap(f"{what}: set your guess above{kind}, then run this cell again.")
     line = f"{what}: you guessed {v.guess:.3g}{u}, the answer is {v.answer:.3g}{u} ({v.error:+.0%})"
     if v.close:
-        return line + f": within {within:.0%}, well judged."
-    return line + (f". Hint: {hint}" if hint else ".")
+        return wrap(line + f": within {within:.0%}, well judged.")
+    return wrap(line + (f". Hint: {hint}" if hint else "."))

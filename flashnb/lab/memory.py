@@ -1,5 +1,6 @@
 """Lesson 05, memory management (§3.3): preallocated rows with swap-with-last deletion, timed against
-reallocating every token, replaying one layer's recorded neuron sets."""
+reallocating every token, replaying one layer's recorded neuron sets; and memory management's share of
+whole engine runs beside the paper's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 
 from flashnb.core.memory import NeuronRows
 from flashnb.core.window import Window
+from flashnb.lab.stats import TokenStats
+from flashnb.lab.text import wrap
 
 
 @dataclass(frozen=True)
@@ -109,3 +112,57 @@ def swap_with_last_steps(start=(3, 12, 25, 40, 51, 64), delete=(12, 40), append=
     out.append(snap(f"append {', '.join(map(str, append))} at the end", None, tuple(int(i) for i in append)))
     assert all(rows.slot[i] == r for r, i in enumerate(rows.held()))   # the pointer array agrees
     return out
+
+
+@dataclass(frozen=True)
+class MemoryShare:
+    """Memory management beside flash I/O per generated token in whole engine runs (measured: each run's
+    means), and the paper's OPT 6.7B figures (§4.1)."""
+
+    window: int
+    budget: float
+    mm_ms: tuple[float, ...]      # window planning + deleting and adding rows, per run
+    io_ms: tuple[float, ...]      # submitting and waiting for reads, per run
+    total_ms: tuple[float, ...]   # the whole token, per run
+    paper_mm_ms: float
+    paper_io_ms: float
+
+    @property
+    def share(self) -> float:
+        """Memory management's share of the memory-related time (memory management + I/O), median run."""
+        return float(np.median([m / (m + i) for m, i in zip(self.mm_ms, self.io_ms)]))
+
+    @property
+    def paper_share(self) -> float:
+        return self.paper_mm_ms / (self.paper_mm_ms + self.paper_io_ms)
+
+    def text(self) -> str:
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"  # noqa: E731
+        return wrap(f"window {self.window} at {self.budget:.0%}, per generated token (median of {len(self.mm_ms)} "
+                    f"runs, range in brackets; measured): memory management {med(self.mm_ms):.2f} ms "
+                    f"({span(self.mm_ms)}) beside I/O {med(self.io_ms):.2f} ms ({span(self.io_ms)}), "
+                    f"{self.share:.0%} of the memory-related time; the whole token {med(self.total_ms):.1f} ms.\n"
+                    f"Paper (OPT 6.7B at 32 bits, window 5, M1 Max, §4.1): memory management "
+                    f"{self.paper_mm_ms:.0f} ms beside {self.paper_io_ms:.0f} ms of flash reads, "
+                    f"{self.paper_share:.0%} of the memory-related time.")
+
+
+def memory_share(store, predictors, prompt_ids: list[int], tokens: int, window: int, budget: float,
+                 runs: int = 3) -> MemoryShare:
+    """Run the engine `runs` times (generating `tokens` after the prompt) and set memory management's time
+    per token beside I/O's, and beside the paper's (data/paper.json)."""
+    from flashnb.core.engine import FlashEngine, Policy
+    from flashnb.device.costmodel import paper_data
+
+    mm, io, total = [], [], []
+    for _ in range(runs):
+        with FlashEngine(store, predictors, Policy(window=window, memory_budget=budget)) as eng:
+            list(eng.generate(prompt_ids, tokens))
+        s = TokenStats.of(eng.steps[len(prompt_ids):], store.ffn_dim)
+        mm.append(s.mm_ms)
+        io.append(s.io_ms)
+        total.append(s.total_ms)
+    paper = paper_data()["memory_management_opt_6_7b"]
+    return MemoryShare(window, budget, tuple(mm), tuple(io), tuple(total), paper["memory_management_ms"],
+                       paper["flash_ms"])

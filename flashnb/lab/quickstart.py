@@ -6,6 +6,7 @@ from __future__ import annotations
 from flashnb.core.memory import MemoryPlan
 from flashnb.device.costmodel import paper_data
 from flashnb.lab.stats import TokenStats
+from flashnb.lab.text import wrap
 
 MB = 1e6
 
@@ -19,7 +20,7 @@ def store_text(store) -> str:
     """What `flashnb.core.convert` wrote: the files and the FFN layout (bytes, deterministic)."""
     dram = store.dram_path.stat().st_size
     ffn = store.ffn_path.stat().st_size
-    return (f"{store.layout} {store.dtype_name} store: {store.ffn_path.name} {ffn / MB:.2f} MB on flash = "
+    return wrap(f"{store.layout} {store.dtype_name} store: {store.ffn_path.name} {ffn / MB:.2f} MB on flash = "
             f"{store.num_layers} layers x {store.ffn_dim} neurons x {store.neuron_bytes} B bundles "
             f"({' + '.join(store.parts)} of one neuron side by side, each layer's region {store.alignment} B-aligned); "
             f"{store.dram_path.name} {dram / MB:.2f} MB for DRAM (embeddings, attention, norms and any FFN biases)")
@@ -28,7 +29,7 @@ def store_text(store) -> str:
 def memory_text(mem: MemoryPlan, name: str = "the model") -> str:
     """Where a FlashEngine's DRAM goes (its MemoryPlan): exact bytes, the same on every machine."""
     ffn = mem.model_bytes - mem.resident_bytes
-    return (f"{name}: {mem.model_bytes / MB:.1f} MB of weights, {ffn / MB:.1f} MB of them FFN (on flash).\n"
+    return wrap(f"{name}: {mem.model_bytes / MB:.1f} MB of weights, {ffn / MB:.1f} MB of them FFN (on flash).\n"
             f"DRAM: resident tensors {mem.resident_bytes / MB:.1f} MB + predictors {mem.predictor_bytes / MB:.1f} MB"
             f" + neuron caches {mem.cache_bytes / MB:.1f} MB ({mem.capacity_rows} rows per cache)"
             f" = {mem.used_bytes / MB:.1f} MB, {mem.used_bytes / mem.model_bytes:.0%} of the model "
@@ -40,7 +41,7 @@ def quickstart_text(s: TokenStats, ffn: int) -> str:
     io_share = s.io_ms / s.total_ms if s.total_ms else 0.0
     paper = paper_data()["latency_totals_opt_6_7b_ms"]
     p_io = {r["name"]: r["io_latency_ms"] for r in paper_data()["table2"]["rows"]}["+bundling"]
-    return (f"per generated token (mean of {s.tokens}, measured; median {s.median_ms:.1f} ms, 10-90% "
+    return wrap(f"per generated token (mean of {s.tokens}, measured; median {s.median_ms:.1f} ms, 10-90% "
             f"{s.p10_ms:.1f}-{s.p90_ms:.1f} ms): {s.bytes_read / MB:.3f} MB read from flash of a {ffn / MB:.1f} MB FFN "
             f"({s.bytes_read / ffn:.1%}); {s.predicted:.0f} neurons predicted, "
             f"{s.cached:.0f} already in DRAM ({s.window_hit_share:.0%}), {s.loaded:.0f} read. "

@@ -47,6 +47,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The text of each token on its own, special tokens by name ("</s>"): for drawing tokens one by one."""
+        return [self.tok.decode([i], skip_special_tokens=False) for i in ids]
+
     def save(self, folder: str | Path) -> None:
         """Write `folder`/tokenizer.json and, for transformers' `AutoTokenizer`, tokenizer_config.json and
         special_tokens_map.json: the same ids as `encode` (the start token added by tokenizer.json's post

@@ -92,6 +92,69 @@ def timeline_figure(tl, n_prompt: int = 0) -> go.Figure:
     return fig
 
 
+def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_token: int = 600) -> go.Figure:
+    """The window sliding over a sentence: `timeline_figure`'s heat map revealed one token per frame (plotly
+    frames, a play button and a token slider). Each frame frames, in the window's colour, the tokens whose
+    neurons the window keeps in DRAM and outlines the token being generated; the title quotes both. `tokens`:
+    the text of every token of the timeline (prompt included); modeled, like the timeline."""
+    from flashnb.lab.windowing import EVICTED, HIT, READ, STATES
+
+    base = timeline_figure(tl, n_prompt)
+    z = tl.states
+    n_neurons, n_tokens = z.shape
+    top, bottom = -0.5, n_neurons - 0.5
+
+    def box(x0, x1):  # a closed rectangle over the whole heat map, as a line trace (frames animate traces)
+        return dict(x=[x0, x1, x1, x0, x0], y=[top, top, bottom, bottom, top])
+
+    def frame_data(t):
+        shown = [[int(v) for v in row[:t + 1]] + [None] * (n_tokens - t - 1) for row in z]   # later tokens blank
+        first = max(0, t - tl.window)
+        held = box(first - 0.5, t - 0.5) if tl.window and t > 0 else box(-0.5, -0.5)
+        return [go.Heatmap(z=shown), go.Scatter(**held), go.Scatter(**box(t - 0.5, t + 0.5))]
+
+    def title(t):
+        col = tl.states[:, t]
+        kept = "".join(tokens[max(0, t - tl.window):t])
+        held = f"DRAM keeps the neurons of {kept!r}" if tl.window and t else "nothing kept from earlier tokens"
+        return (f"Layer {tl.layer}, window {tl.window}: token {t} {tokens[t]!r}; {held}<br>"
+                f"{int((col == HIT).sum())} hits, {int((col == READ).sum())} read, "
+                f"{int((col == EVICTED).sum())} evicted (modeled, simulate)")
+
+    fig = go.Figure(base.data, base.layout)
+    # numeric rows (the frames are drawn over them) with the neuron ids in the hover text
+    fig.data[0].update(z=frame_data(0)[0].z, y=list(range(n_neurons)),
+                       customdata=[[f"neuron {i}: {STATES[int(v)]}" for v in row] for i, row in zip(tl.neurons, tl.states)],
+                       hovertemplate="token %{x}, %{customdata}<extra></extra>")
+    kept_color, now_color = S.color("windowing"), S.color("dense")
+    fig.add_trace(go.Scatter(**box(-0.5, -0.5), mode="lines", line=dict(color=kept_color, width=3, dash="dash"),
+                             fill="toself", fillcolor="rgba(0,158,115,0.08)", hoverinfo="skip", showlegend=False,
+                             name=S.label("tokens the window keeps", "modeled", S.SIMULATE)))
+    fig.add_trace(go.Scatter(**box(-0.5, 0.5), mode="lines", line=dict(color=now_color, width=2, dash="dash"),
+                             hoverinfo="skip", showlegend=False,
+                             name=S.label("token being generated", "modeled", S.SIMULATE)))
+    key = fig.layout.annotations[0]   # the colour key: add the two frames
+    key.text = (key.text.replace(" (modeled, simulate)", "") + f"<br><span style='color:{kept_color}'>&#9633;</span> "
+                f"tokens the window keeps <span style='color:{now_color}'>&#9633;</span> token being generated "
+                "(modeled, simulate)")
+    fig.frames = [go.Frame(data=frame_data(t), traces=[0, 1, 2], name=str(t), layout=dict(title_text=title(t)))
+                  for t in range(n_tokens)]
+    play = dict(frame=dict(duration=ms_per_token, redraw=True), fromcurrent=True, transition=dict(duration=0))
+    fig.update_layout(
+        title=dict(text=title(0), y=0.965, yanchor="top"), height=540, margin=dict(l=60, r=20, t=115, b=120),
+        updatemenus=[dict(type="buttons", direction="left", x=0, y=-0.16, xanchor="left", yanchor="top",
+                          buttons=[dict(label="play", method="animate", args=[None, play]),
+                                   dict(label="pause", method="animate",
+                                        args=[[None], dict(frame=dict(duration=0, redraw=False), mode="immediate")])])],
+        sliders=[dict(x=0.16, y=-0.12, len=0.84, currentvalue=dict(visible=False),
+                      steps=[dict(label=str(t), method="animate",
+                                  args=[[str(t)], dict(frame=dict(duration=0, redraw=True), mode="immediate")])
+                             for t in range(n_tokens)])])
+    fig.update_xaxes(range=[-0.5, n_tokens - 0.5])
+    fig.update_yaxes(range=[bottom, top])
+    return fig
+
+
 def byte_layout_figure(slices) -> go.Figure:
     """The first rows of each region of one layer (flashnb.lab.bundling.byte_layout), one line per region:
     the rows one token needs, filled in their layout's colour, and the reads the reader issues for them, framed

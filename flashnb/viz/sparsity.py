@@ -21,11 +21,13 @@ def sparsity_figure(sparsity: list[float] | np.ndarray, tokens: int, paper: floa
     """FFN sparsity per layer (measured) with the paper's OPT 6.7B figure as a dotted line."""
     s = np.asarray(sparsity)
     fig = go.Figure(go.Bar(x=[f"layer {i}" for i in range(len(s))], y=s, name=S.label("ours", "measured"),
-                           text=[f"{v:.1%}" for v in s], textposition="outside", **S.bar("ours", "measured", S.OURS)))
-    S.hline(fig, paper, "paper", f"OPT 6.7B {paper:.0%} (paper)", annotation_position="bottom right")
+                           text=[f"{v:.1%}" for v in s], textposition="inside", insidetextanchor="end",
+                           textfont=dict(color="white"), **S.bar("ours", "measured", S.OURS)))
+    # the bars' labels sit inside their tops and the paper's note above its line, so neither covers the other
+    S.hline(fig, paper, "paper", f"OPT 6.7B {paper:.0%} (paper)", annotation_position="top left")
     S.layout(fig, f"FFN sparsity per layer (measured over {tokens} held-out tokens)", x=("layer", None),
              y=("sparsity: neurons with activation 0", "% of the FFN"), showlegend=False)
-    fig.update_yaxes(range=[0, 1.05], tickformat=".0%")
+    fig.update_yaxes(range=[0, 1.12], tickformat=".0%")
     return fig
 
 

@@ -221,13 +221,19 @@ def axis_title(quantity: str, unit: str | None) -> str:
     return f"{quantity} ({unit})" if unit else quantity
 
 
+# One width for every figure, static or widget: a FigureWidget does not follow its cell's width (it
+# falls back to plotly's 700 px) while a static figure fills it, so the two would differ side by side.
+# 900 px fits JupyterLab's notebook area at a 1280 px window with the file browser open.
+WIDTH = 900
+
+
 def layout(fig, title: str, x: tuple[str, str | None] | None = None, y: tuple[str, str | None] | None = None,
            height: int = 380, **kwargs):
     """Apply the common layout: white template, title, axis titles with units, legend below everything
-    (at the figure's bottom edge, its height reserved, so it never covers an axis title). Subplot titles
-    get room below the title."""
+    (at the figure's bottom edge, its height reserved, so it never covers an axis title), WIDTH wide.
+    Subplot titles get room below the title."""
     subplot_titles = any(a.yref == "paper" and a.yanchor == "bottom" for a in fig.layout.annotations)
-    fig.update_layout(template="plotly_white", title=title, height=height,
+    fig.update_layout(template="plotly_white", title=title, height=height, width=WIDTH,
                       margin=dict(l=60, r=20, t=80 if subplot_titles else 60, b=60),
                       legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"), **kwargs)
     if x is not None:

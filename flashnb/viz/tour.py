@@ -76,11 +76,13 @@ def breakdown_figure(result) -> go.Figure:
     x = [res[n].modeled_io_ms if s == "modeled" else None for n, s in slots]
     fig.add_trace(go.Bar(y=cats, x=x, orientation="h", name=S.label("io", "modeled"), legendgroup="io",
                          **S.bar("io", "modeled")))
-    unsplit = {n for n in res if res[n].stats.io_ms is None}
-    if unsplit:
-        x = [res[n].stats.total_ms if (n in unsplit and s == "measured") else None for n, s in slots]
-        fig.add_trace(go.Bar(y=cats, x=x, orientation="h", name="total, not split (measured)",
-                             marker=dict(color=[S.color(n) for n, _ in slots])))
+    # baselines whose time has no I/O split (mmap, accelerate): their total, one trace each, so that each
+    # legend entry shows its own colour
+    for name in [n for n in res if res[n].stats.io_ms is None]:
+        x = [res[n].stats.total_ms if (n == name and s == "measured") else None for n, s in slots]
+        fig.add_trace(go.Bar(y=cats, x=x, orientation="h", name=S.label(f"{res[name].label}: total, not split",
+                                                                           "measured"),
+                             **S.bar(name, "measured")))
     S.layout(fig, "Latency per token by configuration: measured, and the modeled I/O under it",
              x=("time per token", "ms"), y=("configuration", None), height=140 + 22 * len(slots), barmode="stack")
     fig.update_yaxes(autorange="reversed")
@@ -174,7 +176,8 @@ def costs_figure(runs, model_bytes: int) -> go.Figure:
     S.layout(fig, "Dense in DRAM vs from flash (measured)", height=420, barmode="stack")
     fig.update_xaxes(title_text=S.axis_title("run", None))
     fig.update_yaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=1)
-    fig.update_yaxes(title_text=S.axis_title("DRAM", "MB"), row=1, col=2)
+    top = max([model_bytes] + [r.dram_bytes for r in runs]) / MB   # the dense run holds the whole model:
+    fig.update_yaxes(title_text=S.axis_title("DRAM", "MB"), range=[0, 1.15 * top], row=1, col=2)  # line below the edge
     return fig
 
 

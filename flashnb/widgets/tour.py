@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from flashnb.lab.byo import ENV_BYO_MODEL
-from flashnb.lab.end_to_end import BudgetSweep, budget_text
+from flashnb.lab.end_to_end import BudgetSweep, budget_label, budget_text
 from flashnb.lab.pinning import SplitSweep, split_text
 from flashnb.viz.tour import budget_figure, mark_budget, mark_share, split_figure
 
@@ -41,7 +41,7 @@ def budget_explorer(sweep: BudgetSweep, budget: float = 0.5):
     and rewrites `budget_text` below it. Returns (VBox, slider, FigureWidget); the slider starts at the
     budget nearest to `budget`."""
     budgets = [p.budget for p in sweep.modeled["all"]]
-    options = [(f"{b:.1%}" if round(b * 100) != b * 100 else f"{b:.0%}", b) for b in budgets]
+    options = [(budget_label(b), b) for b in budgets]
     start = min(budgets, key=lambda b: abs(b - budget))
     return _explorer(options, start, "DRAM budget", budget_figure(sweep, start), mark_budget,
                      lambda b: budget_text(sweep, b))
