@@ -186,7 +186,7 @@ def test_window_timeline_replays_the_engines_window_decisions(tmp_path):
 
     from flashnb.viz.engine import window_animation_figure
 
-    tokens = [f" t{i}" for i in range(12)]
+    tokens = ["</s>"] + [f" t{i}" for i in range(1, 12)]
     fig = window_animation_figure(tl, tokens, n_prompt=3)
     assert [f.name for f in fig.frames] == [str(t) for t in range(12)]            # one frame per token
     frame = fig.frames[5]
@@ -198,6 +198,7 @@ def test_window_timeline_replays_the_engines_window_decisions(tmp_path):
     col = tl.states[:, 5]
     assert f"{(col == HIT).sum()} hits, {(col == READ).sum()} read, {(col == EVICTED).sum()} evicted" in \
         frame.layout.title.text
+    assert "token 0 '&lt;/s&gt;'" in fig.frames[0].layout.title.text       # a special token is text, not a tag
     assert [list(s["args"][0]) for s in fig.layout.sliders[0].steps] == [[str(t)] for t in range(12)]
 
 

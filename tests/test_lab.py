@@ -199,7 +199,7 @@ def test_swap_with_last_steps_are_what_neuron_rows_does():
 
 def test_memory_share_sets_the_engines_memory_management_beside_its_io_and_the_papers(tiny):
     from flashnb.lab.memory import memory_share
-    from flashnb.lab.text import WIDTH
+    from flashnb.text import WIDTH
 
     folder, store = tiny
     r = memory_share(store, OraclePredictor(store.load_model()), [2, 10, 20], 6, window=2, budget=0.5, runs=2)
@@ -212,7 +212,7 @@ def test_memory_share_sets_the_engines_memory_management_beside_its_io_and_the_p
 
 
 def test_printed_sentences_wrap_between_words():
-    from flashnb.lab.text import WIDTH, wrap
+    from flashnb.text import WIDTH, wrap
 
     text = " ".join(f"word{i}" for i in range(60)) + "\n\n/a/path/" + "x" * 120
     out = wrap(text)

@@ -69,10 +69,10 @@ def test_the_repository_sanitizer_is_applied_to_kept_outputs_and_is_idempotent()
 
 def test_committed_text_outputs_fit_the_notebook_width():
     """JupyterLab breaks a longer printed line mid-word: every committed text line of every notebook fits
-    flashnb.lab.text.WIDTH (the lessons wrap their sentences with flashnb.lab.text.wrap)."""
+    flashnb.text.WIDTH (the lessons wrap their sentences with flashnb.text.wrap)."""
     from pathlib import Path
 
-    from flashnb.lab.text import WIDTH
+    from flashnb.text import WIDTH
 
     long = []
     for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):

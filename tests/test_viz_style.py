@@ -36,6 +36,8 @@ def test_every_axis_has_a_title_and_value_axes_have_units(figures):
         for t in fig.data:
             for ref, values in ((t.xaxis or "x", t.x), (t.yaxis or "y", t.y)):
                 axis = _axis(fig, ref)
+                if axis.matches:                      # a shared axis: titled once, on the axis it matches
+                    axis = _axis(fig, axis.matches)
                 title = axis.title.text or ""
                 assert title, f"{name}: axis {ref} has no title"
                 if axis.type != "category" and _numeric(values):

@@ -93,12 +93,12 @@ def test_breakdown_figure_puts_modeled_io_beside_measured(setup):
                      "mmap streaming: total, not split (measured)"]
     io_measured, io_modeled = fig.data[0], fig.data[3]
     res = result.results
-    slots = [(n, s) for n in res for s in ("measured", "modeled") if s == "measured" or res[n].modeled_io_ms is not None]
+    slots = [(n, s) for n in res for s in ("measured", "modeled") if s == "measured" or res[n].modeled_io_ms]
     assert tuple(io_measured.y[0]) == tuple(LABELS[n] for n, _ in slots) and io_measured.orientation == "h"
     assert [v for v, (_, s) in zip(io_measured.x, slots) if s == "measured"] == [res[n].stats.io_ms for n in res]
     assert all(v is None for v, (_, s) in zip(io_measured.x, slots) if s == "modeled")   # modeled slots empty
     assert [v for v, (_, s) in zip(io_modeled.x, slots) if s == "modeled"] == \
-        [res[n].modeled_io_ms for n in res if res[n].modeled_io_ms is not None]
+        [res[n].modeled_io_ms for n in res if res[n].modeled_io_ms]
     assert io_modeled.marker.pattern.shape == "/" and not io_measured.marker.pattern.shape
     assert io_measured.marker.color == S.color("io")
     unsplit, mmap = fig.data[-1], slots.index(("mmap", "measured"))
@@ -117,7 +117,7 @@ def test_table2_beside_and_ladder_figure(setup):
     res = result.results
     assert rows[2].io_vs_naive == pytest.approx(res["naive"].stats.io_ms / res["predictor"].stats.io_ms)
     text = end_to_end.format_table2_beside(rows)
-    assert "Table 2" in text and len(text.splitlines()) == 2 + 5 + 1
+    assert "Table 2" in text and sum(not line.startswith("  ") for line in text.splitlines()) == 2 + 5 + 1  # + note
     fig = V.ladder_figure(rows)
     legend = [t.name for t in fig.data if t.showlegend is not False]        # one trace per colour and series
     assert ["(paper)" in legend[0], "(measured)" in legend[1], "(modeled)" in legend[2]] == [True] * 3
@@ -192,7 +192,9 @@ def test_costs_figure_from_dense_and_flash_runs(setup):
     fig = V.costs_figure([dense, flash], dense.dram_bytes)
     assert [t.name for t in fig.data] == [
         "I/O (measured)", "memory management (measured)", "compute (measured)",
-        "DRAM for weights (measured: bytes held)", "whole model (measured: file bytes)"]
+        "DRAM for weights (measured: bytes held)"]
+    whole = [s for s in fig.layout.shapes if s.yref == "y2"]                        # a line across the panel
+    assert [s.y0 for s in whole] == [dense.dram_bytes / 1e6] and "whole model" in fig.layout.annotations[-1].text
     assert list(fig.data[3].y) == [dense.dram_bytes / 1e6, flash.dram_bytes / 1e6]
     assert list(fig.data[3].marker.color) == [S.color("dense"), S.color("all")]
     assert fig.data[0].y[0] == 0.0 and fig.data[2].y[0] == dense.stats.total_ms   # dense: all compute

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from flashnb.lab.stats import TokenStats
+from flashnb.text import wrap
 
 LABELS = {"naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
           "all": "+bundling (all)", "pinned": "all + hot pinned",
@@ -144,25 +145,25 @@ def format_table(result: BenchResult) -> str:
                      f"{s.bytes_per_token / 1e6:9.3f} {cell(s.io_GBps, '5.2f')} {cell(r.speedup_vs_naive, '7.1f', 'x')} "
                      f"{cell(r.modeled_io_ms, '9.2f')} {cell(r.floor_ms and s.total_ms / r.floor_ms, '6.2f', 'x')}")
     for name, why in result.skipped.items():
-        lines.append(f"{LABELS[name]:<{w}} skipped: {why}")
+        lines.append(wrap(f"{LABELS[name]:<{w}} skipped: {why}"))
     if result.pinning:
         p = result.pinning
-        lines.append(f"{LABELS['pinned']}: {p['chosen']} hot neurons pinned per layer, the split with the least "
+        lines.append(wrap(f"{LABELS['pinned']}: {p['chosen']} hot neurons pinned per layer, the split with the least "
                      f"{p['score_name']} when simulated on the predictors' calibration sets (pinned rows: MB/token, "
                      f"{p['score_name']}: " + ", ".join(f"{n}: {b / 1e6:.3f}, {c:.2f}" for n, b, c in zip(
-                         p["pinned_rows"], p["bytes_per_token"], p["score"])) + ")")
+                         p["pinned_rows"], p["bytes_per_token"], p["score"])) + ")"))
     checked = result.results.get("all")
     if checked and checked.stats.verify_ms is not None and checked.stats.total_ms:
         v = checked.stats.verify_ms
-        lines.append(f"checking every bundle read against its checksum: {v:.3f} ms per token in "
-                     f"{checked.label} ({v / checked.stats.total_ms:.1%} of its total)")
-    lines.append(result.io)
-    lines.append("ms per generated token, measured on this machine: mean, median and the 10th-90th percentile of the "
+        lines.append(wrap(f"checking every bundle read against its checksum: {v:.3f} ms per token in "
+                          f"{checked.label} ({v / checked.stats.total_ms:.1%} of its total)"))
+    lines.append(wrap(result.io))
+    lines.append(wrap("ms per generated token, measured on this machine: mean, median and the 10th-90th percentile of the "
                  "tokens; the configurations take turns, one token each. 'model I/O': the cost model's I/O time for "
                  "this run's requests on the device profile (modeled). MB/token for mmap and accelerate: bytes the "
                  "kernel read. 'x floor': total / the same token's unavoidable work measured in this run (the floor: "
                  "the model without FFNs, the predictors and the sparse FFN math with the FFN in DRAM; dense for "
-                 "the configurations without predictors).")
+                 "the configurations without predictors)."))
     if result.scale:
         lines += scale_lines(result)
     rp = result.replay
@@ -174,10 +175,10 @@ def format_table(result: BenchResult) -> str:
             s = m.stats
             lines.append(f"{LABELS[name]:<24} {s.io_ms:9.1f} {s.bytes_read / 1e6:9.1f} {s.requests:9.0f} "
                          f"{cell(s.io_GBps, '6.2f')} {cell(m.io_vs_naive, '7.1f', 'x')} {cell(m.io_vs_naive_model, '7.1f', 'x')}")
-        lines.append("vs naive: against reading every layer's whole FFN; vs model: against reading the whole model "
-                     "(13.4 GB), the naive of the paper's Table 2")
-        lines.append("paper, OPT 6.7B on an M1 Max (Table 2), I/O ms: naive 2196, +predictor 738, +windowing 164, "
-                     "+bundling 87 (25.2x vs its naive, the whole model)")
+        lines.append(wrap("vs naive: against reading every layer's whole FFN; vs model: against reading the whole "
+                          "model (13.4 GB), the naive of the paper's Table 2"))
+        lines.append(wrap("paper, OPT 6.7B on an M1 Max (Table 2), I/O ms: naive 2196, +predictor 738, +windowing 164, "
+                          "+bundling 87 (25.2x vs its naive, the whole model)"))
     return "\n".join(lines)
 
 
@@ -210,4 +211,4 @@ def scale_lines(result: BenchResult) -> list[str]:
                      f"({t['cpu_naive'] / t['cpu_ours']:.1f}x); I/O ({p['table2']['ref'].split(':')[0]}): "
                      f"{io['naive']} ms naive (the whole model), {io['+bundling']} ms with every technique "
                      f"({io['naive'] / io['+bundling']:.1f}x)")
-    return lines
+    return [wrap(line) for line in lines]

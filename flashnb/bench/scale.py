@@ -34,6 +34,7 @@ from flashnb.core.records import LayerStep
 from flashnb.core.store import DRAM_FILE, FFN_FILE, FlashStore
 from flashnb.errors import FlashnbError
 from flashnb.models.opt import OPTConfig
+from flashnb.text import wrap
 
 # OPT shapes (d_model, ffn_dim, layers, attention heads): the paper's OPT 6.7B and its smaller and larger kin.
 SCALES = {"125m": (768, 3072, 12, 12), "1.3b": (2048, 8192, 24, 32), "2.7b": (2560, 10240, 32, 32),
@@ -427,10 +428,10 @@ def format_sweep(points: list[SweepPoint]) -> str:
                      f"{'' if p.mmap_ms is None else f'{p.mmap_ms:8.1f}':>8} {p.all_vs_naive:11.2f}x "
                      f"{'' if p.all_vs_mmap is None else f'{p.all_vs_mmap:10.2f}x':>11} "
                      f"{'' if p.modeled_all_vs_naive is None else f'{p.modeled_all_vs_naive:7.2f}x':>8}")
-    lines.append("ms per generated token, measured; each size one run with naive, all and mmap taking turns; the "
+    lines.append(wrap("ms per generated token, measured; each size one run with naive, all and mmap taking turns; the "
                  "shipped model is trained, the others are random weights at OPT shapes with the shipped model's "
                  "neuron sets widened. 'modeled': all vs naive with each one's measured compute plus the cost "
-                 "model's I/O for its requests.")
+                 "model's I/O for its requests."))
     return "\n".join(lines)
 
 
@@ -444,4 +445,4 @@ def pays_text(points: list[SweepPoint]) -> str:
              f"({top.model_bytes / 1e9:.2f} GB)"]
     parts.append(f"at least 2x from {twice.name} on" if twice else "never 2x at these sizes")
     parts.append(f"and beat mmap streaming from {beats.name} on" if beats else "and never beat mmap streaming here")
-    return "On this machine " + ", ".join(parts[:2]) + ", " + parts[2] + " (measured, one run per size)."
+    return wrap("On this machine " + ", ".join(parts[:2]) + ", " + parts[2] + " (measured, one run per size).")

@@ -11,5 +11,4 @@
     pinning      06: the budget split between hot neurons pinned and the window (PowerInfer)
     byo          07: your own model, dense vs flash
     exercises    the "try this" cells: a guess against the measured answer
-    text         printed sentences wrapped between words (JupyterLab breaks long lines mid-word)
 """

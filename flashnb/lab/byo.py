@@ -20,7 +20,7 @@ from flashnb.core.predictor import LowRankPredictors, Predictor, load_predictors
 from flashnb.device.costmodel import ModelShape
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
-from flashnb.lab.text import wrap
+from flashnb.text import wrap
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tiny import has_transformers, make_tiny_opt
 from flashnb.models.tokenizer import Tokenizer
@@ -231,19 +231,23 @@ def model_predictors(folder: str | Path, ids: list[int], rank: int = 64, epochs:
             k = int(len(ids) * (1 - heldout))
             held = record(model, ids[k:], context=min(256, model.config.max_position_embeddings))
             s = mean_selection(selection_metrics(preds, held))
-            return preds, (f"the predictors beside the model ({beside.name}, trained by `flashnb train-predictors`): "
+            return preds, wrap(f"the predictors beside the model ({beside.name}, trained by `flashnb train-predictors`): "
                            f"on {len(ids) - k} held-out tokens recall {s.recall:.1%}, over-selection "
                            f"{s.over_selection:.2f}x; {s.active_share:.1%} of the FFN fires per token, they select "
                            f"{s.selected_share:.1%}. Paper (OPT 6.7B): 5% false negatives, ~3x over-selection.")
     q = quick_predictors(folder, ids, rank=rank, epochs=epochs, heldout=heldout)
-    return q.predictors, (predictor_text(q) + f" Trained for {q.seconds:.0f} s on {q.train_tokens} tokens: for real "
+    return q.predictors, wrap(_predictor_sentence(q) + f" Trained for {q.seconds:.0f} s on {q.train_tokens} tokens: for real "
                           f"use, `flashnb train-predictors --model {folder}` traces 65,536 tokens (the shipped "
                           "predictors: recall 99.5% at 1.58x).")
 
 
 def predictor_text(q: QuickPredictors) -> str:
+    return wrap(_predictor_sentence(q))
+
+
+def _predictor_sentence(q: QuickPredictors) -> str:
     s = q.selection
-    return wrap(f"learned predictors (rank {q.rank}, {q.epochs} epochs on {q.train_tokens} tokens, trained just now): "
+    return (f"learned predictors (rank {q.rank}, {q.epochs} epochs on {q.train_tokens} tokens, trained just now): "
             f"on {q.heldout_tokens} held-out tokens recall {s.recall:.1%}, over-selection "
             f"{s.over_selection:.2f}x; {s.active_share:.1%} of the FFN fires per token, they select "
             f"{s.selected_share:.1%}. Paper (OPT 6.7B): 5% false negatives, ~3x over-selection (Section 3.1).")

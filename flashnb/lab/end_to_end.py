@@ -24,7 +24,7 @@ from flashnb.device.measure import ProfileConfig, run_profile
 from flashnb.device.profile import coalescing_gap, default_profile_path, load_default_profile
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
-from flashnb.lab.text import wrap
+from flashnb.text import wrap
 
 MB = 1e6
 MiB, KiB = 1 << 20, 1 << 10
@@ -49,11 +49,12 @@ def device_profile(dir: str | Path, use_saved: bool = True, progress: bool = Fal
     if use_saved:
         saved = load_default_profile()
         if saved is not None:
-            return saved, f"saved profile {default_profile_path()} ({saved.data.get('date')})", default_profile_path()
+            return (saved, wrap(f"saved profile {default_profile_path()} ({saved.data.get('date')})"),
+                    default_profile_path())
     prof = run_profile(ProfileConfig.quick(dir=str(dir), progress=progress, **SHORT_PROFILE))
     path = prof.save(Path(dir) / "profile.json")
     how = "direct I/O" if prof.direct else "buffered reads + fadvise(DONTNEED)"
-    return prof, (f"short profile measured now in {Path(dir)} ({prof.data['seconds_total']:.1f} s, {how}); "
+    return prof, wrap(f"short profile measured now in {Path(dir)} ({prof.data['seconds_total']:.1f} s, {how}); "
                   "`flashnb profile` measures the full grid"), path
 
 
@@ -116,9 +117,9 @@ def format_table2_beside(rows: list[LadderRow]) -> str:
         lines.append(f"{r.label:<20} {r.paper_GB:8.1f} {r.paper_io_ms:8.0f} {r.paper_io_vs_naive:6.1f}x | "
                      f"{r.mb_per_token:7.2f} {cell(r.io_ms, '7.2f')} {cell(r.io_vs_naive, '5.1f', 'x')} "
                      f"{cell(r.modeled_io_ms, '8.2f')} {cell(r.modeled_io_vs_naive, '6.1f', 'x')}")
-    lines.append("I/O per token. paper: OPT 6.7B fp16, half memory, M1 Max (Table 2); ours: measured on this "
-                 "machine (direct I/O), model: the cost model for this run's requests on this disk's profile; "
-                 "x = naive's I/O time / this row's.")
+    lines.append(wrap("I/O per token. paper: OPT 6.7B fp16, half memory, M1 Max (Table 2); ours: measured on this "
+                      "machine (direct I/O), model: the cost model for this run's requests on this disk's profile; "
+                      "x = naive's I/O time / this row's."))
     return "\n".join(lines)
 
 
@@ -164,7 +165,7 @@ def format_table3_beside(t: Totals) -> str:
                      f"{t.all_ms:.1f} ms per token ({t.speedup:.1f}x)")
     else:
         lines.append("ours: run the bench with both 'naive' and 'all' to compare totals")
-    return "\n".join(lines)
+    return "\n".join(wrap(line) for line in lines)
 
 
 # ----------------------------------------------------------------------------------------------

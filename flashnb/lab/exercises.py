@@ -1,6 +1,6 @@
 """The notebooks' "try this" cells: a learner's guess set against the number the notebook measured.
 
-`check(guess, answer, ...)` returns one sentence (wrapped to flashnb.lab.text.WIDTH): an invitation while the guess is None, else the guess, the
+`check(guess, answer, ...)` returns one sentence (wrapped to flashnb.text.WIDTH): an invitation while the guess is None, else the guess, the
 answer and how far apart they are, with a hint when the guess is off by more than `within` (relative).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flashnb.lab.text import wrap
+from flashnb.text import wrap
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from flashnb.core.memory import NeuronRows
 from flashnb.core.window import Window
 from flashnb.lab.stats import TokenStats
-from flashnb.lab.text import wrap
+from flashnb.text import wrap
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flashnb.core.memory import MemoryPlan
 from flashnb.device.costmodel import paper_data
 from flashnb.lab.stats import TokenStats
-from flashnb.lab.text import wrap
+from flashnb.text import wrap
 
 MB = 1e6
 

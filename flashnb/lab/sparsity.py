@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from flashnb.core.predictor import first_projection
+from flashnb.text import fmt
 from flashnb.training.quality import Quality, Selection, dense_window_logits, mean_selection, quality, trace_logits
 
 
@@ -97,10 +98,10 @@ def neuron_mass(model, layer: int, inputs: np.ndarray) -> np.ndarray:
 def threshold_text(m: ThresholdResult) -> str:
     """One line: the mean selection metrics and the quality, the paper's beside them."""
     s, q = m.mean, m.quality
-    return (f"threshold {m.threshold:.2f} (measured over {q.tokens} held-out tokens): recall {s.recall:.1%} "
+    return (f"threshold {m.threshold:g} (measured over {q.tokens} held-out tokens): recall {s.recall:.1%} "
             f"(paper 95%), precision {s.precision:.1%}, false positives {s.false_positive_rate:.1%} (paper 7%), "
             f"over-selection {s.over_selection:.2f}x (paper ~3x), loads {s.selected_share:.1%} of the FFN per "
             f"token; the missed neurons carry {m.missed_mass:.2%} of the FFN's output | perplexity dense "
             f"{q.dense_perplexity:.2f} -> predicted-only "
-            f"{q.predicted_perplexity:.2f} ({q.perplexity_increase:+.1%}), top-1 agreement "
+            f"{q.predicted_perplexity:.2f} ({fmt(q.perplexity_increase, '+.1%')}), top-1 agreement "
             f"{q.top1_agreement:.1%}")

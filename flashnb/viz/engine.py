@@ -8,6 +8,8 @@ timings are *measured*, solid. The window slider lives in `flashnb.widgets.engin
 
 from __future__ import annotations
 
+import html
+
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -33,10 +35,12 @@ def window_figure(grid, window: int, budget: float, paper: dict) -> go.Figure:
                           "modeled", S.label("read per token", "modeled", S.SIMULATE),
                           hovertemplate="window %{x}: %{y:.2f}% of the FFN<extra></extra>"), rows=1, cols=1)
     k = paper["window"]
+    # the stars' values in the legend and the hover, not beside them: a star inside a bar would cover its label
     fig.add_trace(go.Scatter(x=[0, k], y=[100 * paper["ffn_loaded_predictor"], 100 * paper["ffn_loaded_window"]],
-                             text=[f"{paper['ffn_loaded_predictor']:.0%}", f"{paper['ffn_loaded_window']:.1%}"],
-                             textposition="middle right", name=S.label("OPT 6.7B, half memory", "paper"),
-                             **S.scatter("paper", "paper", S.PAPER, mode="markers+text")), 1, 1)
+                             name=S.label(f"OPT 6.7B, half memory: {paper['ffn_loaded_predictor']:.0%} at window 0, "
+                                          f"{paper['ffn_loaded_window']:.1%} at window {k}", "paper"),
+                             hovertemplate="OPT 6.7B, window %{x}: %{y:.1f}% of the FFN (paper)<extra></extra>",
+                             **S.scatter("paper", "paper", S.PAPER, mode="markers")), 1, 1)
     fig.add_trace(go.Heatmap(x=ws, y=[f"{b:.0%}" for b in grid.budgets],
                              z=[[100 * r.ffn_share for r in rs] for rs in grid.rows],
                              colorscale=[[0, "white"], [1, S.color("windowing")]], texttemplate="%{z:.1f}",
@@ -83,11 +87,11 @@ def timeline_figure(tl, n_prompt: int = 0) -> go.Figure:
     fig.add_annotation(text=key + " (modeled, simulate)", xref="paper", yref="paper", x=0, y=1.01, showarrow=False,
                        xanchor="left", yanchor="bottom", font=dict(size=11))
     if n_prompt:
-        fig.add_vline(x=n_prompt - 0.5, line_dash="dash", line_color=S.OURS)
+        fig.add_vline(x=n_prompt - 0.5, line_dash="dash", line_color=S.color("dense"), line_width=2.5)  # on any cell
     S.layout(fig, f"Layer {tl.layer}: window {tl.window}, {tl.capacity_rows} rows (modeled, simulate)",
              x=("token", "prompt left of the dashed line"), y=("neuron", f"the {len(tl.neurons)} most needed"),
              height=430)
-    fig.update_layout(margin=dict(l=60, r=20, t=90, b=60))
+    fig.update_layout(margin=dict(l=60, r=20, t=90 + S.TITLE_TOP - 10, b=60))
     fig.update_yaxes(showticklabels=False, autorange="reversed")
     return fig
 
@@ -115,9 +119,10 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
 
     def title(t):
         col = tl.states[:, t]
+        quote = lambda text: html.escape(repr(text), quote=False)  # noqa: E731  ("</s>" would be read as a tag)
         kept = "".join(tokens[max(0, t - tl.window):t])
-        held = f"DRAM keeps the neurons of {kept!r}" if tl.window and t else "nothing kept from earlier tokens"
-        return (f"Layer {tl.layer}, window {tl.window}: token {t} {tokens[t]!r}; {held}<br>"
+        held = f"DRAM keeps the neurons of {quote(kept)}" if tl.window and t else "nothing kept from earlier tokens"
+        return (f"Layer {tl.layer}, window {tl.window}: token {t} {quote(tokens[t])}; {held}<br>"
                 f"{int((col == HIT).sum())} hits, {int((col == READ).sum())} read, "
                 f"{int((col == EVICTED).sum())} evicted (modeled, simulate)")
 
@@ -141,7 +146,7 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
                   for t in range(n_tokens)]
     play = dict(frame=dict(duration=ms_per_token, redraw=True), fromcurrent=True, transition=dict(duration=0))
     fig.update_layout(
-        title=dict(text=title(0), y=0.965, yanchor="top"), height=540, margin=dict(l=60, r=20, t=115, b=120),
+        title_text=title(0), height=560, margin=dict(l=60, r=20, t=135, b=120),
         updatemenus=[dict(type="buttons", direction="left", x=0, y=-0.16, xanchor="left", yanchor="top",
                           buttons=[dict(label="play", method="animate", args=[None, play]),
                                    dict(label="pause", method="animate",
@@ -225,7 +230,7 @@ def swap_figure(snapshots) -> go.Figure:
                        showarrow=False, xanchor="left", yanchor="bottom", font=dict(size=11))
     S.layout(fig, "Swap-with-last deletion, step by step (measured)", x=("step", None),
              y=("row of the preallocated matrix", None), height=380)
-    fig.update_layout(margin=dict(l=80, r=20, t=90, b=60))
+    fig.update_layout(margin=dict(l=80, r=20, t=90 + S.TITLE_TOP - 10, b=60))
     fig.update_yaxes(autorange="reversed")
     return fig
 

@@ -223,21 +223,29 @@ def axis_title(quantity: str, unit: str | None) -> str:
 
 # One width for every figure, static or widget: a FigureWidget does not follow its cell's width (it
 # falls back to plotly's 700 px) while a static figure fills it, so the two would differ side by side.
-# 900 px fits JupyterLab's notebook area at a 1280 px window with the file browser open.
-WIDTH = 900
+# 800 px fits JupyterLab's notebook area (833 px) at a 1280 px window with the file browser open.
+WIDTH = 800
+# JupyterLab always shows plotly's toolbar (top right): titles start this far below the figure's top edge,
+# under the toolbar, so that a long title never runs beneath its icons.
+TITLE_TOP = 30
 
 
 def layout(fig, title: str, x: tuple[str, str | None] | None = None, y: tuple[str, str | None] | None = None,
            height: int = 380, **kwargs):
     """Apply the common layout: white template, title, axis titles with units, legend below everything
-    (at the figure's bottom edge, its height reserved, so it never covers an axis title), WIDTH wide.
+    (at the figure's bottom edge, its height reserved, so it never covers an axis title), WIDTH wide, the
+    title under JupyterLab's toolbar.
     Subplot titles get room below the title."""
     subplot_titles = any(a.yref == "paper" and a.yanchor == "bottom" for a in fig.layout.annotations)
-    fig.update_layout(template="plotly_white", title=title, height=height, width=WIDTH,
-                      margin=dict(l=60, r=20, t=80 if subplot_titles else 60, b=60),
+    fig.update_layout(template="plotly_white", height=height, width=WIDTH,
+                      title=dict(text=title, yref="container", y=1, yanchor="top", pad=dict(t=TITLE_TOP)),
+                      margin=dict(l=60, r=20, t=(80 if subplot_titles else 60) + TITLE_TOP - 10, b=60),
                       legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"), **kwargs)
     if x is not None:
         fig.update_xaxes(title_text=axis_title(*x))
     if y is not None:
         fig.update_yaxes(title_text=axis_title(*y))
+        # a shared y axis (make_subplots(shared_yaxes=True): it matches the first panel's) has no tick labels
+        # of its own: its title would repeat the first panel's beside an empty axis
+        fig.for_each_yaxis(lambda axis: axis.update(title_text=None) if axis.matches else None)
     return fig

@@ -66,7 +66,8 @@ def breakdown_figure(result) -> go.Figure:
     runner cannot separate them), and under it, hatched, the cost model's I/O for the same requests
     (configurations the cost model does not cover have no such bar)."""
     res = result.results
-    slots = [(n, s) for n in res for s in ("measured", "modeled") if s == "measured" or res[n].modeled_io_ms is not None]
+    # a modeled row only where the cost model has I/O to show (dense and the floor read nothing: no empty row)
+    slots = [(n, s) for n in res for s in ("measured", "modeled") if s == "measured" or res[n].modeled_io_ms]
     cats = ([res[n].label for n, _ in slots], [s for _, s in slots])
     fig = go.Figure()
     for comp in COMPONENTS:
@@ -153,7 +154,7 @@ def _mark_both_panels(fig, x: float, name: str) -> None:
         return
     for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
         fig.add_shape(type="line", name=name, xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below",
-                      line=dict(color="rgba(0,0,0,0.35)", width=4))
+                      line=dict(color="rgba(0,0,0,0.35)", width=4, dash="dash"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,8 +172,8 @@ def costs_figure(runs, model_bytes: int) -> go.Figure:
     colors = [S.color("dense") if n.startswith("dense") else S.color("all") for n in names]
     fig.add_trace(go.Bar(x=names, y=[r.dram_bytes / MB for r in runs], name="DRAM for weights (measured: bytes held)",
                          marker=dict(color=colors)), 1, 2)
-    fig.add_trace(go.Scatter(x=names, y=[model_bytes / MB] * len(names), name="whole model (measured: file bytes)",
-                             **S.scatter("naive", "measured", mode="lines")), 1, 2)
+    S.hline(fig, model_bytes / MB, "measured", "whole model (measured: file bytes)", S.color("naive"),
+            annotation_position="top left", row=1, col=2)   # across the whole panel
     S.layout(fig, "Dense in DRAM vs from flash (measured)", height=420, barmode="stack")
     fig.update_xaxes(title_text=S.axis_title("run", None))
     fig.update_yaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=1)
@@ -235,7 +236,13 @@ def split_figure(choices: dict, share: float | None = None) -> go.Figure:
             chosen["marker"]["size"] = 15
             fig.add_trace(go.Scatter(x=[x[best]], y=[y[best]], name=f"{name}: chosen split (modeled, simulate)",
                                      legendgroup=name, showlegend=False, **chosen), 1, panel)
-    S.layout(fig, "Pinned hot neurons or a longer window: one budget, two uses (simulated)", height=420)
+    # legend entries for the two marks that are not series: the large markers and the slider's grey line
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="large marker: each budget's chosen split "
+                             "(modeled, simulate)", marker=dict(size=15, color="rgba(0,0,0,0)", symbol="circle-open",
+                                                                line=dict(color="#666666", width=2))))
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="rgba(0,0,0,0.35)", width=4, dash="dash"),
+                             name="grey line: the slider's split (modeled, simulate)"))
+    S.layout(fig, "Pinned hot neurons or a longer window: one budget, two uses (simulated)", height=440)
     fig.update_xaxes(title_text=S.axis_title("neuron rows pinned", "% of the budget's rows"))
     fig.update_yaxes(title_text=S.axis_title("read from flash", "MB per token"), row=1, col=1)
     fig.update_yaxes(title_text=S.axis_title("I/O, cost model", "ms per token"), row=1, col=2)

@@ -1,7 +1,7 @@
-"""Printed text for a notebook cell: lines of at most WIDTH characters, broken between words.
+"""Printed text, in a notebook cell or on a terminal: lines of at most WIDTH characters, broken between words.
 
 JupyterLab breaks a long printed line wherever the cell's edge falls, in the middle of a word or a
-number; the lessons wrap their own sentences instead, so a line break is always a space.
+number; flashnb wraps its own sentences and table notes instead, so a line break is always a space.
 """
 
 from __future__ import annotations
@@ -16,3 +16,12 @@ def wrap(text: str, indent: str = "  ") -> str:
     Words longer than a line (paths) stay whole."""
     return "\n".join(textwrap.fill(line, WIDTH, subsequent_indent=indent, break_long_words=False,
                                    break_on_hyphens=False) if line else "" for line in text.split("\n"))
+
+
+def fmt(x: float, spec: str) -> str:
+    """format(x, spec) without the minus of a negative number that rounds to zero: a perplexity 4e-6 below
+    dense's reads "+0.0%", not "-0.0%"."""
+    out = format(x, spec)
+    if out.startswith("-") and not any(c in "123456789" for c in out.split("e")[0]):
+        out = ("+" if "+" in spec else "") + out[1:]
+    return out
