@@ -106,16 +106,16 @@ def cmd_bench(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from flashnb.training.train import TrainConfig, check_out, train
+    from flashnb.training.train import check_out, command_config, train
 
-    cfg = TrainConfig(out=args.out, tokens=args.tokens, seed=args.seed, threads=args.threads,
-                      sparsity_target=args.sparsity_target, checkpoint_seconds=args.checkpoint_minutes * 60)
+    cfg = command_config(args.arch, args.out, args.sparsity_target, tokens=args.tokens, seed=args.seed,
+                         threads=args.threads, checkpoint_seconds=args.checkpoint_minutes * 60)
     check_out(cfg, args.resume)
     card = train(cfg)
     if card is None:
         raise KeyboardInterrupt
     h = card["heldout"]
-    print(f"wrote {args.out}: held-out perplexity {h['perplexity']:.1f}, "
+    print(f"wrote {cfg.out}: held-out perplexity {h['perplexity']:.1f}, "
           f"FFN sparsity {h['sparsity_mean']:.1%} (training_card.json has the rest)")
 
 
@@ -349,16 +349,20 @@ def _add_run_commands(sub) -> None:
 
 def _add_training_commands(sub) -> None:
     t = sub.add_parser("train", help="reproduce the shipped model from the offline corpus",
-                       description="Train the shipped OPT-style ReLU model on the docstring corpus "
-                                   "(see flashnb.training.corpus). It checkpoints into OUT/checkpoint every 100 "
-                                   "steps, every --checkpoint-minutes and on Ctrl-C; --resume continues from there. "
-                                   "The shipped model took 1.6 h with 2 threads on an idle 2-core machine.")
-    t.add_argument("--out", default="flashnb-opt-21m", help="output folder (default: %(default)s)")
+                       description="Train the shipped OPT-style ReLU model on the docstring corpus (see flashnb."
+                                   "training.corpus), or with --arch llama a Llama-style SwiGLU model (11.0 M "
+                                   "parameters, 22 MB in fp16). It checkpoints into OUT/checkpoint every 100 steps, "
+                                   "every --checkpoint-minutes and on Ctrl-C; --resume continues from there. The shipped "
+                                   "model took 1.6 h with 2 threads on an idle 2-core machine.")
+    t.add_argument("--arch", choices=("opt", "llama"), default="opt",
+                   help="opt: the shipped ReLU model, with the L1 penalty; llama: SwiGLU (SiLU gate), no penalty "
+                        "(default: %(default)s)")
+    t.add_argument("--out", help="output folder (default: flashnb-opt-21m, or flashnb-llama-11m with --arch llama)")
     t.add_argument("--tokens", type=whole(1), default=3_200_000, help="training tokens (default: %(default)s)")
     t.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
     t.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
-    t.add_argument("--sparsity-target", type=real(0, 1, what="a fraction"), default=0.94,
-                   help="FFN sparsity the L1 weight is steered to (default: %(default)s)")
+    t.add_argument("--sparsity-target", type=real(0, 1, what="a fraction"),
+                   help="FFN sparsity the L1 weight is steered to (--arch opt only; default: 0.94)")
     t.add_argument("--checkpoint-minutes", type=real(0, 1e6, lo_open=True, what="minutes"), default=3.0,
                    help="also checkpoint after this many minutes (default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")

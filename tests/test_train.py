@@ -119,3 +119,35 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_train_arch_llama_writes_a_swiglu_model_transformers_runs_as_flashnb_does(tmp_path):
+    """`flashnb train --arch llama`: a SiLU-gated Llama with grouped-query attention and tied embeddings,
+    trained without the L1 penalty; transformers' LlamaForCausalLM loads the folder and computes flashnb's
+    logits."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from flashnb.models.checkpoint import load_model
+
+    cfg = tiny(tmp_path / "m")
+    cfg.arch, cfg.heads, cfg.kv_heads, cfg.sparsity_target = "llama", 4, 2, None
+    card = train(cfg, corpus=CORPUS, progress=False)
+    folder = tmp_path / "m"
+    hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    assert (hf.config.hidden_act, hf.config.num_key_value_heads, hf.config.tie_word_embeddings) == ("silu", 2, True)
+    assert card["final_l1_weight"] == 0.0 and card["model"].startswith("Llama architecture")
+    assert all(s == 0.0 for s in card["heldout"]["sparsity_per_layer"])   # SiLU: no exact zeros
+    ids = Tokenizer.from_folder(folder).encode(TEXTS[1])
+    assert AutoTokenizer.from_pretrained(folder)(TEXTS[1]).input_ids == ids
+    with torch.no_grad():
+        ours = load_model(folder, dtype=torch.float32)(torch.tensor([ids]))
+        theirs = hf(torch.tensor([ids])).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_the_command_refuses_a_sparsity_target_for_the_swiglu_model(tmp_path, capsys):
+    from flashnb.cli import main
+
+    assert main(["train", "--arch", "llama", "--sparsity-target", "0.9", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "--sparsity-target" in err and "drop" in err and not (tmp_path / "m").exists()

@@ -1,9 +1,11 @@
-"""`flashnb train`: train the shipped OPT-style ReLU model from the offline corpus.
+"""`flashnb train`: train the shipped OPT-style ReLU model (or a Llama-style SwiGLU one) from the offline corpus.
 
-Recipe: byte-level BPE (tokenizers) on the training split; an OPT decoder trained with AdamW,
-warmup + cosine learning rate, on random 256-token windows; an L1 penalty on the FFN activations
-(ProSparse-style) whose weight `lam` is steered each step towards a target sparsity:
+Recipe: byte-level BPE (tokenizers) on the training split; a decoder trained with AdamW, warmup + cosine
+learning rate, on random 256-token windows. The OPT model (`arch="opt"`, ReLU) gets an L1 penalty on the
+FFN activations (ProSparse-style) whose weight `lam` is steered each step towards a target sparsity:
     lam <- max(0, lam + l1_rate * clip(target - batch_sparsity, -0.02, +0.02)).
+The Llama model (`arch="llama"`: RMSNorm, rotary positions, grouped-query attention, a SiLU-gated FFN as
+Llama, Qwen and Mistral have) trains without it: its sparsity comes later, from thresholds.
 It writes a Hugging Face folder (config.json, model.safetensors in fp16, tokenizer.json) and a
 training card with the corpus hash, tokens seen, wall time, held-out perplexity and sparsity per layer,
 both measured on the fp16 weights it ships. Checkpoints (safetensors + JSON, no pickle) let a run resume:
@@ -32,13 +34,18 @@ from tqdm import tqdm
 from flashnb.models.checkpoint import build_model, load_model, save_model
 from flashnb.training.corpus import Corpus, collect
 from flashnb.errors import FlashnbError
+from flashnb.models.llama import LlamaConfig
 from flashnb.models.opt import OPTConfig
 from flashnb.models.tokenizer import Tokenizer, train_bpe
+
+
+ARCHS = ("opt", "llama")
 
 
 @dataclass
 class TrainConfig:
     out: str = "data/flashnb-opt-23m"
+    arch: str = "opt"             # "opt": ReLU FFN with the L1 penalty; "llama": SwiGLU FFN, no penalty
     vocab_size: int = 4096
     d_model: int = 512
     ffn_dim: int = 2048
@@ -51,7 +58,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
-    sparsity_target: float = 0.94
+    sparsity_target: float | None = 0.94   # None: no L1 penalty (the Llama model)
+    kv_heads: int | None = None   # grouped-query attention (llama): key/value heads; None = heads
     l1_rate: float = 0.05
     seed: int = 0
     threads: int = 2
@@ -64,6 +72,24 @@ class TrainConfig:
         return max(1, self.tokens // (self.batch * self.context))
 
 
+# `flashnb train --arch llama`: a SwiGLU model of at most 25 MB in fp16 (11.0 M parameters: d_model 384, six
+# heads of 64 sharing two key/value heads, FFN 1024, 6 layers, the embeddings tied to the LM head).
+LLAMA_SHAPE = dict(arch="llama", d_model=384, ffn_dim=1024, layers=6, heads=6, kv_heads=2, sparsity_target=None)
+
+DEFAULT_OUT = {"opt": "flashnb-opt-21m", "llama": "flashnb-llama-11m"}
+
+
+def command_config(arch: str, out: str | None, sparsity_target: float | None, **settings) -> TrainConfig:
+    """`flashnb train`'s settings: the shipped ReLU model (L1 steered to `sparsity_target`, 0.94 by default)
+    or, for `arch` "llama", the SwiGLU one (no penalty); into `out` or the architecture's default folder."""
+    if arch == "llama" and sparsity_target is not None:
+        raise FlashnbError("--sparsity-target steers the L1 penalty of the ReLU model; the SwiGLU model (--arch "
+                           "llama) trains without it: drop --sparsity-target")
+    shape = LLAMA_SHAPE if arch == "llama" else dict(sparsity_target=0.94 if sparsity_target is None
+                                                     else sparsity_target)
+    return TrainConfig(out=out or DEFAULT_OUT[arch], **settings, **shape)
+
+
 # Settings that may change between a run and its resumption: they do not change what is trained.
 RESUMABLE = ("out", "threads", "checkpoint_every", "checkpoint_seconds")
 
@@ -74,6 +100,26 @@ class TrainState:
     lam: float = 0.0
     seconds: float = 0.0
     log: list = field(default_factory=list)
+
+
+DESCRIPTIONS = {"opt": "OPT architecture, ReLU FFN, tied LM head",
+                "llama": "Llama architecture (RMSNorm, rotary positions, grouped-query attention), SwiGLU FFN "
+                         "(SiLU gate), tied LM head"}
+
+
+def model_config(cfg: TrainConfig):
+    """The architecture `cfg` trains; both use the tokenizer's </s> (id 2) to start and end a document."""
+    if cfg.arch == "opt":
+        return OPTConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, ffn_dim=cfg.ffn_dim,
+                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                         max_position_embeddings=cfg.context)
+    if cfg.arch == "llama":
+        return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+                           num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                           num_key_value_heads=cfg.kv_heads or cfg.heads, max_position_embeddings=cfg.context,
+                           hidden_act="silu", head_dim=cfg.d_model // cfg.heads, tie_word_embeddings=True,
+                           bos_token_id=2, eos_token_id=2)
+    raise FlashnbError(f"unknown architecture {cfg.arch!r}: flashnb trains {' or '.join(ARCHS)}")
 
 
 def encode_split(tok: Tokenizer, docs: list[str]) -> np.ndarray:
@@ -243,8 +289,9 @@ def _steps(cfg: TrainConfig, model, opt, rng: np.random.Generator, state: TrainS
             opt.step()
             with torch.no_grad():
                 sparsity = torch.stack([(a == 0).float().mean() for a in acts]).mean().item()
-            err = max(-0.02, min(0.02, cfg.sparsity_target - sparsity))
-            state.lam = max(0.0, state.lam + cfg.l1_rate * err)
+            if cfg.sparsity_target is not None:
+                err = max(-0.02, min(0.02, cfg.sparsity_target - sparsity))
+                state.lam = max(0.0, state.lam + cfg.l1_rate * err)
             state.step += 1
             bar.update(1)
             bar.set_postfix(ce=f"{ce.item():.3f}", sparsity=f"{sparsity:.3f}", lam=f"{state.lam:.3f}")
@@ -294,14 +341,12 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
     _say(progress, "encoding the corpus")
     train_ids, held_ids = encode_split(tok, corpus.train), encode_split(tok, corpus.heldout)
 
-    mcfg = OPTConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, ffn_dim=cfg.ffn_dim,
-                     num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                     max_position_embeddings=cfg.context)
+    mcfg = model_config(cfg)
     model = build_model(mcfg)
-    for name, p in model.named_parameters():  # OPT's init: N(0, 0.02) weights, zero biases, unit norms
+    for name, p in model.named_parameters():  # N(0, 0.02) weights, zero biases, unit norms (OPT's and Llama's)
         if name.endswith("bias"):
             torch.nn.init.zeros_(p)
-        elif "layer_norm" in name:
+        elif "norm" in name:
             torch.nn.init.ones_(p)
         else:
             torch.nn.init.normal_(p, std=0.02)
@@ -336,7 +381,7 @@ def train(cfg: TrainConfig, corpus: Corpus | None = None, progress: bool = True,
     shipped = load_model(out, dtype=torch.float32)  # measure what ships: the fp16 weights
     metrics = evaluate(shipped, held_ids, cfg.context, cfg.eval_tokens)
     card = {
-        "model": "OPT architecture, ReLU FFN, tied LM head", "config": mcfg.to_hf(),
+        "model": DESCRIPTIONS[cfg.arch], "config": mcfg.to_hf(),
         "train_config": asdict(cfg),
         "corpus": {"sha256": corpus.sha256, "chars": corpus.chars(), "train_docs": len(corpus.train),
                    "heldout_docs": len(corpus.heldout), "train_tokens": int(len(train_ids)),
