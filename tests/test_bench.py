@@ -194,11 +194,11 @@ def test_window_timeline_replays_the_engines_window_decisions(tmp_path):
     assert (z[:, :6] == tl.states[:, :6]).all() and (z[:, 6:] == None).all()    # noqa: E711  revealed up to 5
     held, current = frame.data[1], frame.data[2]
     assert (min(held.x), max(held.x)) == (2.5, 4.5) and (min(current.x), max(current.x)) == (4.5, 5.5)
-    assert "token 5 ' t5'" in frame.layout.title.text and "' t3 t4'" in frame.layout.title.text   # window 2
+    assert "token 5: ' t5'" in frame.layout.title.text and "' t3 t4'" in frame.layout.title.text   # window 2
     col = tl.states[:, 5]
     assert f"{(col == HIT).sum()} hits, {(col == READ).sum()} read, {(col == EVICTED).sum()} evicted" in \
         frame.layout.title.text
-    assert "token 0 '&lt;/s&gt;'" in fig.frames[0].layout.title.text       # a special token is text, not a tag
+    assert "token 0: '&lt;/s&gt;'" in fig.frames[0].layout.title.text       # a special token is text, not a tag
     assert [list(s["args"][0]) for s in fig.layout.sliders[0].steps] == [[str(t)] for t in range(12)]
 
 

@@ -141,7 +141,8 @@ def test_budget_figure_and_explorer(setup):
     fig = V.budget_figure(sweep, 0.6)
     legend = [t.name for t in fig.data if t.showlegend is not False]
     assert legend == ["+bundling (all) (modeled)", "+bundling (all) (measured)", "hybrid (modeled)",
-                      "hybrid (measured)", "paper: about half of OPT 6.7B in DRAM (paper, Table 2)"]
+                      "hybrid (measured)", "paper: about half of OPT 6.7B in DRAM (paper, Table 2)",
+                      "grey line: the chosen budget, set by the slider (modeled)"]
     modeled_all = fig.data[0]
     assert modeled_all.line.dash == "dash" and modeled_all.line.color == S.color("all")
     assert list(modeled_all.x) == [100 * p.budget for p in sweep.modeled["all"]]

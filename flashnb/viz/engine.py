@@ -119,10 +119,11 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
 
     def title(t):
         col = tl.states[:, t]
-        quote = lambda text: html.escape(repr(text), quote=False)  # noqa: E731  ("</s>" would be read as a tag)
+        # short lines (the left part of the figure: JupyterLab's toolbar sits at the top right); "</s>" is text
+        quote = lambda text: html.escape(repr(text if len(text) <= 40 else "…" + text[-39:]), quote=False)  # noqa: E731
         kept = "".join(tokens[max(0, t - tl.window):t])
         held = f"DRAM keeps the neurons of {quote(kept)}" if tl.window and t else "nothing kept from earlier tokens"
-        return (f"Layer {tl.layer}, window {tl.window}: token {t} {quote(tokens[t])}; {held}<br>"
+        return (f"Layer {tl.layer}, window {tl.window}, token {t}: {quote(tokens[t])}<br>{held}<br>"
                 f"{int((col == HIT).sum())} hits, {int((col == READ).sum())} read, "
                 f"{int((col == EVICTED).sum())} evicted (modeled, simulate)")
 
@@ -146,7 +147,7 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
                   for t in range(n_tokens)]
     play = dict(frame=dict(duration=ms_per_token, redraw=True), fromcurrent=True, transition=dict(duration=0))
     fig.update_layout(
-        title_text=title(0), height=560, margin=dict(l=60, r=20, t=135, b=120),
+        title_text=title(0), height=580, margin=dict(l=60, r=20, t=155, b=120),
         updatemenus=[dict(type="buttons", direction="left", x=0, y=-0.16, xanchor="left", yanchor="top",
                           buttons=[dict(label="play", method="animate", args=[None, play]),
                                    dict(label="pause", method="animate",
@@ -250,7 +251,8 @@ def layout_figure(summary: dict) -> go.Figure:
         fig.add_trace(go.Bar(x=[n], y=[v.mean_request_bytes / 1024], showlegend=False, **kw), 1, 2)
         runs = v.io_ms_runs or (v.io_ms,)
         fig.add_trace(go.Bar(x=[n], y=[v.io_ms], showlegend=False, text=[f"{v.gbps:.3f} GB/s"],
-                             textposition="outside", **kw,
+                             textposition="inside", insidetextanchor="start", textfont=dict(color="white"),
+                             **kw,   # the label at the bar's foot, clear of the whisker at its top
                              error_y=dict(type="data", symmetric=False, color="#444", array=[max(runs) - v.io_ms],
                                           arrayminus=[v.io_ms - min(runs)])), 1, 3)
     S.layout(fig, "Bundled vs unbundled store, same tokens (measured, direct I/O; whiskers: runs' range)",

@@ -152,9 +152,11 @@ def _mark_both_panels(fig, x: float, name: str) -> None:
         for s in mine:
             s.x0 = s.x1 = x
         return
+    line = dict(color="rgba(0,0,0,0.35)", width=4, dash="dash")
     for xref, yref in (("x", "y domain"), ("x2", "y2 domain")):
-        fig.add_shape(type="line", name=name, xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below",
-                      line=dict(color="rgba(0,0,0,0.35)", width=4, dash="dash"))
+        fig.add_shape(type="line", name=name, xref=xref, yref=yref, x0=x, x1=x, y0=0, y1=1, layer="below", line=line)
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=line, name=f"grey line: the {name}, set by the "
+                             "slider (modeled)"))   # its legend entry
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,12 +238,9 @@ def split_figure(choices: dict, share: float | None = None) -> go.Figure:
             chosen["marker"]["size"] = 15
             fig.add_trace(go.Scatter(x=[x[best]], y=[y[best]], name=f"{name}: chosen split (modeled, simulate)",
                                      legendgroup=name, showlegend=False, **chosen), 1, panel)
-    # legend entries for the two marks that are not series: the large markers and the slider's grey line
+    # a legend entry for the large markers (the slider's grey line gets its own in _mark_both_panels)
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="large marker: each budget's chosen split "
-                             "(modeled, simulate)", marker=dict(size=15, color="rgba(0,0,0,0)", symbol="circle-open",
-                                                                line=dict(color="#666666", width=2))))
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="rgba(0,0,0,0.35)", width=4, dash="dash"),
-                             name="grey line: the slider's split (modeled, simulate)"))
+                             "(modeled, simulate)", marker=dict(size=15, color="#666666", symbol="circle-open")))
     S.layout(fig, "Pinned hot neurons or a longer window: one budget, two uses (simulated)", height=440)
     fig.update_xaxes(title_text=S.axis_title("neuron rows pinned", "% of the budget's rows"))
     fig.update_yaxes(title_text=S.axis_title("read from flash", "MB per token"), row=1, col=1)
