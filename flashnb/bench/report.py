@@ -148,22 +148,23 @@ def format_table(result: BenchResult) -> str:
         lines.append(wrap(f"{LABELS[name]:<{w}} skipped: {why}"))
     if result.pinning:
         p = result.pinning
+        splits = ", ".join(f"{n}: {b / 1e6:.3f}, {c:.2f}" for n, b, c in zip(p["pinned_rows"], p["bytes_per_token"],
+                                                                           p["score"]))
         lines.append(wrap(f"{LABELS['pinned']}: {p['chosen']} hot neurons pinned per layer, the split with the least "
-                     f"{p['score_name']} when simulated on the predictors' calibration sets (pinned rows: MB/token, "
-                     f"{p['score_name']}: " + ", ".join(f"{n}: {b / 1e6:.3f}, {c:.2f}" for n, b, c in zip(
-                         p["pinned_rows"], p["bytes_per_token"], p["score"])) + ")"))
+                          f"{p['score_name']} when simulated on the predictors' calibration sets (pinned rows: "
+                          f"MB/token, {p['score_name']}: {splits})"))
     checked = result.results.get("all")
     if checked and checked.stats.verify_ms is not None and checked.stats.total_ms:
         v = checked.stats.verify_ms
         lines.append(wrap(f"checking every bundle read against its checksum: {v:.3f} ms per token in "
                           f"{checked.label} ({v / checked.stats.total_ms:.1%} of its total)"))
     lines.append(wrap(result.io))
-    lines.append(wrap("ms per generated token, measured on this machine: mean, median and the 10th-90th percentile of the "
-                 "tokens; the configurations take turns, one token each. 'model I/O': the cost model's I/O time for "
-                 "this run's requests on the device profile (modeled). MB/token for mmap and accelerate: bytes the "
-                 "kernel read. 'x floor': total / the same token's unavoidable work measured in this run (the floor: "
-                 "the model without FFNs, the predictors and the sparse FFN math with the FFN in DRAM; dense for "
-                 "the configurations without predictors)."))
+    lines.append(wrap("ms per generated token, measured on this machine: mean, median and the 10th-90th percentile "
+                      "of the tokens; the configurations take turns, one token each. 'model I/O': the cost model's I/O "
+                      "time for this run's requests on the device profile (modeled). MB/token for mmap and "
+                      "accelerate: bytes the kernel read. 'x floor': total / the same token's unavoidable work "
+                      "measured in this run (the floor: the model without FFNs, the predictors and the sparse FFN "
+                      "math with the FFN in DRAM; dense for the configurations without predictors)."))
     if result.scale:
         lines += scale_lines(result)
     rp = result.replay

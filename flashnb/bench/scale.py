@@ -428,10 +428,10 @@ def format_sweep(points: list[SweepPoint]) -> str:
                      f"{'' if p.mmap_ms is None else f'{p.mmap_ms:8.1f}':>8} {p.all_vs_naive:11.2f}x "
                      f"{'' if p.all_vs_mmap is None else f'{p.all_vs_mmap:10.2f}x':>11} "
                      f"{'' if p.modeled_all_vs_naive is None else f'{p.modeled_all_vs_naive:7.2f}x':>8}")
-    lines.append(wrap("ms per generated token, measured; each size one run with naive, all and mmap taking turns; the "
-                 "shipped model is trained, the others are random weights at OPT shapes with the shipped model's "
-                 "neuron sets widened. 'modeled': all vs naive with each one's measured compute plus the cost "
-                 "model's I/O for its requests."))
+    lines.append(wrap("ms per generated token, measured; each size one run with naive, all and mmap taking turns; "
+                      "the shipped model is trained, the others are random weights at OPT shapes with the shipped "
+                      "model's neuron sets widened. 'modeled': all vs naive with each one's measured compute plus the "
+                      "cost model's I/O for its requests."))
     return "\n".join(lines)
 
 

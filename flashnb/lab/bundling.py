@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from flashnb.lab import stats
 from flashnb.lab.stats import TokenStats
 
 
@@ -28,8 +29,7 @@ class LayoutStats:
 
 def apart(a: LayoutStats, b: LayoutStats) -> bool:
     """Whether the two layouts' ranges of runs do not overlap: only then is the faster one surely faster."""
-    ra, rb = a.io_ms_runs or (a.io_ms,), b.io_ms_runs or (b.io_ms,)
-    return max(ra) < min(rb) or max(rb) < min(ra)
+    return stats.apart(a.io_ms_runs or (a.io_ms,), b.io_ms_runs or (b.io_ms,))
 
 
 def layout_summary(runs: dict[str, list]) -> dict[str, LayoutStats]:

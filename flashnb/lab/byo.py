@@ -20,11 +20,11 @@ from flashnb.core.predictor import LowRankPredictors, Predictor, load_predictors
 from flashnb.device.costmodel import ModelShape
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
-from flashnb.text import wrap
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tiny import has_transformers, make_tiny_opt
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import data_dir, shipped_model_dir
+from flashnb.text import wrap
 from flashnb.training.build_predictors import load_heldout
 from flashnb.training.predictors import PredictorTrainConfig, train_predictors
 from flashnb.training.quality import Selection, mean_selection, selection_metrics
@@ -48,26 +48,27 @@ def byo_model(path: str | None, workdir: str | Path) -> tuple[Path, bool, str]:
     if path:
         folder = Path(path).expanduser()
         config = read_config(folder)  # a clear error if this is not a model folder flashnb runs
-        return folder, True, wrap(f"your model: {folder} ({config.model_type}, {_params(config) / 1e6:.3g} M parameters)")
+        return folder, True, wrap(f"your model: {folder} ({config.model_type}, "
+                                  f"{_params(config) / 1e6:.3g} M parameters)")
     try:
         folder = shipped_model_dir()
     except FlashnbError:   # installed without the repository's data/: the steps on a tiny random model
         return _tiny_random(workdir)
     config = read_config(folder)
-    return folder, False, wrap(f"no model folder given (text box empty, {ENV_BYO_MODEL} unset): the shipped model "
-                           f"{folder.name} ({_params(config) / 1e6:.1f} M parameters, a ReLU OPT trained by `flashnb "
-                           "train`) with its shipped predictors. Put your own folder in the box and re-run the cells "
-                           "below to run yours.")
+    return folder, False, wrap(f"no model folder given (text box empty, {ENV_BYO_MODEL} unset): the shipped "
+                               f"model {folder.name} ({_params(config) / 1e6:.1f} M parameters, a ReLU OPT trained "
+                               "by `flashnb train`) with its shipped predictors. Put your own folder in the box and "
+                               "re-run the cells below to run yours.")
 
 
 def _tiny_random(workdir: str | Path) -> tuple[Path, bool, str]:
     folder = make_tiny_opt(Path(workdir) / "tiny-random-opt", backend="flashnb", **TINY_BYO)
     config = read_config(folder)
-    return folder, False, wrap(f"no model folder given and no shipped model (data/ is missing): built a tiny RANDOM OPT "
-                           f"({_params(config) / 1e6:.1f} M parameters: d_model {config.hidden_size}, ffn "
-                           f"{config.ffn_dim}, {config.num_hidden_layers} layers) in a temporary folder. Its text is "
-                           "gibberish and about half of its FFN neurons fire per token (a trained OPT: a few percent); "
-                           "it shows the steps, not the savings.")
+    return folder, False, wrap(f"no model folder given and no shipped model (data/ is missing): built a tiny "
+                               f"RANDOM OPT ({_params(config) / 1e6:.1f} M parameters: d_model {config.hidden_size}, "
+                               f"ffn {config.ffn_dim}, {config.num_hidden_layers} layers) in a temporary folder. Its "
+                               "text is gibberish and about half of its FFN neurons fire per token (a trained OPT: a "
+                               "few percent); it shows the steps, not the savings.")
 
 
 def load_tokenizer(folder: str | Path, config) -> Tokenizer:
@@ -180,7 +181,7 @@ def compare_text(name: str, c: Comparison) -> str:
         same = (f"the first {c.first_difference} of {c.tokens} tokens identical, then one differs ({why})"
                 if c.first_difference else f"the very first of {c.tokens} tokens differs ({why})")
     return wrap(f"{name} vs dense: {same}; largest logit difference {c.max_abs_logit_diff:.2g} "
-            f"({c.max_rel_logit_diff:.1e} of the largest logit)")
+                f"({c.max_rel_logit_diff:.1e} of the largest logit)")
 
 
 @dataclass(frozen=True)
@@ -231,14 +232,12 @@ def model_predictors(folder: str | Path, ids: list[int], rank: int = 64, epochs:
             k = int(len(ids) * (1 - heldout))
             held = record(model, ids[k:], context=min(256, model.config.max_position_embeddings))
             s = mean_selection(selection_metrics(preds, held))
-            return preds, wrap(f"the predictors beside the model ({beside.name}, trained by `flashnb train-predictors`): "
-                           f"on {len(ids) - k} held-out tokens recall {s.recall:.1%}, over-selection "
-                           f"{s.over_selection:.2f}x; {s.active_share:.1%} of the FFN fires per token, they select "
-                           f"{s.selected_share:.1%}. Paper (OPT 6.7B): 5% false negatives, ~3x over-selection.")
+            return preds, wrap(f"the predictors beside the model ({beside.name}, trained by `flashnb "
+                               f"train-predictors`): {_selection_sentence(s, len(ids) - k)}")
     q = quick_predictors(folder, ids, rank=rank, epochs=epochs, heldout=heldout)
-    return q.predictors, wrap(_predictor_sentence(q) + f" Trained for {q.seconds:.0f} s on {q.train_tokens} tokens: for real "
-                          f"use, `flashnb train-predictors --model {folder}` traces 65,536 tokens (the shipped "
-                          "predictors: recall 99.5% at 1.58x).")
+    return q.predictors, wrap(f"{_predictor_sentence(q)} Trained for {q.seconds:.0f} s on {q.train_tokens} tokens: "
+                              f"for real use, `flashnb train-predictors --model {folder}` traces 65,536 tokens (the "
+                              "shipped predictors: recall 99.5% at 1.58x).")
 
 
 def predictor_text(q: QuickPredictors) -> str:
@@ -246,11 +245,15 @@ def predictor_text(q: QuickPredictors) -> str:
 
 
 def _predictor_sentence(q: QuickPredictors) -> str:
-    s = q.selection
     return (f"learned predictors (rank {q.rank}, {q.epochs} epochs on {q.train_tokens} tokens, trained just now): "
-            f"on {q.heldout_tokens} held-out tokens recall {s.recall:.1%}, over-selection "
-            f"{s.over_selection:.2f}x; {s.active_share:.1%} of the FFN fires per token, they select "
-            f"{s.selected_share:.1%}. Paper (OPT 6.7B): 5% false negatives, ~3x over-selection (Section 3.1).")
+            + _selection_sentence(q.selection, q.heldout_tokens))
+
+
+def _selection_sentence(s: Selection, heldout_tokens: int) -> str:
+    """Predictors' selection on held-out tokens (measured), the paper's beside it."""
+    return (f"on {heldout_tokens} held-out tokens recall {s.recall:.1%}, over-selection {s.over_selection:.2f}x; "
+            f"{s.active_share:.1%} of the FFN fires per token, they select {s.selected_share:.1%}. Paper (OPT 6.7B): "
+            "5% false negatives, ~3x over-selection (Section 3.1).")
 
 
 def format_costs(runs: list[Run]) -> str:

@@ -55,7 +55,7 @@ def device_profile(dir: str | Path, use_saved: bool = True, progress: bool = Fal
     path = prof.save(Path(dir) / "profile.json")
     how = "direct I/O" if prof.direct else "buffered reads + fadvise(DONTNEED)"
     return prof, wrap(f"short profile measured now in {Path(dir)} ({prof.data['seconds_total']:.1f} s, {how}); "
-                  "`flashnb profile` measures the full grid"), path
+                      "`flashnb profile` measures the full grid"), path
 
 
 def disk_text(profile) -> str:
@@ -66,9 +66,9 @@ def disk_text(profile) -> str:
     fs = disk.get("fs_type") or ""
     t = int(profile.in_flight_counts[-1])
     return wrap(f"{name}{' / ' + fs if fs else ''}: sequential {profile.sequential_throughput() / 1e9:.2f} GB/s, "
-            f"random 16 KiB reads with {t} in flight {profile.throughput(16384, t) / 1e9:.2f} GB/s "
-            f"({'direct I/O' if profile.direct else 'buffered + fadvise'}; measured). "
-            "Paper's M1 Max: 6.1 GB/s sequential, 2.25 GB/s for 16 KiB bundles (Table 2).")
+                f"random 16 KiB reads with {t} in flight {profile.throughput(16384, t) / 1e9:.2f} GB/s "
+                f"({'direct I/O' if profile.direct else 'buffered + fadvise'}; measured). "
+                "Paper's M1 Max: 6.1 GB/s sequential, 2.25 GB/s for 16 KiB bundles (Table 2).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,8 +283,8 @@ def budget_text(sweep: BudgetSweep, budget: float) -> str:
             f"{a.hit_share:.0%} of the predicted neurons already in DRAM); hybrid {h.total_ms:.1f} ms "
             f"({h.mb_per_token:.2f} MB read).")
     if ma is not None:
-        text += (f" Measured at {budget_label(ma.budget)}: all techniques {ma.total_ms:.1f} ms, hybrid {mh.total_ms:.1f} ms "
-                 "per token.")
+        text += (f" Measured at {budget_label(ma.budget)}: all techniques {ma.total_ms:.1f} ms, hybrid "
+                 f"{mh.total_ms:.1f} ms per token.")
     return text + (" Paper: about half of OPT 6.7B in DRAM (Table 2); more DRAM holds a longer window "
                    "and reads less per token.")
 

@@ -1,7 +1,8 @@
 """The notebooks' "try this" cells: a learner's guess set against the number the notebook measured.
 
-`check(guess, answer, ...)` returns one sentence (wrapped to flashnb.text.WIDTH): an invitation while the guess is None, else the guess, the
-answer and how far apart they are, with a hint when the guess is off by more than `within` (relative).
+`check(guess, answer, ...)` returns one sentence (wrapped to flashnb.text.WIDTH): an invitation while the guess
+is None, else the guess, the answer and how far apart they are, with a hint when the guess is off by more than
+`within` (relative).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 
 from flashnb.core.memory import NeuronRows
 from flashnb.core.window import Window
-from flashnb.lab.stats import TokenStats
+from flashnb.lab.stats import TokenStats, apart
 from flashnb.text import wrap
 
 
@@ -34,9 +34,7 @@ class MemoryTiming:
     @property
     def apart(self) -> bool:
         """Whether the two ranges of runs do not overlap: only then is the faster one surely faster."""
-        if not self.preallocated_runs or not self.naive_runs:
-            return True
-        return max(self.preallocated_runs) < min(self.naive_runs) or max(self.naive_runs) < min(self.preallocated_runs)
+        return apart(self.preallocated_runs, self.naive_runs)
 
 
 def time_memory_management(sets: list[np.ndarray], ffn_dim: int, width: int, window: int, capacity: int,
@@ -159,7 +157,7 @@ def memory_share(store, predictors, prompt_ids: list[int], tokens: int, window: 
     for _ in range(runs):
         with FlashEngine(store, predictors, Policy(window=window, memory_budget=budget)) as eng:
             list(eng.generate(prompt_ids, tokens))
-        s = TokenStats.of(eng.steps[len(prompt_ids):], store.ffn_dim)
+        s = TokenStats.of(eng.steps[len(prompt_ids):], store.num_layers * store.ffn_dim)
         mm.append(s.mm_ms)
         io.append(s.io_ms)
         total.append(s.total_ms)

@@ -11,6 +11,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 
+def apart(runs_a, runs_b) -> bool:
+    """Whether two sets of measured runs have ranges that do not overlap: only then is the faster one surely
+    faster on this machine (an empty set counts as apart: nothing to compare)."""
+    if not len(runs_a) or not len(runs_b):
+        return True
+    return max(runs_a) < min(runs_b) or max(runs_b) < min(runs_a)
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return float(np.mean(xs)) if xs else 0.0

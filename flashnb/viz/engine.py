@@ -83,15 +83,12 @@ def timeline_figure(tl, n_prompt: int = 0) -> go.Figure:
                                y=[f"n{i}" for i in tl.neurons], name=S.label("state", "modeled", S.SIMULATE),
                                customdata=[[STATES[int(v)] for v in row] for row in tl.states],
                                hovertemplate="token %{x}, neuron %{y}: %{customdata}<extra></extra>"))
-    key = " ".join(f"<span style='color:{c}'>&#9632;</span> {STATES[i]}" for i, c in enumerate(_STATE_COLORS) if i)
-    fig.add_annotation(text=key + " (modeled, simulate)", xref="paper", yref="paper", x=0, y=1.01, showarrow=False,
-                       xanchor="left", yanchor="bottom", font=dict(size=11))
     if n_prompt:
         fig.add_vline(x=n_prompt - 0.5, line_dash="dash", line_color=S.color("dense"), line_width=2.5)  # on any cell
     S.layout(fig, f"Layer {tl.layer}: window {tl.window}, {tl.capacity_rows} rows (modeled, simulate)",
              x=("token", "prompt left of the dashed line"), y=("neuron", f"the {len(tl.neurons)} most needed"),
              height=430)
-    fig.update_layout(margin=dict(l=60, r=20, t=90 + S.TITLE_TOP - 10, b=60))
+    S.color_key(fig, [(c, STATES[i]) for i, c in enumerate(_STATE_COLORS) if i], "modeled, simulate")
     fig.update_yaxes(showticklabels=False, autorange="reversed")
     return fig
 
@@ -201,9 +198,7 @@ def memory_figure(timings) -> go.Figure:
         mid = [getattr(t, f"{key}_s") * 1e6 for t in ts]
         runs = [getattr(t, f"{key}_runs") or (getattr(t, f"{key}_s"),) for t in ts]
         fig.add_trace(go.Bar(x=ws, y=mid, name=S.label(what, "measured"), **S.bar(technique, "measured"),
-                             error_y=dict(type="data", symmetric=False, color="#444",
-                                          array=[max(r) * 1e6 - m for r, m in zip(runs, mid)],
-                                          arrayminus=[m - min(r) * 1e6 for r, m in zip(runs, mid)])))
+                             error_y=S.whiskers(mid, [[x * 1e6 for x in r] for r in runs])))
     S.layout(fig, "Memory management per token, one layer (measured: medians, whiskers: range)",
              x=("window", "tokens"), y=("memory management per token", "µs"), height=360, barmode="group")
     fig.update_xaxes(type="category")
@@ -226,12 +221,10 @@ def swap_figure(snapshots) -> go.Figure:
                                showscale=False, xgap=3, ygap=3, x=[s.caption for s in snapshots],
                                y=[f"row {r}" for r in range(len(z))], name=S.label("rows", "measured"),
                                hovertemplate="%{y}: neuron %{text}<extra></extra>"))
-    key = " ".join(f"<span style='color:{c}'>&#9632;</span> {st}" for st, c in zip(_ROW_STATES[1:], _ROW_COLORS[1:]))
-    fig.add_annotation(text=key + " (measured: flashnb's NeuronRows)", xref="paper", yref="paper", x=0, y=1.01,
-                       showarrow=False, xanchor="left", yanchor="bottom", font=dict(size=11))
     S.layout(fig, "Swap-with-last deletion, step by step (measured)", x=("step", None),
              y=("row of the preallocated matrix", None), height=380)
-    fig.update_layout(margin=dict(l=80, r=20, t=90 + S.TITLE_TOP - 10, b=60))
+    fig.update_layout(margin_l=80)
+    S.color_key(fig, list(zip(_ROW_COLORS[1:], _ROW_STATES[1:])), "measured: flashnb's NeuronRows")
     fig.update_yaxes(autorange="reversed")
     return fig
 
@@ -253,8 +246,7 @@ def layout_figure(summary: dict) -> go.Figure:
         fig.add_trace(go.Bar(x=[n], y=[v.io_ms], showlegend=False, text=[f"{v.gbps:.3f} GB/s"],
                              textposition="inside", insidetextanchor="start", textfont=dict(color="white"),
                              **kw,   # the label at the bar's foot, clear of the whisker at its top
-                             error_y=dict(type="data", symmetric=False, color="#444", array=[max(runs) - v.io_ms],
-                                          arrayminus=[v.io_ms - min(runs)])), 1, 3)
+                             error_y=S.whiskers([v.io_ms], [runs])), 1, 3)
     S.layout(fig, "Bundled vs unbundled store, same tokens (measured, direct I/O; whiskers: runs' range)",
              height=380)
     for col, (q, unit) in enumerate((("requests", "count per token"), ("request size", "KiB"),

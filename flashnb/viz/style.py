@@ -216,6 +216,22 @@ def label_log_axes(fig):
     return fig
 
 
+def whiskers(mid: Sequence[float], runs: Sequence[Sequence[float]]) -> dict:
+    """`error_y` for bars at `mid` whose whiskers span each bar's runs, from the fastest to the slowest."""
+    return dict(type="data", symmetric=False, color="#444", array=[max(r) - m for r, m in zip(runs, mid)],
+                arrayminus=[m - min(r) for r, m in zip(runs, mid)])
+
+
+def color_key(fig, items: Sequence[tuple[str, str]], note: str):
+    """A one-line colour key above the plot, `items` (colour, label) pairs, `note` naming the source (for a
+    heat map whose cells have no legend); call it after `layout`: it makes room under the title."""
+    key = " ".join(f"<span style='color:{c}'>&#9632;</span> {label}" for c, label in items)
+    fig.add_annotation(text=f"{key} ({note})", xref="paper", yref="paper", x=0, y=1.01, showarrow=False,
+                       xanchor="left", yanchor="bottom", font=dict(size=11))
+    fig.update_layout(margin_t=90 + TITLE_TOP - 10)
+    return fig
+
+
 def axis_title(quantity: str, unit: str | None) -> str:
     """'bytes read per token (MB)'; unit None for counts and ratios is written as such."""
     return f"{quantity} ({unit})" if unit else quantity
