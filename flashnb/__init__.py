@@ -31,6 +31,8 @@ _FRONT_DOOR = {
     "load_predictors": "flashnb.core.predictor",
     "OraclePredictor": "flashnb.core.predictor",
     "AllNeurons": "flashnb.core.predictor",
+    "load_thresholds": "flashnb.core.thresholds",
+    "GateThresholds": "flashnb.core.thresholds",
     "simulate": "flashnb.core.simulate",
     "TokenStats": "flashnb.lab.stats",
     "set_decode_threads": "flashnb.core.generate",

@@ -13,6 +13,7 @@ import sys
 import threading
 
 from flashnb.cli_args import Parser, add_in_flight, add_memory, pinned_rows, real, utf8_text, whole
+from flashnb.cli_train import add_training_commands
 from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.errors import FlashnbError
 
@@ -59,18 +60,21 @@ def _generate_from_store(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    from pathlib import Path
+
     from flashnb.paths import shipped_model_dir
 
-    folder = shipped_model_dir()
+    folder = Path(args.model) if args.model else shipped_model_dir()
     _decode_threads()
     if args.dense:
-        print(f"flashnb demo: the shipped model {folder.name}, dense in DRAM\n", file=sys.stderr)
+        print(f"flashnb demo: {'the shipped model ' if not args.model else ''}{folder.name}, dense in DRAM\n",
+              file=sys.stderr)
         _generate_dense(folder, args.prompt, args.n, 0.0, 1.0, 0)
         return
     from flashnb.demo import generate_from_flash
 
     generate_from_flash(folder, args.prompt, args.n, args.memory, args.window, args.in_flight, args.table,
-                        pinned=args.pinned)
+                        predictors_dir=args.predictors, pinned=args.pinned, gate_in_dram=args.gate_in_dram)
 
 
 def cmd_bench(args) -> None:
@@ -103,65 +107,6 @@ def cmd_bench(args) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
-
-
-def cmd_train(args) -> None:
-    from flashnb.training.train import check_out, command_config, train
-
-    cfg = command_config(args.arch, args.out, args.sparsity_target, tokens=args.tokens, seed=args.seed,
-                         threads=args.threads, checkpoint_seconds=args.checkpoint_minutes * 60)
-    check_out(cfg, args.resume)
-    card = train(cfg)
-    if card is None:
-        raise KeyboardInterrupt
-    h = card["heldout"]
-    print(f"wrote {cfg.out}: held-out perplexity {h['perplexity']:.1f}, "
-          f"FFN sparsity {h['sparsity_mean']:.1%} (training_card.json has the rest)")
-
-
-def cmd_train_predictors(args) -> None:
-    from pathlib import Path
-
-    from flashnb.paths import shipped_model_dir
-    from flashnb.training.build_predictors import (BuildConfig, build, build_hot, build_lookahead, card_summary,
-                                                  hot_summary)
-    from flashnb.training.predictors import PredictorTrainConfig
-
-    ranks = None
-    if args.ranks:
-        try:
-            ranks = [int(r) for r in args.ranks.split(",")]
-        except ValueError:
-            raise FlashnbError(f"--ranks {args.ranks!r} must be comma-separated integers, one per layer") from None
-    tcfg = PredictorTrainConfig(rank=args.rank, ranks=ranks, threshold=args.threshold, epochs=args.epochs,
-                                lr=args.lr, pos_weight=args.pos_weight, init=args.init, seed=args.seed)
-    model = args.model or str(shipped_model_dir())
-    name = Path(model).resolve().name
-    beside = Path(model).resolve().parent / f"{name}-predictors"   # where flashnb looks for a model's predictors
-    out = args.out or str(beside if args.hot_neurons_only else Path.cwd() / f"{name}-predictors")
-    if args.lookahead and args.hot_neurons_only:
-        raise FlashnbError("--lookahead and --hot-neurons-only are two different jobs: choose one")
-    written = (Path(out) / "hot_neurons.safetensors" if args.hot_neurons_only else
-               Path(out) / "lookahead" / "predictors.safetensors" if args.lookahead else
-               Path(out) / "predictors.safetensors")
-    if written.exists() and not args.force:
-        raise FlashnbError(f"{written} exists; pass --force to replace it, or choose another --out")
-    cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens,
-                      eval_tokens=args.eval_tokens, threads=args.threads, train=tcfg)
-    if args.hot_neurons_only:
-        print(hot_summary(build_hot(cfg, log=lambda m: print(m, file=sys.stderr))))
-        print(f"wrote {out}/hot_neurons.safetensors")
-        return
-    if args.lookahead:
-        card = build_lookahead(cfg, log=lambda m: print(m, file=sys.stderr))
-        m = card["heldout"]["mean"]
-        print(f"lookahead predictors: held-out recall {m['recall']:.1%}, over-selection {m['over_selection']:.2f}x "
-              f"(mean over layers 1..; metrics.json has each layer beside the same-layer set's)")
-        print(f"wrote {out}/lookahead (predictors.safetensors, metrics.json)")
-        return
-    card = build(cfg, log=lambda m: print(m, file=sys.stderr))
-    print(card_summary(card))
-    print(f"wrote {out} (predictors.safetensors, metrics.json, heldout_slice.safetensors)")
 
 
 def cmd_convert(args) -> None:
@@ -220,9 +165,10 @@ def _add_flash_commands(sub) -> None:
                                    "tokenizer.json. The source folder is only read.")
     c.add_argument("hf_folder", metavar="HF_FOLDER", help="folder with config.json and *.safetensors")
     c.add_argument("store", metavar="STORE", help="store folder to create")
-    c.add_argument("--layout", choices=["bundled", "unbundled"], default="bundled",
+    c.add_argument("--layout", choices=["bundled", "unbundled", "gate-apart"], default="bundled",
                    help="bundled: each neuron's up row + down column contiguous; unbundled: one region "
-                        "per matrix (default: %(default)s)")
+                        "per matrix; gate-apart (SwiGLU models run with thresholds): the gate matrices in DRAM, "
+                        "each neuron's up row + down column contiguous (default: %(default)s)")
     c.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="store dtype (default: %(default)s)")
     c.add_argument("--force", action="store_true",
                    help="replace STORE if it is a flashnb store holding nothing but its own files (never "
@@ -260,6 +206,16 @@ def _add_run_commands(sub) -> None:
                                    "at half of the model's bytes in DRAM, low-rank predictors, a window of "
                                    "recent tokens and row-column bundles; prints the text and, per token, "
                                    "what was read and where the time went.")
+    d.add_argument("--model", default=None,
+                   help="a Hugging Face model folder to run instead of the shipped model, e.g. data/flashnb-llama-11m "
+                        "(the SwiGLU model flashnb ships, run with its gate thresholds)")
+    d.add_argument("--predictors", default=None,
+                   help="its predictors folder: low-rank predictors, or a SwiGLU model's thresholds (default: "
+                        "MODEL-predictors beside it)")
+    d.add_argument("--gate-in-dram", action="store_true",
+                   help="a SwiGLU model: keep its gate matrices in DRAM and let them decide with the gate thresholds "
+                        "of its predictors folder, instead of low-rank predictors (needs more memory: 0.6 for "
+                        "data/flashnb-llama-11m)")
     d.add_argument("--prompt", type=utf8_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
     d.add_argument("-n", type=whole(1, 4096), default=32, help="new tokens (default: %(default)s)")
     add_memory(d)
@@ -347,70 +303,11 @@ def _add_run_commands(sub) -> None:
     g.set_defaults(func=cmd_generate)
 
 
-def _add_training_commands(sub) -> None:
-    t = sub.add_parser("train", help="reproduce the shipped model from the offline corpus",
-                       description="Train the shipped OPT-style ReLU model on the docstring corpus (see flashnb."
-                                   "training.corpus), or with --arch llama a Llama-style SwiGLU model (11.0 M "
-                                   "parameters, 22 MB in fp16). It checkpoints into OUT/checkpoint every 100 steps, "
-                                   "every --checkpoint-minutes and on Ctrl-C; --resume continues from there. The shipped "
-                                   "model took 1.6 h with 2 threads on an idle 2-core machine.")
-    t.add_argument("--arch", choices=("opt", "llama"), default="opt",
-                   help="opt: the shipped ReLU model, with the L1 penalty; llama: SwiGLU (SiLU gate), no penalty "
-                        "(default: %(default)s)")
-    t.add_argument("--out", help="output folder (default: flashnb-opt-21m, or flashnb-llama-11m with --arch llama)")
-    t.add_argument("--tokens", type=whole(1), default=3_200_000, help="training tokens (default: %(default)s)")
-    t.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
-    t.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
-    t.add_argument("--sparsity-target", type=real(0, 1, what="a fraction"),
-                   help="FFN sparsity the L1 weight is steered to (--arch opt only; default: 0.94)")
-    t.add_argument("--checkpoint-minutes", type=real(0, 1e6, lo_open=True, what="minutes"), default=3.0,
-                   help="also checkpoint after this many minutes (default: %(default)s)")
-    t.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")
-    t.set_defaults(func=cmd_train)
-
-    tp = sub.add_parser("train-predictors", help="train the per-layer FFN activation predictors",
-                        description="Trace the model on the corpus training split, train a low-rank "
-                                    "predictor per layer (balanced BCE), evaluate on the held-out split "
-                                    "(recall, over-selection, perplexity, top-1 agreement) and write "
-                                    "OUT/predictors.safetensors + OUT/metrics.json + OUT/hot_neurons.safetensors. "
-                                    "The defaults reproduce the shipped set (in a new folder: nothing is "
-                                    "replaced without --force).")
-    tp.add_argument("--model", default=None, help="model folder (default: the shipped model, data/flashnb-opt-21m)")
-    tp.add_argument("--out", default=None,
-                    help="output folder (default: MODEL-predictors in the current folder; with --hot-neurons-only, "
-                         "the predictors beside the model, e.g. data/flashnb-opt-21m-predictors)")
-    tp.add_argument("--force", action="store_true", help="replace what OUT already holds")
-    tp.add_argument("--train-tokens", type=whole(16), default=65_536,
-                    help="training-split tokens to trace (default: %(default)s)")
-    tp.add_argument("--eval-tokens", type=whole(16), default=16_384,
-                    help="held-out tokens to evaluate on (default: %(default)s)")
-    tp.add_argument("--rank", type=whole(1), default=64, help="predictor rank of every layer (default: %(default)s)")
-    tp.add_argument("--ranks", default=None, help="per-layer ranks, comma-separated (overrides --rank)")
-    tp.add_argument("--threshold", type=real(0, 1, lo_open=True, what="a probability"), default=0.5,
-                    help="select a neuron when its probability exceeds this (default: %(default)s)")
-    tp.add_argument("--epochs", type=whole(1), default=4, help="passes over the trace (default: %(default)s)")
-    tp.add_argument("--lr", type=real(0, 10, lo_open=True, what="a learning rate"), default=2e-3,
-                    help="peak learning rate (default: %(default)s)")
-    tp.add_argument("--pos-weight", type=real(0, 1e6, lo_open=True, what="a weight"), default=1.0,
-                    help="weight of active neurons, times the negative/positive ratio (default: %(default)s)")
-    tp.add_argument("--init", choices=["random", "pca"], default="random",
-                    help="random, or the FFN's rank-r principal projection (default: %(default)s)")
-    tp.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
-    tp.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
-    tp.add_argument("--lookahead", action="store_true",
-                    help="train lookahead predictors instead (layer i's FFN input -> layer i+1's neurons, so the "
-                         "engine reads a layer's neurons while its attention runs) into OUT/lookahead")
-    tp.add_argument("--hot-neurons-only", action="store_true",
-                    help="no training: measure how often the predictors already in OUT select each neuron (the hot "
-                         "neurons that --pinned keeps in DRAM) and write OUT/hot_neurons.safetensors")
-    tp.set_defaults(func=cmd_train_predictors)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="flashnb", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     _add_run_commands(sub)
-    _add_training_commands(sub)
+    add_training_commands(sub)
     _add_flash_commands(sub)
     return p
 

@@ -18,13 +18,14 @@ from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.core.predictor import AllNeurons, OraclePredictor, load_predictors
 from flashnb.core.simulate import choose_pinned
 from flashnb.core.store import FlashStore
+from flashnb.core.thresholds import FILE as THRESHOLDS_FILE, GateThresholds, Thresholds, apply_thresholds, load_thresholds
 from flashnb.device.costmodel import steps_io_ms
 from flashnb.device.profile import coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import shipped_predictors_dir, temporary_folder
+from flashnb.paths import SWIGLU_MODEL, data_dir, shipped_predictors_dir, temporary_folder
 
 
 def per_token_table(steps, tok, out_ids) -> str:
@@ -58,17 +59,19 @@ def token_records(steps, tok, out_ids) -> list[dict]:
 
 def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str, n: int, *,
                       hot: HotNeurons | None = None, sampling: SamplingConfig | None = None,
-                      stats: str = "table", name: str | None = None, tok: Tokenizer | None = None) -> None:
+                      stats: str = "table", name: str | None = None, tok: Tokenizer | None = None,
+                      thresholds: Thresholds | None = None) -> None:
     """Generate from `store` with the flash engine: the text on stdout, and on stderr the engine's setting,
     per token what was read and where the time went (`stats`: "table"), or only the means ("summary");
     `stats="json"` prints one JSON object on stdout instead (text, per-token records, means). `tok`: the
-    model's tokenizer when the caller has it (default: the store's copy)."""
+    model's tokenizer when the caller has it (default: the store's copy). `thresholds`: a SwiGLU model's."""
     tok = tok or Tokenizer.from_folder(store.path, bos_id=store.config.bos_token_id)
-    with FlashEngine(store, predictor, policy, hot=hot) as eng:
+    with FlashEngine(store, predictor, policy, hot=hot, thresholds=thresholds) as eng:
         mem = eng.memory
         print(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
               f"{mem.used_bytes / 2**20:.1f} MiB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
-              f"{mem.model_bytes / 2**20:.1f} MiB (budget {policy.memory_budget:g}); {predictor.name}, window "
+              f"{mem.model_bytes / 2**20:.1f} MiB (budget {policy.memory_budget:g}); {predictor.name}"
+              f"{'' if thresholds is None else f' and {thresholds.criterion} thresholds ({thresholds.sparsity:.0%})'}, window "
               f"{policy.window} ({mem.capacity_rows} rows per layer), {mem.pinned_rows} hot neurons pinned per "
               f"layer, {store.layout} store\n", file=sys.stderr)
         ids = tok.encode(prompt)
@@ -89,24 +92,47 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
         print(f"\nper generated token (mean of {mean.tokens}, measured): {mean.bytes_read / 1e6:.3f} MB read in "
               f"{mean.requests:.0f} requests, I/O {mean.io_ms:.2f} ms, memory management {mean.mm_ms:.2f} ms, "
               f"compute {mean.compute_ms:.2f} ms, total {mean.total_ms:.2f} ms (median {mean.median_ms:.2f}); the "
-              f"whole FFN would be {(mem.model_bytes - mem.resident_bytes) / 1e6:.2f} MB", file=sys.stderr)
+              f"FFN on flash is {(mem.model_bytes - mem.resident_bytes) / 1e6:.2f} MB"
+              + (" (the gate matrices stay in DRAM)" if store.gate_in_dram else ""), file=sys.stderr)
 
 
 def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, window: int, in_flight: int,
-                        table: bool = True, predictors_dir: Path | None = None, pinned: int | str = 0) -> None:
-    """Convert `folder` to a temporary bundled store and generate with the flash engine (`generate_on_store`).
-    `pinned`: hot-neuron rows per layer, or "auto" (`flashnb.core.simulate.choose_pinned` with the cost
-    model on the saved device profile)."""
+                        table: bool = True, predictors_dir: Path | None = None, pinned: int | str = 0,
+                        gate_in_dram: bool = False) -> None:
+    """Convert `folder` to a temporary store and generate with the flash engine (`generate_on_store`): a
+    bundled store and the low-rank predictors of `predictors_dir` (default: FOLDER-predictors beside it);
+    with `gate_in_dram` (a SwiGLU model whose predictors folder holds gate thresholds,
+    flashnb.core.thresholds), a gate-apart store whose gate decides from DRAM. `pinned`: hot-neuron rows per
+    layer, or "auto" (`flashnb.core.simulate.choose_pinned` with the cost model on the saved device profile)."""
     folder = Path(folder)
     tok = Tokenizer.from_folder(folder)
-    check_early(tok.encode(prompt), n, read_config(folder), pinned)
+    config = read_config(folder)
+    check_early(tok.encode(prompt), n, config, pinned)
     pred_dir = Path(predictors_dir or folder.parent / f"{folder.name}-predictors")
-    predictors = load_predictors(pred_dir)
+    thresholds = folder_thresholds(pred_dir, config) if gate_in_dram else None
+    if gate_in_dram and thresholds is None:
+        raise FlashnbError(f"--gate-in-dram runs a SwiGLU model with the gate thresholds in its predictors folder; "
+                           f"{pred_dir} has no {THRESHOLDS_FILE}" + ("" if config.gated else f" and {folder.name} has "
+                           "no gate") + ": calibrate them with `flashnb train-predictors --model FOLDER --sparsity 0.5`")
+    gate_decides = thresholds is not None
+    if gate_decides and pinned:
+        raise FlashnbError("--pinned keeps the hot neurons that low-rank predictors select; with --gate-in-dram the "
+                           "gate thresholds decide, which have none: drop --pinned")
+    predictors = None if gate_decides else load_predictors(pred_dir)
     with temporary_folder("flashnb-demo-") as work:
-        store = FlashStore.open(convert(folder, work / "store", ConvertConfig(layout="bundled", progress=False)))
+        layout = "gate-apart" if gate_decides else "bundled"
+        store = FlashStore.open(convert(folder, work / "store", ConvertConfig(layout=layout, progress=False)))
+        predictors = predictors or GateThresholds(store, thresholds)
         policy, hot = pinned_policy(store, predictors, pred_dir, memory, window, in_flight, pinned)
         generate_on_store(store, predictors, policy, prompt, n, hot=hot, stats="table" if table else "summary",
-                          name=folder.name, tok=tok)
+                          name=folder.name, tok=tok, thresholds=thresholds)
+
+
+def folder_thresholds(folder: Path | None, config) -> Thresholds | None:
+    """The thresholds in a predictors folder, for a gated model (None without them)."""
+    if folder is None or not config.gated or not (Path(folder) / THRESHOLDS_FILE).is_file():
+        return None
+    return load_thresholds(folder)
 
 
 def pinned_policy(store: FlashStore, predictors, pred_dir: Path | None, memory: float | int, window: int,
@@ -132,14 +158,19 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
                         memory: float | int = MEMORY_BUDGET, in_flight: int = IN_FLIGHT, pinned: int | str = 0,
                         stats: str = "table", sampling: SamplingConfig | None = None) -> None:
     """`flashnb generate --store`: the flash engine on a store written by `flashnb convert`. `policy`:
-    "predictors" (from `predictors`, default the shipped ones when the store holds the shipped model),
-    "oracle" (the exact active set) or "all" (every neuron: naive)."""
+    "predictors" (from `predictors`, default the shipped ones when the store holds a shipped model; on a
+    gate-apart store, the folder's gate thresholds), "oracle" (the exact active set; of the thresholded
+    model on a gate-apart store) or "all" (every neuron: naive)."""
     store = FlashStore.open(store_dir)
     tok = Tokenizer.from_folder(store.path, bos_id=store.config.bos_token_id)
     check_early(tok.encode(prompt), n, store.config, pinned)
-    if predictors is not None and policy != "predictors" and not pinned:
+    if predictors is not None and policy != "predictors" and not pinned and not store.gate_in_dram:
         raise FlashnbError(f"--predictors is for --policy predictors (or --pinned): --policy {policy} does not use "
                            "them; drop one of the two")
+    shipped_swiglu = data_dir() / f"{SWIGLU_MODEL}-predictors"
+    if (predictors is None and store.config.gated and (shipped_swiglu / THRESHOLDS_FILE).is_file()
+            and load_thresholds(shipped_swiglu).fingerprint == store.fingerprint):
+        predictors = shipped_swiglu  # the shipped SwiGLU model: its thresholds, whatever the policy
     if predictors is None and (policy == "predictors" or pinned):
         if load_predictors(shipped_predictors_dir()).fingerprint != store.fingerprint:
             if policy != "predictors":
@@ -150,15 +181,23 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
                                "(`flashnb train-predictors --model SOURCE` writes them), or --policy oracle (exact; "
                                "holds the whole FFN in DRAM to predict) or --policy all (naive: every neuron read)")
         predictors = shipped_predictors_dir()
-    if policy == "predictors":
+    thresholds = folder_thresholds(predictors, store.config) if store.gate_in_dram else None
+    if store.gate_in_dram and thresholds is None:
+        raise FlashnbError(f"{store.path} keeps the gate in DRAM (layout gate-apart) for gate thresholds: pass "
+                           "--predictors FOLDER holding thresholds.safetensors (`flashnb train-predictors --sparsity` "
+                           "writes it), or convert the model with --layout bundled")
+    if policy == "predictors" and thresholds is not None:
+        predictor = GateThresholds(store, thresholds)
+    elif policy == "predictors":
         predictor = load_predictors(predictors)
     elif policy == "oracle":
-        predictor = OraclePredictor(store.load_model())
+        predictor = OraclePredictor(apply_thresholds(store.load_model(), thresholds))
     else:
         predictor = AllNeurons(store.ffn_dim)
     pol, hot = pinned_policy(store, predictor, Path(predictors) if predictors else None, memory, window,
                              in_flight, pinned)
-    generate_on_store(store, predictor, pol, prompt, n, hot=hot, stats=stats, sampling=sampling, tok=tok)
+    generate_on_store(store, predictor, pol, prompt, n, hot=hot, stats=stats, sampling=sampling, tok=tok,
+                      thresholds=thresholds)
 
 
 def check_early(prompt_ids: list[int], n: int, config, pinned: int | str = 0) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from flashnb.errors import FlashnbError
 
 SHIPPED_MODEL = "flashnb-opt-21m"
+SWIGLU_MODEL = "flashnb-llama-11m"  # the SwiGLU model flashnb ships beside it, run with gate thresholds
 
 
 def data_dir() -> Path:

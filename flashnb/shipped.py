@@ -1,5 +1,5 @@
-"""The model flashnb ships, in one call: `shipped()` -> its folder, config, tokenizer, predictors and
-hot neurons."""
+"""The models flashnb ships, in one call: `shipped()` -> the ReLU model's folder, config, tokenizer,
+predictors and hot neurons; `shipped(SWIGLU_MODEL)` -> the SwiGLU model's, with its thresholds."""
 
 from __future__ import annotations
 
@@ -12,19 +12,22 @@ from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.pinning import HotNeurons
 from flashnb.core.predictor import LowRankPredictors, load_predictors
 from flashnb.core.store import FlashStore
+from flashnb.core.thresholds import FILE as THRESHOLDS_FILE, Thresholds, load_thresholds
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import data_dir, shipped_model_dir
+from flashnb.errors import FlashnbError
+from flashnb.paths import SHIPPED_MODEL, SWIGLU_MODEL, data_dir, shipped_model_dir
 
 
 @dataclass
 class Shipped:
-    """The shipped model (data/flashnb-opt-21m, a Hugging Face OPT folder) and what comes with it."""
+    """A shipped model (a Hugging Face folder in data/) and what comes with it."""
 
     folder: Path
-    config: object                  # flashnb.models.opt.OPTConfig
+    config: object                  # flashnb.models.opt.OPTConfig or flashnb.models.llama.LlamaConfig
     tokenizer: Tokenizer
-    predictors: LowRankPredictors   # data/flashnb-opt-21m-predictors, checked against the model
+    predictors: LowRankPredictors   # data/MODEL-predictors, checked against the model
+    thresholds: Thresholds | None = None  # the SwiGLU model's (flashnb.core.thresholds), beside its predictors
 
     @property
     def predictors_folder(self) -> Path:
@@ -47,8 +50,15 @@ class Shipped:
         return FlashStore.open(path)
 
 
-def shipped() -> Shipped:
-    """The shipped model's folder, config, tokenizer (with its start token) and low-rank predictors."""
-    folder = shipped_model_dir()
-    return Shipped(folder, read_config(folder), Tokenizer.from_folder(folder),
-                   load_predictors(data_dir() / f"{folder.name}-predictors"))
+def shipped(name: str = SHIPPED_MODEL) -> Shipped:
+    """A shipped model's folder, config, tokenizer (with its start token) and low-rank predictors (and the
+    SwiGLU model's thresholds): `name` is SHIPPED_MODEL (flashnb-opt-21m, ReLU) or SWIGLU_MODEL
+    (flashnb-llama-11m)."""
+    if name not in (SHIPPED_MODEL, SWIGLU_MODEL):
+        raise FlashnbError(f"flashnb ships {SHIPPED_MODEL} and {SWIGLU_MODEL}, not {name!r}")
+    folder = shipped_model_dir() if name == SHIPPED_MODEL else data_dir() / name
+    if not (folder / "model.safetensors").is_file():
+        raise FlashnbError(f"the shipped model {folder} is missing; check out the repository's data/ folder")
+    preds = data_dir() / f"{name}-predictors"
+    thresholds = load_thresholds(preds) if (preds / THRESHOLDS_FILE).is_file() else None
+    return Shipped(folder, read_config(folder), Tokenizer.from_folder(folder), load_predictors(preds), thresholds)

@@ -219,3 +219,37 @@ def test_sigterm_during_demo_removes_its_temporary_store(tmp_path):
     err = p.stderr.read().decode(errors="replace")[-2000:]
     assert rc == 128 + signal.SIGTERM, (rc, err)
     assert not list(tmp_path.glob("flashnb-demo-*")), err
+
+
+def test_demo_runs_the_shipped_swiglu_model_both_ways(capsys):
+    from flashnb.paths import SWIGLU_MODEL, data_dir
+
+    swiglu = str(data_dir() / SWIGLU_MODEL)
+    assert main(["demo", "--model", swiglu, "-n", "4", "--no-table"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Return a new list containing")
+    assert "50% of" in captured.err and "low-rank predictors" in captured.err and "bundled store" in captured.err
+    assert main(["demo", "--model", swiglu, "--gate-in-dram", "--memory", "0.65", "-n", "4", "--no-table"]) == 0
+    err = capsys.readouterr().err
+    assert "gate thresholds and scaled-gate thresholds (50%)" in err and "gate-apart store" in err
+    assert "the gate matrices stay in DRAM" in err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["demo", "--model", "SWIGLU", "--gate-in-dram", "-n", "2"], "at least 0.574 of the model"),
+    (["demo", "--gate-in-dram", "-n", "2"], "has no thresholds.safetensors and flashnb-opt-21m has no gate"),
+    (["convert", "RELU", "STORE", "--layout", "gate-apart"], "this opt model's FFN has no gate"),
+    (["train-predictors", "--model", "RELU", "--sparsity", "0.5", "--out", "OUT"],
+     "thresholds are for SwiGLU models"),
+    (["train-predictors", "--sparsity", "0.5", "--lookahead"], "different jobs"),
+])
+def test_swiglu_options_fail_in_one_line(tmp_path, capsys, argv, words):
+    from flashnb.paths import SHIPPED_MODEL, SWIGLU_MODEL, data_dir
+
+    names = {"STORE": tmp_path / "STORE", "OUT": tmp_path / "OUT", "SWIGLU": data_dir() / SWIGLU_MODEL,
+             "RELU": data_dir() / SHIPPED_MODEL}
+    argv = [str(names[a]) if a in names else a for a in argv]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "STORE").exists() and not (tmp_path / "OUT").exists()

@@ -29,8 +29,11 @@ def same_encoding(folder) -> None:
         assert hf.decode(hf(text).input_ids, skip_special_tokens=True) == text
 
 
-def test_shipped_tokenizer_loads_in_autotokenizer_with_flashnb_ids():
+def test_shipped_tokenizers_load_in_autotokenizer_with_flashnb_ids():
+    from flashnb.paths import SWIGLU_MODEL, data_dir
+
     same_encoding(shipped_model_dir())
+    same_encoding(data_dir() / SWIGLU_MODEL)
 
 
 @pytest.mark.parametrize("make", [make_tiny_opt, make_tiny_llama], ids=["opt", "llama"])

@@ -91,3 +91,17 @@ def test_generation_beyond_context_is_refused(tiny_opt_dir):
     model = load_model(tiny_opt_dir)
     with pytest.raises(FlashnbError, match="context of 64 positions"):
         list(generate(model, [2] * 60, 10))
+
+
+def test_shipped_swiglu_model_matches_transformers():
+    from transformers import LlamaForCausalLM
+
+    from flashnb.paths import SWIGLU_MODEL, data_dir
+
+    folder = data_dir() / SWIGLU_MODEL
+    assert (folder / "model.safetensors").stat().st_size <= 25e6
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (2, 128), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        diff = (hf(ids).logits - load_model(folder)(ids)).abs().max().item()
+    assert diff <= 1e-4

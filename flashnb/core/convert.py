@@ -28,7 +28,7 @@ import xxhash
 from flashnb.core.defaults import ALIGNMENT
 from flashnb.core.integrity import ALGORITHM, DIGEST, FILE_ALGORITHM, row_digests
 from flashnb.core.store import (CHECKSUM_FILE, DRAM_FILE, DTYPES, FFN_FILE, FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST,
-                                TOKENIZER, Region, align_up)
+                                TOKENIZER, Region, align_up, flash_parts)
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import (TensorIndex, ffn_matrix_names, ffn_param, meta_model, read_config,
                                        regular_file)
@@ -38,7 +38,8 @@ from flashnb.paths import pid_alive
 
 @dataclass
 class ConvertConfig:
-    """Options of `convert`. layout: 'bundled' | 'unbundled'; dtype: 'fp16' | 'fp32'."""
+    """Options of `convert`. layout: 'bundled' | 'unbundled' | 'gate-apart' (gated FFNs: the gate in DRAM);
+    dtype: 'fp16' | 'fp32'."""
 
     layout: str = "bundled"
     dtype: str = "fp16"
@@ -71,11 +72,13 @@ def _sample(samples: dict, name: str, w: torch.Tensor) -> None:
     samples[name] = torch.cat([w[:2], w[-2:]]).clone()
 
 
-def _layer_rows(index, config, layer: int, tdtype: torch.dtype, samples: dict) -> list[torch.Tensor]:
-    """The FFN matrices of `layer`, each as [ffn, d] neuron-major rows in the store dtype."""
+def _layer_rows(index, config, layer: int, tdtype: torch.dtype, samples: dict, parts: list[str]) -> list[torch.Tensor]:
+    """The FFN matrices `parts` of `layer`, each as [ffn, d] neuron-major rows in the store dtype."""
     d, f = config.hidden_size, config.ffn_dim
     out = []
     for part, orient in config.ffn_parts:
+        if part not in parts:
+            continue
         shape = (f, d) if orient == "row" else (d, f)
         w = index.get(config.hf_key(ffn_param(layer, part)), shape)
         _sample(samples, ffn_param(layer, part), w)
@@ -107,7 +110,7 @@ def _write_dram(path: Path, index, config, items: list[tuple[str, tuple[int, ...
         w.write(hjson, h, x)
         for name, shape in items:
             t = index.get(config.hf_key(name), shape)
-            if name == "embed_tokens.weight":
+            if name == "embed_tokens.weight" or name in ffn_matrix_names(config):
                 _sample(samples, name, t)
             t = t.to(tdtype).contiguous()
             w.write(t.numpy().view(np.uint8) if t.numel() else b"", h, x)
@@ -146,6 +149,7 @@ def write_store(dst: str | Path, config, model_config: dict, tensors, cfg: Conve
     renamed when complete; `check()` (default: refuse an existing `dst` unless cfg.overwrite allows
     replacing a store) runs before and after writing."""
     dst = Path(os.path.abspath(dst))
+    flash_parts(config, cfg.layout)  # one clear error for a layout the model cannot have
     check = check or (lambda: check_replaceable(dst, cfg.overwrite))
     if not dst.parent.is_dir():
         raise FlashnbError(f"folder {dst.parent} does not exist; create it first")
@@ -189,7 +193,8 @@ def _write_store(out: Path, config, model_config: dict, index, cfg: ConvertConfi
     tokenizer, manifest last."""
     from tqdm.auto import tqdm
 
-    ffn_names = ffn_matrix_names(config)
+    flash, in_dram = flash_parts(config, cfg.layout)
+    ffn_names = ffn_matrix_names(config) - {ffn_param(i, p) for i in range(config.num_hidden_layers) for p in in_dram}
     dram_items = [(n, tuple(p.shape)) for n, p in meta_model(config).named_parameters() if n not in ffn_names]
     samples: dict[str, torch.Tensor] = {}
     with tqdm(total=len(dram_items) + config.num_hidden_layers, desc=f"convert {name}", unit="tensor",
@@ -206,7 +211,7 @@ def _write_store(out: Path, config, model_config: dict, index, cfg: ConvertConfi
         "format": FORMAT, "format_version": FORMAT_VERSION, "model_type": config.model_type,
         "model_config": model_config, "dtype": cfg.dtype, "layout": cfg.layout,
         "alignment": ALIGNMENT, "d_model": config.hidden_size, "ffn_dim": config.ffn_dim,
-        "num_layers": config.num_hidden_layers, "parts": [p for p, _ in config.ffn_parts],
+        "num_layers": config.num_hidden_layers, "parts": flash, **({"dram_parts": in_dram} if in_dram else {}),
         "fingerprint": fingerprint(config, samples.__getitem__),
         "ffn_file": {"name": FFN_FILE, "bytes": (out / FFN_FILE).stat().st_size},
         "checksums": {"name": CHECKSUM_FILE, "algorithm": ALGORITHM, "bytes": (out / CHECKSUM_FILE).stat().st_size,
@@ -319,15 +324,15 @@ def _write_ffn(path: Path, sums_path: Path, index, config, cfg: ConvertConfig,
     """Write ffn.bin layer by layer and every row's checksum into `sums_path`; returns each layer's
     regions (offsets, sizes, sha256) and the checksum file's sha256."""
     tdtype, npdtype, _ = DTYPES[cfg.dtype]
-    parts = [p for p, _ in config.ffn_parts]
+    parts = flash_parts(config, cfg.layout)[0]
     d, f_dim = config.hidden_size, config.ffn_dim
     layers: list[list[Region]] = []
     digests = []
     with open(path, "wb") as f:
         w = _Hasher(f)
         for layer in range(config.num_hidden_layers):
-            mats = _layer_rows(index, config, layer, tdtype, samples)  # each [ffn, d]
-            if cfg.layout == "bundled":
+            mats = _layer_rows(index, config, layer, tdtype, samples, parts)  # each [ffn, d]
+            if cfg.layout != "unbundled":
                 groups = [("bundles", tuple(parts), torch.cat(mats, dim=1))]
             else:
                 groups = [(p, (p,), m) for p, m in zip(parts, mats)]

@@ -37,10 +37,12 @@ from flashnb.core.pinning import HotNeurons, pinned_ids
 from flashnb.core.predictor import LowRankPredictors, Predictor
 from flashnb.core.reader import NeuronReader, PendingRead, ReaderConfig
 from flashnb.core.records import Recorder, TokenStep
-from flashnb.core.resident import resident_model
+from flashnb.core.resident import resident_model, shared_tensors
 from flashnb.core.store import FlashStore
+from flashnb.core.thresholds import GateThresholds, Thresholds, check_thresholds
 from flashnb.core.window import Window, WindowPlan, split_predicted
 from flashnb.errors import FlashnbError
+from flashnb.models.checkpoint import ffn_param
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ class FlashFFN(nn.Module):
         super().__init__()
         self.layer, self.rows, self.pinned = layer, rows, pinned
         self.is_pinned = pinned.slot >= 0
-        self.math = BundleFFN(engine.store.config, biases)
+        st, t = engine.store, engine.thresholds
+        gate = shared_tensors(st, st.dtype)[ffn_param(layer, st.dram_parts[0])] if st.gate_in_dram else None
+        self.math = BundleFFN(st.config, biases, gate, t.keep(layer) if t is not None else None)
         rec = engine.recorder
         self.predict = rec.timed("predict", engine.predictor.select)
         self.plan, self.advance = rec.timed("window", window.plan), rec.timed("window", window.advance)
@@ -223,11 +227,19 @@ class FlashEngine(TokenLoop):
     --lookahead`), which start each layer's reads one layer early; they need a window of at least 1.
     `hot`: the hot neurons (flashnb.core.pinning.HotNeurons) that `policy.pinned` rows per layer hold;
     they are read once, here.
+    `thresholds`: a SwiGLU model's (flashnb.core.thresholds): the engine then runs the thresholded model
+    (taken from the predictor when it is `GateThresholds`).
     """
 
     def __init__(self, store: FlashStore | str | Path, predictor: Predictor, policy: Policy | None = None,
-                 lookahead: LowRankPredictors | None = None, hot: HotNeurons | None = None):
+                 lookahead: LowRankPredictors | None = None, hot: HotNeurons | None = None,
+                 thresholds: Thresholds | None = None):
         self.store = st = store if isinstance(store, FlashStore) else FlashStore.open(store)
+        if thresholds is None and isinstance(predictor, GateThresholds):
+            thresholds = predictor.thresholds
+        if thresholds is not None:
+            check_thresholds(thresholds, st.config)
+        self.thresholds = thresholds
         self.policy = policy = policy or Policy()
         self.predictor = _checked(predictor, st)
         self.lookahead = _checked(lookahead, st, lookahead=True) if lookahead is not None else None

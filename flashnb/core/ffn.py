@@ -1,7 +1,9 @@
 """The FFN math of one token over a subset of a layer's neurons, from their bundles.
 
 A bundle (a store row) holds one neuron's slices of every FFN matrix side by side: [up | down] for
-OPT, [gate | up | down] for a gated FFN. The FFN output of a set of neurons is the sum of their
+OPT, [gate | up | down] for a gated FFN, [up | down] for a gated FFN whose gate stays in DRAM (store
+layout "gate-apart"). A thresholded SwiGLU FFN (flashnb.core.thresholds) counts a neuron whose gate
+activation is below its layer's threshold as zero. The FFN output of a set of neurons is the sum of their
 contributions, so the engine computes the cached neurons and the freshly read ones separately and
 adds them, and row order never matters.
 """
@@ -21,17 +23,24 @@ DOWN_CHUNK_BYTES = 4 << 20  # float32 bytes of down rows upcast at a time (measu
 
 
 def sparse_ffn(x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray, up_bias: torch.Tensor | None, act,
-               gated: bool, d: int) -> torch.Tensor:
+               gated: bool, d: int, gate: torch.Tensor | None = None, keep=None) -> torch.Tensor:
     """One token's FFN output (without the down bias) from the bundles `rows` of neurons `ids`.
 
-    rows: [n, P * d] bundles (up | down, or gate | up | down when `gated`). The up projection runs
+    rows: [n, P * d] bundles (up | down, or gate | up | down when `gated`; up | down again when the
+    gate rows [ffn_dim, d] are given as `gate`, held in DRAM). `keep`: the layer's rule in a
+    thresholded gated FFN (flashnb.models.llama.Keep), or None. The up projection runs
     at the rows' precision; the down projection only over the neurons whose activation is not zero
     (a ReLU zero contributes nothing), upcast to float32 a few MiB at a time, because half-precision
     vector-matrix products of this shape are slow on CPUs without native fp16 arithmetic.
     """
     if gated:
-        h = act(F.linear(x, rows[:, :d])) * F.linear(x, rows[:, d:2 * d])
-        col = 2 * d
+        t = torch.from_numpy(ids)
+        g, col = (F.linear(x, rows[:, :d]), d) if gate is None else (F.linear(x, gate.index_select(0, t)), 0)
+        a, u = act(g), F.linear(x, rows[:, col:col + d])
+        if keep is not None:
+            a = torch.where(keep.fires(a, u, t), a, torch.zeros((), dtype=a.dtype))
+        h = a * u
+        col += d
     else:
         h = act(F.linear(x, rows[:, :d], None if up_bias is None else up_bias.index_select(0, torch.from_numpy(ids))))
         col = d
@@ -47,9 +56,10 @@ def sparse_ffn(x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray, up_bias: to
 
 class BundleFFN:
     """One layer's FFN computed from bundles: `partial(x, rows, ids)` for any subset of neurons,
-    `finish(y)` adds the down projection's bias once."""
+    `finish(y)` adds the down projection's bias once. `gate`: the layer's gate rows when they stay in
+    DRAM; `keep`: the layer's rule (flashnb.models.llama.Keep) when the FFN is thresholded."""
 
-    def __init__(self, config, biases: dict[str, torch.Tensor]):
+    def __init__(self, config, biases: dict[str, torch.Tensor], gate: torch.Tensor | None = None, keep=None):
         self.act = activation(config.ffn_activation, "config.json")
         self.gated, self.d = config.gated, config.hidden_size
         up, down = config.ffn_parts[0][0], config.ffn_parts[-1][0]
@@ -57,12 +67,13 @@ class BundleFFN:
             raise FlashnbError("gated FFNs with biases on the gate or up projection (mlp_bias) are not supported "
                                "by the engine")
         self.up_bias, self.down_bias = biases.get(up), biases.get(down)
+        self.gate, self.keep = gate, keep
 
     def partial(self, x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
         """The contribution of neurons `ids` (bundles `rows` [n, P * d]) for one token x [1, 1, d]."""
         if ids.size == 0:
             return torch.zeros_like(x)
-        return sparse_ffn(x, rows, ids, self.up_bias, self.act, self.gated, self.d)
+        return sparse_ffn(x, rows, ids, self.up_bias, self.act, self.gated, self.d, self.gate, self.keep)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.down_bias is None else y + self.down_bias

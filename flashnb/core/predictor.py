@@ -10,8 +10,9 @@ weights take at the store's precision, which the memory budget counts.
   threshold. Saved as a folder with `predictors.safetensors` (float16 weights) and `metrics.json`
   (the card: model fingerprint, shapes, thresholds, training settings, measured metrics). Loading
   checks shapes and, given the model, its fingerprint.
-- `OraclePredictor`: the exact active set, from the dense FFN's first projection; with it the
-  engine must reproduce the dense model exactly (a reference: it needs the whole FFN).
+- `OraclePredictor`: the exact active set, from the dense FFN's first projection (for a thresholded
+  SwiGLU model, flashnb.core.thresholds, the neurons above threshold); with it the engine must
+  reproduce the dense model exactly (a reference: it needs the whole FFN).
 - `AllNeurons`: every neuron, every token (naive loading).
 """
 
@@ -81,8 +82,11 @@ class OraclePredictor(Predictor):
 
     @torch.no_grad()
     def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        proj, act = first_projection(self.model.layers[layer].ffn, self.model.config)
-        return act(proj(x.to(proj.weight.dtype))) != 0
+        ffn = self.model.layers[layer].ffn
+        proj, act = first_projection(ffn, self.model.config)
+        a = act(proj(x.to(proj.weight.dtype)))
+        keep = getattr(ffn, "keep", None)  # a thresholded SwiGLU FFN's rule
+        return a != 0 if keep is None else keep.fires(a, ffn.up_proj(x.to(proj.weight.dtype)))
 
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
         return np.flatnonzero(self.predict(layer, x).reshape(-1).numpy())

@@ -19,6 +19,9 @@ decides where its values lie in ffn.bin:
                contiguous read of P * d_model values fetches the whole neuron (row-column bundling).
     unbundled  one region per matrix, each [ffn_dim, d_model] neuron-major: the up matrices as in the
                checkpoint, the down matrix transposed. A neuron then costs P separate reads.
+    gate-apart for gated (SwiGLU) FFNs run with thresholds (flashnb.core.thresholds): the gate matrix
+               stays in DRAM (in dram.safetensors, where the memory budget counts it) and decides the
+               neurons; ffn.bin holds one region `bundles` of [up[i, :], down[:, i]] rows (P = 2).
 
 Either way a store row for neuron i, assembled part after part, is the same P * d_model vector; the
 reader (flashnb.core.reader) returns exactly those rows.
@@ -45,7 +48,7 @@ from flashnb.models.checkpoint import CONFIGS, ffn_matrix_names, ffn_param, mate
 
 FORMAT = "flashnb-store"
 FORMAT_VERSION = 2  # 2: per-bundle checksums (ffn.sum), the DRAM file's XXH3, the model's fingerprint
-LAYOUTS = ("bundled", "unbundled")
+LAYOUTS = ("bundled", "unbundled", "gate-apart")
 MANIFEST, DRAM_FILE, FFN_FILE, TOKENIZER = "manifest.json", "dram.safetensors", "ffn.bin", "tokenizer.json"
 CHECKSUM_FILE = "ffn.sum"  # one 64-bit checksum per row of every region, in file order (flashnb.core.integrity)
 
@@ -102,7 +105,8 @@ class FlashStore:
 
     - `config` (the architecture's config dataclass), `hf_config` (the HF config dict)
     - `dtype` / `np_dtype`, `layout`, `alignment` (bytes), `d_model`, `ffn_dim`, `num_layers`
-    - `parts` (FFN matrices in row order), `row_values` = len(parts) * d_model values per neuron
+    - `parts` (FFN matrices on flash, in row order), `row_values` = len(parts) * d_model values per neuron;
+      `dram_parts`: FFN matrices kept in DRAM instead (the gate, for layout "gate-apart")
     - `regions(layer)`: the layer's `Region`s in ffn.bin
     - `dram_tensors()`: the DRAM-resident tensors by flashnb parameter name
     - `ffn_path`: ffn.bin, for `flashnb.core.reader.NeuronReader`
@@ -127,6 +131,7 @@ class FlashStore:
         self.ffn_dim: int = manifest["ffn_dim"]
         self.num_layers: int = manifest["num_layers"]
         self.parts: tuple[str, ...] = tuple(manifest["parts"])
+        self.dram_parts: tuple[str, ...] = tuple(manifest.get("dram_parts", ()))
         self.orientation = dict(config.ffn_parts)
         self.row_values = len(self.parts) * self.d_model
         self.neuron_bytes = self.row_values * self.np_dtype.itemsize
@@ -161,6 +166,11 @@ class FlashStore:
             raise _bad(mf, f"not valid JSON ({e})") from None
         config = _validate(p, mf, m)
         return cls(p, m, config)
+
+    @property
+    def gate_in_dram(self) -> bool:
+        """True when the gate matrices stay in DRAM (layout "gate-apart")."""
+        return bool(self.dram_parts)
 
     def __repr__(self) -> str:
         return (f"FlashStore({str(self.path)!r}, {self.config.model_type}, {self.layout}, {self.dtype_name}, "
@@ -317,12 +327,24 @@ def _validate(p: Path, mf: Path, m: dict):
     if (m.get("d_model"), m.get("ffn_dim"), m.get("num_layers")) != (d, f_dim, L):
         raise _bad(mf, f"d_model/ffn_dim/num_layers {m.get('d_model')}/{m.get('ffn_dim')}/{m.get('num_layers')} "
                        f"disagree with model_config ({d}/{f_dim}/{L})")
-    parts = [x for x, _ in config.ffn_parts]
-    if m.get("parts") != parts:
-        raise _bad(mf, f"parts {m.get('parts')} are not {kind}'s FFN matrices {parts}")
+    parts, dram_parts = flash_parts(config, m["layout"])
+    if m.get("parts") != parts or m.get("dram_parts", []) != dram_parts:
+        raise _bad(mf, f"parts {m.get('parts')} (in DRAM: {m.get('dram_parts', [])}) are not {kind}'s FFN matrices "
+                       f"{parts} (in DRAM: {dram_parts}) for layout {m['layout']!r}")
     end = _validate_regions(mf, m, config, parts)
     _validate_files(p, mf, m, align_up(end, a))
     return config
+
+
+def flash_parts(config, layout: str) -> tuple[list[str], list[str]]:
+    """(the FFN matrices a store of `layout` keeps on flash, those it keeps in DRAM) for `config`'s model."""
+    parts = [x for x, _ in config.ffn_parts]
+    if layout != "gate-apart":
+        return parts, []
+    if not config.gated:
+        raise FlashnbError(f"layout 'gate-apart' keeps a gated FFN's gate in DRAM; this {config.model_type} model's "
+                           "FFN has no gate: use layout 'bundled'")
+    return parts[1:], parts[:1]
 
 
 def _validate_regions(mf: Path, m: dict, config, parts: list[str]) -> int:
@@ -330,7 +352,7 @@ def _validate_regions(mf: Path, m: dict, config, parts: list[str]) -> int:
     last one ends (bytes)."""
     d, f_dim, L, a = config.hidden_size, config.ffn_dim, config.num_hidden_layers, m["alignment"]
     itemsize = DTYPES[m["dtype"]][1].itemsize
-    expect = ([("bundles", parts)] if m["layout"] == "bundled" else [(x, [x]) for x in parts])
+    expect = ([("bundles", parts)] if m["layout"] != "unbundled" else [(x, [x]) for x in parts])
     layers = m.get("layers")
     if not isinstance(layers, list) or len(layers) != L:
         raise _bad(mf, f"lists {len(layers) if isinstance(layers, list) else 'no'} layers, the model has {L}")

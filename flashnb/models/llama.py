@@ -155,6 +155,8 @@ class LlamaFFN(nn.Module):
     """down(act(gate(x)) * up(x)). Neuron i = row i of gate and up, column i of down.
 
     `last_activation` (with `record = True`) is act(gate(x)): where it is zero, neuron i is unused.
+    `keep` (a `Keep`, set by `flashnb.core.thresholds.apply_thresholds`) makes the FFN thresholded: a
+    neuron that does not fire counts as zero. None: the dense FFN.
     """
 
     def __init__(self, c: LlamaConfig):
@@ -165,12 +167,32 @@ class LlamaFFN(nn.Module):
         self.act = activation(c.hidden_act, "config.json")
         self.record = False
         self.last_activation: torch.Tensor | None = None
+        self.keep: Keep | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.act(self.gate_proj(x))
+        a, u = self.act(self.gate_proj(x)), self.up_proj(x)
+        if self.keep is not None:
+            a = torch.where(self.keep.fires(a, u), a, torch.zeros((), dtype=a.dtype))
         if self.record:
             self.last_activation = a
-        return self.down_proj(a * self.up_proj(x))
+        return self.down_proj(a * u)
+
+
+@dataclass(frozen=True)
+class Keep:
+    """One layer's rule in a thresholded SwiGLU FFN (flashnb.core.thresholds): neuron i fires when
+    score_i * scale_i > threshold, where score = |act(gate x)| (CATS; `on_product` False) or
+    |act(gate x) * up x| (`on_product` True: it needs the up rows too)."""
+
+    threshold: float
+    scale: torch.Tensor  # [ffn_dim]
+    on_product: bool = False
+
+    def fires(self, a: torch.Tensor, u: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """bool, like `a`: which neurons fire given their gate activations `a` and up projections `u`
+        (neurons `ids` of the layer when given, else all)."""
+        s = self.scale if ids is None else self.scale.index_select(0, ids)
+        return (a * u if self.on_product else a).abs() * s.to(a.dtype) > self.threshold
 
 
 class LlamaBlock(nn.Module):

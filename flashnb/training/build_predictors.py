@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from flashnb.core.pinning import HotNeurons
-from flashnb.core.predictor import LowRankPredictors, load_predictors
+from flashnb.core.predictor import CARD as CARD_NAME, LowRankPredictors, load_predictors
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
@@ -263,4 +263,120 @@ def card_summary(card: dict) -> str:
     lines.append("closest-friend bundles: bytes x{:.2f}, reads x{:.2f} (mean over layers)".format(
         np.mean([x["bytes_ratio"] for x in b]), np.mean([x["reads_ratio"] for x in b])))
     lines.append("targets met: " + json.dumps(h["targets_met"]))
+    return "\n".join(lines)
+
+
+THRESHOLD_CARD = "thresholds.json"
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7)  # target sparsities the thresholds card measures
+CATS_PAPER = {"source": "Lee et al., CATS (2024): training-free, Mistral 7B and Llama 2 7B",
+              "ffn_sparsity": 0.5, "downstream_accuracy_drop": "about 1-2 points on average"}
+
+
+def build_thresholds(cfg: BuildConfig, sparsity: float, criterion: str = "scaled-gate",
+                     calibration_tokens: int = 16_384, progress: bool = True, log=print) -> dict:
+    """A SwiGLU model's thresholds and low-rank predictors, into cfg.out:
+
+    1. thresholds (flashnb.core.thresholds, `criterion`) for `sparsity` from `calibration_tokens`
+       training-split tokens: what decides the neurons when the gate stays in DRAM (store layout
+       gate-apart); the thresholded model's held-out perplexity and top-1 agreement at every target of
+       SWEEP, every criterion (thresholds.json);
+    2. the model thresholded on the product |SiLU(gate) * up| at the same sparsity (the neurons that
+       matter most: the best labels, measured), traced on the training windows of `build`, and a
+       low-rank predictor per layer trained on its sets: what decides when the gate stays on flash (a
+       bundled store; the engine then computes every predicted neuron, as for a ReLU model);
+    3. the predictors' held-out selection against those sets and the quality of the model that computes
+       only the predicted neurons, against the dense model (metrics.json);
+    4. thresholds.safetensors, predictors.safetensors, the held-out slice and the hot neurons."""
+    from flashnb.core.thresholds import CRITERIA, Fires, activations, apply_thresholds, thresholds_for
+    from flashnb.training.quality import dense_window_logits, quality
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    model = load_model(cfg.model)
+    if not model.config.gated or model.config.ffn_activation == "relu":
+        raise FlashnbError(f"{cfg.model}: thresholds are for SwiGLU models (a gated FFN with SiLU); this model's "
+                           f"FFN is {model.config.ffn_activation}{' gated' if model.config.gated else ''}, whose zeros "
+                           "the low-rank predictors learn: drop --sparsity")
+    cfg.train.layer_ranks(model.config.num_hidden_layers)  # fail before the slow steps
+    tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)
+    log("collecting the corpus (docstrings of the stdlib and torch) ...")
+    corpus = collect()
+    train_stream = encode_split(tok, corpus.train)
+    calib = train_windows(train_stream, calibration_tokens, cfg.context, cfg.train.seed + 1)
+    held = encode_split(tok, corpus.heldout)[:cfg.eval_tokens + 1].astype(np.int64)
+    log(f"calibrating on {len(calib)} training tokens, measuring on {len(held) - 1} held-out tokens ...")
+    acts = activations(model, calib, cfg.context)
+    dense = dense_window_logits(model, held, cfg.context)
+    sweep = []
+    for crit in CRITERIA:
+        for s in sorted(set(SWEEP) | {sparsity}):
+            q = quality(model, Fires(model, thresholds_for(acts, s, crit)), held, cfg.context, dense)
+            sweep.append({"criterion": crit, "sparsity": s, **q.to_dict()})
+            log(f"  {crit:11s} {s:.0%}: perplexity {q.perplexity_increase:+.2%}, top-1 agreement {q.top1_agreement:.1%}")
+    chosen = thresholds_for(acts, sparsity, criterion)
+    labels = thresholds_for(acts, sparsity, "product")
+    del acts
+    apply_thresholds(model, labels)
+    train_ids = train_windows(train_stream, cfg.train_tokens, cfg.context, cfg.train.seed)
+    log(f"tracing the thresholded model on {len(train_ids)} training and {len(held) - 1} held-out tokens ...")
+    train_trace = record(model, train_ids, cfg.context, progress=progress)
+    held_trace = record(model, held[:-1], cfg.context, progress=progress)
+    predictors = train_predictors(model, train_trace, cfg.train, progress=progress)
+    apply_thresholds(model, None)
+    log("evaluating on the held-out split ...")
+    per_layer = selection_metrics(predictors, held_trace)
+    q = quality(model, predictors, held, cfg.context, dense)
+    out = Path(cfg.out)
+    chosen.save(out)
+    shown = (f"--sparsity {sparsity} --criterion {criterion} --rank {cfg.train.rank}"
+             + (f" --ranks {','.join(map(str, cfg.train.ranks))}" if cfg.train.ranks else "")
+             + f" --threshold {cfg.train.threshold} --epochs {cfg.train.epochs} --seed {cfg.train.seed}")
+    card = {"what": f"per-layer activation thresholds for {Path(cfg.model).name} (a SwiGLU model): neuron i fires "
+                    "when |SiLU(gate_i . x)| * scale_i exceeds its layer's threshold",
+            "command": f"flashnb train-predictors --model {_shown(cfg.model)} --out {_shown(cfg.out)} {shown}",
+            "criterion": criterion, "sparsity": sparsity, "thresholds": list(chosen.values),
+            "calibration": {"tokens": chosen.calibration_tokens, "split": "training", "context": cfg.context,
+                            "measured_sparsity": list(chosen.measured)},
+            "heldout": {"tokens": int(len(held) - 1), "slice": HELDOUT, "corpus_sha256": corpus.sha256,
+                        "sparsity_per_layer": [1.0 - float(held_trace.mask(i).mean()) for i in range(held_trace.n_layers)]},
+            "sweep": sweep, "targets": {"perplexity_increase_max": 0.03, "top1_agreement_min": 0.95},
+            "cats_paper": CATS_PAPER,
+            "measured": {"threads": cfg.threads, "torch": torch.__version__}}
+    mean = mean_selection(per_layer)
+    pcard = {"what": f"low-rank predictors for {Path(cfg.model).name}, a SwiGLU model: trained on the neurons whose "
+                     f"|SiLU(gate) * up| is above the threshold for {sparsity:.0%} sparsity (the product thresholds: "
+                     "labels only; the engine computes every predicted neuron)",
+             "labels": {"criterion": "product", "sparsity": sparsity, "thresholds": list(labels.values)},
+             "command": card["command"], "thresholds": THRESHOLD_CARD, "train": asdict(cfg.train),
+             "model": {"folder": Path(cfg.model).name, "d_model": model.config.hidden_size,
+                       "ffn_dim": model.config.ffn_dim, "layers": model.config.num_hidden_layers},
+             "corpus": {"sha256": corpus.sha256, "train_trace_tokens": int(len(train_ids)),
+                        "heldout_tokens": int(len(held) - 1), "heldout_slice": HELDOUT},
+             "heldout": {"per_layer": [s.to_dict() for s in per_layer], "mean": mean.to_dict(), "quality": q.to_dict(),
+                         "targets": TARGETS},
+             "weights_dtype": "float16"}
+    predictors.save(out, pcard)
+    save_heldout(out, held, corpus.sha256)
+    measure_hot(predictors, train_trace, held_trace).save(out)
+    card["predictors"] = {"card": CARD_NAME, "heldout_recall": mean.recall, "heldout_over_selection": mean.over_selection,
+                          "quality": q.to_dict()}
+    card["measured"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    tmp = out / (THRESHOLD_CARD + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(out / THRESHOLD_CARD)
+    return card
+
+
+def thresholds_summary(card: dict) -> str:
+    """A few lines for the terminal: the thresholded model's held-out quality at each target sparsity, and
+    the predictors'."""
+    lines = ["thresholded model, held-out:", "criterion    sparsity  perplexity  top-1 agreement"]
+    for r in card["sweep"]:
+        lines.append(f"{r['criterion']:11s}  {r['sparsity']:7.0%}  {r['perplexity_increase']:+9.2%}  "
+                     f"{r['top1_agreement']:14.1%}")
+    p = card["predictors"]
+    lines.append(f"thresholds.safetensors: {card['criterion']} at {card['sparsity']:.0%} (the gate in DRAM decides)")
+    lines.append(f"low-rank predictors of the product sets at {card['sparsity']:.0%}: held-out recall "
+                 f"{p['heldout_recall']:.1%}, over-selection {p['heldout_over_selection']:.2f}x, perplexity "
+                 f"{p['quality']['perplexity_increase']:+.2%}, top-1 agreement {p['quality']['top1_agreement']:.1%}")
     return "\n".join(lines)

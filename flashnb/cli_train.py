@@ -1,0 +1,141 @@
+"""The `flashnb train` and `flashnb train-predictors` commands (flashnb.cli holds the others): they
+build what flashnb ships, the models and their predictors (or a SwiGLU model's thresholds)."""
+
+from __future__ import annotations
+
+import sys
+
+from flashnb.cli_args import real, whole
+from flashnb.errors import FlashnbError
+
+
+def cmd_train(args) -> None:
+    from flashnb.training.train import check_out, command_config, train
+
+    cfg = command_config(args.arch, args.out, args.sparsity_target, tokens=args.tokens, seed=args.seed,
+                         threads=args.threads, checkpoint_seconds=args.checkpoint_minutes * 60)
+    check_out(cfg, args.resume)
+    card = train(cfg)
+    if card is None:
+        raise KeyboardInterrupt
+    h = card["heldout"]
+    print(f"wrote {cfg.out}: held-out perplexity {h['perplexity']:.1f}, "
+          f"FFN sparsity {h['sparsity_mean']:.1%} (training_card.json has the rest)")
+
+
+def cmd_train_predictors(args) -> None:
+    from pathlib import Path
+
+    from flashnb.paths import shipped_model_dir
+    from flashnb.training.build_predictors import (BuildConfig, build, build_hot, build_lookahead,
+                                                  build_thresholds, card_summary, hot_summary, thresholds_summary)
+    from flashnb.training.predictors import PredictorTrainConfig
+
+    ranks = None
+    if args.ranks:
+        try:
+            ranks = [int(r) for r in args.ranks.split(",")]
+        except ValueError:
+            raise FlashnbError(f"--ranks {args.ranks!r} must be comma-separated integers, one per layer") from None
+    tcfg = PredictorTrainConfig(rank=args.rank, ranks=ranks, threshold=args.threshold, epochs=args.epochs,
+                                lr=args.lr, pos_weight=args.pos_weight, init=args.init, seed=args.seed)
+    model = args.model or str(shipped_model_dir())
+    name = Path(model).resolve().name
+    beside = Path(model).resolve().parent / f"{name}-predictors"   # where flashnb looks for a model's predictors
+    out = args.out or str(beside if args.hot_neurons_only else Path.cwd() / f"{name}-predictors")
+    if sum(map(bool, (args.lookahead, args.hot_neurons_only, args.sparsity is not None))) > 1:
+        raise FlashnbError("--lookahead, --hot-neurons-only and --sparsity are different jobs: choose one")
+    written = (Path(out) / "thresholds.safetensors" if args.sparsity is not None else
+               Path(out) / "hot_neurons.safetensors" if args.hot_neurons_only else
+               Path(out) / "lookahead" / "predictors.safetensors" if args.lookahead else
+               Path(out) / "predictors.safetensors")
+    if written.exists() and not args.force:
+        raise FlashnbError(f"{written} exists; pass --force to replace it, or choose another --out")
+    cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens,
+                      eval_tokens=args.eval_tokens, threads=args.threads, train=tcfg)
+    if args.sparsity is not None:
+        card = build_thresholds(cfg, args.sparsity, args.criterion, log=lambda m: print(m, file=sys.stderr))
+        print(thresholds_summary(card))
+        print(f"wrote {out} (thresholds.safetensors, thresholds.json, heldout_slice.safetensors)")
+        return
+    if args.hot_neurons_only:
+        print(hot_summary(build_hot(cfg, log=lambda m: print(m, file=sys.stderr))))
+        print(f"wrote {out}/hot_neurons.safetensors")
+        return
+    if args.lookahead:
+        card = build_lookahead(cfg, log=lambda m: print(m, file=sys.stderr))
+        m = card["heldout"]["mean"]
+        print(f"lookahead predictors: held-out recall {m['recall']:.1%}, over-selection {m['over_selection']:.2f}x "
+              f"(mean over layers 1..; metrics.json has each layer beside the same-layer set's)")
+        print(f"wrote {out}/lookahead (predictors.safetensors, metrics.json)")
+        return
+    card = build(cfg, log=lambda m: print(m, file=sys.stderr))
+    print(card_summary(card))
+    print(f"wrote {out} (predictors.safetensors, metrics.json, heldout_slice.safetensors)")
+
+
+def add_training_commands(sub) -> None:
+    t = sub.add_parser("train", help="reproduce the shipped model from the offline corpus",
+                       description="Train the shipped OPT-style ReLU model on the docstring corpus (see flashnb."
+                                   "training.corpus), or with --arch llama a Llama-style SwiGLU model (11.0 M "
+                                   "parameters, 22 MB in fp16). It checkpoints into OUT/checkpoint every 100 steps, "
+                                   "every --checkpoint-minutes and on Ctrl-C; --resume continues from there. The shipped "
+                                   "model took 1.6 h with 2 threads on an idle 2-core machine.")
+    t.add_argument("--arch", choices=("opt", "llama"), default="opt",
+                   help="opt: the shipped ReLU model, with the L1 penalty; llama: SwiGLU (SiLU gate), no penalty "
+                        "(default: %(default)s)")
+    t.add_argument("--out", help="output folder (default: flashnb-opt-21m, or flashnb-llama-11m with --arch llama)")
+    t.add_argument("--tokens", type=whole(1), default=3_200_000, help="training tokens (default: %(default)s)")
+    t.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
+    t.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
+    t.add_argument("--sparsity-target", type=real(0, 1, what="a fraction"),
+                   help="FFN sparsity the L1 weight is steered to (--arch opt only; default: 0.94)")
+    t.add_argument("--checkpoint-minutes", type=real(0, 1e6, lo_open=True, what="minutes"), default=3.0,
+                   help="also checkpoint after this many minutes (default: %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue the run checkpointed in OUT/checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    tp = sub.add_parser("train-predictors", help="train the per-layer FFN activation predictors",
+                        description="Trace the model on the corpus training split, train a low-rank "
+                                    "predictor per layer (balanced BCE), evaluate on the held-out split "
+                                    "(recall, over-selection, perplexity, top-1 agreement) and write "
+                                    "OUT/predictors.safetensors + OUT/metrics.json + OUT/hot_neurons.safetensors. "
+                                    "The defaults reproduce the shipped set (in a new folder: nothing is "
+                                    "replaced without --force).")
+    tp.add_argument("--model", default=None, help="model folder (default: the shipped model, data/flashnb-opt-21m)")
+    tp.add_argument("--out", default=None,
+                    help="output folder (default: MODEL-predictors in the current folder; with --hot-neurons-only, "
+                         "the predictors beside the model, e.g. data/flashnb-opt-21m-predictors)")
+    tp.add_argument("--force", action="store_true", help="replace what OUT already holds")
+    tp.add_argument("--train-tokens", type=whole(16), default=65_536,
+                    help="training-split tokens to trace (default: %(default)s)")
+    tp.add_argument("--eval-tokens", type=whole(16), default=16_384,
+                    help="held-out tokens to evaluate on (default: %(default)s)")
+    tp.add_argument("--rank", type=whole(1), default=64, help="predictor rank of every layer (default: %(default)s)")
+    tp.add_argument("--ranks", default=None, help="per-layer ranks, comma-separated (overrides --rank)")
+    tp.add_argument("--threshold", type=real(0, 1, lo_open=True, what="a probability"), default=0.5,
+                    help="select a neuron when its probability exceeds this (default: %(default)s)")
+    tp.add_argument("--epochs", type=whole(1), default=4, help="passes over the trace (default: %(default)s)")
+    tp.add_argument("--lr", type=real(0, 10, lo_open=True, what="a learning rate"), default=2e-3,
+                    help="peak learning rate (default: %(default)s)")
+    tp.add_argument("--pos-weight", type=real(0, 1e6, lo_open=True, what="a weight"), default=1.0,
+                    help="weight of active neurons, times the negative/positive ratio (default: %(default)s)")
+    tp.add_argument("--init", choices=["random", "pca"], default="random",
+                    help="random, or the FFN's rank-r principal projection (default: %(default)s)")
+    tp.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
+    tp.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
+    tp.add_argument("--lookahead", action="store_true",
+                    help="train lookahead predictors instead (layer i's FFN input -> layer i+1's neurons, so the "
+                         "engine reads a layer's neurons while its attention runs) into OUT/lookahead")
+    tp.add_argument("--hot-neurons-only", action="store_true",
+                    help="no training: measure how often the predictors already in OUT select each neuron (the hot "
+                         "neurons that --pinned keeps in DRAM) and write OUT/hot_neurons.safetensors")
+    tp.add_argument("--sparsity", type=real(0, 0.99, what="a fraction"), default=None,
+                    help="SwiGLU models: no predictors to train; calibrate per-layer thresholds on the gate activations "
+                         "(CATS) so that this fraction of the neurons stays below them, measure the thresholded model "
+                         "on the held-out split and write OUT/thresholds.safetensors + OUT/thresholds.json")
+    tp.add_argument("--criterion", choices=["scaled-gate", "gate", "product"], default="scaled-gate",
+                    help="with --sparsity: compare |SiLU(gate)| (CATS: gate), |SiLU(gate)| times the root-mean-square "
+                         "of the neuron's up projection (scaled-gate) or |SiLU(gate) * up| (product: the gate cannot "
+                         "decide alone, predictors must) with the threshold (default: %(default)s)")
+    tp.set_defaults(func=cmd_train_predictors)

@@ -1,0 +1,128 @@
+"""Lesson 08's figures: the activations of a ReLU and a SwiGLU model, what a target sparsity costs, and
+where half of the memory goes (all computed by flashnb.lab.beyond_relu)."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from flashnb.lab.beyond_relu import CRITERION_LABELS, ActivationHistogram, BudgetReads, MemoryRoute, SparsityPoint
+from flashnb.viz import style as S
+
+# One colour per threshold criterion (Okabe-Ito, apart from the techniques' own use in these figures).
+CRITERION_COLORS = {"gate": "#e69f00", "scaled-gate": "#009e73", "product": "#0072b2"}
+MODEL_COLORS = ("#0072b2", "#d55e00")
+MEMORY_PARTS = (("other_bytes", "embeddings, attention, norms", "#999999"),
+                ("gate_bytes", "gate matrices", "#d55e00"),
+                ("predictor_bytes", "predictors", "#e69f00"),
+                ("row_bytes", "window rows (neurons read from flash)", "#009e73"))
+
+
+def activation_figure(h: ActivationHistogram, thresholds: dict[str, float] | None = None) -> go.Figure:
+    """The share of each model's FFN activations at most a magnitude (log axis; a model's exact zeros are
+    where its line starts), one line per model (measured); `thresholds` {label: value} as vertical lines."""
+    fig = go.Figure()
+    x = 10 ** h.edges[1:]
+    for (name, shares), c in zip(h.shares.items(), MODEL_COLORS):
+        y = h.zero[name] + shares.cumsum()
+        fig.add_trace(go.Scatter(x=x, y=y, name=S.label(f"{name}: {h.zero[name]:.1%} exactly 0", "measured"),
+                                 **S.scatter(name, "measured", c, mode="lines")))
+    for text, v in (thresholds or {}).items():
+        fig.add_vline(x=v, line_dash="dot", line_color="#444", annotation_text=text, annotation_position="bottom right",
+                      annotation_font_size=10)
+    S.layout(fig, f"How small are the activations that decide a neuron? Every layer, {h.tokens} tokens (measured)",
+             x=("|activation| at most", None), y=("share of activations", None), height=400)
+    fig.update_xaxes(type="log", exponentformat="power")
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    return fig
+
+
+def sparsity_figure(curves: dict[str, list[SparsityPoint]], chosen: float | None = None,
+                    targets: dict | None = None) -> go.Figure:
+    """Perplexity increase, top-1 agreement and the FFN read per token by target sparsity, one line per
+    criterion (measured; reads simulated from the thresholded model's own neuron sets), the targets
+    dashed, the chosen sparsity as a grey line."""
+    targets = targets or {}
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.09,
+                        subplot_titles=("perplexity vs dense", "top-1 agreement with dense",
+                                        "FFN read per token, ample DRAM"))
+    window = next(iter(curves.values()))[0].window
+    for crit, points in curves.items():
+        x = [p.sparsity for p in points]
+        c = CRITERION_COLORS[crit]
+        for col, y, via in ((1, [p.quality.perplexity_increase for p in points], None),
+                            (2, [p.quality.top1_agreement for p in points], None),
+                            (3, [p.read_share for p in points], S.SIMULATE)):
+            source = "modeled" if via else "measured"
+            fig.add_trace(go.Scatter(x=x, y=y, name=S.label(CRITERION_LABELS[crit], source, via),
+                                     legendgroup=crit + source, showlegend=col != 2,
+                                     **S.scatter(crit, source, c)), row=1, col=col)
+    for col, key, text in ((1, "perplexity_increase_max", "target +{:.0%}"), (2, "top1_agreement_min", "target {:.0%}"),
+                           (3, "read_share_max", "target {:.0%}")):
+        if key in targets:
+            fig.add_hline(y=targets[key], line_dash="dash", line_color="#444", row=1, col=col,
+                          annotation_text=text.format(targets[key]), annotation_position="top left",
+                          annotation_font_size=10)
+    if chosen is not None:
+        for col in (1, 2, 3):
+            fig.add_vline(x=chosen, line_color="#aaaaaa", line_width=3, opacity=0.6, row=1, col=col)
+    S.layout(fig, f"What a target sparsity costs the SwiGLU model (held-out; reads with a window of {window})",
+             height=420)
+    fig.update_xaxes(title_text=S.axis_title("target sparsity", None), tickformat=".0%")
+    fig.update_yaxes(tickformat="+.0%", row=1, col=1)
+    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=3)
+    return fig
+
+
+def move_chosen(fig, chosen: float) -> None:
+    """Move the chosen-sparsity lines of `sparsity_figure` (a FigureWidget) to `chosen`."""
+    for shape in fig.layout.shapes:
+        if shape.type == "line" and shape.xref and shape.xref.startswith("x") and shape.x0 == shape.x1 \
+                and shape.line.color == "#aaaaaa":
+            shape.x0 = shape.x1 = chosen
+
+
+def memory_figure(routes: list[MemoryRoute]) -> go.Figure:
+    """Each route's DRAM at the budget as stacked bars (MB), the budget as a line, and the smallest budget
+    each route runs in as a marker."""
+    names = [r.name for r in routes]
+    fig = go.Figure()
+    for attr, label, c in MEMORY_PARTS:
+        mb = [getattr(r, attr) / 1e6 for r in routes]
+        if any(mb):
+            fig.add_trace(go.Bar(y=names, x=mb, orientation="h", name=label,
+                                 **S.bar(label, "measured", c)))
+    fig.add_trace(go.Scatter(y=names, x=[r.min_budget * r.model_bytes / 1e6 for r in routes], mode="markers",
+                             name="smallest budget it runs in",
+                             marker=dict(symbol="line-ns", size=18, line=dict(color="#000000", width=3))))
+    budget = routes[0].budget_bytes / routes[0].model_bytes
+    fig.add_trace(go.Scatter(y=names, x=[r.budget_bytes / 1e6 for r in routes], mode="markers",
+                             name=f"the budget: {budget:.0%} of the model",
+                             marker=dict(symbol="line-ns", size=30, line=dict(color="#d62728", width=3))))
+    S.layout(fig, f"Where {budget:.0%} of each model's bytes go (from the stores' shapes)",
+             x=("DRAM for weights", "MB"), height=330, barmode="stack")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+
+def budget_figure(curves: list[BudgetReads], budget: float | None = None, target: float | None = None) -> go.Figure:
+    """Bytes read per token (share of each model's FFN) by memory budget, one line per way of running a
+    model (simulated on its neuron sets; a line starts at the smallest budget it runs in)."""
+    fig = go.Figure()
+    for curve, c in zip(curves, ("#d55e00", "#0072b2", "#7f7f7f", "#009e73")):
+        fig.add_trace(go.Scatter(x=curve.budgets, y=curve.read_share, name=S.label(curve.name, "modeled", S.SIMULATE),
+                                 **S.scatter(curve.name, "modeled", c)))
+    if budget is not None:
+        fig.add_vline(x=budget, line_color="#aaaaaa", line_width=3, opacity=0.6)
+    if target is not None:
+        fig.add_hline(y=target, line_dash="dash", line_color="#444", annotation_text=f"target {target:.0%}",
+                      annotation_position="top right", annotation_font_size=10)
+    window = curves[0].window
+    S.layout(fig, f"What each token reads from flash as DRAM shrinks (window {window}, held-out tokens)",
+             x=("memory budget", "share of the model's bytes"), y=("read per token", "share of the FFN's bytes"),
+             height=420)
+    fig.update_xaxes(tickformat=".0%")
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    return fig
