@@ -217,3 +217,16 @@ def test_shipped_swiglu_engine_equals_its_references_over_64_tokens(shipped_swig
         assert got == expected
         with torch.no_grad():
             assert (logits - ref(torch.tensor([prompt + got[:-1]]))[0]).abs().max().item() <= 1e-4
+
+
+def test_baselines_run_a_gate_apart_store_as_the_dense_model(swiglu):
+    from flashnb.bench.baselines import HybridEngine, MmapEngine
+
+    folder, stores, _ = swiglu
+    with torch.no_grad():
+        ref = load_model(folder)(torch.tensor([PROMPT]))[0]
+    for runner in (HybridEngine(stores["gate-apart"], memory_budget=0.95, in_flight=2), MmapEngine(stores["gate-apart"])):
+        kv = runner.model.new_cache(1, len(PROMPT))
+        out = torch.stack([runner.step(t, kv) for t in PROMPT])
+        runner.close()
+        assert (out - ref).abs().max().item() <= 1e-4

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from flashnb.core.defaults import IN_FLIGHT
 from flashnb.core.engine import TokenLoop
-from flashnb.core.ffn import BundleFFN
+from flashnb.core.ffn import layer_math
 from flashnb.core.generate import decode
 from flashnb.core.io import aligned_empty, evict
 from flashnb.core.memory import hybrid_plan
@@ -47,7 +47,7 @@ class HybridFFN(nn.Module):
         super().__init__()
         self.eng, self.layer = eng, layer
         st = eng.store
-        self.math = BundleFFN(st.config, biases)
+        self.math = layer_math(st, layer, biases)
         self.pinned_ids = np.arange(eng.memory.pinned_rows)
         self.pinned = torch.from_numpy(eng.reader.read(layer, self.pinned_ids).rows.copy())
         self.streamed_ids = np.arange(eng.memory.pinned_rows, st.ffn_dim)
@@ -89,7 +89,7 @@ class MmapFFN(nn.Module):
     def __init__(self, eng: "MmapEngine", layer: int, biases):
         super().__init__()
         st = eng.store
-        self.eng, self.math = eng, BundleFFN(st.config, biases)
+        self.eng, self.math = eng, layer_math(st, layer, biases)
         self.ids = np.arange(st.ffn_dim)
         parts = []
         for reg in st.regions(layer):
@@ -206,7 +206,7 @@ class AccelerateOffload:
 class FloorFFN(nn.Module):
     def __init__(self, eng: "FloorEngine", layer: int, biases: dict[str, torch.Tensor]):
         super().__init__()
-        self.layer, self.math = layer, BundleFFN(eng.store.config, biases)
+        self.layer, self.math = layer, layer_math(eng.store, layer, biases)
         self.rows = torch.from_numpy(eng.store.ffn_rows(layer))  # the layer's whole FFN, in DRAM
         rec = eng.recorder
         self.predict, self.compute = rec.timed("predict", eng.predictor.select), rec.timed("ffn", self._compute)

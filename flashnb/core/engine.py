@@ -30,19 +30,18 @@ import torch
 import torch.nn as nn
 
 from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET, WINDOW
-from flashnb.core.ffn import BundleFFN
+from flashnb.core.ffn import layer_math
 from flashnb.core.generate import SamplingConfig, check_context, decode
 from flashnb.core.memory import MemoryPlan, NeuronRows, budget_bytes, plan_memory
 from flashnb.core.pinning import HotNeurons, pinned_ids
 from flashnb.core.predictor import LowRankPredictors, Predictor
 from flashnb.core.reader import NeuronReader, PendingRead, ReaderConfig
 from flashnb.core.records import Recorder, TokenStep
-from flashnb.core.resident import resident_model, shared_tensors
+from flashnb.core.resident import resident_model
 from flashnb.core.store import FlashStore
 from flashnb.core.thresholds import GateThresholds, Thresholds, check_thresholds
 from flashnb.core.window import Window, WindowPlan, split_predicted
 from flashnb.errors import FlashnbError
-from flashnb.models.checkpoint import ffn_param
 
 
 @dataclass(frozen=True)
@@ -84,9 +83,7 @@ class FlashFFN(nn.Module):
         super().__init__()
         self.layer, self.rows, self.pinned = layer, rows, pinned
         self.is_pinned = pinned.slot >= 0
-        st, t = engine.store, engine.thresholds
-        gate = shared_tensors(st, st.dtype)[ffn_param(layer, st.dram_parts[0])] if st.gate_in_dram else None
-        self.math = BundleFFN(st.config, biases, gate, t.keep(layer) if t is not None else None)
+        self.math = layer_math(engine.store, layer, biases, engine.thresholds)
         rec = engine.recorder
         self.predict = rec.timed("predict", engine.predictor.select)
         self.plan, self.advance = rec.timed("window", window.plan), rec.timed("window", window.advance)

@@ -77,3 +77,13 @@ class BundleFFN:
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.down_bias is None else y + self.down_bias
+
+
+def layer_math(store, layer: int, biases: dict[str, torch.Tensor], thresholds=None) -> BundleFFN:
+    """Layer `layer`'s BundleFFN for rows read from `store`: with the gate rows from DRAM when the store keeps
+    them there (layout gate-apart), and the layer's rule when `thresholds` (flashnb.core.thresholds) are given."""
+    from flashnb.core.resident import shared_tensors
+    from flashnb.models.checkpoint import ffn_param
+
+    gate = shared_tensors(store, store.dtype)[ffn_param(layer, store.dram_parts[0])] if store.gate_in_dram else None
+    return BundleFFN(store.config, biases, gate, thresholds.keep(layer) if thresholds is not None else None)
