@@ -111,12 +111,15 @@ def cmd_bench(args) -> None:
 
 def cmd_convert(args) -> None:
     from flashnb.core.convert import ConvertConfig, convert
+    from flashnb.core.placement import load_placement
     from flashnb.core.store import open_store
 
+    placement = load_placement(args.placement) if args.placement else None
     dst = convert(args.hf_folder, args.store, ConvertConfig(layout=args.layout, dtype=args.dtype,
-                                                           overwrite=args.force))
+                                                           overwrite=args.force, placement=placement))
     s = open_store(dst)
-    print(f"wrote {dst}: {s.layout} {s.dtype_name}, {s.num_layers} layers x {s.ffn_dim} neurons x "
+    print(f"wrote {dst}: {s.layout} {s.dtype_name}{', co-activation placement' if placement else ''}, "
+          f"{s.num_layers} layers x {s.ffn_dim} neurons x "
           f"{s.neuron_bytes} bytes/neuron, ffn.bin {s.manifest['ffn_file']['bytes'] / 1e6:.1f} MB, "
           f"dram.safetensors {s.manifest['dram_file']['bytes'] / 1e6:.1f} MB")
 
@@ -170,6 +173,10 @@ def _add_flash_commands(sub) -> None:
                         "per matrix; gate-apart (SwiGLU models run with thresholds): the gate matrices in DRAM, "
                         "each neuron's up row + down column contiguous (default: %(default)s)")
     c.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="store dtype (default: %(default)s)")
+    c.add_argument("--placement", default=None, metavar="FOLDER",
+                   help="order each layer's neurons on flash by co-activation, as learned by `flashnb train-predictors "
+                        "--placement-only` (FOLDER holds placement.safetensors; e.g. data/flashnb-opt-21m-predictors); "
+                        "default: neuron i at row i")
     c.add_argument("--force", action="store_true",
                    help="replace STORE if it is a flashnb store holding nothing but its own files (never "
                         "any other folder, and never the source or a folder holding it)")

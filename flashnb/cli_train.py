@@ -27,7 +27,7 @@ def cmd_train_predictors(args) -> None:
     from pathlib import Path
 
     from flashnb.paths import shipped_model_dir
-    from flashnb.training.build_predictors import (BuildConfig, build, build_hot, build_lookahead,
+    from flashnb.training.build_predictors import (BuildConfig, build, build_hot, build_lookahead, build_placement,
                                                   build_thresholds, card_summary, hot_summary, thresholds_summary)
     from flashnb.training.predictors import PredictorTrainConfig
 
@@ -42,11 +42,13 @@ def cmd_train_predictors(args) -> None:
     model = args.model or str(shipped_model_dir())
     name = Path(model).resolve().name
     beside = Path(model).resolve().parent / f"{name}-predictors"   # where flashnb looks for a model's predictors
-    out = args.out or str(beside if args.hot_neurons_only else Path.cwd() / f"{name}-predictors")
-    if sum(map(bool, (args.lookahead, args.hot_neurons_only, args.sparsity is not None))) > 1:
-        raise FlashnbError("--lookahead, --hot-neurons-only and --sparsity are different jobs: choose one")
+    out = args.out or str(beside if args.hot_neurons_only or args.placement_only else Path.cwd() / f"{name}-predictors")
+    if sum(map(bool, (args.lookahead, args.hot_neurons_only, args.placement_only, args.sparsity is not None))) > 1:
+        raise FlashnbError("--lookahead, --hot-neurons-only, --placement-only and --sparsity are different jobs: "
+                           "choose one")
     written = (Path(out) / "thresholds.safetensors" if args.sparsity is not None else
                Path(out) / "hot_neurons.safetensors" if args.hot_neurons_only else
+               Path(out) / "placement.safetensors" if args.placement_only else
                Path(out) / "lookahead" / "predictors.safetensors" if args.lookahead else
                Path(out) / "predictors.safetensors")
     if written.exists() and not args.force:
@@ -57,6 +59,14 @@ def cmd_train_predictors(args) -> None:
         card = build_thresholds(cfg, args.sparsity, args.criterion, log=lambda m: print(m, file=sys.stderr))
         print(thresholds_summary(card))
         print(f"wrote {out} (thresholds.safetensors, thresholds.json, heldout_slice.safetensors)")
+        return
+    if args.placement_only:
+        r = build_placement(cfg, log=lambda m: print(m, file=sys.stderr))
+        print(f"co-activation placement learned on {r['tokens']} tokens; on {r['heldout_tokens']} held-out tokens the "
+              f"predicted sets ({r['neurons'] / r['heldout_tokens']:.0f} neurons per token) lie in "
+              f"{r['runs_original'] / r['heldout_tokens']:.0f} runs of adjacent rows per token in the original order, "
+              f"{r['runs_placed'] / r['heldout_tokens']:.0f} placed ({r['runs_original'] / r['runs_placed']:.2f}x fewer)")
+        print(f"wrote {out}/placement.safetensors (use it: flashnb convert MODEL STORE --placement {out})")
         return
     if args.hot_neurons_only:
         print(hot_summary(build_hot(cfg, log=lambda m: print(m, file=sys.stderr))))
@@ -104,7 +114,8 @@ def add_training_commands(sub) -> None:
                                     "replaced without --force).")
     tp.add_argument("--model", default=None, help="model folder (default: the shipped model, data/flashnb-opt-21m)")
     tp.add_argument("--out", default=None,
-                    help="output folder (default: MODEL-predictors in the current folder; with --hot-neurons-only, "
+                    help="output folder (default: MODEL-predictors in the current folder; with --hot-neurons-only or "
+                         "--placement-only, "
                          "the predictors beside the model, e.g. data/flashnb-opt-21m-predictors)")
     tp.add_argument("--force", action="store_true", help="replace what OUT already holds")
     tp.add_argument("--train-tokens", type=whole(16), default=65_536,
@@ -127,6 +138,10 @@ def add_training_commands(sub) -> None:
     tp.add_argument("--lookahead", action="store_true",
                     help="train lookahead predictors instead (layer i's FFN input -> layer i+1's neurons, so the "
                          "engine reads a layer's neurons while its attention runs) into OUT/lookahead")
+    tp.add_argument("--placement-only", action="store_true",
+                    help="no training: learn a co-activation placement (each layer's neurons ordered so that those "
+                         "the predictors in OUT select together lie side by side) and write OUT/placement.safetensors, "
+                         "for `flashnb convert --placement OUT`")
     tp.add_argument("--hot-neurons-only", action="store_true",
                     help="no training: measure how often the predictors already in OUT select each neuron (the hot "
                          "neurons that --pinned keeps in DRAM) and write OUT/hot_neurons.safetensors")

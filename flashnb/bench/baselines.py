@@ -90,7 +90,7 @@ class MmapFFN(nn.Module):
         super().__init__()
         st = eng.store
         self.eng, self.math = eng, layer_math(st, layer, biases)
-        self.ids = np.arange(st.ffn_dim)
+        self.ids = st.file_order(layer)  # the neuron of each file row (a placement moves them)
         parts = []
         for reg in st.regions(layer):
             a = np.frombuffer(eng.map, dtype=st.np_dtype, count=reg.rows * reg.row_bytes // st.np_dtype.itemsize,

@@ -27,8 +27,9 @@ import xxhash
 
 from flashnb.core.defaults import ALIGNMENT
 from flashnb.core.integrity import ALGORITHM, DIGEST, FILE_ALGORITHM, row_digests
+from flashnb.core.placement import Placement
 from flashnb.core.store import (CHECKSUM_FILE, DRAM_FILE, DTYPES, FFN_FILE, FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST,
-                                TOKENIZER, Region, align_up, flash_parts)
+                                PLACEMENT_FILE, TOKENIZER, Region, align_up, flash_parts)
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import (TensorIndex, ffn_matrix_names, ffn_param, meta_model, read_config,
                                        regular_file)
@@ -39,12 +40,14 @@ from flashnb.paths import pid_alive
 @dataclass
 class ConvertConfig:
     """Options of `convert`. layout: 'bundled' | 'unbundled' | 'gate-apart' (gated FFNs: the gate in DRAM);
-    dtype: 'fp16' | 'fp32'."""
+    dtype: 'fp16' | 'fp32'; placement: the neurons' order on flash (flashnb.core.placement), None for
+    neuron i at row i."""
 
     layout: str = "bundled"
     dtype: str = "fp16"
     overwrite: bool = False
     progress: bool = True
+    placement: Placement | None = None
 
 
 class _Hasher:
@@ -203,6 +206,17 @@ def _write_store(out: Path, config, model_config: dict, index, cfg: ConvertConfi
                                          lambda: bar.update(1), samples)
         layers, sums_sha = _write_ffn(out / FFN_FILE, out / CHECKSUM_FILE, index, config, cfg,
                                       lambda: bar.update(1), samples)
+    model_fingerprint = fingerprint(config, samples.__getitem__)
+    placement = None
+    if cfg.placement is not None:
+        if cfg.placement.fingerprint != model_fingerprint:
+            raise FlashnbError(f"the placement belongs to another model (fingerprint {cfg.placement.fingerprint}, "
+                               f"this one is {model_fingerprint}): learn one for this model with `flashnb "
+                               "train-predictors --placement-only --model SOURCE`")
+        data = cfg.placement.order.astype("<i4").tobytes()
+        (out / PLACEMENT_FILE).write_bytes(data)
+        placement = {"name": PLACEMENT_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                     "tokens": cfg.placement.tokens, "source": cfg.placement.source}
     tokenizer = None
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / TOKENIZER)
@@ -212,7 +226,7 @@ def _write_store(out: Path, config, model_config: dict, index, cfg: ConvertConfi
         "model_config": model_config, "dtype": cfg.dtype, "layout": cfg.layout,
         "alignment": ALIGNMENT, "d_model": config.hidden_size, "ffn_dim": config.ffn_dim,
         "num_layers": config.num_hidden_layers, "parts": flash, **({"dram_parts": in_dram} if in_dram else {}),
-        "fingerprint": fingerprint(config, samples.__getitem__),
+        "fingerprint": model_fingerprint, "placement": placement,
         "ffn_file": {"name": FFN_FILE, "bytes": (out / FFN_FILE).stat().st_size},
         "checksums": {"name": CHECKSUM_FILE, "algorithm": ALGORITHM, "bytes": (out / CHECKSUM_FILE).stat().st_size,
                       "sha256": sums_sha},
@@ -248,7 +262,7 @@ def _store_files(folder: Path) -> set[str] | None:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         return None
     names = {MANIFEST}
-    for key in ("ffn_file", "dram_file", "checksums"):
+    for key in ("ffn_file", "dram_file", "checksums", "placement"):
         entry = m.get(key)
         if isinstance(entry, dict) and isinstance(entry.get("name"), str):
             names.add(entry["name"])
@@ -332,6 +346,9 @@ def _write_ffn(path: Path, sums_path: Path, index, config, cfg: ConvertConfig,
         w = _Hasher(f)
         for layer in range(config.num_hidden_layers):
             mats = _layer_rows(index, config, layer, tdtype, samples, parts)  # each [ffn, d]
+            if cfg.placement is not None:  # file row r holds neuron order[r]
+                order = torch.from_numpy(cfg.placement.order[layer])
+                mats = [m.index_select(0, order) for m in mats]
             if cfg.layout != "unbundled":
                 groups = [("bundles", tuple(parts), torch.cat(mats, dim=1))]
             else:

@@ -5,8 +5,8 @@ layer (unsorted, duplicated, none or all): the engine's hot path, a few numpy op
 
 How a call goes:
 
-1. Plan (flashnb.core.requests): sort and de-duplicate the ids, turn the rows into byte spans of the
-   FFN file, merge neighbours closer than `gap_bytes` and split long requests.
+1. Plan (flashnb.core.requests): sort and de-duplicate the ids' file rows (a placement moves them), turn
+   the rows into byte spans of the FFN file, merge neighbours closer than `gap_bytes`, split long requests.
 2. Read, with one of two backends:
    - "aio" (default on Linux): every request becomes a kernel iocb (flashnb.core.aio), built for the
      whole batch by numpy; `in_flight` of them are kept in flight with one io_submit and one
@@ -266,7 +266,7 @@ class NeuronReader:
             raise FlashnbError("this NeuronReader is closed; open a new one")
         st = self.store
         regs = st.regions(layer)
-        ids = as_ids(ids, st.ffn_dim, f"layer {layer} of {st.path}")
+        ids = st.file_rows(layer, as_ids(ids, st.ffn_dim, f"layer {layer} of {st.path}"))  # from here on: file rows
         n = ids.size
         if out is None:
             out = aligned_empty((n, st.row_values), st.np_dtype)
@@ -320,7 +320,7 @@ class NeuronReader:
         for j, (r, sums) in enumerate(zip(regs, self.store.checksums(layer))):
             bad = check_rows(out, first, self._part_col[j], r.row_bytes, sums[uniq])
             if bad.size:
-                raise FlashnbError(f"{self.store.ffn_path}: layer {layer} neuron {int(uniq[bad[0]])} ({r.name}) does not "
+                raise FlashnbError(f"{self.store.ffn_path}: layer {layer} neuron {int(self.store.file_order(layer)[uniq[bad[0]]])} ({r.name}) does not "
                                    f"match its checksum ({bad.size} rows in this read): the file changed or the disk "
                                    f"returned bad data; run `flashnb verify {self.store.path}` and re-create the store")
         return time.perf_counter() - t0
@@ -346,7 +346,7 @@ class NeuronReader:
     def requests(self, layer: int, ids, out_aligned: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(file offsets, bytes) of every request `read(layer, ids)` would issue (into a block-aligned `out`
         unless `out_aligned` is False), in file order, without reading anything."""
-        ids = as_ids(ids, self.store.ffn_dim, f"layer {layer}")
+        ids = self.store.file_rows(layer, as_ids(ids, self.store.ffn_dim, f"layer {layer}"))
         plan = self._plan(self.store.regions(layer), ids, out_aligned)[4] if ids.size else None
         return ((np.asarray(plan.req_off, np.int64), np.asarray(plan.req_len, np.int64)) if plan is not None
                 else (np.zeros(0, np.int64), np.zeros(0, np.int64)))

@@ -10,6 +10,8 @@ A store is a folder:
                        `alignment` (4096-byte) boundary so direct I/O can read it
     ffn.sum            a 64-bit checksum of every row of every region, checked as rows are read
     tokenizer.json     copied from the source folder (when it has one)
+    placement.bin      with co-activation placement (flashnb.core.placement): int32 [layers, ffn_dim],
+                       the neuron at each file row; without it neuron i lies at row i
 
 Neuron i of a layer is row i of the up projection(s) and column i of the down projection. The layout
 decides where its values lie in ffn.bin:
@@ -50,6 +52,7 @@ FORMAT = "flashnb-store"
 FORMAT_VERSION = 2  # 2: per-bundle checksums (ffn.sum), the DRAM file's XXH3, the model's fingerprint
 LAYOUTS = ("bundled", "unbundled", "gate-apart")
 MANIFEST, DRAM_FILE, FFN_FILE, TOKENIZER = "manifest.json", "dram.safetensors", "ffn.bin", "tokenizer.json"
+PLACEMENT_FILE = "placement.bin"  # the neuron at each file row of every layer (flashnb.core.placement)
 CHECKSUM_FILE = "ffn.sum"  # one 64-bit checksum per row of every region, in file order (flashnb.core.integrity)
 
 # store dtype name -> (torch dtype, numpy dtype, safetensors dtype tag)
@@ -113,6 +116,8 @@ class FlashStore:
     - `checksums(layer)`: each region's per-row checksums, checked by the reader as it reads
     - `load_model()`: the dense model rebuilt from the store
     - `fingerprint`: the model's (flashnb.models.fingerprint), which predictors must match
+    - `file_rows(layer, ids)`: the file rows of neurons `ids` (themselves without a placement);
+      `file_order(layer)`: the neuron at each file row
 
     The files' identity (size, mtime, inode) is recorded when the store is opened; using a store whose
     files changed since is refused (`check_unchanged`).
@@ -142,12 +147,16 @@ class FlashStore:
         self.dram_path = path / manifest["dram_file"]["name"]
         self.tokenizer_path = path / manifest["tokenizer"] if manifest.get("tokenizer") else None
         self.checksum_path = path / manifest["checksums"]["name"] if manifest.get("checksums") else None
+        self.placement_path = path / manifest["placement"]["name"] if manifest.get("placement") else None
         self.fingerprint: str | None = manifest.get("fingerprint")
-        files = [f for f in (self.ffn_path, self.dram_path, self.checksum_path) if f is not None and f.exists()]
+        files = [f for f in (self.ffn_path, self.dram_path, self.checksum_path, self.placement_path)
+                 if f is not None and f.exists()]
         self._identity = {f: FileIdentity.of(f) for f in files}
         self._resident_bytes: int | None = None
         self._checksums: np.ndarray | None = None
         self._dram_checked = False
+        self._order: np.ndarray | None = None
+        self._position: np.ndarray | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> "FlashStore":
@@ -188,6 +197,26 @@ class FlashStore:
         """One clear error if a file of the store changed since it was opened."""
         for f, then in self._identity.items():
             check_identity(f, then, self.path)
+
+    def _placement(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, position) [layers, ffn_dim], read once and checked to be permutations."""
+        if self._order is None:
+            self.check_unchanged()
+            order = np.fromfile(self.placement_path, "<i4").astype(np.int64).reshape(self.num_layers, self.ffn_dim)
+            if not bool(np.all(np.sort(order, axis=1) == np.arange(self.ffn_dim))):
+                raise _bad(self.placement_path, "does not hold a permutation of each layer's neurons")
+            pos = np.empty_like(order)
+            np.put_along_axis(pos, order, np.broadcast_to(np.arange(self.ffn_dim), order.shape), 1)
+            self._order, self._position = order, pos
+        return self._order, self._position
+
+    def file_rows(self, layer: int, ids: np.ndarray) -> np.ndarray:
+        """The rows of ffn.bin's layer regions that hold neurons `ids` (int64 array)."""
+        return ids if self.placement_path is None else self._placement()[1][layer][ids]
+
+    def file_order(self, layer: int) -> np.ndarray:
+        """The neuron at each row of the layer's regions (0, 1, 2, ... without a placement)."""
+        return np.arange(self.ffn_dim) if self.placement_path is None else self._placement()[0][layer]
 
     def checksums(self, layer: int) -> list[np.ndarray] | None:
         """The checksum of every row of each region of `layer` (uint64 [ffn_dim] per region); None for a
@@ -245,12 +274,13 @@ class FlashStore:
         """All rows [ffn_dim, row_values] of `layer` read with ordinary buffered I/O (not the hot path)."""
         d, itemsize = self.d_model, self.np_dtype.itemsize
         out = np.empty((self.ffn_dim, self.row_values), dtype=self.np_dtype)
+        neuron = self.file_order(layer)  # file row r holds neuron neuron[r]
         with open(self.ffn_path, "rb") as f:
             for reg in self.regions(layer):
                 j = self.parts.index(reg.parts[0])
                 f.seek(reg.offset)
                 buf = np.frombuffer(_read_exact(f, reg.size, self.ffn_path), dtype=self.np_dtype)
-                out[:, j * d:(j + len(reg.parts)) * d] = buf.reshape(reg.rows, reg.row_bytes // itemsize)
+                out[neuron, j * d:(j + len(reg.parts)) * d] = buf.reshape(reg.rows, reg.row_bytes // itemsize)
         return out
 
     def load_model(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -407,6 +437,12 @@ def _validate_files(p: Path, mf: Path, m: dict, ffn_bytes: int) -> None:
         raise _bad(sums_path, f"should hold {rows} checksums of {DIGEST.itemsize} bytes")
     if not isinstance(m.get("fingerprint"), str):
         raise _bad(mf, "the model's fingerprint is missing")
+    if m.get("placement") is not None:
+        pl = m["placement"]
+        path = p / plain_name(mf, pl.get("name") if isinstance(pl, dict) else None, "placement name")
+        want = m["num_layers"] * m["ffn_dim"] * 4
+        if pl.get("bytes") != want or not path.is_file() or path.stat().st_size != want:
+            raise _bad(path, f"should hold {m['num_layers']} x {m['ffn_dim']} int32 neuron ids (the placement)")
     if m.get("tokenizer") is not None:
         tok = p / plain_name(mf, m["tokenizer"], "tokenizer")
         if not tok.is_file():

@@ -41,6 +41,9 @@ def _spans(store: FlashStore) -> Iterator[tuple[str, Path, int, int, str]]:
     yield "dram tensors", store.dram_path, 0, d["bytes"], d["sha256"]
     c = store.manifest["checksums"]
     yield "bundle checksums", store.checksum_path, 0, c["bytes"], c["sha256"]
+    if store.placement_path is not None:
+        p = store.manifest["placement"]
+        yield "placement", store.placement_path, 0, p["bytes"], p["sha256"]
     for i in range(store.num_layers):
         for r in store.regions(i):
             yield f"layer {i} region {r.name!r} (bytes {r.offset}..{r.offset + r.size})", store.ffn_path, \

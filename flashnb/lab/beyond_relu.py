@@ -27,7 +27,7 @@ from flashnb.training.quality import Quality, dense_window_logits, quality
 from flashnb.training.traces import record
 
 # What each criterion is called in the lesson's figures and sentences.
-CRITERION_LABELS = {"gate": "CATS: |SiLU(gate)|", "scaled-gate": "|SiLU(gate)| x rms(up)",
+CRITERION_LABELS = {"gate": "|SiLU(gate)| (CATS)", "scaled-gate": "|SiLU(gate)| x rms(up)",
                     "product": "|SiLU(gate) x up|"}
 
 
@@ -221,15 +221,15 @@ class BudgetReads:
 
 def reads_by_budget(name: str, sets: list[list[np.ndarray]], store, window: int, budgets,
                     predictor_bytes: int = 0, ffn_parts: int | None = None) -> BudgetReads:
-    """Simulate `sets[token][layer]` on `store` at each budget (those it does not fit in are left out).
+    """Simulate `sets[token][layer]` on `store` at each budget and at the smallest it runs in (those it does
+    not fit in are left out).
     The share is of the whole FFN (`ffn_parts` matrices of d_model x ffn_dim per layer; default the
     model's own: 3 for a gated FFN, 2 for OPT), so a gate kept in DRAM counts as never read."""
     parts = ffn_parts or len(store.config.ffn_parts)
     ffn_bytes = store.num_layers * store.ffn_dim * parts * store.d_model * store.np_dtype.itemsize
     shape, kept, shares = store.memory_shape(), [], []
-    for b in budgets:
-        if b < min_budget(shape, window, predictor_bytes):
-            continue
+    least = min_budget(shape, window, predictor_bytes)
+    for b in sorted({float(b) for b in budgets if b >= least} | ({least} if least <= max(budgets) else set())):
         steps = simulate(sets, store, Policy(window, float(b)), predictor_bytes)
         kept.append(float(b))
         shares.append(TokenStats.of(steps, store.num_layers * store.ffn_dim).bytes_read / ffn_bytes)

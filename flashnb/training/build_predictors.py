@@ -380,3 +380,28 @@ def thresholds_summary(card: dict) -> str:
                  f"{p['heldout_recall']:.1%}, over-selection {p['heldout_over_selection']:.2f}x, perplexity "
                  f"{p['quality']['perplexity_increase']:+.2%}, top-1 agreement {p['quality']['top1_agreement']:.1%}")
     return "\n".join(lines)
+
+
+def build_placement(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
+    """Learn a co-activation placement (flashnb.core.placement) from the neuron sets the predictors already
+    in cfg.out select on the training windows of `build` (what the engine reads), write
+    cfg.out/placement.safetensors, and count what it saves on the held-out split: runs of adjacent rows
+    (requests at gap 0) in the original order and in the learned one, the same neurons."""
+    from flashnb.core.placement import Placement, count_runs
+    from flashnb.core.simulate import sets_from_trace
+
+    predictors = load_predictors(cfg.out)  # one clear error when there is none
+    model, _, train_ids, held, train_trace, held_trace = _traces(cfg, progress, log)
+    log("learning the placement (a greedy co-activation chain per layer) ...")
+    masks = []
+    for layer in range(train_trace.n_layers):
+        x = train_trace.inputs[layer]
+        masks.append(np.concatenate([predictors.predict(layer, torch.from_numpy(x[a:a + 8192])).numpy()
+                                     for a in range(0, len(x), 8192)]))
+    placement = Placement.learn(masks, predictors.fingerprint,
+                                f"the predictors' selections on {len(train_ids)} training-split tokens")
+    placement.save(cfg.out)
+    sets = sets_from_trace(held_trace, predictors)
+    before, after = count_runs(sets), count_runs(sets, placement.position)
+    return {"tokens": placement.tokens, "heldout_tokens": len(sets), "runs_original": before, "runs_placed": after,
+            "neurons": int(sum(len(ids) for token in sets for ids in token))}

@@ -3,6 +3,8 @@ where half of the memory goes (all computed by flashnb.lab.beyond_relu)."""
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -11,7 +13,8 @@ from flashnb.viz import style as S
 
 # One colour per threshold criterion (Okabe-Ito, apart from the techniques' own use in these figures).
 CRITERION_COLORS = {"gate": "#e69f00", "scaled-gate": "#009e73", "product": "#0072b2"}
-MODEL_COLORS = ("#0072b2", "#d55e00")
+MODEL_COLORS = ("#0072b2", "#d55e00")  # the ReLU model, the SwiGLU model
+ROUTE_COLORS = ("#0072b2", "#d55e00", "#cc79a7", "#009e73")  # ReLU; SwiGLU gate in DRAM; gate on flash
 MEMORY_PARTS = (("other_bytes", "embeddings, attention, norms", "#999999"),
                 ("gate_bytes", "gate matrices", "#d55e00"),
                 ("predictor_bytes", "predictors", "#e69f00"),
@@ -30,6 +33,7 @@ def activation_figure(h: ActivationHistogram, thresholds: dict[str, float] | Non
     for text, v in (thresholds or {}).items():
         fig.add_vline(x=v, line_dash="dot", line_color="#444", annotation_text=text, annotation_position="bottom right",
                       annotation_font_size=10)
+        fig.layout.annotations[-1].x = math.log10(v)  # plotly places a log axis' annotation at 10**x
     S.layout(fig, f"How small are the activations that decide a neuron? Every layer, {h.tokens} tokens (measured)",
              x=("|activation| at most", None), y=("share of activations", None), height=400)
     fig.update_xaxes(type="log", exponentformat="power")
@@ -45,7 +49,7 @@ def sparsity_figure(curves: dict[str, list[SparsityPoint]], chosen: float | None
     targets = targets or {}
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.09,
                         subplot_titles=("perplexity vs dense", "top-1 agreement with dense",
-                                        "FFN read per token, ample DRAM"))
+                                        "read per token (ample DRAM)"))
     window = next(iter(curves.values()))[0].window
     for crit, points in curves.items():
         x = [p.sparsity for p in points]
@@ -57,11 +61,12 @@ def sparsity_figure(curves: dict[str, list[SparsityPoint]], chosen: float | None
             fig.add_trace(go.Scatter(x=x, y=y, name=S.label(CRITERION_LABELS[crit], source, via),
                                      legendgroup=crit + source, showlegend=col != 2,
                                      **S.scatter(crit, source, c)), row=1, col=col)
-    for col, key, text in ((1, "perplexity_increase_max", "target +{:.0%}"), (2, "top1_agreement_min", "target {:.0%}"),
-                           (3, "read_share_max", "target {:.0%}")):
+    for col, key, text, where in ((1, "perplexity_increase_max", "target +{:.0%}", "top left"),
+                                  (2, "top1_agreement_min", "target {:.0%}", "top right"),
+                                  (3, "read_share_max", "target {:.0%}", "top left")):
         if key in targets:
             fig.add_hline(y=targets[key], line_dash="dash", line_color="#444", row=1, col=col,
-                          annotation_text=text.format(targets[key]), annotation_position="top left",
+                          annotation_text=text.format(targets[key]), annotation_position=where,
                           annotation_font_size=10)
     if chosen is not None:
         for col in (1, 2, 3):
@@ -111,16 +116,17 @@ def budget_figure(curves: list[BudgetReads], budget: float | None = None, target
     """Bytes read per token (share of each model's FFN) by memory budget, one line per way of running a
     model (simulated on its neuron sets; a line starts at the smallest budget it runs in)."""
     fig = go.Figure()
-    for curve, c in zip(curves, ("#d55e00", "#0072b2", "#7f7f7f", "#009e73")):
+    for curve, c in zip(curves, ROUTE_COLORS):
         fig.add_trace(go.Scatter(x=curve.budgets, y=curve.read_share, name=S.label(curve.name, "modeled", S.SIMULATE),
                                  **S.scatter(curve.name, "modeled", c)))
     if budget is not None:
-        fig.add_vline(x=budget, line_color="#aaaaaa", line_width=3, opacity=0.6)
+        fig.add_vline(x=budget, line_color="#aaaaaa", line_width=3, opacity=0.6, annotation_text=f"MEMORY {budget:.0%}",
+                      annotation_position="top right", annotation_font_size=10)
     if target is not None:
         fig.add_hline(y=target, line_dash="dash", line_color="#444", annotation_text=f"target {target:.0%}",
                       annotation_position="top right", annotation_font_size=10)
     window = curves[0].window
-    S.layout(fig, f"What each token reads from flash as DRAM shrinks (window {window}, held-out tokens)",
+    S.layout(fig, f"What each token reads from flash as DRAM grows (window {window}, held-out tokens)",
              x=("memory budget", "share of the model's bytes"), y=("read per token", "share of the FFN's bytes"),
              height=420)
     fig.update_xaxes(tickformat=".0%")
