@@ -98,6 +98,31 @@ def test_the_engine_and_the_baselines_are_unchanged_by_a_placement(placed):
         assert (out - dense(torch.tensor([PROMPT]))[0]).abs().max().item() <= 1e-4
 
 
+def test_tokens_served_in_parts_stay_exact_and_split_in_file_order(placed):
+    """A cache of 10 rows per layer: a token's neurons are served in parts, each a contiguous stretch of the
+    placed file; logits stay the dense model's and simulate counts the engine's reads exactly."""
+    from flashnb.core.memory import ROW_BOOKKEEPING
+    from flashnb.core.window import split_predicted
+
+    folder, _, moved, pl = placed
+    ids = np.arange(0, FFN, 2)
+    parts = split_predicted(ids, 10, pl.position[0])
+    assert sorted(np.concatenate(parts).tolist()) == ids.tolist()
+    rows = [np.sort(pl.position[0][p]) for p in parts]
+    assert all(a[-1] < b[0] for a, b in zip(rows, rows[1:]))  # each part lies before the next on flash
+    budget = moved.resident_bytes + moved.num_layers * 10 * (moved.neuron_bytes + ROW_BOOKKEEPING)
+    pol = Policy(2, budget, in_flight=2)
+    with FlashEngine(moved, OraclePredictor(moved.load_model()), pol) as eng:
+        kv = eng.model.new_cache(1, len(PROMPT))
+        out = torch.stack([eng.step(t, kv) for t in PROMPT])
+        assert max(len(i) for s in eng.steps for i in s.predicted_sets) > 10
+        sets = [s.predicted_sets for s in eng.steps]
+        measured = [(s.bytes_read, s.requests) for s in eng.steps]
+    with torch.no_grad():
+        assert (out - load_model(folder)(torch.tensor([PROMPT]))[0]).abs().max().item() <= 1e-4
+    assert [(s.bytes_read, s.requests) for s in simulate(sets, moved, pol)] == measured
+
+
 def test_co_active_neurons_placed_together_need_fewer_requests(tmp_path):
     """Neurons that fire in pairs: in the learned order each token's pairs are adjacent rows, read as one
     request each; in the original order almost every neuron is a request of its own."""

@@ -82,6 +82,8 @@ class FlashFFN(nn.Module):
                  rows: NeuronRows, pinned: NeuronRows):
         super().__init__()
         self.layer, self.rows, self.pinned = layer, rows, pinned
+        self.placed = engine.store.file_rows(layer, np.arange(engine.store.ffn_dim)) if engine.store.placement_path \
+            else None  # each neuron's row on flash, when a placement moves them
         self.is_pinned = pinned.slot >= 0
         self.math = layer_math(engine.store, layer, biases, engine.thresholds)
         rec = engine.recorder
@@ -103,7 +105,7 @@ class FlashFFN(nn.Module):
         hot, predicted = self.split_pinned(predicted)                      #    (hot neurons stay pinned in DRAM)
         self.land()                                                        #    (the reads a lookahead started)
         y = torch.zeros_like(x)
-        for part in split_predicted(predicted, self.rows.capacity):        # (one part unless it overflows)
+        for part in split_predicted(predicted, self.rows.capacity, self.placed):  # (one part unless it overflows)
             plan = self.plan(part)                                         # 2. window: hits, loads, evictions
             free = self.make_room(plan.evicted, plan.loaded.size)          # 3. delete the evicted rows
             pending = self.submit(self.layer, plan.loaded, out=free)       # 4. flash -> DRAM, in place ...

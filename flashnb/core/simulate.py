@@ -45,6 +45,8 @@ def simulate(sets: list[list[np.ndarray]], store: FlashStore | str, policy: Poli
     with `policy.pinned` rows, `hot`'s top neurons are pinned (read once, before the first token)."""
     st = store if isinstance(store, FlashStore) else FlashStore.open(store)
     pinned = [np.isin(np.arange(st.ffn_dim), ids) for ids in pinned_ids(hot, policy.pinned, st.num_layers, st.ffn_dim)]
+    placed = [st.file_rows(layer, np.arange(st.ffn_dim)) if st.placement_path else None
+              for layer in range(st.num_layers)]  # each neuron's row on flash, when a placement moves them
     cap = plan_memory(st.memory_shape(), policy.memory_budget, policy.window, predictor_bytes,
                       policy.pinned).capacity_rows
     if policy.window == 0:
@@ -61,7 +63,7 @@ def simulate(sets: list[list[np.ndarray]], store: FlashStore | str, policy: Poli
                 hot_ids, rest = ids[pinned[layer][ids]], ids[~pinned[layer][ids]]
                 extra = _prefetch(reader, windows[layer], layer, guesses[layer][~pinned[layer][guesses[layer]]],
                                   st.neuron_bytes) if layer in guesses else (0, 0, 0)
-                for part in split_predicted(rest, cap):  # as the engine does
+                for part in split_predicted(rest, cap, placed[layer]):  # as the engine does
                     plan = windows[layer].plan(part)
                     req = reader.request_sizes(layer, plan.loaded)
                     windows[layer].advance(plan)

@@ -29,16 +29,20 @@ def sorted_unique(ids) -> np.ndarray:
     return ids
 
 
-def split_predicted(predicted: np.ndarray, capacity: int) -> list[np.ndarray]:
+def split_predicted(predicted: np.ndarray, capacity: int, file_rows: np.ndarray | None = None) -> list[np.ndarray]:
     """A token's neuron ids in parts of at most `capacity`: one part when they fit the rows.
 
     A token that needs more neurons than a layer's rows hold is served part by part (each part
     planned, read and computed in turn, the outputs summed); its window then covers fewer tokens.
+    The parts follow the neurons' order on flash (`file_rows`: each neuron's row, when a placement
+    moves them), so that each part's reads stay as contiguous as the whole set's.
     """
     predicted = sorted_unique(predicted)
     if predicted.size <= capacity:
         return [predicted]
-    return np.array_split(predicted, -(-predicted.size // capacity))
+    if file_rows is not None:
+        predicted = predicted[np.argsort(file_rows[predicted], kind="stable")]
+    return [np.sort(p) for p in np.array_split(predicted, -(-predicted.size // capacity))]
 
 
 @dataclass
