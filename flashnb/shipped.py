@@ -10,6 +10,7 @@ import torch
 
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.pinning import HotNeurons
+from flashnb.core.placement import load_placement
 from flashnb.core.predictor import LowRankPredictors, load_predictors
 from flashnb.core.store import FlashStore
 from flashnb.core.thresholds import FILE as THRESHOLDS_FILE, Thresholds, load_thresholds
@@ -41,12 +42,15 @@ class Shipped:
         """The whole model in DRAM (flashnb's plain-PyTorch model)."""
         return load_model(self.folder, dtype)
 
-    def store(self, folder: str | Path, layout: str = "bundled") -> FlashStore:
-        """The model as a flash store in `folder`/`layout` (converted on first use, reused afterwards)."""
-        path = Path(folder) / layout
+    def store(self, folder: str | Path, layout: str = "bundled", placed: bool = False) -> FlashStore:
+        """The model as a flash store in `folder`/`layout` (converted on first use, reused afterwards); `placed`:
+        its neurons in the co-activation order beside the predictors (flashnb.core.placement), in
+        `folder`/`layout`-placed."""
+        path = Path(folder) / (layout + ("-placed" if placed else ""))
         path.parent.mkdir(parents=True, exist_ok=True)
         if not (path / "manifest.json").is_file():
-            convert(self.folder, path, ConvertConfig(layout=layout, progress=False))
+            placement = load_placement(self.predictors_folder) if placed else None
+            convert(self.folder, path, ConvertConfig(layout=layout, progress=False, placement=placement))
         return FlashStore.open(path)
 
 

@@ -111,17 +111,17 @@ def test_figures_and_slider(models):
     ex = B.SparsityExplorer(sw, stores, ids[:200], ids[200:265], window=2, context=64)
     box = sparsity_widget(ex, sparsity=0.5, sparsities=(0.3, 0.5))
     fig, label = box.children[2], box.children[1]
-    moved = [s for s in fig.layout.shapes if s.line.color == "#aaaaaa"]
+    moved = [s for s in fig.layout.shapes if s.line.color == V.CHOSEN]
     assert len(moved) == 3 and all(s.x0 == 0.5 for s in moved)
     before = label.value
     box.redraw({"new": 0.3})
-    assert all(s.x0 == 0.3 for s in fig.layout.shapes if s.line.color == "#aaaaaa") and label.value != before
+    assert all(s.x0 == 0.3 for s in fig.layout.shapes if s.line.color == V.CHOSEN) and label.value != before
     routes = [B.memory_route("a", stores["bundled"], 0.95, 2), B.memory_route("b", stores["gate-apart"], 0.5, 2)]
     assert len(V.memory_figure(routes).data) >= 3
     sets = B.route_sets(sw, ids[:20], thresholds=ex.thresholds("gate", 0.5))
     curve = B.reads_by_budget("gate", sets, stores["gate-apart"], 2, [0.95, 1.0])
     assert curve.budgets[0] == min_budget(stores["gate-apart"].memory_shape(), 2) and curve.budgets[-2:] == [0.95, 1.0]
-    assert V.budget_figure([curve], 0.95, 0.25).data[0].x == tuple(curve.budgets)
+    assert V.budget_figure([curve], 0.95).data[0].x == tuple(curve.budgets)
 
 
 def test_card_and_related_text_quote_their_sources():

@@ -169,3 +169,23 @@ def test_bad_placements_fail_in_one_line(placed, tmp_path):
         verify(copy, progress=False)
     with pytest.raises(FlashnbError, match="permutation"):
         FlashStore.open(copy).file_rows(0, np.array([1]))
+
+
+def test_placement_figure_draws_each_token_read_at_its_file_row():
+    from flashnb.viz.engine import placement_figure
+
+    sets = [np.array([1, 5]), np.array([2, 5, 6])]
+    position = np.array([7, 0, 1, 2, 3, 4, 5, 6])
+    fig = placement_figure(sets, 8, position)
+    original, placed = (np.array(t.z) for t in fig.data)
+    assert original[:, 1].nonzero()[0].tolist() == [2, 5, 6]
+    assert placed[:, 1].nonzero()[0].tolist() == [1, 4, 5]  # neurons 2, 5, 6 lie at rows 1, 4, 5
+
+
+def test_the_shipped_placement_makes_a_placed_store(tmp_path):
+    from flashnb.shipped import shipped
+
+    m = shipped()
+    st = m.store(tmp_path, placed=True)
+    assert st.path.name == "bundled-placed" and st.placement_path is not None
+    assert np.array_equal(st.file_order(0), load_placement(m.predictors_folder).order[0])

@@ -205,7 +205,7 @@ def test_the_helpers_build_every_figure_of_flashnb_viz():
     import inspect
 
     found = set()
-    for module in ("flash", "sparsity", "engine", "tour"):
+    for module in ("flash", "sparsity", "engine", "beyond", "tour"):
         mod = importlib.import_module(f"flashnb.viz.{module}")
         for name, f in inspect.getmembers(mod, inspect.isfunction):
             if f.__module__ == mod.__name__ and inspect.signature(f).return_annotation in ("go.Figure", go.Figure):

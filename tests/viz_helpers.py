@@ -16,7 +16,8 @@ FIGURE_FUNCTIONS = {
     "sparsity.sparsity_figure", "sparsity.activity_heatmap", "sparsity.reuse_figure", "sparsity.selection_figure",
     "sparsity.tradeoff_figure", "sparsity.friend_figure", "engine.window_figure", "engine.timeline_figure",
     "engine.window_animation_figure", "engine.memory_figure", "engine.byte_layout_figure", "engine.swap_figure",
-    "engine.layout_figure", "tour.data_moved_figure", "tour.time_breakdown_figure", "tour.breakdown_figure",
+    "engine.layout_figure", "engine.placement_figure", "beyond.activation_figure", "beyond.sparsity_figure",
+    "beyond.memory_figure", "beyond.budget_figure", "tour.data_moved_figure", "tour.time_breakdown_figure", "tour.breakdown_figure",
     "tour.ladder_figure", "tour.budget_figure", "tour.costs_figure", "tour.waterfall_figure", "tour.split_figure",
     "tour.sweep_figure",
 }
@@ -58,7 +59,7 @@ PAPER_WINDOW = {"window": 5, "ffn_loaded_predictor": 0.10, "ffn_loaded_window": 
 
 
 def style_figures() -> dict:
-    """name -> go.Figure for every figure of flashnb.viz.flash, .sparsity and .engine."""
+    """name -> go.Figure for every figure of flashnb.viz.flash, .sparsity, .engine and .beyond."""
     from flashnb.core.records import LayerStep, TokenStep
     from flashnb.device.profile import Profile
     from flashnb.lab.bundling import layout_summary
@@ -99,7 +100,31 @@ def style_figures() -> dict:
         "engine.swap": ve.swap_figure(swap_with_last_steps()),
         "engine.memory": ve.memory_figure([MemoryTiming(1, 1e-5, 3e-5), MemoryTiming(4, 2e-5, 9e-5)]),
         "engine.layout": ve.layout_figure(layout_summary(steps)),
+        "engine.placement": ve.placement_figure([np.array([1, 5]), np.array([2, 5, 6])], 8,
+                                                np.array([7, 0, 1, 2, 3, 4, 5, 6])),
+        **beyond_figures(),
     }
+
+
+def beyond_figures() -> dict:
+    """Notebook 08's figures from made-up numbers shaped like flashnb.lab.beyond_relu's results."""
+    from flashnb.lab.beyond_relu import ActivationHistogram, BudgetReads, MemoryRoute, SparsityPoint
+    from flashnb.training.quality import Quality
+    from flashnb.viz import beyond as vb
+
+    edges = np.linspace(-3, 1, 9)
+    h = ActivationHistogram(edges, {"ReLU model": np.full(8, 0.005), "SwiGLU model": np.full(8, 0.125)},
+                            {"ReLU model": 0.96, "SwiGLU model": 0.0}, 64)
+    curves = {c: [SparsityPoint(c, s, s, Quality(100, 4.0, 4.0 + s / 20, 1 - s / 5), s / 10, 4) for s in (0.3, 0.5)]
+              for c in ("gate", "scaled-gate", "product")}
+    routes = [MemoryRoute("ReLU model, predictors", 100, 50, 30, 0, 5, 15, 100, 0.4),
+              MemoryRoute("SwiGLU, gate in DRAM", 100, 50, 36, 21, 0, 0, 0, 0.574)]
+    reads = [BudgetReads("ReLU model, predictors", 4, [0.45, 0.5, 1.0], [0.06, 0.05, 0.02]),
+             BudgetReads("SwiGLU, gate in DRAM", 4, [0.6, 1.0], [0.34, 0.02])]
+    return {"beyond.activation": vb.activation_figure(h, {"threshold": 0.25}),
+            "beyond.sparsity": vb.sparsity_figure(curves, 0.5),
+            "beyond.memory": vb.memory_figure(routes),
+            "beyond.budget": vb.budget_figure(reads, 0.5)}
 
 
 def tour_figures() -> dict:

@@ -15,6 +15,7 @@ from flashnb.viz import style as S
 CRITERION_COLORS = {"gate": "#e69f00", "scaled-gate": "#009e73", "product": "#0072b2"}
 MODEL_COLORS = ("#0072b2", "#d55e00")  # the ReLU model, the SwiGLU model
 ROUTE_COLORS = ("#0072b2", "#d55e00", "#cc79a7", "#009e73")  # ReLU; SwiGLU gate in DRAM; gate on flash
+REFERENCE, CHOSEN = S.TECHNIQUE_COLORS["floor"], S.COMPONENT_COLORS["compute"]  # target lines; the slider's line
 MEMORY_PARTS = (("other_bytes", "embeddings, attention, norms", "#999999"),
                 ("gate_bytes", "gate matrices", "#d55e00"),
                 ("predictor_bytes", "predictors", "#e69f00"),
@@ -31,22 +32,21 @@ def activation_figure(h: ActivationHistogram, thresholds: dict[str, float] | Non
         fig.add_trace(go.Scatter(x=x, y=y, name=S.label(f"{name}: {h.zero[name]:.1%} exactly 0", "measured"),
                                  **S.scatter(name, "measured", c, mode="lines")))
     for text, v in (thresholds or {}).items():
-        fig.add_vline(x=v, line_dash="dot", line_color="#444", annotation_text=text, annotation_position="bottom right",
-                      annotation_font_size=10)
+        text = text if S.SOURCE_WORDS.search(text) else f"{text} (measured)"
+        fig.add_vline(x=v, line_dash="solid", line_width=1, line_color=REFERENCE, annotation_text=text,
+                      annotation_position="bottom right", annotation_font_size=10)
         fig.layout.annotations[-1].x = math.log10(v)  # plotly places a log axis' annotation at 10**x
     S.layout(fig, f"How small are the activations that decide a neuron? Every layer, {h.tokens} tokens (measured)",
-             x=("|activation| at most", None), y=("share of activations", None), height=400)
-    fig.update_xaxes(type="log", exponentformat="power")
+             x=("|activation| at most", "value after ReLU or SiLU"), y=("share of activations", "%"), height=400)
+    fig.update_xaxes(type="log")
     fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
-    return fig
+    return S.label_log_axes(fig)
 
 
-def sparsity_figure(curves: dict[str, list[SparsityPoint]], chosen: float | None = None,
-                    targets: dict | None = None) -> go.Figure:
+def sparsity_figure(curves: dict[str, list[SparsityPoint]], chosen: float | None = None) -> go.Figure:
     """Perplexity increase, top-1 agreement and the FFN read per token by target sparsity, one line per
-    criterion (measured; reads simulated from the thresholded model's own neuron sets), the targets
-    dashed, the chosen sparsity as a grey line."""
-    targets = targets or {}
+    criterion (measured; reads simulated from the thresholded model's own neuron sets), the chosen
+    sparsity as a grey line."""
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.09,
                         subplot_titles=("perplexity vs dense", "top-1 agreement with dense",
                                         "read per token (ample DRAM)"))
@@ -61,22 +61,16 @@ def sparsity_figure(curves: dict[str, list[SparsityPoint]], chosen: float | None
             fig.add_trace(go.Scatter(x=x, y=y, name=S.label(CRITERION_LABELS[crit], source, via),
                                      legendgroup=crit + source, showlegend=col != 2,
                                      **S.scatter(crit, source, c)), row=1, col=col)
-    for col, key, text, where in ((1, "perplexity_increase_max", "target +{:.0%}", "top left"),
-                                  (2, "top1_agreement_min", "target {:.0%}", "top right"),
-                                  (3, "read_share_max", "target {:.0%}", "top left")):
-        if key in targets:
-            fig.add_hline(y=targets[key], line_dash="dash", line_color="#444", row=1, col=col,
-                          annotation_text=text.format(targets[key]), annotation_position=where,
-                          annotation_font_size=10)
     if chosen is not None:
         for col in (1, 2, 3):
-            fig.add_vline(x=chosen, line_color="#aaaaaa", line_width=3, opacity=0.6, row=1, col=col)
-    S.layout(fig, f"What a target sparsity costs the SwiGLU model (held-out; reads with a window of {window})",
+            fig.add_vline(x=chosen, line_color=CHOSEN, line_dash="solid", line_width=3, opacity=0.6, row=1, col=col)
+    S.layout(fig, f"What a target sparsity costs the SwiGLU model (held-out, measured; reads simulated, window {window})",
              height=420)
-    fig.update_xaxes(title_text=S.axis_title("target sparsity", None), tickformat=".0%")
-    fig.update_yaxes(tickformat="+.0%", row=1, col=1)
-    fig.update_yaxes(tickformat=".0%", row=1, col=2)
-    fig.update_yaxes(tickformat=".0%", rangemode="tozero", row=1, col=3)
+    fig.update_xaxes(title_text=S.axis_title("target sparsity", "% of neurons"), tickformat=".0%")
+    fig.update_yaxes(tickformat="+.0%", title_text=S.axis_title("perplexity", "% above dense"), row=1, col=1)
+    fig.update_yaxes(tickformat=".0%", title_text=S.axis_title("top-1 agreement", "% of positions"), row=1, col=2)
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero", title_text=S.axis_title("read", "% of the FFN's bytes"),
+                     row=1, col=3)
     return fig
 
 
@@ -84,7 +78,7 @@ def move_chosen(fig, chosen: float) -> None:
     """Move the chosen-sparsity lines of `sparsity_figure` (a FigureWidget) to `chosen`."""
     for shape in fig.layout.shapes:
         if shape.type == "line" and shape.xref and shape.xref.startswith("x") and shape.x0 == shape.x1 \
-                and shape.line.color == "#aaaaaa":
+                and shape.line.color == CHOSEN:
             shape.x0 = shape.x1 = chosen
 
 
@@ -96,23 +90,23 @@ def memory_figure(routes: list[MemoryRoute]) -> go.Figure:
     for attr, label, c in MEMORY_PARTS:
         mb = [getattr(r, attr) / 1e6 for r in routes]
         if any(mb):
-            fig.add_trace(go.Bar(y=names, x=mb, orientation="h", name=label,
+            fig.add_trace(go.Bar(y=names, x=mb, orientation="h", name=S.label(label, "measured"),
                                  **S.bar(label, "measured", c)))
     fig.add_trace(go.Scatter(y=names, x=[r.min_budget * r.model_bytes / 1e6 for r in routes], mode="markers",
-                             name="smallest budget it runs in",
-                             marker=dict(symbol="line-ns", size=18, line=dict(color="#000000", width=3))))
+                             name=S.label("smallest budget it runs in", "measured"),
+                             marker=dict(symbol="circle", size=11, color="#000000")))
     budget = routes[0].budget_bytes / routes[0].model_bytes
     fig.add_trace(go.Scatter(y=names, x=[r.budget_bytes / 1e6 for r in routes], mode="markers",
-                             name=f"the budget: {budget:.0%} of the model",
-                             marker=dict(symbol="line-ns", size=30, line=dict(color="#d62728", width=3))))
-    S.layout(fig, f"Where {budget:.0%} of each model's bytes go (from the stores' shapes)",
-             x=("DRAM for weights", "MB"), height=330, barmode="stack")
+                             name=S.label(f"the budget: {budget:.0%} of the model", "measured"),
+                             marker=dict(symbol="circle", size=11, color=S.PAPER, line=dict(color="white", width=1))))
+    S.layout(fig, f"Where {budget:.0%} of each model's bytes go (the engine's memory plan, measured)",
+             x=("DRAM for weights", "MB"), y=("way of running", None), height=330, barmode="stack")
     fig.update_yaxes(autorange="reversed")
     return fig
 
 
 
-def budget_figure(curves: list[BudgetReads], budget: float | None = None, target: float | None = None) -> go.Figure:
+def budget_figure(curves: list[BudgetReads], budget: float | None = None) -> go.Figure:
     """Bytes read per token (share of each model's FFN) by memory budget, one line per way of running a
     model (simulated on its neuron sets; a line starts at the smallest budget it runs in)."""
     fig = go.Figure()
@@ -120,13 +114,11 @@ def budget_figure(curves: list[BudgetReads], budget: float | None = None, target
         fig.add_trace(go.Scatter(x=curve.budgets, y=curve.read_share, name=S.label(curve.name, "modeled", S.SIMULATE),
                                  **S.scatter(curve.name, "modeled", c)))
     if budget is not None:
-        fig.add_vline(x=budget, line_color="#aaaaaa", line_width=3, opacity=0.6, annotation_text=f"MEMORY {budget:.0%}",
-                      annotation_position="top right", annotation_font_size=10)
-    if target is not None:
-        fig.add_hline(y=target, line_dash="dash", line_color="#444", annotation_text=f"target {target:.0%}",
-                      annotation_position="top right", annotation_font_size=10)
+        fig.add_vline(x=budget, line_color=CHOSEN, line_dash="dash", line_width=3, opacity=0.6,
+                      annotation_text=f"MEMORY {budget:.0%} (modeled)", annotation_position="top right",
+                      annotation_font_size=10)
     window = curves[0].window
-    S.layout(fig, f"What each token reads from flash as DRAM grows (window {window}, held-out tokens)",
+    S.layout(fig, f"What each token reads from flash as DRAM grows (modeled: simulate, window {window}, held-out)",
              x=("memory budget", "share of the model's bytes"), y=("read per token", "share of the FFN's bytes"),
              height=420)
     fig.update_xaxes(tickformat=".0%")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import html
 
+import numpy as np
+
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -231,9 +233,9 @@ def swap_figure(snapshots) -> go.Figure:
 
 # -- notebook 04: bundled vs unbundled -----------------------------------------------------------
 
-def layout_figure(summary: dict) -> go.Figure:
-    """Requests per token, mean request size and I/O ms per token, bundled vs unbundled (measured),
-    each layout in its colour."""
+def layout_figure(summary: dict, title: str = "Bundled vs unbundled store, same tokens") -> go.Figure:
+    """Requests per token, mean request size and I/O ms per token, one bar per store (measured), each layout
+    in its colour."""
     names = list(summary)
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.1,
                         subplot_titles=("requests per token", "mean request size", "I/O per token"))
@@ -247,10 +249,31 @@ def layout_figure(summary: dict) -> go.Figure:
                              textposition="inside", insidetextanchor="start", textfont=dict(color="white"),
                              **kw,   # the label at the bar's foot, clear of the whisker at its top
                              error_y=S.whiskers([v.io_ms], [runs])), 1, 3)
-    S.layout(fig, "Bundled vs unbundled store, same tokens (measured, direct I/O; whiskers: runs' range)",
+    S.layout(fig, f"{title} (measured, direct I/O; whiskers: runs' range)",
              height=380)
     for col, (q, unit) in enumerate((("requests", "count per token"), ("request size", "KiB"),
                                      ("I/O per token", "ms")), start=1):
         fig.update_yaxes(title_text=S.axis_title(q, unit), row=1, col=col)
         fig.update_xaxes(title_text="store layout", row=1, col=col)
+    return fig
+
+
+def placement_figure(sets: list[np.ndarray], ffn_dim: int, position: np.ndarray, tokens: int = 64) -> go.Figure:
+    """Which rows of one layer's file a run of tokens reads (filled), rows on the y axis in file order: left
+    the original order (neuron i at row i), right the co-activation order (`position[i]`: neuron i's row)."""
+    sets = sets[:tokens]
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=("original order: neuron i at row i", "co-activation order"))
+    for col, pos in ((1, np.arange(ffn_dim)), (2, position)):
+        z = np.zeros((ffn_dim, len(sets)), np.uint8)
+        for t, ids in enumerate(sets):
+            z[pos[ids], t] = 1
+        layout = "co-activation" if col == 2 else "bundled"
+        fig.add_trace(go.Heatmap(z=z, colorscale=[[0, "white"], [1, S.color(layout)]], showscale=False,
+                                 name=S.label(f"read, {layout} store", "measured"),
+                                 hovertemplate="token %{x}<br>file row %{y}<br>read %{z} (measured)<extra></extra>"),
+                      1, col)
+    S.layout(fig, "Where one layer's reads fall in the file, token by token (measured sets; filled = read)",
+             x=("token", "position in the text"), y=("file row", "neuron slot in the layer's region"), height=520)
+    fig.update_yaxes(autorange="reversed")
     return fig

@@ -23,6 +23,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 SOURCES = ("measured", "modeled", "paper")
+SOURCE_WORDS = re.compile(r"\b(measured|modeled|paper)\b")  # a text that already names its source
 
 # One colour per configuration of the paper's ladder and per peer (colour-blind-safe Okabe-Ito order).
 TECHNIQUE_COLORS: dict[str, str] = {
@@ -51,7 +52,8 @@ TECHNIQUE_ALIASES: dict[str, str] = {
     "mmap streaming": "mmap",
 }
 # Store layouts share the colours of the techniques they stand for.
-LAYOUT_COLORS: dict[str, str] = {"bundled": TECHNIQUE_COLORS["all"], "unbundled": TECHNIQUE_COLORS["predictor"]}
+LAYOUT_COLORS: dict[str, str] = {"bundled": TECHNIQUE_COLORS["all"], "unbundled": TECHNIQUE_COLORS["predictor"],
+                                 "co-activation": "#882255"}  # bundled, neurons in co-activation order
 
 # Latency components (stacked bars).
 COMPONENT_COLORS: dict[str, str] = {"io": "#56b4e9", "mm": "#f0e442", "compute": "#999999"}

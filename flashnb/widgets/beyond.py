@@ -12,7 +12,7 @@ SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7)  # the slider's stops (and the curves' po
 
 
 def sparsity_widget(explorer: SparsityExplorer, criteria=("gate", "scaled-gate", "product"), sparsity: float = 0.5,
-                    sparsities=SPARSITIES, targets: dict | None = None):
+                    sparsities=SPARSITIES):
     """A slider over target sparsities that moves the chosen line of the three-panel figure and redraws the
     sentence (each stop measured once, when first needed): an ipywidgets VBox (slider, HTML, FigureWidget)
     with `.redraw(change)` for scripted use."""
@@ -21,7 +21,7 @@ def sparsity_widget(explorer: SparsityExplorer, criteria=("gate", "scaled-gate",
 
     stops = sorted(set(sparsities) | {round(float(sparsity), 2)})
     curves = {c: explorer.curve(c, stops) for c in criteria}
-    fig = go.FigureWidget(sparsity_figure(curves, sparsity, targets))
+    fig = go.FigureWidget(sparsity_figure(curves, sparsity))
     label = w.HTML(f"<pre>{html.escape(sparsity_text([explorer.measure(c, sparsity) for c in criteria]))}</pre>")
     slider = w.SelectionSlider(options=[(f"{s:.0%}", s) for s in stops], value=round(float(sparsity), 2),
                                description="sparsity", continuous_update=False)
