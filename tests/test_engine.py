@@ -10,7 +10,7 @@ from flashnb import FlashnbError
 from flashnb.bench.baselines import AccelerateOffload, HybridEngine, MmapEngine
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
-from flashnb.core.generate import generate
+from flashnb.core.generate import generate, greedy_with_logits
 from flashnb.core.memory import ROW_BOOKKEEPING
 from flashnb.core.pinning import HotNeurons
 from flashnb.core.predictor import AllNeurons, LowRankPredictor, LowRankPredictors, OraclePredictor
@@ -38,18 +38,6 @@ def tiny(request, tmp_path_factory):
 
 def oracle(store):
     return OraclePredictor(store.load_model())
-
-
-def greedy_with_logits(eng, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy generation on the engine, one step per token, keeping the logits of every position."""
-    kv = eng.model.new_cache(1, len(prompt) + n)
-    logits = [eng.step(t, kv) for t in prompt]
-    out = []
-    for _ in range(n):
-        out.append(int(torch.argmax(logits[-1])))
-        if len(out) < n:
-            logits.append(eng.step(out[-1], kv))
-    return out, torch.stack(logits)
 
 
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])

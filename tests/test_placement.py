@@ -12,7 +12,7 @@ from flashnb import FlashnbError
 from flashnb.bench.baselines import MmapEngine
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
-from flashnb.core.generate import generate
+from flashnb.core.generate import generate, greedy_with_logits
 from flashnb.core.placement import Placement, coactivation_order, load_placement
 from flashnb.core.predictor import OraclePredictor
 from flashnb.core.reader import NeuronReader
@@ -24,7 +24,7 @@ from flashnb.models.fingerprint import model_fingerprint
 from flashnb.training.traces import record
 
 from conftest import make_tiny_llama, make_tiny_opt
-from test_engine import PROMPT, greedy_with_logits
+from test_engine import PROMPT
 
 FFN = 64
 

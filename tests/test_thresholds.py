@@ -10,7 +10,7 @@ import torch
 from flashnb import FlashnbError
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
-from flashnb.core.generate import generate
+from flashnb.core.generate import generate, greedy_with_logits
 from flashnb.core.predictor import AllNeurons, LowRankPredictor, LowRankPredictors, OraclePredictor
 from flashnb.core.store import FlashStore
 from flashnb.core.thresholds import Fires, GateThresholds, apply_thresholds, calibrate, load_thresholds
@@ -20,7 +20,7 @@ from flashnb.models.fingerprint import model_fingerprint
 from flashnb.training.quality import restricted_ffns
 
 from conftest import make_tiny_llama, make_tiny_opt
-from test_engine import PROMPT, greedy_with_logits
+from test_engine import PROMPT
 
 D, FFN, LAYERS = 32, 64, 2
 

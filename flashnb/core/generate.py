@@ -133,3 +133,18 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
     check_context(prompt_ids, max_new_tokens, model.config)
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
     return decode(lambda ids: model(torch.tensor([ids]), cache)[0, -1], prompt_ids, max_new_tokens, sampling, eos_id)
+
+
+@torch.no_grad()
+def greedy_with_logits(loop, prompt_ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """`n` greedy tokens from a TokenLoop (flashnb.core.engine: the engine or a baseline), one step per token,
+    and the logits of every position it ran [len(prompt_ids) + n - 1, vocab]: what a reference model's
+    logits over prompt + tokens[:-1] are compared with."""
+    kv = loop.model.new_cache(1, len(prompt_ids) + n)
+    logits = [loop.step(t, kv) for t in prompt_ids]
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(torch.argmax(logits[-1])))
+        if len(out) < n:
+            logits.append(loop.step(out[-1], kv))
+    return out, torch.stack(logits)

@@ -280,22 +280,16 @@ def engine_check(name: str, store, predictor, policy: Policy, prompt: list[int],
     """Generate `n` greedy tokens from `prompt` with the flash engine and compare every position's logits
     with `reference` (a model computing the same function densely) on the engine's own tokens."""
     from flashnb.core.engine import FlashEngine
-    from flashnb.core.generate import generate
+    from flashnb.core.generate import generate, greedy_with_logits
 
     with FlashEngine(store, predictor, policy, thresholds=thresholds) as eng:
-        kv = eng.model.new_cache(1, len(prompt) + n)
-        logits = [eng.step(t, kv) for t in prompt]
-        out = []
-        for _ in range(n):
-            out.append(int(torch.argmax(logits[-1])))
-            if len(out) < n:
-                logits.append(eng.step(out[-1], kv))
+        out, logits = greedy_with_logits(eng, prompt, n)
         steps, mem = eng.steps[len(prompt):], eng.memory
     ref = reference(torch.tensor([prompt + out[:-1]]))[0].float()
     expected = list(generate(reference, prompt, n))
     ffn_bytes = store.num_layers * store.ffn_dim * len(store.config.ffn_parts) * store.d_model * store.np_dtype.itemsize
     read = TokenStats.of(steps, store.num_layers * store.ffn_dim).bytes_read
-    return EngineCheck(name, out, out == expected, float((torch.stack(logits) - ref).abs().max()),
+    return EngineCheck(name, out, out == expected, float((logits - ref).abs().max()),
                        float(ref.abs().max()), mem.used_bytes, mem.model_bytes, read / ffn_bytes)
 
 
