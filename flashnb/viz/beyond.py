@@ -19,7 +19,7 @@ REFERENCE, CHOSEN = S.TECHNIQUE_COLORS["floor"], S.COMPONENT_COLORS["compute"]  
 MEMORY_PARTS = (("other_bytes", "embeddings, attention, norms", "#999999"),
                 ("gate_bytes", "gate matrices", "#d55e00"),
                 ("predictor_bytes", "predictors", "#e69f00"),
-                ("row_bytes", "window rows (neurons read from flash)", "#009e73"))
+                ("row_bytes", "window rows for neurons read from flash", "#009e73"))
 
 
 def activation_figure(h: ActivationHistogram, thresholds: dict[str, float] | None = None) -> go.Figure:
@@ -100,7 +100,7 @@ def memory_figure(routes: list[MemoryRoute]) -> go.Figure:
                              name=S.label(f"the budget: {budget:.0%} of the model", "measured"),
                              marker=dict(symbol="circle", size=11, color=S.PAPER, line=dict(color="white", width=1))))
     S.layout(fig, f"Where {budget:.0%} of each model's bytes go (the engine's memory plan, measured)",
-             x=("DRAM for weights", "MB"), y=("way of running", None), height=330, barmode="stack")
+             x=("DRAM for weights", "MB"), y=("way of running", None), height=430, barmode="stack")
     fig.update_yaxes(autorange="reversed")
     return fig
 
@@ -114,9 +114,9 @@ def budget_figure(curves: list[BudgetReads], budget: float | None = None) -> go.
         fig.add_trace(go.Scatter(x=curve.budgets, y=curve.read_share, name=S.label(curve.name, "modeled", S.SIMULATE),
                                  **S.scatter(curve.name, "modeled", c)))
     if budget is not None:
-        fig.add_vline(x=budget, line_color=CHOSEN, line_dash="dash", line_width=3, opacity=0.6,
-                      annotation_text=f"MEMORY {budget:.0%} (modeled)", annotation_position="top right",
-                      annotation_font_size=10)
+        fig.add_vline(x=budget, line_color=CHOSEN, line_dash="dash", line_width=1.5, opacity=0.7,
+                      annotation_text=f"MEMORY {budget:.0%}, the budget of the modeled runs",
+                      annotation_position="top right", annotation_font_size=10)
     window = curves[0].window
     S.layout(fig, f"What each token reads from flash as DRAM grows (modeled: simulate, window {window}, held-out)",
              x=("memory budget", "share of the model's bytes"), y=("read per token", "share of the FFN's bytes"),

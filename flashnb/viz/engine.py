@@ -258,10 +258,13 @@ def layout_figure(summary: dict, title: str = "Bundled vs unbundled store, same 
     return fig
 
 
-def placement_figure(sets: list[np.ndarray], ffn_dim: int, position: np.ndarray, tokens: int = 64) -> go.Figure:
-    """Which rows of one layer's file a run of tokens reads (filled), rows on the y axis in file order: left
-    the original order (neuron i at row i), right the co-activation order (`position[i]`: neuron i's row)."""
+def placement_figure(sets: list[np.ndarray], ffn_dim: int, position: np.ndarray, tokens: int = 64,
+                     rows: int | None = None) -> go.Figure:
+    """Which rows of one layer's file a run of tokens reads (filled), rows on the y axis in file order (the
+    first `rows` of them, default all): left the original order (neuron i at row i), right the co-activation
+    order (`position[i]`: neuron i's row)."""
     sets = sets[:tokens]
+    rows = rows or ffn_dim
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=("original order: neuron i at row i", "co-activation order"))
     for col, pos in ((1, np.arange(ffn_dim)), (2, position)):
@@ -269,11 +272,11 @@ def placement_figure(sets: list[np.ndarray], ffn_dim: int, position: np.ndarray,
         for t, ids in enumerate(sets):
             z[pos[ids], t] = 1
         layout = "co-activation" if col == 2 else "bundled"
-        fig.add_trace(go.Heatmap(z=z, colorscale=[[0, "white"], [1, S.color(layout)]], showscale=False,
+        fig.add_trace(go.Heatmap(z=z[:rows], colorscale=[[0, "white"], [1, S.color(layout)]], showscale=False,
                                  name=S.label(f"read, {layout} store", "measured"),
                                  hovertemplate="token %{x}<br>file row %{y}<br>read %{z} (measured)<extra></extra>"),
                       1, col)
-    S.layout(fig, "Where one layer's reads fall in the file, token by token (measured sets; filled = read)",
+    S.layout(fig, f"Where one layer's reads fall in its first {rows} file rows, token by token (measured sets)",
              x=("token", "position in the text"), y=("file row", "neuron slot in the layer's region"), height=520)
     fig.update_yaxes(autorange="reversed")
     return fig
