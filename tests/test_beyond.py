@@ -120,7 +120,7 @@ def test_figures_and_slider(models):
     assert len(V.memory_figure(routes).data) >= 3
     sets = B.route_sets(sw, ids[:20], thresholds=ex.thresholds("gate", 0.5))
     curve = B.reads_by_budget("gate", sets, stores["gate-apart"], 2, [0.95, 1.0])
-    assert curve.budgets[0] == min_budget(stores["gate-apart"].memory_shape(), 2) and curve.budgets[-2:] == [0.95, 1.0]
+    assert curve.budgets == [0.95, 1.0]
     assert V.budget_figure([curve], 0.95).data[0].x == tuple(curve.budgets)
 
 

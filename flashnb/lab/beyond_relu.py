@@ -222,15 +222,15 @@ class BudgetReads:
 
 def reads_by_budget(name: str, sets: list[list[np.ndarray]], store, window: int, budgets,
                     predictor_bytes: int = 0, ffn_parts: int | None = None) -> BudgetReads:
-    """Simulate `sets[token][layer]` on `store` at each budget and at the smallest it runs in (those it does
-    not fit in are left out).
+    """Simulate `sets[token][layer]` on `store` at each budget (those it does not fit in are left out; at the
+    smallest one it fits in, one row per layer, every token would be served neuron by neuron).
     The share is of the whole FFN (`ffn_parts` matrices of d_model x ffn_dim per layer; default the
     model's own: 3 for a gated FFN, 2 for OPT), so a gate kept in DRAM counts as never read."""
     parts = ffn_parts or len(store.config.ffn_parts)
     ffn_bytes = store.num_layers * store.ffn_dim * parts * store.d_model * store.np_dtype.itemsize
     shape, kept, shares = store.memory_shape(), [], []
     least = min_budget(shape, window, predictor_bytes)
-    for b in sorted({float(b) for b in budgets if b >= least} | ({least} if least <= max(budgets) else set())):
+    for b in sorted({float(b) for b in budgets if b >= least}):
         steps = simulate(sets, store, Policy(window, float(b)), predictor_bytes)
         kept.append(float(b))
         shares.append(TokenStats.of(steps, store.num_layers * store.ffn_dim).bytes_read / ffn_bytes)
