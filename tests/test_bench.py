@@ -88,10 +88,11 @@ def test_configurations_without_their_files_are_skipped_with_the_fix(tmp_path):
     (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
     cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=2, memory=1.0,
                       in_flight=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"), progress=False,
-                      configs=("all", "pinned", "lookahead"))
+                      configs=("all", "pinned", "lookahead", "placed"))
     result = run_bench(cfg)
     assert list(result.results) == ["all"]
     assert "--hot-neurons-only" in result.skipped["pinned"] and "--lookahead" in result.skipped["lookahead"]
+    assert "--placement-only" in result.skipped["placed"]
     assert "skipped: no" in format_table(result)
 
 
@@ -217,3 +218,33 @@ def test_byte_layout_shows_the_readers_own_requests(tmp_path):
         sizes = reader.request_sizes(0, ids[:3])
     assert sum(n for _, n in slices[0].requests) == int(sizes.sum())  # the reader's own plan, in the slice
     assert len(slices[1].requests) + len(slices[2].requests) == 2 * len(slices[0].requests)   # twice the reads
+
+
+def test_the_placed_configuration_reads_the_same_neurons_in_fewer_requests(tmp_path):
+    """`--configs all,placed`: the same predictors and policy on a store in the co-activation order learned
+    from the predictors' own selections: the same tokens and neurons, fewer requests."""
+    from flashnb.core.placement import Placement
+    from flashnb.core.predictor import load_predictors
+    from flashnb.core.simulate import sets_from_trace
+    from flashnb.models.checkpoint import load_model
+    from flashnb.training.traces import record
+
+    folder = make_tiny_opt(tmp_path / "hf")
+    preds = tiny_predictors(folder, tmp_path / "preds")
+    model = load_model(folder)
+    sets = sets_from_trace(record(model, np.random.default_rng(0).integers(3, 300, 200)), load_predictors(preds))
+    masks = [np.zeros((len(sets), 64), bool) for _ in range(model.config.num_hidden_layers)]
+    for t, token in enumerate(sets):
+        for layer, ids in enumerate(token):
+            masks[layer][t, ids] = True
+    Placement.learn(masks, load_predictors(preds).fingerprint, "test").save(preds)
+    (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
+    cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=8, memory=1.0,
+                      in_flight=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"), progress=False,
+                      configs=("all", "placed"))
+    result = run_bench(cfg)
+    a, p = result.results["all"], result.results["placed"]
+    assert a.text == p.text and a.stats.predicted == p.stats.predicted   # the same tokens, the same neurons
+    assert p.stats.loaded == pytest.approx(a.stats.loaded, rel=0.05)     # (a token split in parts, in file order,
+    assert p.stats.requests <= a.stats.requests                          # keeps a few other neurons in its window)
+    assert "co-activation order" in format_table(result)

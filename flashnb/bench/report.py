@@ -11,10 +11,10 @@ from flashnb.text import wrap
 
 LABELS = {"naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
           "all": "+bundling (all)", "pinned": "all + hot pinned",
-          "lookahead": "all + lookahead",
+          "lookahead": "all + lookahead", "placed": "all, co-activation order",
           "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
           "dense": "dense in DRAM", "floor": "floor (FFN in DRAM, no reads)", "naive_model": "naive (whole model)"}
-SPARSE = ("predictor", "windowing", "all", "pinned", "lookahead", "floor")  # the configurations that use predictors
+SPARSE = ("predictor", "windowing", "all", "pinned", "lookahead", "placed", "floor")  # the configurations that use predictors
 
 
 @dataclass

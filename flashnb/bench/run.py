@@ -46,6 +46,7 @@ from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.generate import SamplingConfig
 from flashnb.core.pinning import HOT_FILE, HotNeurons
+from flashnb.core.placement import FILE as PLACEMENT_FILE, load_placement
 from flashnb.core.predictor import AllNeurons, load_predictors
 from flashnb.core.simulate import choose_pinned
 from flashnb.core.store import FlashStore
@@ -60,7 +61,8 @@ from flashnb.paths import data_dir, shipped_model_dir, temporary_folder
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "mmap", "accelerate", "dense",
            "floor")
-ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all", "pinned", "lookahead")  # the flash engine under different policies
+OPT_IN = ("placed",)  # run only when asked for (--configs): all, on a store in the co-activation order
+ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all", "pinned", "lookahead", "placed")  # the flash engine
 
 
 @dataclass
@@ -112,8 +114,11 @@ def engine_setup(name: str, window: int, memory: float | int, in_flight: int, ga
                  pinned: int = 0) -> tuple[str, Policy]:
     """(store layout, Policy) of an engine configuration: naive reads every neuron of the bundled
     store; +predictor and +windowing read predicted neurons from the unbundled store (the latter
-    keeping a window); all = +windowing on the bundled store; pinned = all with `pinned` rows per layer."""
+    keeping a window); all = +windowing on the bundled store; pinned = all with `pinned` rows per layer;
+    placed = all on the bundled store in the co-activation order (flashnb.core.placement)."""
     layout = "bundled" if name in ("naive", "all", "pinned", "lookahead") else "unbundled"
+    if name == "placed":
+        return "placed", Policy(window, memory, in_flight, gap_bytes)
     keep = 0 if name in ("naive", "predictor") else window
     return layout, Policy(keep, memory, in_flight, gap_bytes, pinned if name == "pinned" else 0)
 
@@ -154,6 +159,8 @@ def _extras(cfg: BenchConfig, pred_dir: Path, store: FlashStore, predictors, gap
                                              io_ms=lambda steps: steps_io_ms(device, steps, cfg.in_flight))
         else:
             missing["pinned"] = f"no {HOT_FILE} in {pred_dir.name}: flashnb train-predictors --hot-neurons-only writes it"
+    if "placed" in cfg.configs and not (pred_dir / PLACEMENT_FILE).is_file():
+        missing["placed"] = f"no {PLACEMENT_FILE} in {pred_dir.name}: flashnb train-predictors --placement-only writes it"
     if "lookahead" in cfg.configs:
         if (pred_dir / "lookahead" / "predictors.safetensors").is_file():
             extra["lookahead"] = load_predictors(pred_dir / "lookahead")
@@ -188,9 +195,9 @@ def _profile(cfg: BenchConfig, workroot: Path) -> tuple[Profile, str]:
 
 def run_bench(cfg: BenchConfig) -> BenchResult:
     """Run every configuration in `cfg.configs`, taking turns; returns the result (`.to_json()`)."""
-    unknown = set(cfg.configs) - set(CONFIGS)
+    unknown = set(cfg.configs) - set(CONFIGS) - set(OPT_IN)
     if unknown:
-        raise FlashnbError(f"unknown configurations {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+        raise FlashnbError(f"unknown configurations {sorted(unknown)}; choose from {', '.join(CONFIGS + OPT_IN)}")
     if cfg.tokens < 1:
         raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
     model_dir = Path(cfg.model) if cfg.model else shipped_model_dir()
@@ -212,6 +219,10 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     with temporary_folder("flashnb-bench-", workroot) as work:
         stores = {lay: FlashStore.open(convert(model_dir, Path(work) / lay, ConvertConfig(layout=lay, progress=False)))
                   for lay in ("bundled", "unbundled")}
+        placement = pred_dir / PLACEMENT_FILE
+        if "placed" in cfg.configs and placement.is_file():
+            stores["placed"] = FlashStore.open(convert(model_dir, Path(work) / "placed", ConvertConfig(
+                progress=False, placement=load_placement(placement))))
         predictors = load_predictors(pred_dir) if set(SPARSE) & set(cfg.configs) else None
         extra, missing = _extras(cfg, pred_dir, stores["bundled"], predictors, gap, device)
         with ExitStack() as stack:

@@ -37,12 +37,13 @@ TECHNIQUE_COLORS: dict[str, str] = {
     "dense": "#000000",        # black: the whole model in DRAM (the reference)
     "pinned": "#6a3d9a",       # purple: all + hot neurons pinned (PowerInfer's split)
     "lookahead": "#fb9a99",    # salmon: all + lookahead reads
+    "placed": "#882255",       # wine: all on a store in the co-activation order
     "floor": "#333333",        # near black: the FFN in DRAM, nothing read (the floor of a sparse token)
 }
 TECHNIQUE_LABELS: dict[str, str] = {
     "naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
     "all": "+bundling (all)", "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
-    "dense": "dense in DRAM", "pinned": "all + hot pinned", "lookahead": "all + lookahead",
+    "dense": "dense in DRAM", "pinned": "all + hot pinned", "lookahead": "all + lookahead", "placed": "all, co-activation order",
     "floor": "floor (FFN in DRAM, no reads)",
 }
 # Other spellings of the techniques (costmodel.paper_policies, flashnb bench, the paper's Table 2).
@@ -53,7 +54,7 @@ TECHNIQUE_ALIASES: dict[str, str] = {
 }
 # Store layouts share the colours of the techniques they stand for.
 LAYOUT_COLORS: dict[str, str] = {"bundled": TECHNIQUE_COLORS["all"], "unbundled": TECHNIQUE_COLORS["predictor"],
-                                 "co-activation": "#882255"}  # bundled, neurons in co-activation order
+                                 "co-activation": TECHNIQUE_COLORS["placed"]}  # bundled, co-activation order
 
 # Latency components (stacked bars).
 COMPONENT_COLORS: dict[str, str] = {"io": "#56b4e9", "mm": "#f0e442", "compute": "#999999"}
