@@ -62,9 +62,14 @@ def _generate_from_store(args) -> None:
 def cmd_demo(args) -> None:
     from pathlib import Path
 
-    from flashnb.paths import shipped_model_dir
+    from flashnb.paths import data_dir, shipped_model_dir
 
     folder = Path(args.model) if args.model else shipped_model_dir()
+    if args.model and not folder.exists() and (data_dir() / args.model / "config.json").is_file():
+        folder = data_dir() / args.model  # a shipped model by name, from anywhere
+    if args.model and not folder.is_dir():
+        raise FlashnbError(f"--model {args.model}: no such folder, nor the name of a model in {data_dir()}; pass a "
+                           "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
     _decode_threads()
     if args.dense:
         print(f"flashnb demo: {'the shipped model ' if not args.model else ''}{folder.name}, dense in DRAM\n",
@@ -214,8 +219,9 @@ def _add_run_commands(sub) -> None:
                                    "recent tokens and row-column bundles; prints the text and, per token, "
                                    "what was read and where the time went.")
     d.add_argument("--model", default=None,
-                   help="a Hugging Face model folder to run instead of the shipped model, e.g. data/flashnb-llama-11m "
-                        "(the SwiGLU model flashnb ships, run with its gate thresholds)")
+                   help="a Hugging Face model folder to run instead of the shipped model, or a shipped model's name: "
+                        "flashnb-llama-11m is the SwiGLU model flashnb ships (its predictors, or with --gate-in-dram "
+                        "its gate thresholds)")
     d.add_argument("--predictors", default=None,
                    help="its predictors folder: low-rank predictors, or a SwiGLU model's thresholds (default: "
                         "MODEL-predictors beside it)")

@@ -229,7 +229,7 @@ def test_demo_runs_the_shipped_swiglu_model_both_ways(capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("Return a new list containing")
     assert "50% of" in captured.err and "low-rank predictors" in captured.err and "bundled store" in captured.err
-    assert main(["demo", "--model", swiglu, "--gate-in-dram", "--memory", "0.65", "-n", "4", "--no-table"]) == 0
+    assert main(["demo", "--model", SWIGLU_MODEL, "--gate-in-dram", "--memory", "0.65", "-n", "4", "--no-table"]) == 0
     err = capsys.readouterr().err
     assert "gate thresholds and scaled-gate thresholds (50%)" in err and "gate-apart store" in err
     assert "the gate matrices stay in DRAM" in err
@@ -238,6 +238,7 @@ def test_demo_runs_the_shipped_swiglu_model_both_ways(capsys):
 @pytest.mark.parametrize("argv,words", [
     (["demo", "--model", "SWIGLU", "--gate-in-dram", "-n", "2"], "at least 0.574 of the model"),
     (["demo", "--gate-in-dram", "-n", "2"], "has no thresholds.safetensors and flashnb-opt-21m has no gate"),
+    (["demo", "--model", "no-such-model", "-n", "2"], "no such folder, nor the name of a model"),
     (["convert", "RELU", "STORE", "--layout", "gate-apart"], "this opt model's FFN has no gate"),
     (["train-predictors", "--model", "RELU", "--sparsity", "0.5", "--out", "OUT"],
      "thresholds are for SwiGLU models"),
