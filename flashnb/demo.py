@@ -18,7 +18,7 @@ from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.core.predictor import AllNeurons, OraclePredictor, load_predictors
 from flashnb.core.simulate import choose_pinned
 from flashnb.core.store import FlashStore
-from flashnb.core.thresholds import FILE as THRESHOLDS_FILE, GateThresholds, Thresholds, apply_thresholds, load_thresholds
+from flashnb.core.thresholds import FILE as THRESHOLDS_FILE, GateThresholds, Thresholds, apply_thresholds, thresholds_in
 from flashnb.device.costmodel import steps_io_ms
 from flashnb.device.profile import coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
@@ -130,9 +130,7 @@ def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, 
 
 def folder_thresholds(folder: Path | None, config) -> Thresholds | None:
     """The thresholds in a predictors folder, for a gated model (None without them)."""
-    if folder is None or not config.gated or not (Path(folder) / THRESHOLDS_FILE).is_file():
-        return None
-    return load_thresholds(folder)
+    return thresholds_in(folder) if folder is not None and config.gated else None
 
 
 def pinned_policy(store: FlashStore, predictors, pred_dir: Path | None, memory: float | int, window: int,
@@ -168,8 +166,8 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
         raise FlashnbError(f"--predictors is for --policy predictors (or --pinned): --policy {policy} does not use "
                            "them; drop one of the two")
     shipped_swiglu = data_dir() / f"{SWIGLU_MODEL}-predictors"
-    if (predictors is None and store.config.gated and (shipped_swiglu / THRESHOLDS_FILE).is_file()
-            and load_thresholds(shipped_swiglu).fingerprint == store.fingerprint):
+    found = folder_thresholds(shipped_swiglu, store.config) if predictors is None else None
+    if found is not None and found.fingerprint == store.fingerprint:
         predictors = shipped_swiglu  # the shipped SwiGLU model: its thresholds, whatever the policy
     if predictors is None and (policy == "predictors" or pinned):
         if load_predictors(shipped_predictors_dir()).fingerprint != store.fingerprint:

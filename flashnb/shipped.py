@@ -13,7 +13,7 @@ from flashnb.core.pinning import HotNeurons
 from flashnb.core.placement import load_placement
 from flashnb.core.predictor import LowRankPredictors, load_predictors
 from flashnb.core.store import FlashStore
-from flashnb.core.thresholds import FILE as THRESHOLDS_FILE, Thresholds, load_thresholds
+from flashnb.core.thresholds import Thresholds, thresholds_in
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.errors import FlashnbError
@@ -64,5 +64,5 @@ def shipped(name: str = SHIPPED_MODEL) -> Shipped:
     if not (folder / "model.safetensors").is_file():
         raise FlashnbError(f"the shipped model {folder} is missing; check out the repository's data/ folder")
     preds = data_dir() / f"{name}-predictors"
-    thresholds = load_thresholds(preds) if (preds / THRESHOLDS_FILE).is_file() else None
-    return Shipped(folder, read_config(folder), Tokenizer.from_folder(folder), load_predictors(preds), thresholds)
+    return Shipped(folder, read_config(folder), Tokenizer.from_folder(folder), load_predictors(preds),
+                   thresholds_in(preds))

@@ -116,9 +116,9 @@ def engine_setup(name: str, window: int, memory: float | int, in_flight: int, ga
     store; +predictor and +windowing read predicted neurons from the unbundled store (the latter
     keeping a window); all = +windowing on the bundled store; pinned = all with `pinned` rows per layer;
     placed = all on the bundled store in the co-activation order (flashnb.core.placement)."""
-    layout = "bundled" if name in ("naive", "all", "pinned", "lookahead") else "unbundled"
     if name == "placed":
         return "placed", Policy(window, memory, in_flight, gap_bytes)
+    layout = "bundled" if name in ("naive", "all", "pinned", "lookahead") else "unbundled"
     keep = 0 if name in ("naive", "predictor") else window
     return layout, Policy(keep, memory, in_flight, gap_bytes, pinned if name == "pinned" else 0)
 

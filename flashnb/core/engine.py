@@ -82,8 +82,7 @@ class FlashFFN(nn.Module):
                  rows: NeuronRows, pinned: NeuronRows):
         super().__init__()
         self.layer, self.rows, self.pinned = layer, rows, pinned
-        self.placed = engine.store.file_rows(layer, np.arange(engine.store.ffn_dim)) if engine.store.placement_path \
-            else None  # each neuron's row on flash, when a placement moves them
+        self.placed = engine.store.placed_rows(layer)  # each neuron's row on flash, when a placement moves them
         self.is_pinned = pinned.slot >= 0
         self.math = layer_math(engine.store, layer, biases, engine.thresholds)
         rec = engine.recorder

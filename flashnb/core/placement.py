@@ -56,6 +56,13 @@ def coactivation_order(mask: np.ndarray) -> np.ndarray:
     return order
 
 
+def positions(order: np.ndarray) -> np.ndarray:
+    """The file row of every neuron, position[..., i], from order[..., r] (the neuron at row r): its inverse."""
+    pos = np.empty_like(order)
+    np.put_along_axis(pos, order, np.broadcast_to(np.arange(order.shape[-1]), order.shape), -1)
+    return pos
+
+
 def is_permutation(order: np.ndarray, n: int) -> bool:
     return order.shape == (n,) and bool(np.array_equal(np.sort(order), np.arange(n)))
 
@@ -82,9 +89,7 @@ class Placement:
     @property
     def position(self) -> np.ndarray:
         """The file row of every neuron: position[layer][i] (the inverse of `order`)."""
-        pos = np.empty_like(self.order)
-        np.put_along_axis(pos, self.order, np.arange(self.order.shape[1])[None].repeat(self.order.shape[0], 0), 1)
-        return pos
+        return positions(self.order)
 
     def save(self, folder: str | Path) -> Path:
         out = Path(folder)

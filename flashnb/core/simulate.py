@@ -45,8 +45,7 @@ def simulate(sets: list[list[np.ndarray]], store: FlashStore | str, policy: Poli
     with `policy.pinned` rows, `hot`'s top neurons are pinned (read once, before the first token)."""
     st = store if isinstance(store, FlashStore) else FlashStore.open(store)
     pinned = [np.isin(np.arange(st.ffn_dim), ids) for ids in pinned_ids(hot, policy.pinned, st.num_layers, st.ffn_dim)]
-    placed = [st.file_rows(layer, np.arange(st.ffn_dim)) if st.placement_path else None
-              for layer in range(st.num_layers)]  # each neuron's row on flash, when a placement moves them
+    placed = [st.placed_rows(layer) for layer in range(st.num_layers)]  # when a placement moves the neurons
     cap = plan_memory(st.memory_shape(), policy.memory_budget, policy.window, predictor_bytes,
                       policy.pinned).capacity_rows
     if policy.window == 0:

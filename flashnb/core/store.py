@@ -45,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from flashnb.core.defaults import ALIGNMENT
 from flashnb.core.integrity import ALGORITHM, DIGEST, FILE_ALGORITHM, FileIdentity, check_identity, file_digest
 from flashnb.core.memory import MemoryShape
+from flashnb.core.placement import positions
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import CONFIGS, ffn_matrix_names, ffn_param, materialize, meta_model
 
@@ -149,14 +150,12 @@ class FlashStore:
         self.checksum_path = path / manifest["checksums"]["name"] if manifest.get("checksums") else None
         self.placement_path = path / manifest["placement"]["name"] if manifest.get("placement") else None
         self.fingerprint: str | None = manifest.get("fingerprint")
-        files = [f for f in (self.ffn_path, self.dram_path, self.checksum_path, self.placement_path)
-                 if f is not None and f.exists()]
-        self._identity = {f: FileIdentity.of(f) for f in files}
+        self._identity = {f: FileIdentity.of(f) for f in (self.ffn_path, self.dram_path, self.checksum_path,
+                                                             self.placement_path) if f is not None and f.exists()}
         self._resident_bytes: int | None = None
         self._checksums: np.ndarray | None = None
         self._dram_checked = False
-        self._order: np.ndarray | None = None
-        self._position: np.ndarray | None = None
+        self._placed: tuple[np.ndarray, np.ndarray] | None = None  # (order, position), read on first use
 
     @classmethod
     def open(cls, path: str | Path) -> "FlashStore":
@@ -200,19 +199,21 @@ class FlashStore:
 
     def _placement(self) -> tuple[np.ndarray, np.ndarray]:
         """(order, position) [layers, ffn_dim], read once and checked to be permutations."""
-        if self._order is None:
+        if self._placed is None:
             self.check_unchanged()
             order = np.fromfile(self.placement_path, "<i4").astype(np.int64).reshape(self.num_layers, self.ffn_dim)
             if not bool(np.all(np.sort(order, axis=1) == np.arange(self.ffn_dim))):
                 raise _bad(self.placement_path, "does not hold a permutation of each layer's neurons")
-            pos = np.empty_like(order)
-            np.put_along_axis(pos, order, np.broadcast_to(np.arange(self.ffn_dim), order.shape), 1)
-            self._order, self._position = order, pos
-        return self._order, self._position
+            self._placed = order, positions(order)
+        return self._placed
+
+    def placed_rows(self, layer: int) -> np.ndarray | None:
+        """Each neuron's row in the layer's regions when a placement moves them, else None (neuron i at row i)."""
+        return None if self.placement_path is None else self._placement()[1][layer]
 
     def file_rows(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """The rows of ffn.bin's layer regions that hold neurons `ids` (int64 array)."""
-        return ids if self.placement_path is None else self._placement()[1][layer][ids]
+        return ids if self.placement_path is None else self.placed_rows(layer)[ids]
 
     def file_order(self, layer: int) -> np.ndarray:
         """The neuron at each row of the layer's regions (0, 1, 2, ... without a placement)."""

@@ -116,6 +116,11 @@ def load_thresholds(folder: str | Path, model: nn.Module | None = None) -> Thres
     return t
 
 
+def thresholds_in(folder: str | Path) -> Thresholds | None:
+    """The thresholds saved in `folder` (a predictors folder), None when it holds none."""
+    return load_thresholds(folder) if (Path(folder) / FILE).is_file() else None
+
+
 def check_thresholds(t: Thresholds, config) -> None:
     """One clear error unless `t` fits a gated model of `config`."""
     if not config.gated:
@@ -268,7 +273,7 @@ class GateThresholds(Predictor):
 
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
         a = self.act(torch.mv(self.gates[layer], x.to(self.gates[layer].dtype)))
-        return np.flatnonzero(self.keeps[layer].fires(a, a).numpy())  # (the gate alone decides: u unused)
+        return np.flatnonzero(self.keeps[layer].fires(a).numpy())
 
     def memory_bytes(self, itemsize: int) -> int:
         return itemsize * self.thresholds.scales.numel() if self.thresholds.criterion == "scaled-gate" else 0

@@ -31,6 +31,13 @@ CRITERION_LABELS = {"gate": "|SiLU(gate)| (CATS)", "scaled-gate": "|SiLU(gate)| 
                     "product": "|SiLU(gate) x up|"}
 
 
+def whole_ffn_bytes(store, parts: int | None = None) -> int:
+    """Bytes of every FFN matrix of `store`'s model at the store's precision (`parts` matrices per layer;
+    default the model's own, gate included even where the store keeps it in DRAM): what read shares are of."""
+    parts = parts or len(store.config.ffn_parts)
+    return store.num_layers * store.ffn_dim * parts * store.d_model * store.np_dtype.itemsize
+
+
 # ----------------------------------------------------------------------------------------------
 # The activations
 
@@ -136,9 +143,8 @@ class SparsityExplorer:
             store = self.stores["bundled" if criterion == "product" else "gate-apart"]
             steps = simulate(sets_from_trace(trace), store, Policy(self.window, 1.0))
             stats = TokenStats.of(steps, store.num_layers * store.ffn_dim)
-            ffn_bytes = store.num_layers * store.ffn_dim * 3 * store.d_model * store.np_dtype.itemsize
             below = 1.0 - float(np.mean([trace.mask(i).mean() for i in range(trace.n_layers)]))
-            self._measured[key] = SparsityPoint(criterion, key[1], below, q, stats.bytes_read / ffn_bytes, self.window)
+            self._measured[key] = SparsityPoint(criterion, key[1], below, q, stats.bytes_read / whole_ffn_bytes(store), self.window)
         return self._measured[key]
 
     def curve(self, criterion: str, sparsities) -> list[SparsityPoint]:
@@ -226,8 +232,7 @@ def reads_by_budget(name: str, sets: list[list[np.ndarray]], store, window: int,
     smallest one it fits in, one row per layer, every token would be served neuron by neuron).
     The share is of the whole FFN (`ffn_parts` matrices of d_model x ffn_dim per layer; default the
     model's own: 3 for a gated FFN, 2 for OPT), so a gate kept in DRAM counts as never read."""
-    parts = ffn_parts or len(store.config.ffn_parts)
-    ffn_bytes = store.num_layers * store.ffn_dim * parts * store.d_model * store.np_dtype.itemsize
+    ffn_bytes = whole_ffn_bytes(store, ffn_parts)
     shape, kept, shares = store.memory_shape(), [], []
     least = min_budget(shape, window, predictor_bytes)
     for b in sorted({float(b) for b in budgets if b >= least}):
@@ -288,10 +293,9 @@ def engine_check(name: str, store, predictor, policy: Policy, prompt: list[int],
         steps, mem = eng.steps[len(prompt):], eng.memory
     ref = reference(torch.tensor([prompt + out[:-1]]))[0].float()
     expected = list(generate(reference, prompt, n))
-    ffn_bytes = store.num_layers * store.ffn_dim * len(store.config.ffn_parts) * store.d_model * store.np_dtype.itemsize
     read = TokenStats.of(steps, store.num_layers * store.ffn_dim).bytes_read
     return EngineCheck(name, out, out == expected, float((logits - ref).abs().max()),
-                       float(ref.abs().max()), mem.used_bytes, mem.model_bytes, read / ffn_bytes)
+                       float(ref.abs().max()), mem.used_bytes, mem.model_bytes, read / whole_ffn_bytes(store))
 
 
 def check_text(checks: list[EngineCheck]) -> str:

@@ -188,9 +188,9 @@ class Keep:
     scale: torch.Tensor  # [ffn_dim]
     on_product: bool = False
 
-    def fires(self, a: torch.Tensor, u: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """bool, like `a`: which neurons fire given their gate activations `a` and up projections `u`
-        (neurons `ids` of the layer when given, else all)."""
+    def fires(self, a: torch.Tensor, u: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """bool, like `a`: which neurons fire given their gate activations `a` and up projections `u` (needed
+        only `on_product`), for neurons `ids` of the layer when given, else all."""
         s = self.scale if ids is None else self.scale.index_select(0, ids)
         return (a * u if self.on_product else a).abs() * s.to(a.dtype) > self.threshold
 
