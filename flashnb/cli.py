@@ -123,7 +123,7 @@ def cmd_convert(args) -> None:
     dst = convert(args.hf_folder, args.store, ConvertConfig(layout=args.layout, dtype=args.dtype,
                                                            overwrite=args.force, placement=placement))
     s = open_store(dst)
-    print(f"wrote {dst}: {s.layout} {s.dtype_name}{', co-activation placement' if placement else ''}, "
+    print(f"wrote {dst}: {s.layout} {s.row_format.name}{', co-activation placement' if placement else ''}, "
           f"{s.num_layers} layers x {s.ffn_dim} neurons x "
           f"{s.neuron_bytes} bytes/neuron, ffn.bin {s.manifest['ffn_file']['bytes'] / 1e6:.1f} MB, "
           f"dram.safetensors {s.manifest['dram_file']['bytes'] / 1e6:.1f} MB")
@@ -177,7 +177,10 @@ def _add_flash_commands(sub) -> None:
                    help="bundled: each neuron's up row + down column contiguous; unbundled: one region "
                         "per matrix; gate-apart (SwiGLU models run with thresholds): the gate matrices in DRAM, "
                         "each neuron's up row + down column contiguous (default: %(default)s)")
-    c.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="store dtype (default: %(default)s)")
+    c.add_argument("--dtype", choices=["fp16", "fp32", "int8", "q4"], default="fp16",
+                   help="fp16 or fp32: every tensor; int8 or q4: the FFN rows quantized in groups of 32 values with an "
+                        "fp16 scale each, inside the bundle (8.5 or 4.5 bits a value, as llama.cpp's Q8_0 and Q4_0), "
+                        "the DRAM tensors fp16 (default: %(default)s)")
     c.add_argument("--placement", default=None, metavar="FOLDER",
                    help="order each layer's neurons on flash by co-activation, as learned by `flashnb train-predictors "
                         "--placement-only` (FOLDER holds placement.safetensors; e.g. data/flashnb-opt-21m-predictors); "

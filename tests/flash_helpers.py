@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashnb.core.store import DTYPES
+from flashnb.core.manifest import DTYPES
 from flashnb.models.checkpoint import TensorIndex, ffn_param, read_config
 
 

@@ -17,7 +17,8 @@ from flashnb.cli import main
 from flashnb.errors import FlashnbError
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.defaults import ALIGNMENT
-from flashnb.core.store import DTYPES, FlashStore
+from flashnb.core.manifest import DTYPES
+from flashnb.core.store import FlashStore
 from flashnb.core.verify import verify
 
 MODELS = ("opt", "llama")

@@ -77,7 +77,7 @@ class HybridEngine(TokenLoop):
         self.store = st = store if isinstance(store, FlashStore) else FlashStore.open(store)
         self.memory = hybrid_plan(st.memory_shape(), memory_budget)
         self.reader = NeuronReader(st, ReaderConfig(in_flight=in_flight, gap_bytes=gap_bytes))
-        self.buffer = aligned_empty((self.memory.capacity_rows, st.row_values), st.np_dtype)
+        self.buffer = aligned_empty((self.memory.capacity_rows, st.row_width), st.row_dtype)
         self.recorder = Recorder()
         self.model = resident_model(st, lambda i, b: HybridFFN(self, i, b), dtype=st.dtype)
 
@@ -93,10 +93,10 @@ class MmapFFN(nn.Module):
         self.ids = st.file_order(layer)  # the neuron of each file row (a placement moves them)
         parts = []
         for reg in st.regions(layer):
-            a = np.frombuffer(eng.map, dtype=st.np_dtype, count=reg.rows * reg.row_bytes // st.np_dtype.itemsize,
+            a = np.frombuffer(eng.map, dtype=st.row_dtype, count=reg.rows * reg.row_bytes // st.row_dtype.itemsize,
                               offset=reg.offset)
             parts.append(torch.from_numpy(a.reshape(reg.rows, -1)))
-        self.parts = parts  # bundled: one [ffn, P*d] view; unbundled: P views [ffn, d]
+        self.parts = parts  # bundled: one [ffn, row_width] view; unbundled: P views of one part each
 
     def forward(self, x):
         rows = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=1)

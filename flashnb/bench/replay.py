@@ -33,7 +33,8 @@ from flashnb.core.io import aligned_empty
 from flashnb.core.memory import plan_memory
 from flashnb.core.reader import NeuronReader, ReaderConfig
 from flashnb.core.records import LayerStep, TokenStep
-from flashnb.core.store import FORMAT, FORMAT_VERSION, FlashStore
+from flashnb.core.manifest import FORMAT, FORMAT_VERSION
+from flashnb.core.store import FlashStore
 from flashnb.core.window import Window
 from flashnb.device.costmodel import opt_6_7b
 from flashnb.device.profile import coalescing_gap
@@ -141,7 +142,7 @@ def replay(store: FlashStore, sets: list[list[np.ndarray]] | None, window: int, 
     token, which finds the windows empty, is left out when there are more than two."""
     L, F = store.num_layers, store.ffn_dim
     windows = [Window(F, capacity, window) for _ in range(L)]
-    buf = aligned_empty((F, store.row_values), store.np_dtype)
+    buf = aligned_empty((F, store.row_width), store.row_dtype)
     every = np.arange(F)
     steps = []
     with NeuronReader(store, ReaderConfig(in_flight=in_flight, gap_bytes=gap_bytes)) as reader:
@@ -164,8 +165,8 @@ def replay_whole_model(ffn_store: FlashStore, other_store: FlashStore, other_byt
     (large coalesced requests). Per-token statistics like `replay` (measured, direct I/O)."""
     L, F = ffn_store.num_layers, ffn_store.ffn_dim
     rows = int(min(other_store.ffn_dim, -(-other_bytes // (L * other_store.neuron_bytes))))
-    buf = aligned_empty((F, ffn_store.row_values), ffn_store.np_dtype)
-    extra = aligned_empty((rows, other_store.row_values), other_store.np_dtype)
+    buf = aligned_empty((F, ffn_store.row_width), ffn_store.row_dtype)
+    extra = aligned_empty((rows, other_store.row_width), other_store.row_dtype)
     every, first = np.arange(F), np.arange(rows)
     steps = []
     cfg = ReaderConfig(in_flight=in_flight)

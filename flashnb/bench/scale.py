@@ -31,7 +31,8 @@ from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.io import AlignedBuffer, open_for_reading
 from flashnb.core.predictor import LowRankPredictor, Predictor
 from flashnb.core.records import LayerStep
-from flashnb.core.store import DRAM_FILE, FFN_FILE, FlashStore
+from flashnb.core.manifest import DRAM_FILE, FFN_FILE
+from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
 from flashnb.models.opt import OPTConfig
 from flashnb.text import wrap

@@ -27,9 +27,10 @@ import xxhash
 
 from flashnb.core.defaults import ALIGNMENT
 from flashnb.core.integrity import ALGORITHM, DIGEST, FILE_ALGORITHM, row_digests
+from flashnb.core.manifest import (CHECKSUM_FILE, DRAM_FILE, DTYPES, FFN_FILE, FORMAT, FORMAT_VERSION, LAYOUTS,
+                                   MANIFEST, PLACEMENT_FILE, TOKENIZER, Region, align_up, flash_parts)
 from flashnb.core.placement import Placement
-from flashnb.core.store import (CHECKSUM_FILE, DRAM_FILE, DTYPES, FFN_FILE, FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST,
-                                PLACEMENT_FILE, TOKENIZER, Region, align_up, flash_parts)
+from flashnb.core.quant import FFN_DTYPES, GROUP, RowFormat
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import (TensorIndex, ffn_matrix_names, ffn_param, meta_model, read_config,
                                        regular_file)
@@ -40,14 +41,20 @@ from flashnb.paths import pid_alive
 @dataclass
 class ConvertConfig:
     """Options of `convert`. layout: 'bundled' | 'unbundled' | 'gate-apart' (gated FFNs: the gate in DRAM);
-    dtype: 'fp16' | 'fp32'; placement: the neurons' order on flash (flashnb.core.placement), None for
-    neuron i at row i."""
+    dtype: the FFN rows' 'fp16' | 'fp32', or 'int8' | 'q4' (quantized, flashnb.core.quant); dram: the DRAM
+    tensors' (and the computation's) 'fp16' | 'fp32', None for `dtype` itself (fp16 for quantized rows);
+    placement: the neurons' order on flash (flashnb.core.placement), None for neuron i at row i."""
 
     layout: str = "bundled"
     dtype: str = "fp16"
     overwrite: bool = False
     progress: bool = True
     placement: Placement | None = None
+    dram: str | None = None
+
+    @property
+    def dram_dtype(self) -> str:
+        return self.dram or (self.dtype if self.dtype in DTYPES else "fp16")
 
 
 class _Hasher:
@@ -75,8 +82,9 @@ def _sample(samples: dict, name: str, w: torch.Tensor) -> None:
     samples[name] = torch.cat([w[:2], w[-2:]]).clone()
 
 
-def _layer_rows(index, config, layer: int, tdtype: torch.dtype, samples: dict, parts: list[str]) -> list[torch.Tensor]:
-    """The FFN matrices `parts` of `layer`, each as [ffn, d] neuron-major rows in the store dtype."""
+def _layer_rows(index, config, layer: int, fmt: RowFormat, samples: dict, parts: list[str]) -> list[torch.Tensor]:
+    """The FFN matrices `parts` of `layer`, each as [ffn, d] neuron-major rows stored in format `fmt`
+    ([ffn, fmt.part_width] of fmt.dtype)."""
     d, f = config.hidden_size, config.ffn_dim
     out = []
     for part, orient in config.ffn_parts:
@@ -85,8 +93,7 @@ def _layer_rows(index, config, layer: int, tdtype: torch.dtype, samples: dict, p
         shape = (f, d) if orient == "row" else (d, f)
         w = index.get(config.hf_key(ffn_param(layer, part)), shape)
         _sample(samples, ffn_param(layer, part), w)
-        w = w.to(tdtype)
-        out.append(w.contiguous() if orient == "row" else w.t().contiguous())
+        out.append(torch.from_numpy(fmt.encode(w if orient == "row" else w.t())))
     return out
 
 
@@ -133,8 +140,6 @@ def convert(src: str | Path, dst: str | Path, cfg: ConvertConfig | None = None) 
     cfg = cfg or ConvertConfig()
     if cfg.layout not in LAYOUTS:
         raise FlashnbError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if cfg.dtype not in DTYPES:
-        raise FlashnbError(f"unknown store dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     src, dst = Path(src), Path(os.path.abspath(dst))  # absolute: "." can be renamed as its full path
     config = read_config(src)
     index = TensorIndex(src)
@@ -152,7 +157,12 @@ def write_store(dst: str | Path, config, model_config: dict, tensors, cfg: Conve
     renamed when complete; `check()` (default: refuse an existing `dst` unless cfg.overwrite allows
     replacing a store) runs before and after writing."""
     dst = Path(os.path.abspath(dst))
-    flash_parts(config, cfg.layout)  # one clear error for a layout the model cannot have
+    flash_parts(config, cfg.layout)  # one clear error for a layout the model cannot have ...
+    if cfg.dtype not in FFN_DTYPES:
+        raise FlashnbError(f"unknown store dtype {cfg.dtype!r}; choose one of {', '.join(FFN_DTYPES)}")
+    RowFormat(cfg.dtype, config.hidden_size)  # ... or a row format it cannot have
+    if cfg.dram_dtype not in DTYPES:
+        raise FlashnbError(f"unknown DRAM dtype {cfg.dram!r}; choose one of {', '.join(DTYPES)}")
     check = check or (lambda: check_replaceable(dst, cfg.overwrite))
     if not dst.parent.is_dir():
         raise FlashnbError(f"folder {dst.parent} does not exist; create it first")
@@ -202,7 +212,7 @@ def _write_store(out: Path, config, model_config: dict, index, cfg: ConvertConfi
     samples: dict[str, torch.Tensor] = {}
     with tqdm(total=len(dram_items) + config.num_hidden_layers, desc=f"convert {name}", unit="tensor",
               disable=not cfg.progress, leave=False) as bar:
-        dram_sha, dram_xxh = _write_dram(out / DRAM_FILE, index, config, dram_items, cfg.dtype,
+        dram_sha, dram_xxh = _write_dram(out / DRAM_FILE, index, config, dram_items, cfg.dram_dtype,
                                          lambda: bar.update(1), samples)
         layers, sums_sha = _write_ffn(out / FFN_FILE, out / CHECKSUM_FILE, index, config, cfg,
                                       lambda: bar.update(1), samples)
@@ -223,7 +233,8 @@ def _write_store(out: Path, config, model_config: dict, index, cfg: ConvertConfi
         tokenizer = TOKENIZER
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "model_type": config.model_type,
-        "model_config": model_config, "dtype": cfg.dtype, "layout": cfg.layout,
+        "model_config": model_config, "dtype": cfg.dram_dtype, "ffn_dtype": cfg.dtype,
+        **({"group": GROUP} if cfg.dtype not in DTYPES else {}), "layout": cfg.layout,
         "alignment": ALIGNMENT, "d_model": config.hidden_size, "ffn_dim": config.ffn_dim,
         "num_layers": config.num_hidden_layers, "parts": flash, **({"dram_parts": in_dram} if in_dram else {}),
         "fingerprint": model_fingerprint, "placement": placement,
@@ -316,7 +327,7 @@ def _recover_interrupted(dst: Path) -> None:
     alive: its unfinished temporary folder `.NAME.tmp-PID` is removed; an old store it had moved
     aside (`.NAME.old-PID`) is put back when `dst` is missing, else removed. Only folders holding
     nothing but store files are touched; each is named on stderr."""
-    allowed = {MANIFEST, DRAM_FILE, FFN_FILE, CHECKSUM_FILE, TOKENIZER}
+    allowed = {MANIFEST, DRAM_FILE, FFN_FILE, CHECKSUM_FILE, TOKENIZER, PLACEMENT_FILE}
     for kind in ("tmp", "old"):
         for p in sorted(dst.parent.glob(f".{dst.name}.{kind}-*")):
             pid = p.name.rsplit("-", 1)[-1]
@@ -337,15 +348,15 @@ def _write_ffn(path: Path, sums_path: Path, index, config, cfg: ConvertConfig,
                tick: Callable[[], None], samples: dict) -> tuple[list[list[Region]], str]:
     """Write ffn.bin layer by layer and every row's checksum into `sums_path`; returns each layer's
     regions (offsets, sizes, sha256) and the checksum file's sha256."""
-    tdtype, npdtype, _ = DTYPES[cfg.dtype]
     parts = flash_parts(config, cfg.layout)[0]
     d, f_dim = config.hidden_size, config.ffn_dim
+    fmt = RowFormat(cfg.dtype, d)
     layers: list[list[Region]] = []
     digests = []
     with open(path, "wb") as f:
         w = _Hasher(f)
         for layer in range(config.num_hidden_layers):
-            mats = _layer_rows(index, config, layer, tdtype, samples, parts)  # each [ffn, d]
+            mats = _layer_rows(index, config, layer, fmt, samples, parts)  # each [ffn, part_width]
             if cfg.placement is not None:  # file row r holds neuron order[r]
                 order = torch.from_numpy(cfg.placement.order[layer])
                 mats = [m.index_select(0, order) for m in mats]
@@ -360,7 +371,7 @@ def _write_ffn(path: Path, sums_path: Path, index, config, cfg: ConvertConfig,
                 off = w.pos
                 w.write(rows.numpy().view(np.uint8), h)
                 digests.append(row_digests(rows.numpy()))
-                regs.append(Region(name, off, w.pos - off, f_dim, len(rparts) * d * npdtype.itemsize,
+                regs.append(Region(name, off, w.pos - off, f_dim, len(rparts) * fmt.part_bytes,
                                    rparts, h.hexdigest()))
             layers.append(regs)
             del mats, groups

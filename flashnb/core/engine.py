@@ -251,10 +251,10 @@ class FlashEngine(TokenLoop):
                                               policy.pinned)
         cap = self.memory.capacity_rows
         if policy.window == 0:  # nothing survives a layer, so every layer uses the same rows
-            shared = (Window(st.ffn_dim, cap, 0), NeuronRows(st.ffn_dim, cap, st.row_values, st.np_dtype))
+            shared = (Window(st.ffn_dim, cap, 0), NeuronRows(st.ffn_dim, cap, st.row_width, st.row_dtype))
             dram = [shared] * st.num_layers
         else:
-            dram = [(Window(st.ffn_dim, cap, policy.window), NeuronRows(st.ffn_dim, cap, st.row_values, st.np_dtype))
+            dram = [(Window(st.ffn_dim, cap, policy.window), NeuronRows(st.ffn_dim, cap, st.row_width, st.row_dtype))
                     for _ in range(st.num_layers)]
         self.recorder = Recorder()
         self.reader = NeuronReader(st, ReaderConfig(in_flight=policy.in_flight, gap_bytes=policy.gap_bytes))
@@ -266,7 +266,7 @@ class FlashEngine(TokenLoop):
     def _read_pinned(self, layer: int, ids: np.ndarray) -> NeuronRows:
         """A layer's pinned rows, read from flash once."""
         st = self.store
-        rows = NeuronRows(st.ffn_dim, max(1, ids.size), st.row_values, st.np_dtype)
+        rows = NeuronRows(st.ffn_dim, max(1, ids.size), st.row_width, st.row_dtype)
         self.reader.read(layer, ids, out=rows.make_room(ids[:0], ids.size))
         rows.commit(ids)
         return rows

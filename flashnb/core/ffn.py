@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flashnb.core.quant import RowFormat
 from flashnb.errors import FlashnbError
 from flashnb.models.common import activation
 
@@ -23,45 +24,49 @@ DOWN_CHUNK_BYTES = 4 << 20  # float32 bytes of down rows upcast at a time (measu
 
 
 def sparse_ffn(x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray, up_bias: torch.Tensor | None, act,
-               gated: bool, d: int, gate: torch.Tensor | None = None, keep=None) -> torch.Tensor:
+               gated: bool, fmt: RowFormat, gate: torch.Tensor | None = None, keep=None) -> torch.Tensor:
     """One token's FFN output (without the down bias) from the bundles `rows` of neurons `ids`.
 
-    rows: [n, P * d] bundles (up | down, or gate | up | down when `gated`; up | down again when the
-    gate rows [ffn_dim, d] are given as `gate`, held in DRAM). `keep`: the layer's rule in a
-    thresholded gated FFN (flashnb.models.llama.Keep), or None. The up projection runs
-    at the rows' precision; the down projection only over the neurons whose activation is not zero
-    (a ReLU zero contributes nothing), upcast to float32 a few MiB at a time, because half-precision
+    rows: [n, P * part_width] bundles stored in format `fmt` (flashnb.core.quant): up | down, or
+    gate | up | down when `gated`; up | down again when the gate rows [ffn_dim, d] are given as `gate`,
+    held in DRAM. `keep`: the layer's rule in a thresholded gated FFN (flashnb.models.llama.Keep), or
+    None. The up projection runs at the rows' precision (float32 for quantized rows, dequantized here);
+    the down projection only over the neurons whose activation is not zero (a ReLU zero contributes
+    nothing), upcast (or dequantized) to float32 a few MiB at a time, because half-precision
     vector-matrix products of this shape are slow on CPUs without native fp16 arithmetic.
     """
+    if fmt.quantized:
+        x = x.float()
     if gated:
         t = torch.from_numpy(ids)
-        g, col = (F.linear(x, rows[:, :d]), d) if gate is None else (F.linear(x, gate.index_select(0, t)), 0)
-        a, u = act(g), F.linear(x, rows[:, col:col + d])
+        g, j = (F.linear(x, fmt.part(rows, 0)), 1) if gate is None else (F.linear(x, gate.index_select(0, t).to(x.dtype)), 0)
+        a, u = act(g), F.linear(x, fmt.part(rows, j))
         if keep is not None:
             a = torch.where(keep.fires(a, u, t), a, torch.zeros((), dtype=a.dtype))
         h = a * u
-        col += d
+        j += 1
     else:
-        h = act(F.linear(x, rows[:, :d], None if up_bias is None else up_bias.index_select(0, torch.from_numpy(ids))))
-        col = d
+        b = None if up_bias is None else up_bias.index_select(0, torch.from_numpy(ids)).to(x.dtype)
+        h, j = act(F.linear(x, fmt.part(rows, 0), b)), 1
     h = h.reshape(-1)
     live = torch.nonzero(h).reshape(-1)
-    hl, down = h.index_select(0, live).float(), rows[:, col:]
-    step = max(1, DOWN_CHUNK_BYTES // (4 * d))  # rows upcast at a time: they stay in the CPU's caches
-    y = hl[:step] @ torch.index_select(down, 0, live[:step]).float()
+    hl = h.index_select(0, live).float()
+    step = max(1, DOWN_CHUNK_BYTES // (4 * fmt.d))  # rows upcast at a time: they stay in the CPU's caches
+    y = hl[:step] @ fmt.part(rows, j, live[:step]).float()
     for a in range(step, live.numel(), step):
-        y += hl[a:a + step] @ torch.index_select(down, 0, live[a:a + step]).float()
-    return y.to(x.dtype).reshape(x.shape)
+        y += hl[a:a + step] @ fmt.part(rows, j, live[a:a + step]).float()
+    return y.reshape(x.shape)
 
 
 class BundleFFN:
-    """One layer's FFN computed from bundles: `partial(x, rows, ids)` for any subset of neurons,
-    `finish(y)` adds the down projection's bias once. `gate`: the layer's gate rows when they stay in
+    """One layer's FFN computed from bundles stored in format `fmt`: `partial(x, rows, ids)` for any subset
+    of neurons, `finish(y)` adds the down projection's bias once. `gate`: the layer's gate rows when they stay in
     DRAM; `keep`: the layer's rule (flashnb.models.llama.Keep) when the FFN is thresholded."""
 
-    def __init__(self, config, biases: dict[str, torch.Tensor], gate: torch.Tensor | None = None, keep=None):
+    def __init__(self, config, biases: dict[str, torch.Tensor], fmt: RowFormat, gate: torch.Tensor | None = None,
+                 keep=None):
         self.act = activation(config.ffn_activation, "config.json")
-        self.gated, self.d = config.gated, config.hidden_size
+        self.gated, self.fmt = config.gated, fmt
         up, down = config.ffn_parts[0][0], config.ffn_parts[-1][0]
         if self.gated and set(biases) - {down}:
             raise FlashnbError("gated FFNs with biases on the gate or up projection (mlp_bias) are not supported "
@@ -73,7 +78,7 @@ class BundleFFN:
         """The contribution of neurons `ids` (bundles `rows` [n, P * d]) for one token x [1, 1, d]."""
         if ids.size == 0:
             return torch.zeros_like(x)
-        return sparse_ffn(x, rows, ids, self.up_bias, self.act, self.gated, self.d, self.gate, self.keep)
+        return sparse_ffn(x, rows, ids, self.up_bias, self.act, self.gated, self.fmt, self.gate, self.keep).to(x.dtype)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.down_bias is None else y + self.down_bias
@@ -86,4 +91,5 @@ def layer_math(store, layer: int, biases: dict[str, torch.Tensor], thresholds=No
     from flashnb.models.checkpoint import ffn_param
 
     gate = shared_tensors(store, store.dtype)[ffn_param(layer, store.dram_parts[0])] if store.gate_in_dram else None
-    return BundleFFN(store.config, biases, gate, thresholds.keep(layer) if thresholds is not None else None)
+    return BundleFFN(store.config, biases, store.row_format, gate,
+                     thresholds.keep(layer) if thresholds is not None else None)

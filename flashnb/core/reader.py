@@ -46,7 +46,8 @@ from flashnb.core.defaults import IN_FLIGHT, MAX_REQUEST_BYTES
 from flashnb.core.integrity import check_rows
 from flashnb.core.io import AlignedBuffer, aligned_empty, evict, open_for_reading, probe_io_align
 from flashnb.core.requests import RequestPlan, as_ids, plan_scatter, plan_staging, read_scatter, read_staging
-from flashnb.core.store import FlashStore, Region
+from flashnb.core.manifest import Region
+from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
 
 BACKENDS = ("auto", "aio", "threads")
@@ -124,7 +125,7 @@ class ReadStats:
 
 @dataclass
 class ReadResult:
-    """rows: [len(ids), store.row_values] in the store dtype, row k = neuron ids[k]; stats."""
+    """rows: [len(ids), store.row_width] of store.row_dtype, row k = neuron ids[k]; stats."""
 
     rows: np.ndarray
     stats: ReadStats
@@ -193,9 +194,9 @@ class NeuronReader:
         self._sink = AlignedBuffer(self.gap_bytes + self.io_align + max(r.row_bytes for r in regs))
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread whose read is pending
-        self._item = self.store.np_dtype.itemsize
+        self._item = self.store.row_dtype.itemsize
         # region j's rows land at column part_col[j] (bytes) of an output row
-        self._part_col = [self.store.parts.index(r.parts[0]) * self.store.d_model * self._item for r in regs]
+        self._part_col = [self.store.parts.index(r.parts[0]) * self.store.row_format.part_bytes for r in regs]
         self._scatter_ok = all(r.row_bytes % self.io_align == 0 for r in regs) and \
             self.store.neuron_bytes % self.io_align == 0
 
@@ -229,10 +230,9 @@ class NeuronReader:
             pass
 
     def read(self, layer: int, ids, out: np.ndarray | None = None) -> ReadResult:
-        """Rows [len(ids), row_values] of neurons `ids` of `layer`, equal to the checkpoint's values.
-
-        `ids`: any integer sequence/array/tensor. `out`: optional C-contiguous destination of that
-        shape and the store dtype; block-aligned (e.g. `aligned_empty`) for the zero-copy path.
+        """Rows [len(ids), row_width] of neurons `ids` of `layer` as stored (flashnb.core.quant). `ids`: any
+        integer sequence/array/tensor. `out`: optional C-contiguous destination of that shape and the
+        store's row_dtype; block-aligned (e.g. `aligned_empty`) for the zero-copy path.
         """
         return self.submit(layer, ids, out).wait()
 
@@ -269,11 +269,11 @@ class NeuronReader:
         ids = st.file_rows(layer, as_ids(ids, st.ffn_dim, f"layer {layer} of {st.path}"))  # from here on: file rows
         n = ids.size
         if out is None:
-            out = aligned_empty((n, st.row_values), st.np_dtype)
-        elif (not isinstance(out, np.ndarray) or out.dtype != st.np_dtype or out.shape != (n, st.row_values)
+            out = aligned_empty((n, st.row_width), st.row_dtype)
+        elif (not isinstance(out, np.ndarray) or out.dtype != st.row_dtype or out.shape != (n, st.row_width)
               or not out.flags.c_contiguous or not out.flags.writeable):
-            raise FlashnbError(f"out must be a writeable C-contiguous {st.np_dtype} array of shape "
-                               f"{(n, st.row_values)}, got {getattr(out, 'dtype', type(out).__name__)} "
+            raise FlashnbError(f"out must be a writeable C-contiguous {st.row_dtype} array of shape "
+                               f"{(n, st.row_width)}, got {getattr(out, 'dtype', type(out).__name__)} "
                                f"{getattr(out, 'shape', '')}")
         if n == 0:
             empty = ReadResult(out, self._stats(layer, 0, 0, np.zeros(0, np.int64), 0, t0, "scatter"))
@@ -370,7 +370,7 @@ class NeuronReader:
         for j, pos in plan.gather:
             rb = regs[j].row_bytes
             g = math.gcd(self.io_align, rb)  # every row starts on a multiple of g (see requests.plan_staging)
-            rows = as_strided(stg.view(self.store.np_dtype), shape=((stg.size - rb) // g + 1, rb // it),
+            rows = as_strided(stg.view(self.store.row_dtype), shape=((stg.size - rb) // g + 1, rb // it),
                               strides=(g, it), writeable=False)
             c0 = self._part_col[j] // it
             out[first, c0:c0 + rb // it] = rows[pos // g]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from flashnb.core.store import HASH_CHUNK, FlashStore
+from flashnb.core.manifest import HASH_CHUNK
+from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
 
 

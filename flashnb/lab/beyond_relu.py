@@ -35,7 +35,7 @@ def whole_ffn_bytes(store, parts: int | None = None) -> int:
     """Bytes of every FFN matrix of `store`'s model at the store's precision (`parts` matrices per layer;
     default the model's own, gate included even where the store keeps it in DRAM): what read shares are of."""
     parts = parts or len(store.config.ffn_parts)
-    return store.num_layers * store.ffn_dim * parts * store.d_model * store.np_dtype.itemsize
+    return store.num_layers * store.ffn_dim * parts * store.row_format.part_bytes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def reader_efficiency(store_path: str | Path, profile: Profile | None = None, in
     store = FlashStore.open(store_path)
     rng = np.random.default_rng(seed)
     k = max(1, int(round(fraction * store.ffn_dim)))
-    out = aligned_empty((k, store.row_values), store.np_dtype)
+    out = aligned_empty((k, store.row_width), store.row_dtype)
     wall = pred_saved = 0.0
     nbytes = needed = reqs = 0
     sizes: list[np.ndarray] = []
@@ -221,7 +221,7 @@ def compare_layouts(workdir: str | Path, profile: Profile | None = None, d_model
     readers = {lay: NeuronReader(st, ReaderConfig(in_flight=in_flight, gap_bytes=gap)) for lay, st in stores.items()}
     acc = {lay: [0, 0, 0, 0.0, 0.0] for lay in stores}  # requests, bytes needed, bytes read, seconds, predicted
     try:
-        out = aligned_empty((k, stores["bundled"].row_values), stores["bundled"].np_dtype)
+        out = aligned_empty((k, stores["bundled"].row_width), stores["bundled"].row_dtype)
         for c in range(calls + 1):
             ids = np.sort(rng.choice(ffn_dim, k, replace=False))
             order = list(stores) if c % 2 == 0 else list(stores)[::-1]
