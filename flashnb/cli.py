@@ -266,8 +266,9 @@ def _add_run_commands(sub) -> None:
     add_in_flight(b)
     b.add_argument("--configs", default=None, help="comma-separated subset of: naive,hybrid,predictor,windowing,"
                                                    "all,pinned,lookahead,mmap,accelerate,dense,floor (default: all of "
-                                                   "them), and placed: all on a store in the co-activation order of "
-                                                   "the predictors folder's placement.safetensors (only when named)")
+                                                   "them); only when named: placed (all on a store in the co-activation "
+                                                   "order of the predictors folder's placement.safetensors), int8 and "
+                                                   "q4 (all on a store of quantized bundles, in the fp16 model's budget)")
     b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")
     b.add_argument("--profile", default=None, help="device profile JSON (default: the saved one, else a quick one)")
     b.add_argument("--replay", action="store_true",

@@ -42,15 +42,15 @@ class Shipped:
         """The whole model in DRAM (flashnb's plain-PyTorch model)."""
         return load_model(self.folder, dtype)
 
-    def store(self, folder: str | Path, layout: str = "bundled", placed: bool = False) -> FlashStore:
+    def store(self, folder: str | Path, layout: str = "bundled", placed: bool = False, dtype: str = "fp16") -> FlashStore:
         """The model as a flash store in `folder`/`layout` (converted on first use, reused afterwards); `placed`:
         its neurons in the co-activation order beside the predictors (flashnb.core.placement), in
-        `folder`/`layout`-placed."""
-        path = Path(folder) / (layout + ("-placed" if placed else ""))
+        `folder`/`layout`-placed; `dtype`: its FFN rows' (flashnb.core.quant), in `folder`/`layout`-int8 or -q4."""
+        path = Path(folder) / (layout + ("-placed" if placed else "") + ("" if dtype == "fp16" else f"-{dtype}"))
         path.parent.mkdir(parents=True, exist_ok=True)
         if not (path / "manifest.json").is_file():
             placement = load_placement(self.predictors_folder) if placed else None
-            convert(self.folder, path, ConvertConfig(layout=layout, progress=False, placement=placement))
+            convert(self.folder, path, ConvertConfig(layout=layout, dtype=dtype, progress=False, placement=placement))
         return FlashStore.open(path)
 
 

@@ -16,6 +16,9 @@ Configurations (the paper's Table 2 ladder, then the peers):
     pinned      all + hot neurons pinned in DRAM (PowerInfer) beside the window, inside the same budget; the
                 split chosen by simulating each on the calibration sets (PREDICTORS/hot_neurons.safetensors)
     lookahead   all + lookahead predictors (PREDICTORS/lookahead): each layer's reads start one layer early
+    placed      (opt-in) all on a bundled store in the co-activation order (PREDICTORS/placement.safetensors)
+    int8, q4    (opt-in) all on a bundled store whose rows are quantized (flashnb.core.quant), in the same DRAM
+                bytes as the fp16 configurations (the budget is a fraction of the fp16 model)
     mmap        the FFN memory-mapped, page cache dropped before each token (llama.cpp's regime)
     accelerate  transformers + accelerate disk offload of the whole checkpoint, cache dropped per token
     dense       the whole model in DRAM: reads nothing, the reference (and the floor of the configurations
@@ -45,6 +48,7 @@ from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.generate import SamplingConfig
+from flashnb.core.memory import budget_bytes
 from flashnb.core.pinning import HOT_FILE, HotNeurons
 from flashnb.core.placement import FILE as PLACEMENT_FILE, load_placement
 from flashnb.core.predictor import AllNeurons, load_predictors
@@ -61,8 +65,9 @@ from flashnb.paths import data_dir, shipped_model_dir, temporary_folder
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "mmap", "accelerate", "dense",
            "floor")
-OPT_IN = ("placed",)  # run only when asked for (--configs): all, on a store in the co-activation order
-ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all", "pinned", "lookahead", "placed")  # the flash engine
+OPT_IN = ("placed", "int8", "q4")  # run only when asked for (--configs): all, on another store (see above)
+QUANTIZED = ("int8", "q4")
+ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all", "pinned", "lookahead", "placed") + QUANTIZED
 
 
 @dataclass
@@ -115,9 +120,10 @@ def engine_setup(name: str, window: int, memory: float | int, in_flight: int, ga
     """(store layout, Policy) of an engine configuration: naive reads every neuron of the bundled
     store; +predictor and +windowing read predicted neurons from the unbundled store (the latter
     keeping a window); all = +windowing on the bundled store; pinned = all with `pinned` rows per layer;
-    placed = all on the bundled store in the co-activation order (flashnb.core.placement)."""
-    if name == "placed":
-        return "placed", Policy(window, memory, in_flight, gap_bytes)
+    placed = all on the bundled store in the co-activation order (flashnb.core.placement); int8 and q4 = all
+    on a bundled store of that row format (give `memory` in bytes to hold the DRAM equal)."""
+    if name in ("placed",) + QUANTIZED:
+        return name, Policy(window, memory, in_flight, gap_bytes)
     layout = "bundled" if name in ("naive", "all", "pinned", "lookahead") else "unbundled"
     keep = 0 if name in ("naive", "predictor") else window
     return layout, Policy(keep, memory, in_flight, gap_bytes, pinned if name == "pinned" else 0)
@@ -130,8 +136,8 @@ def _has(*modules: str) -> bool:
 def _runner(name: str, cfg: BenchConfig, stores: dict, model_dir: Path, work: str, predictors, extra: dict, gap: int):
     if name in ENGINE_CONFIGS:
         pinning = extra.get("pinning")
-        layout, policy = engine_setup(name, cfg.window, cfg.memory, cfg.in_flight, gap,
-                                      pinning.chosen if pinning else 0)
+        memory = cfg.memory if name not in QUANTIZED else budget_bytes(cfg.memory, stores["bundled"].memory_shape().model_bytes)
+        layout, policy = engine_setup(name, cfg.window, memory, cfg.in_flight, gap, pinning.chosen if pinning else 0)
         pred = AllNeurons(stores[layout].ffn_dim) if name == "naive" else predictors
         return FlashEngine(stores[layout], pred, policy, lookahead=extra.get(name) if name == "lookahead" else None,
                            hot=extra.get("hot") if name == "pinned" else None)
@@ -223,6 +229,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         if "placed" in cfg.configs and placement.is_file():
             stores["placed"] = FlashStore.open(convert(model_dir, Path(work) / "placed", ConvertConfig(
                 progress=False, placement=load_placement(placement))))
+        for q in set(QUANTIZED) & set(cfg.configs):
+            stores[q] = FlashStore.open(convert(model_dir, Path(work) / q, ConvertConfig(dtype=q, progress=False)))
         predictors = load_predictors(pred_dir) if set(SPARSE) & set(cfg.configs) else None
         extra, missing = _extras(cfg, pred_dir, stores["bundled"], predictors, gap, device)
         with ExitStack() as stack:

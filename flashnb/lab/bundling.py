@@ -12,6 +12,7 @@ import numpy as np
 
 from flashnb.lab import stats
 from flashnb.lab.stats import TokenStats
+from flashnb.text import wrap
 
 
 @dataclass(frozen=True)
@@ -96,4 +97,60 @@ def byte_layout(stores: dict, layer: int, ids, rows: int = 48, gap_bytes: int = 
             reqs = tuple((int(o - reg.offset), int(n)) for o, n in zip(offs[inside], lens[inside]))
             out.append(RegionSlice(name, reg.name if name == "bundled" else "+".join(reg.parts), rows, reg.row_bytes,
                                    tuple(int(i) for i in sel), reqs))
+    return out
+
+
+@dataclass(frozen=True)
+class QuantQuality:
+    """A store's FFN rows against the checkpoint's, on held-out text (measured)."""
+
+    dtype: str
+    bits_per_value: float
+    neuron_bytes: int       # one bundle on flash
+    parts: int              # slices in a bundle (up | down: 2)
+    code_bytes: int         # of one slice, its values without their scales
+    tokens: int
+    perplexity: float
+    dense_perplexity: float
+    top1_agreement: float   # share of positions where both models pick the same next token
+
+    @property
+    def perplexity_increase(self) -> float:
+        return self.perplexity / self.dense_perplexity - 1.0
+
+
+def quality_text(q: QuantQuality, s: LayoutStats, base: LayoutStats) -> str:
+    """One format's line: its bytes, its quality (measured) and its reads per token against `base` (fp16)."""
+    return wrap(f"{q.dtype}: {q.bits_per_value:g} bits a value, {q.neuron_bytes} B per neuron; held-out perplexity "
+                f"{q.perplexity:.2f} ({q.perplexity_increase:+.2%} against {q.dense_perplexity:.2f}), top-1 agreement "
+                f"{q.top1_agreement:.2%} over {q.tokens:,} tokens; reads {s.mb:.3f} MB per token in {s.requests:.0f} "
+                f"requests of {s.mean_request_bytes / 1024:.2f} KiB, I/O {s.io_ms:.2f} ms (runs "
+                f"{', '.join(f'{r:.2f}' for r in s.io_ms_runs)}): {base.io_ms / s.io_ms:.2f}x less I/O time than "
+                f"fp16 (measured)")
+
+
+def quantized_quality(dense, stores: dict, ids, context: int = 256) -> list[QuantQuality]:
+    """Every store (name -> FlashStore) rebuilt as a dense model (its FFN rows dequantized, float32)
+    against the checkpoint's model `dense` on the token stream `ids`: perplexity and top-1 agreement."""
+    import torch
+    import torch.nn.functional as F
+
+    from flashnb.training.quality import dense_window_logits, windows
+
+    ids = np.asarray(ids, dtype=np.int64)
+    targets = [torch.from_numpy(ids[s + 1:e + 1]) for s, e in windows(ids, context)]
+    n = sum(len(t) for t in targets)
+
+    def nll(logits) -> float:
+        return sum(F.cross_entropy(x, t, reduction="sum").item() for x, t in zip(logits, targets)) / n
+
+    ref = dense_window_logits(dense, ids, context)
+    base = float(np.exp(nll(ref)))
+    out = []
+    for store in stores.values():
+        got = dense_window_logits(store.load_model(torch.float32), ids, context)
+        agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got)) / n
+        f = store.row_format
+        out.append(QuantQuality(f.name, f.bits_per_value, store.neuron_bytes, len(store.parts), f.code_bytes, n,
+                                float(np.exp(nll(got))), base, agree))
     return out

@@ -280,3 +280,51 @@ def placement_figure(sets: list[np.ndarray], ffn_dim: int, position: np.ndarray,
              x=("token", "position in the text"), y=("file row", "neuron slot in the layer's region"), height=520)
     fig.update_yaxes(autorange="reversed")
     return fig
+
+
+def dtype_figure(summary: dict, quality: dict, chosen: str = "q4") -> go.Figure:
+    """Notebook 04's row formats: left, one neuron's bundle of each format drawn to scale (each part's codes,
+    then its scales, flashnb.core.quant); middle and right, the data read and the I/O time per token
+    (measured, `summary`: format -> flashnb.lab.bundling.LayoutStats), whiskers the runs' range. `quality`:
+    format -> QuantQuality, for the hover. The `chosen` format is drawn solid, the others faded
+    (`highlight_dtype` moves it)."""
+    names = list(summary)
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.5, 0.25, 0.25], horizontal_spacing=0.08,
+                        subplot_titles=("one neuron's bundle", "read per token", "I/O per token"))
+    for n in names:
+        q = quality[n]
+        parts = q.parts
+        code = q.neuron_bytes / parts if n not in ("int8", "q4") else q.code_bytes
+        scale = q.neuron_bytes / parts - code
+        x0 = 0.0
+        for j in range(parts):
+            for what, width in (("values", code), ("scales", scale)):
+                if width:
+                    fig.add_trace(go.Bar(orientation="h", y=[n], x=[width], base=[x0], width=0.6, showlegend=False,
+                                         name=f"{n} {what}", meta=[n], opacity=1.0 if n == chosen else 0.35,
+                                         hovertemplate=f"{n}, part {j + 1}, {what}: {width:.0f} B<extra></extra>",
+                                         marker=dict(color=S.color(n) if what == "values" else "#f0e442",
+                                                     line=dict(color="white", width=1))), 1, 1)
+                x0 += width
+        v = summary[n]
+        kw = dict(showlegend=False, meta=[n], opacity=1.0 if n == chosen else 0.35, **S.bar(n, "measured"))
+        fig.add_trace(go.Bar(x=[n], y=[v.mb], name=S.label(n, "measured"),
+                             hovertemplate=f"{n}: %{{y:.3f}} MB per token, {v.requests:.0f} requests of "
+                                           f"{v.mean_request_bytes / 1024:.1f} KiB<extra></extra>", **kw), 1, 2)
+        fig.add_trace(go.Bar(x=[n], y=[v.io_ms], name=S.label(n, "measured"),
+                             error_y=S.whiskers([v.io_ms], [v.io_ms_runs or (v.io_ms,)]), **kw), 1, 3)
+    S.layout(fig, "Row formats: bytes per neuron, and what the engine reads per token in the same DRAM (measured)",
+             height=360, barmode="overlay")
+    fig.update_xaxes(title_text=S.axis_title("bytes of one bundle (yellow: fp16 scales)", "B"), row=1, col=1)
+    fig.update_yaxes(categoryorder="array", categoryarray=names[::-1], row=1, col=1)
+    for col, (qty, unit) in ((2, ("read per token", "MB")), (3, ("I/O per token", "ms"))):
+        fig.update_yaxes(title_text=S.axis_title(qty, unit), row=1, col=col)
+        fig.update_xaxes(title_text="FFN row format", row=1, col=col)
+    return fig
+
+
+def highlight_dtype(fig, chosen: str) -> None:
+    """Draw format `chosen` solid and the others faded in a dtype_figure (a FigureWidget: in place)."""
+    for t in fig.data:
+        if t.meta:
+            t.opacity = 1.0 if t.meta[0] == chosen else 0.35

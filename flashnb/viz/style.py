@@ -39,12 +39,14 @@ TECHNIQUE_COLORS: dict[str, str] = {
     "lookahead": "#fb9a99",    # salmon: all + lookahead reads
     "placed": "#882255",       # wine: all on a store in the co-activation order
     "floor": "#333333",        # near black: the FFN in DRAM, nothing read (the floor of a sparse token)
+    "int8": "#117733",         # dark green: all on int8 bundles
+    "q4": "#44aa99",           # teal: all on q4 bundles
 }
 TECHNIQUE_LABELS: dict[str, str] = {
     "naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
     "all": "+bundling (all)", "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
     "dense": "dense in DRAM", "pinned": "all + hot pinned", "lookahead": "all + lookahead", "placed": "all, co-activation order",
-    "floor": "floor (FFN in DRAM, no reads)",
+    "floor": "floor (FFN in DRAM, no reads)", "int8": "all, int8 bundles", "q4": "all, q4 bundles",
 }
 # Other spellings of the techniques (costmodel.paper_policies, flashnb bench, the paper's Table 2).
 TECHNIQUE_ALIASES: dict[str, str] = {
@@ -54,7 +56,8 @@ TECHNIQUE_ALIASES: dict[str, str] = {
 }
 # Store layouts share the colours of the techniques they stand for.
 LAYOUT_COLORS: dict[str, str] = {"bundled": TECHNIQUE_COLORS["all"], "unbundled": TECHNIQUE_COLORS["predictor"],
-                                 "co-activation": TECHNIQUE_COLORS["placed"]}  # bundled, co-activation order
+                                 "co-activation": TECHNIQUE_COLORS["placed"],  # bundled, co-activation order
+                                 "fp16": TECHNIQUE_COLORS["all"]}  # bundled fp16 beside int8 and q4
 
 # Latency components (stacked bars).
 COMPONENT_COLORS: dict[str, str] = {"io": "#56b4e9", "mm": "#f0e442", "compute": "#999999"}

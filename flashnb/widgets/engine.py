@@ -1,6 +1,9 @@
-"""Notebook 03's sliders: how much must each token read at each window size and DRAM budget?"""
+"""Notebook 03's sliders: how much must each token read at each window size and DRAM budget? And notebook
+04's row-format selector: what do int8 and q4 bundles save?"""
 
 from __future__ import annotations
+
+import html
 
 from flashnb.viz.engine import highlight, window_figure
 
@@ -82,3 +85,30 @@ def timeline_explorer(timeline, window: int = 4, budget: float = 0.5, budgets=(0
     slider.observe(redraw, names="value")
     budget_slider.observe(redraw, names="value")
     return W.VBox([W.HBox([slider, budget_slider]), text, fig]), slider, budget_slider, fig
+
+
+def dtype_selector(summary: dict, quality: dict, chosen: str = "q4"):
+    """Notebook 04's row-format selector: buttons fp16 / int8 / q4 that bring the chosen format forward in
+    flashnb.viz.engine.dtype_figure and write its bytes, quality and reads per token (all measured
+    beforehand: `summary` format -> LayoutStats, `quality` format -> QuantQuality). An ipywidgets VBox with
+    `.redraw(change)` for scripted use."""
+    import ipywidgets as w
+    import plotly.graph_objects as go
+
+    from flashnb.lab.bundling import quality_text
+    from flashnb.viz.engine import dtype_figure, highlight_dtype
+
+    fig = go.FigureWidget(dtype_figure(summary, quality, chosen))
+    base = summary[next(iter(summary))]
+    label = w.HTML(f"<pre>{html.escape(quality_text(quality[chosen], summary[chosen], base))}</pre>")
+    buttons = w.ToggleButtons(options=list(summary), value=chosen, description="FFN rows")
+
+    def redraw(change):
+        with fig.batch_update():
+            highlight_dtype(fig, change["new"])
+        label.value = f"<pre>{html.escape(quality_text(quality[change['new']], summary[change['new']], base))}</pre>"
+
+    buttons.observe(redraw, names="value")
+    box = w.VBox([buttons, label, fig])
+    box.redraw = redraw
+    return box
