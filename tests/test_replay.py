@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from flashnb.errors import FlashnbError
-from flashnb.bench.replay import ReplayShape, replay, replay_store, replay_whole_model, widen
+from flashnb.bench.replay import ReplayShape, replay, replay_store, replay_whole_model, widen, widened_placement
+from flashnb.core.placement import Placement, count_runs
 
 SHAPE = ReplayShape(layers=2, d_model=512, ffn_dim=256)
 
@@ -24,6 +25,26 @@ def test_widen_keeps_sets_sizes_and_maps_each_neuron_to_factor_neurons():
     assert all(np.all(np.diff(w) > 0) for t in wide for w in t)  # sorted, unique
     with pytest.raises(FlashnbError, match="at least as wide"):
         widen(small, SHAPE.ffn_dim + 1, SHAPE)
+
+
+def test_a_widened_placement_keeps_the_copies_of_a_neuron_a_block_apart():
+    rng = np.random.default_rng(3)
+    small_order = np.stack([rng.permutation(64) for _ in range(2)])
+    small = [[np.sort(rng.choice(64, 12, replace=False)) for _ in range(2)] for _ in range(20)]
+    placed = widened_placement(Placement(small_order, "f" * 16, 100, "test"), 64, SHAPE)
+    assert placed.order.shape == (SHAPE.layers, SHAPE.ffn_dim) and placed.fingerprint is None
+    wide = widen(small, 64, SHAPE)
+    pos = placed.position
+    for t_small, t_wide in zip(small, wide):
+        for layer in range(SHAPE.layers):
+            rows = np.sort(pos[layer][t_wide[layer]])
+            blocks = rows // 64
+            assert np.array_equal(np.bincount(blocks, minlength=4), [12] * 4)  # one copy of each neuron per block
+            small_rows = np.sort(np.argsort(small_order[layer])[t_small[layer]])
+            assert all(np.array_equal(rows[blocks == c] - 64 * c, small_rows) for c in range(4))
+    # so the runs of adjacent rows are the small model's, four times (two blocks' runs may touch)
+    runs_small, runs_wide = count_runs(small, np.argsort(small_order, axis=1)), count_runs(wide, pos)
+    assert 4 * runs_small - 3 * 20 * SHAPE.layers <= runs_wide <= 4 * runs_small
 
 
 def test_naive_and_sparse_replays_read_exact_bytes(stores):

@@ -10,6 +10,9 @@ contiguity is not flattered). Each configuration then reads, with the engine's r
 logic, exactly what the engine would read; only I/O is measured (no compute): label it
 *trace replay*, the closest this machine comes to the paper's Table 2.
 
+`widened_placement` carries the shipped co-activation placement onto a wider FFN the same way, each
+shipped neuron's copies a block of rows apart (flashnb bench --scale's `placed`).
+
 Two naive rows: flashnb's naive reads every layer's whole FFN (8.6 GB a token); the paper's Table 2
 naive moves the whole model (13.4 GB: "naive" loads everything that is not in DRAM, and nothing is).
 The second is measured too: with each layer's FFN, the same large reads fetch that layer's share of
@@ -30,10 +33,10 @@ from tqdm import tqdm
 from flashnb.bench.report import ReplayResult, ReplayRow
 from flashnb.core.defaults import ALIGNMENT, IN_FLIGHT
 from flashnb.core.io import aligned_empty
+from flashnb.core.manifest import FORMAT, FORMAT_VERSION
 from flashnb.core.memory import plan_memory
 from flashnb.core.reader import NeuronReader, ReaderConfig
 from flashnb.core.records import LayerStep, TokenStep
-from flashnb.core.manifest import FORMAT, FORMAT_VERSION
 from flashnb.core.store import FlashStore
 from flashnb.core.window import Window
 from flashnb.device.costmodel import opt_6_7b
@@ -125,6 +128,37 @@ def widen(sets_small: list[list[np.ndarray]], small_ffn: int, shape, seed: int =
             layers.append(np.sort(perm[wide]))
         out.append(layers)
     return out
+
+
+def widened_placement(placement, small_ffn: int, shape, seed: int = 0):
+    """The shipped model's co-activation placement (flashnb.core.placement) carried onto `shape`'s wider FFN
+    as `widen` maps its neurons, keeping the copies apart: small neuron j's copies are perfectly co-active
+    (they stand for the same neuron), so placing them side by side would make runs no real model has. Wide
+    file row c * small_ffn + r holds copy c of the small neuron at row r: each block of small_ffn rows is
+    the learned order once, and a neuron's copies lie a block apart, where no read merges them."""
+    from flashnb.core.placement import Placement
+
+    F = shape.ffn_dim
+    perm = np.random.default_rng(seed).permutation(F)
+    bounds = np.arange(small_ffn + 1, dtype=np.int64) * F // small_ffn
+    copies = np.diff(bounds)
+    L = placement.order.shape[0]
+    order = []
+    for wl in range(shape.layers):
+        small = placement.order[wl * L // shape.layers]
+        rows = [perm[bounds[small[copies[small] > c]] + c] for c in range(int(copies.max()))]
+        order.append(np.concatenate(rows))
+    return Placement(np.stack(order), None, placement.tokens,
+                     f"{placement.source}, carried x{F / small_ffn:g} onto a {F}-neuron FFN, copies a block apart")
+
+
+def shipped_placement_widened(shape):
+    """The shipped model's co-activation placement carried onto `shape` (`widened_placement`)."""
+    from flashnb.core.placement import load_placement
+    from flashnb.paths import SHIPPED_MODEL, data_dir
+
+    placement = load_placement(data_dir() / f"{SHIPPED_MODEL}-predictors")
+    return widened_placement(placement, placement.order.shape[1], shape)
 
 
 def _step(io_s: float, reads) -> TokenStep:

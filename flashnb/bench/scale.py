@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashnb.bench.replay import widen
+from flashnb.bench.replay import shipped_placement_widened, widen
 from flashnb.core.convert import ConvertConfig, write_store
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.io import AlignedBuffer, open_for_reading
@@ -129,18 +129,19 @@ def _source(shape: ScaleShape) -> dict:
 
 
 def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log=print,
-                 quantized: tuple[str, ...] = ()) -> dict[str, FlashStore]:
+                 extra: tuple[str, ...] = ()) -> dict[str, FlashStore]:
     """Both layouts of a random-weight store of `shape` in root/flashnb-scale-TAG/ (reused when already
-    there and valid), and a bundled store with rows of each format in `quantized` ("int8", "q4"; keyed by
-    it); the fp16 stores share one DRAM file (a hard link), so a process holds it once."""
+    there and valid), and the bundled stores named in `extra` (keyed by name): "int8" and "q4" with rows of
+    that format, "placed" in the shipped placement's order (`widened_placement`); stores of equal DRAM
+    files share one (a hard link), so a process holds it once."""
     folder = Path(root) / f"flashnb-scale-{shape.tag}"
     folder.mkdir(parents=True, exist_ok=True)
     ffn, other = shape.bytes()
     stores: dict[str, FlashStore] = {}
-    for layout in ("bundled", "unbundled") + tuple(quantized):
+    for layout in ("bundled", "unbundled") + tuple(extra):
         st = _valid(folder / layout, shape)
         if st is None:
-            dtype = layout if layout in quantized else "fp16"
+            dtype = layout if layout in ("int8", "q4") else "fp16"
             need = ffn * RowFormat(dtype, shape.d_model).part_bytes // (2 * shape.d_model) + other + (1 << 28)
             if _free_bytes(folder) < need:
                 raise FlashnbError(f"a {shape.tag} store ({layout}) needs {need / 1e9:.2f} GB free in {folder} "
@@ -149,8 +150,9 @@ def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log
             log(f"writing the {layout} store of {shape.tag} ({need / 1e9 - 0.27:.2f} GB of random weights) in "
                 f"{folder} ...")
             write_store(folder / layout, shape.config(), shape.config().to_hf(), SyntheticWeights(),
-                        ConvertConfig(layout=layout if dtype == "fp16" else "bundled", dtype=dtype, overwrite=True,
-                                      progress=progress),
+                        ConvertConfig(layout="unbundled" if layout == "unbundled" else "bundled", dtype=dtype,
+                                      overwrite=True, progress=progress,
+                                      placement=shipped_placement_widened(shape) if layout == "placed" else None),
                         source=_source(shape))
             st = FlashStore.open(folder / layout)
         stores[layout] = st
@@ -167,8 +169,8 @@ def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log
 def remove_scale_stores(root: str | Path, shape: ScaleShape) -> None:
     """Delete what `scale_stores` wrote (only its own files)."""
     folder = Path(root) / f"flashnb-scale-{shape.tag}"
-    for layout in ("bundled", "unbundled", "int8", "q4"):
-        for name in ("manifest.json", DRAM_FILE, FFN_FILE, "ffn.sum"):
+    for layout in ("bundled", "unbundled") + SCALE_OPT_IN:
+        for name in ("manifest.json", DRAM_FILE, FFN_FILE, "ffn.sum", "placement.bin"):
             p = folder / layout / name
             if p.is_file():
                 p.unlink()
@@ -248,7 +250,8 @@ def shipped_sets(tokens: int) -> tuple[list[list[np.ndarray]], int]:
 
 
 SCALE_CONFIGS = ("naive", "naive_model", "predictor", "windowing", "all", "mmap")
-SCALE_OPT_IN = ("int8", "q4")  # all on quantized bundles, in the fp16 model's budget: only when named
+SCALE_OPT_IN = ("int8", "q4", "placed")  # all on quantized bundles (in the fp16 model's budget) or in the
+                                        # shipped co-activation order (widened_placement): only when named
 SWEEP = ("shipped", "125m", "1.3b", "2.7b", "6.7b")
 
 
@@ -303,7 +306,7 @@ def run_scale(cfg, log=print):
     small, small_ffn = shipped_sets(prompt_len + cfg.tokens + 1)
     sets = widen(small, small_ffn, shape)
     prompt = [2, 133][:prompt_len]  # any ids: the weights are random, the sets replayed
-    stores = scale_stores(root, shape, cfg.progress, log, tuple(c for c in ("int8", "q4") if c in configs))
+    stores = scale_stores(root, shape, cfg.progress, log, tuple(c for c in SCALE_OPT_IN if c in configs))
     results: dict[str, ConfigResult] = {}
     try:
         config = stores["bundled"].config

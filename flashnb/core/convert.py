@@ -219,7 +219,8 @@ def _write_store(out: Path, config, model_config: dict, index, cfg: ConvertConfi
     model_fingerprint = fingerprint(config, samples.__getitem__)
     placement = None
     if cfg.placement is not None:
-        if cfg.placement.fingerprint != model_fingerprint:
+        mapped = cfg.placement.fingerprint is None and "synthetic" in source  # flashnb.bench.scale's random weights
+        if cfg.placement.fingerprint != model_fingerprint and not mapped:
             raise FlashnbError(f"the placement belongs to another model (fingerprint {cfg.placement.fingerprint}, "
                                f"this one is {model_fingerprint}): learn one for this model with `flashnb "
                                "train-predictors --placement-only --model SOURCE`")

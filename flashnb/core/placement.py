@@ -72,7 +72,8 @@ class Placement:
     """Every layer's neuron order on flash: order[layer][r] is the neuron at file row r."""
 
     order: np.ndarray   # int64 [layers, ffn_dim]
-    fingerprint: str    # the model's (flashnb.models.fingerprint)
+    fingerprint: str | None  # the model's (flashnb.models.fingerprint); None only for the random weights of
+                             # flashnb.bench.scale, which no model's placement can belong to
     tokens: int         # tokens whose neuron sets it was learned from
     source: str         # which sets: e.g. "predicted sets of 65536 training-split tokens"
 
