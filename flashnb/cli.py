@@ -268,7 +268,8 @@ def _add_run_commands(sub) -> None:
                                                    "all,pinned,lookahead,mmap,accelerate,dense,floor (default: all of "
                                                    "them); only when named: placed (all on a store in the co-activation "
                                                    "order of the predictors folder's placement.safetensors), int8 and "
-                                                   "q4 (all on a store of quantized bundles, in the fp16 model's budget)")
+                                                   "q4 (all on a store of quantized bundles, in the fp16 model's budget), "
+                                                   "int8-placed and q4-placed (both)")
     b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")
     b.add_argument("--profile", default=None, help="device profile JSON (default: the saved one, else a quick one)")
     b.add_argument("--replay", action="store_true",

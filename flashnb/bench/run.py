@@ -19,6 +19,7 @@ Configurations (the paper's Table 2 ladder, then the peers):
     placed      (opt-in) all on a bundled store in the co-activation order (PREDICTORS/placement.safetensors)
     int8, q4    (opt-in) all on a bundled store whose rows are quantized (flashnb.core.quant), in the same DRAM
                 bytes as the fp16 configurations (the budget is a fraction of the fp16 model)
+    int8-placed, q4-placed   (opt-in) both
     mmap        the FFN memory-mapped, page cache dropped before each token (llama.cpp's regime)
     accelerate  transformers + accelerate disk offload of the whole checkpoint, cache dropped per token
     dense       the whole model in DRAM: reads nothing, the reference (and the floor of the configurations
@@ -65,9 +66,9 @@ from flashnb.paths import data_dir, shipped_model_dir, temporary_folder
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "mmap", "accelerate", "dense",
            "floor")
-OPT_IN = ("placed", "int8", "q4")  # run only when asked for (--configs): all, on another store (see above)
-QUANTIZED = ("int8", "q4")
-ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all", "pinned", "lookahead", "placed") + QUANTIZED
+VARIANTS = ("placed", "int8", "q4", "int8-placed", "q4-placed")  # all, on another bundled store (see above)
+OPT_IN = VARIANTS  # run only when asked for (--configs)
+ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all", "pinned", "lookahead") + VARIANTS
 
 
 @dataclass
@@ -120,13 +121,26 @@ def engine_setup(name: str, window: int, memory: float | int, in_flight: int, ga
     """(store layout, Policy) of an engine configuration: naive reads every neuron of the bundled
     store; +predictor and +windowing read predicted neurons from the unbundled store (the latter
     keeping a window); all = +windowing on the bundled store; pinned = all with `pinned` rows per layer;
-    placed = all on the bundled store in the co-activation order (flashnb.core.placement); int8 and q4 = all
-    on a bundled store of that row format (give `memory` in bytes to hold the DRAM equal)."""
-    if name in ("placed",) + QUANTIZED:
+    the VARIANTS = all on a bundled store of their `variant` (give `memory` in bytes to hold the DRAM equal)."""
+    if name in VARIANTS:
         return name, Policy(window, memory, in_flight, gap_bytes)
     layout = "bundled" if name in ("naive", "all", "pinned", "lookahead") else "unbundled"
     keep = 0 if name in ("naive", "predictor") else window
     return layout, Policy(keep, memory, in_flight, gap_bytes, pinned if name == "pinned" else 0)
+
+
+def variant(name: str) -> tuple[str, bool]:
+    """(FFN row format, co-activation order or not) of the store a VARIANTS configuration runs "all" on."""
+    head = name.removesuffix("-placed")
+    return ("fp16" if head == "placed" else head), name.endswith("placed")
+
+
+def same_dram(name: str, memory: float | int, stores: dict) -> float | int:
+    """The budget of configuration `name`: a quantized store's in bytes of the fp16 model (stores["bundled"]),
+    so that every row format gets the same DRAM."""
+    if name in VARIANTS and variant(name)[0] != "fp16":
+        return budget_bytes(memory, stores["bundled"].memory_shape().model_bytes)
+    return memory
 
 
 def _has(*modules: str) -> bool:
@@ -136,7 +150,7 @@ def _has(*modules: str) -> bool:
 def _runner(name: str, cfg: BenchConfig, stores: dict, model_dir: Path, work: str, predictors, extra: dict, gap: int):
     if name in ENGINE_CONFIGS:
         pinning = extra.get("pinning")
-        memory = cfg.memory if name not in QUANTIZED else budget_bytes(cfg.memory, stores["bundled"].memory_shape().model_bytes)
+        memory = same_dram(name, cfg.memory, stores)
         layout, policy = engine_setup(name, cfg.window, memory, cfg.in_flight, gap, pinning.chosen if pinning else 0)
         pred = AllNeurons(stores[layout].ffn_dim) if name == "naive" else predictors
         return FlashEngine(stores[layout], pred, policy, lookahead=extra.get(name) if name == "lookahead" else None,
@@ -165,8 +179,9 @@ def _extras(cfg: BenchConfig, pred_dir: Path, store: FlashStore, predictors, gap
                                              io_ms=lambda steps: steps_io_ms(device, steps, cfg.in_flight))
         else:
             missing["pinned"] = f"no {HOT_FILE} in {pred_dir.name}: flashnb train-predictors --hot-neurons-only writes it"
-    if "placed" in cfg.configs and not (pred_dir / PLACEMENT_FILE).is_file():
-        missing["placed"] = f"no {PLACEMENT_FILE} in {pred_dir.name}: flashnb train-predictors --placement-only writes it"
+    for name in set(cfg.configs) & set(VARIANTS):
+        if variant(name)[1] and not (pred_dir / PLACEMENT_FILE).is_file():
+            missing[name] = f"no {PLACEMENT_FILE} in {pred_dir.name}: flashnb train-predictors --placement-only writes it"
     if "lookahead" in cfg.configs:
         if (pred_dir / "lookahead" / "predictors.safetensors").is_file():
             extra["lookahead"] = load_predictors(pred_dir / "lookahead")
@@ -226,11 +241,11 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         stores = {lay: FlashStore.open(convert(model_dir, Path(work) / lay, ConvertConfig(layout=lay, progress=False)))
                   for lay in ("bundled", "unbundled")}
         placement = pred_dir / PLACEMENT_FILE
-        if "placed" in cfg.configs and placement.is_file():
-            stores["placed"] = FlashStore.open(convert(model_dir, Path(work) / "placed", ConvertConfig(
-                progress=False, placement=load_placement(placement))))
-        for q in set(QUANTIZED) & set(cfg.configs):
-            stores[q] = FlashStore.open(convert(model_dir, Path(work) / q, ConvertConfig(dtype=q, progress=False)))
+        for name in sorted(set(VARIANTS) & set(cfg.configs)):
+            dtype, placed = variant(name)
+            if not placed or placement.is_file():
+                stores[name] = FlashStore.open(convert(model_dir, Path(work) / name, ConvertConfig(
+                    dtype=dtype, progress=False, placement=load_placement(placement) if placed else None)))
         predictors = load_predictors(pred_dir) if set(SPARSE) & set(cfg.configs) else None
         extra, missing = _extras(cfg, pred_dir, stores["bundled"], predictors, gap, device)
         with ExitStack() as stack:

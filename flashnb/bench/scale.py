@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from flashnb.bench.replay import shipped_placement_widened, widen
+from flashnb.bench.run import VARIANTS, variant
 from flashnb.core.convert import ConvertConfig, write_store
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.io import AlignedBuffer, open_for_reading
@@ -131,9 +132,10 @@ def _source(shape: ScaleShape) -> dict:
 def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log=print,
                  extra: tuple[str, ...] = ()) -> dict[str, FlashStore]:
     """Both layouts of a random-weight store of `shape` in root/flashnb-scale-TAG/ (reused when already
-    there and valid), and the bundled stores named in `extra` (keyed by name): "int8" and "q4" with rows of
-    that format, "placed" in the shipped placement's order (`widened_placement`); stores of equal DRAM
-    files share one (a hard link), so a process holds it once."""
+    there and valid), and the bundled stores of the configurations (flashnb.bench.run.VARIANTS) named in
+    `extra`, keyed by name: "int8" and "q4" with rows of that format, "placed" in the shipped placement's
+    order carried onto this shape (`widened_placement`), "q4-placed" both; stores of equal DRAM files share
+    one (a hard link), so a process holds it once."""
     folder = Path(root) / f"flashnb-scale-{shape.tag}"
     folder.mkdir(parents=True, exist_ok=True)
     ffn, other = shape.bytes()
@@ -141,7 +143,7 @@ def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log
     for layout in ("bundled", "unbundled") + tuple(extra):
         st = _valid(folder / layout, shape)
         if st is None:
-            dtype = layout if layout in ("int8", "q4") else "fp16"
+            dtype, placed = variant(layout) if layout in extra else ("fp16", False)
             need = ffn * RowFormat(dtype, shape.d_model).part_bytes // (2 * shape.d_model) + other + (1 << 28)
             if _free_bytes(folder) < need:
                 raise FlashnbError(f"a {shape.tag} store ({layout}) needs {need / 1e9:.2f} GB free in {folder} "
@@ -152,7 +154,7 @@ def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log
             write_store(folder / layout, shape.config(), shape.config().to_hf(), SyntheticWeights(),
                         ConvertConfig(layout="unbundled" if layout == "unbundled" else "bundled", dtype=dtype,
                                       overwrite=True, progress=progress,
-                                      placement=shipped_placement_widened(shape) if layout == "placed" else None),
+                                      placement=shipped_placement_widened(shape) if placed else None),
                         source=_source(shape))
             st = FlashStore.open(folder / layout)
         stores[layout] = st
@@ -250,15 +252,14 @@ def shipped_sets(tokens: int) -> tuple[list[list[np.ndarray]], int]:
 
 
 SCALE_CONFIGS = ("naive", "naive_model", "predictor", "windowing", "all", "mmap")
-SCALE_OPT_IN = ("int8", "q4", "placed")  # all on quantized bundles (in the fp16 model's budget) or in the
-                                        # shipped co-activation order (widened_placement): only when named
+SCALE_OPT_IN = VARIANTS  # all on quantized bundles (in the fp16 model's budget) or in the shipped co-activation
+                         # order (widened_placement), or both: only when named
 SWEEP = ("shipped", "125m", "1.3b", "2.7b", "6.7b")
 
 
 def _runner(name: str, stores: dict, sets, shape: ScaleShape, policy: Policy):
     from flashnb.bench.baselines import MmapEngine
-    from flashnb.bench.run import engine_setup
-    from flashnb.core.memory import budget_bytes
+    from flashnb.bench.run import engine_setup, same_dram
     from flashnb.core.predictor import AllNeurons
 
     if name == "mmap":
@@ -268,9 +269,7 @@ def _runner(name: str, stores: dict, sets, shape: ScaleShape, policy: Policy):
         pol = Policy(0, policy.memory_budget, policy.in_flight, policy.gap_bytes)
         cls = WholeModelNaive if name == "naive_model" else FlashEngine
         return cls(stores["bundled"], everything, pol)
-    memory = policy.memory_budget  # int8, q4: in the fp16 model's bytes, so the DRAM is the same
-    if name in ("int8", "q4"):
-        memory = budget_bytes(memory, stores["bundled"].memory_shape().model_bytes)
+    memory = same_dram(name, policy.memory_budget, stores)  # quantized: the fp16 model's DRAM
     layout, pol = engine_setup(name, policy.window, memory, policy.in_flight, policy.gap_bytes)
     return FlashEngine(stores[layout], ReplayedSets(sets, shape.d_model, shape.ffn_dim), pol)
 
