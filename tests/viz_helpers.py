@@ -16,7 +16,7 @@ FIGURE_FUNCTIONS = {
     "sparsity.sparsity_figure", "sparsity.activity_heatmap", "sparsity.reuse_figure", "sparsity.selection_figure",
     "sparsity.tradeoff_figure", "sparsity.friend_figure", "engine.window_figure", "engine.timeline_figure",
     "engine.window_animation_figure", "engine.memory_figure", "engine.byte_layout_figure", "engine.swap_figure",
-    "engine.layout_figure", "engine.placement_figure", "beyond.activation_figure", "beyond.sparsity_figure",
+    "engine.layout_figure", "engine.placement_figure", "engine.dtype_figure", "beyond.activation_figure", "beyond.sparsity_figure",
     "beyond.memory_figure", "beyond.budget_figure", "tour.data_moved_figure", "tour.time_breakdown_figure", "tour.breakdown_figure",
     "tour.ladder_figure", "tour.budget_figure", "tour.costs_figure", "tour.waterfall_figure", "tour.split_figure",
     "tour.sweep_figure",
@@ -102,8 +102,22 @@ def style_figures() -> dict:
         "engine.layout": ve.layout_figure(layout_summary(steps)),
         "engine.placement": ve.placement_figure([np.array([1, 5]), np.array([2, 5, 6])], 8,
                                                 np.array([7, 0, 1, 2, 3, 4, 5, 6])),
+        "engine.dtype": ve.dtype_figure(*dtype_results()),
         **beyond_figures(),
     }
+
+
+def dtype_results() -> tuple[dict, dict]:
+    """Notebook 04's row formats from made-up numbers: (format -> LayoutStats, format -> QuantQuality)."""
+    from flashnb.lab.bundling import LayoutStats, QuantQuality
+
+    stats = {dt: LayoutStats("bundled", r, mb * 1e6 / r, mb, io, mb / io, (io * 0.9, io, io * 1.1))
+             for dt, r, mb, io in (("fp16", 430, 1.4, 8.6), ("int8", 300, 0.85, 5.4), ("q4", 220, 0.5, 3.6))}
+    quality = {dt: QuantQuality(dt, bits, nb, ("fc1", "fc2"), code, 2048, ppl, 96.5, top1)
+               for dt, bits, nb, code, ppl, top1 in (("fp16", 16, 2048, 1024, 96.5, 1.0),
+                                                     ("int8", 8.5, 1088, 512, 96.5, 0.999),
+                                                     ("q4", 4.5, 576, 256, 96.56, 0.98))}
+    return stats, quality
 
 
 def beyond_figures() -> dict:

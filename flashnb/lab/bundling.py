@@ -107,7 +107,7 @@ class QuantQuality:
     dtype: str
     bits_per_value: float
     neuron_bytes: int       # one bundle on flash
-    parts: int              # slices in a bundle (up | down: 2)
+    parts: tuple[str, ...]  # the matrices whose slices make a bundle, in order (OPT: fc1, fc2)
     code_bytes: int         # of one slice, its values without their scales
     tokens: int
     perplexity: float
@@ -151,6 +151,6 @@ def quantized_quality(dense, stores: dict, ids, context: int = 256) -> list[Quan
         got = dense_window_logits(store.load_model(torch.float32), ids, context)
         agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got)) / n
         f = store.row_format
-        out.append(QuantQuality(f.name, f.bits_per_value, store.neuron_bytes, len(store.parts), f.code_bytes, n,
+        out.append(QuantQuality(f.name, f.bits_per_value, store.neuron_bytes, tuple(store.parts), f.code_bytes, n,
                                 float(np.exp(nll(got))), base, agree))
     return out

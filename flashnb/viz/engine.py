@@ -293,18 +293,20 @@ def dtype_figure(summary: dict, quality: dict, chosen: str = "q4") -> go.Figure:
                         subplot_titles=("one neuron's bundle", "read per token", "I/O per token"))
     for n in names:
         q = quality[n]
-        parts = q.parts
-        code = q.neuron_bytes / parts if n not in ("int8", "q4") else q.code_bytes
-        scale = q.neuron_bytes / parts - code
+        code = q.neuron_bytes / len(q.parts) if n not in ("int8", "q4") else q.code_bytes
+        scale = q.neuron_bytes / len(q.parts) - code
         x0 = 0.0
-        for j in range(parts):
+        for j, part in enumerate(q.parts):
             for what, width in (("values", code), ("scales", scale)):
                 if width:
+                    look = S.bar(n, "measured", None if what == "values" else S.SCALES)
+                    look["marker"]["line"] = dict(color="white", width=1)
                     fig.add_trace(go.Bar(orientation="h", y=[n], x=[width], base=[x0], width=0.6, showlegend=False,
-                                         name=f"{n} {what}", meta=[n], opacity=1.0 if n == chosen else 0.35,
-                                         hovertemplate=f"{n}, part {j + 1}, {what}: {width:.0f} B<extra></extra>",
-                                         marker=dict(color=S.color(n) if what == "values" else "#f0e442",
-                                                     line=dict(color="white", width=1))), 1, 1)
+                                         name=S.label(f"{n} {what}", "measured"), meta=[n],
+                                         opacity=1.0 if n == chosen else 0.35, textposition="inside",
+                                         text=[part if what == "values" else ""], insidetextanchor="middle",
+                                         hovertemplate=f"{n}, {part}, {what}: {width:.0f} B<extra></extra>",
+                                         **look), 1, 1)
                 x0 += width
         v = summary[n]
         kw = dict(showlegend=False, meta=[n], opacity=1.0 if n == chosen else 0.35, **S.bar(n, "measured"))
@@ -315,8 +317,8 @@ def dtype_figure(summary: dict, quality: dict, chosen: str = "q4") -> go.Figure:
                              error_y=S.whiskers([v.io_ms], [v.io_ms_runs or (v.io_ms,)]), **kw), 1, 3)
     S.layout(fig, "Row formats: bytes per neuron, and what the engine reads per token in the same DRAM (measured)",
              height=360, barmode="overlay")
-    fig.update_xaxes(title_text=S.axis_title("bytes of one bundle (yellow: fp16 scales)", "B"), row=1, col=1)
-    fig.update_yaxes(categoryorder="array", categoryarray=names[::-1], row=1, col=1)
+    fig.update_xaxes(title_text=S.axis_title("bytes of one bundle (yellow: the fp16 scales)", "B"), row=1, col=1)
+    fig.update_yaxes(categoryorder="array", categoryarray=names[::-1], title_text="FFN row format", row=1, col=1)
     for col, (qty, unit) in ((2, ("read per token", "MB")), (3, ("I/O per token", "ms"))):
         fig.update_yaxes(title_text=S.axis_title(qty, unit), row=1, col=col)
         fig.update_xaxes(title_text="FFN row format", row=1, col=col)

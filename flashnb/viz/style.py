@@ -74,6 +74,7 @@ PHASE_LABELS: dict[str, str] = {
 
 # Anything that is neither a technique nor a component: this machine's data series / the paper's.
 OURS = TECHNIQUE_COLORS["all"]
+SCALES = COMPONENT_COLORS["mm"]  # the fp16 scales inside a quantized bundle (notebook 04), beside its values
 PAPER = "#d62728"
 
 # Series that are not techniques (reads in flight, layers): a neutral ramp from light to dark grey-blue.
