@@ -28,6 +28,11 @@ from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import SWIGLU_MODEL, data_dir, shipped_predictors_dir, temporary_folder
 
 
+def budget_words(budget: float | int) -> str:
+    """A --memory value as given: a fraction (0.5) or bytes in MiB."""
+    return f"{budget:g}" if isinstance(budget, float) else f"{budget / 2**20:.1f} MiB"
+
+
 def per_token_table(steps, tok, out_ids) -> str:
     """One line per generated token: neurons predicted / already cached / read, bytes and times."""
     lines = [f"{'token':<14} {'predicted':>9} {'cached':>7} {'read':>6} {'KB read':>8} {'I/O ms':>7} "
@@ -70,7 +75,7 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
         mem = eng.memory
         print(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
               f"{mem.used_bytes / 2**20:.1f} MiB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
-              f"{mem.model_bytes / 2**20:.1f} MiB (budget {policy.memory_budget:g}); {predictor.name}"
+              f"{mem.model_bytes / 2**20:.1f} MiB (budget {budget_words(policy.memory_budget)}); {predictor.name}"
               f"{'' if thresholds is None else f' and {thresholds.criterion} thresholds ({thresholds.sparsity:.0%})'}, window "
               f"{policy.window} ({mem.capacity_rows} rows per layer), {mem.pinned_rows} hot neurons pinned per "
               f"layer, {store.layout} store\n", file=sys.stderr)

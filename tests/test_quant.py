@@ -184,3 +184,14 @@ def test_cli_converts_q4_and_says_the_bytes(quantized, tmp_path, capsys):
     assert "bundled q4" in out and "54 bytes/neuron" in out  # gate | up | down: three blocks of 18 bytes
     st = FlashStore.open(tmp_path / "s")
     assert st.manifest["dtype"] == "fp16" and st.manifest["ffn_dtype"] == "q4"
+
+
+def test_a_placement_of_another_shape_is_one_clear_error_before_writing(quantized, tmp_path):
+    from flashnb.core.placement import Placement
+
+    folders, _ = quantized
+    other = Placement(np.stack([np.arange(128)] * 2), "0" * 16, 10, "another model's")
+    with pytest.raises(FlashnbError, match=r"orders 2 layers x 128 neurons, this model has 2 x 64: it belongs to "
+                                           "another model"):
+        convert(folders["opt"], tmp_path / "never", ConvertConfig(dtype="q4", progress=False, placement=other))
+    assert not (tmp_path / "never").exists()

@@ -163,6 +163,11 @@ def write_store(dst: str | Path, config, model_config: dict, tensors, cfg: Conve
     RowFormat(cfg.dtype, config.hidden_size)  # ... or a row format it cannot have
     if cfg.dram_dtype not in DTYPES:
         raise FlashnbError(f"unknown DRAM dtype {cfg.dram!r}; choose one of {', '.join(DTYPES)}")
+    want = (config.num_hidden_layers, config.ffn_dim)
+    if cfg.placement is not None and tuple(cfg.placement.order.shape) != want:
+        raise FlashnbError(f"the placement orders {cfg.placement.order.shape[0]} layers x {cfg.placement.order.shape[1]} "
+                           f"neurons, this model has {want[0]} x {want[1]}: it belongs to another model; learn one for "
+                           "this model with `flashnb train-predictors --placement-only --model SOURCE`")
     check = check or (lambda: check_replaceable(dst, cfg.overwrite))
     if not dst.parent.is_dir():
         raise FlashnbError(f"folder {dst.parent} does not exist; create it first")

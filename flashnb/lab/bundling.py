@@ -121,12 +121,16 @@ class QuantQuality:
 
 def quality_text(q: QuantQuality, s: LayoutStats, base: LayoutStats) -> str:
     """One format's line: its bytes, its quality (measured) and its reads per token against `base` (fp16)."""
+    if s is base:
+        against = "the reference"
+    else:
+        against = (f"{base.io_ms / s.io_ms:.2f}x less I/O time than fp16"
+                   + ("" if apart(s, base) else " (the runs overlap fp16's: no clear winner on this disk)"))
     return wrap(f"{q.dtype}: {q.bits_per_value:g} bits a value, {q.neuron_bytes} B per neuron; held-out perplexity "
                 f"{q.perplexity:.2f} ({q.perplexity_increase:+.2%} against {q.dense_perplexity:.2f}), top-1 agreement "
-                f"{q.top1_agreement:.2%} over {q.tokens:,} tokens; reads {s.mb:.3f} MB per token in {s.requests:.0f} "
-                f"requests of {s.mean_request_bytes / 1024:.2f} KiB, I/O {s.io_ms:.2f} ms (runs "
-                f"{', '.join(f'{r:.2f}' for r in s.io_ms_runs)}): {base.io_ms / s.io_ms:.2f}x less I/O time than "
-                f"fp16 (measured)")
+                f"{q.top1_agreement:.2%} over {q.tokens:,} next-token predictions; reads {s.mb:.3f} MB per token in "
+                f"{s.requests:.0f} requests of {s.mean_request_bytes / 1024:.2f} KiB, I/O {s.io_ms:.2f} ms (runs "
+                f"{', '.join(f'{r:.2f}' for r in s.io_ms_runs)}): {against} (measured)")
 
 
 def quantized_quality(dense, stores: dict, ids, context: int = 256) -> list[QuantQuality]:

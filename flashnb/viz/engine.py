@@ -242,10 +242,14 @@ def layout_figure(summary: dict, title: str = "Bundled vs unbundled store, same 
     for n in names:
         v = summary[n]
         kw = dict(name=S.label(n, "measured"), legendgroup=n, **S.bar(n, "measured"))
-        fig.add_trace(go.Bar(x=[n], y=[v.requests], **kw), 1, 1)
-        fig.add_trace(go.Bar(x=[n], y=[v.mean_request_bytes / 1024], showlegend=False, **kw), 1, 2)
         runs = v.io_ms_runs or (v.io_ms,)
+        fig.add_trace(go.Bar(x=[n], y=[v.requests], hovertemplate=f"{n}: %{{y:.0f}} requests per token<extra></extra>",
+                             **kw), 1, 1)
+        fig.add_trace(go.Bar(x=[n], y=[v.mean_request_bytes / 1024], showlegend=False,
+                             hovertemplate=f"{n}: %{{y:.2f}} KiB per request<extra></extra>", **kw), 1, 2)
         fig.add_trace(go.Bar(x=[n], y=[v.io_ms], showlegend=False, text=[f"{v.gbps:.3f} GB/s"],
+                             hovertemplate=f"{n}: %{{y:.2f}} ms per token (runs {', '.join(f'{r:.2f}' for r in runs)})"
+                                           "<extra></extra>",
                              textposition="inside", insidetextanchor="start", textfont=dict(color="white"),
                              **kw,   # the label at the bar's foot, clear of the whisker at its top
                              error_y=S.whiskers([v.io_ms], [runs])), 1, 3)
@@ -313,11 +317,13 @@ def dtype_figure(summary: dict, quality: dict, chosen: str = "q4") -> go.Figure:
         fig.add_trace(go.Bar(x=[n], y=[v.mb], name=S.label(n, "measured"),
                              hovertemplate=f"{n}: %{{y:.3f}} MB per token, {v.requests:.0f} requests of "
                                            f"{v.mean_request_bytes / 1024:.1f} KiB<extra></extra>", **kw), 1, 2)
-        fig.add_trace(go.Bar(x=[n], y=[v.io_ms], name=S.label(n, "measured"),
-                             error_y=S.whiskers([v.io_ms], [v.io_ms_runs or (v.io_ms,)]), **kw), 1, 3)
+        runs = v.io_ms_runs or (v.io_ms,)
+        fig.add_trace(go.Bar(x=[n], y=[v.io_ms], name=S.label(n, "measured"), error_y=S.whiskers([v.io_ms], [runs]),
+                             hovertemplate=f"{n}: %{{y:.2f}} ms per token (runs {', '.join(f'{r:.2f}' for r in runs)})"
+                                           "<extra></extra>", **kw), 1, 3)
     S.layout(fig, "Row formats: bytes per neuron, and what the engine reads per token in the same DRAM (measured)",
              height=360, barmode="overlay")
-    fig.update_xaxes(title_text=S.axis_title("bytes of one bundle (yellow: the fp16 scales)", "B"), row=1, col=1)
+    fig.update_xaxes(title_text=S.axis_title("bundle bytes: values, then scales in yellow", "B"), row=1, col=1)
     fig.update_yaxes(categoryorder="array", categoryarray=names[::-1], title_text="FFN row format", row=1, col=1)
     for col, (qty, unit) in ((2, ("read per token", "MB")), (3, ("I/O per token", "ms"))):
         fig.update_yaxes(title_text=S.axis_title(qty, unit), row=1, col=col)
