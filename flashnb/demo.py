@@ -26,6 +26,7 @@ from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import SWIGLU_MODEL, data_dir, shipped_predictors_dir, temporary_folder
+from flashnb.text import wrap
 
 
 def budget_words(budget: float | int) -> str:
@@ -99,6 +100,20 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
               f"compute {mean.compute_ms:.2f} ms, total {mean.total_ms:.2f} ms (median {mean.median_ms:.2f}); the "
               f"FFN on flash is {(mem.model_bytes - mem.resident_bytes) / 1e6:.2f} MB"
               + (" (the gate matrices stay in DRAM)" if store.gate_in_dram else ""), file=sys.stderr)
+        print(window_advice(mean, mem, store.num_layers), end="", file=sys.stderr)
+
+
+def window_advice(mean: TokenStats, mem, layers: int) -> str:
+    """A measured warning when a layer's rows hold fewer neurons than a token needed there on average (then
+    every token is read in parts and the window keeps little for the next one), else nothing."""
+    need = mean.predicted / layers if mean.predicted is not None else 0.0
+    held = mem.capacity_rows + mem.pinned_rows
+    if need <= held:
+        return ""
+    return wrap(f"note: a token needed {need:.0f} neurons per layer on average (measured), more than the {held} rows "
+                f"this budget leaves each layer, so every token was read in parts and little stayed for the next "
+                f"one; each more row costs {mem.row_bytes} B of --memory (about {(need - held) * layers * mem.row_bytes / 2**20:.1f} "
+                f"MiB more would hold one token's neurons, more again the window's)") + "\n"
 
 
 def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, window: int, in_flight: int,

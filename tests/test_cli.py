@@ -61,6 +61,18 @@ def test_generate_from_a_store_prints_json_records(shipped_store, capsys):
     assert got["mean"]["bytes_read"] == pytest.approx(sum(r["bytes_read"] for r in got["tokens"]) / 5)
 
 
+def test_a_budget_that_leaves_fewer_rows_than_a_token_needs_is_said(shipped_store, capsys):
+    import re
+
+    argv = ["generate", "--store", str(shipped_store), "--prompt", "Return a new list", "-n", "6", "--stats", "summary"]
+    assert main(argv + ["--memory", "0.46"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    m = re.search(r"a token needed (\d+) neurons per layer on average \(measured\), more than the (\d+) rows", err)
+    assert m and int(m.group(1)) > int(m.group(2))
+    assert main(argv + ["--memory", "0.9"]) == 0      # room for every token's neurons: nothing to say
+    assert "note: a token needed" not in capsys.readouterr().err
+
+
 def test_generate_from_a_store_of_another_model_needs_predictors(tmp_path, tiny_opt_dir, capsys):
     from flashnb.core.convert import ConvertConfig, convert
 
