@@ -169,8 +169,9 @@ def cmd_profile(args) -> None:
 def _add_flash_commands(sub) -> None:
     c = sub.add_parser("convert", help="convert a Hugging Face folder into a flash store",
                        description="Write a flash store: manifest.json, dram.safetensors (everything but the "
-                                   "FFN matrices), ffn.bin (the FFN, 4 KiB-aligned regions per layer) and "
-                                   "tokenizer.json. The source folder is only read.")
+                                   "FFN matrices), ffn.bin (the FFN, 4 KiB-aligned regions per layer), ffn.sum (a "
+                                   "checksum per bundle), placement.bin (with --placement) and tokenizer.json. The "
+                                   "source folder is only read.")
     c.add_argument("hf_folder", metavar="HF_FOLDER", help="folder with config.json and *.safetensors")
     c.add_argument("store", metavar="STORE", help="store folder to create")
     c.add_argument("--layout", choices=["bundled", "unbundled", "gate-apart"], default="bundled",

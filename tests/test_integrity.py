@@ -126,3 +126,9 @@ def test_unsorted_and_repeated_ids_are_checked_against_their_own_rows(store):
         for ids in ([0, 5, 3, 9], [7, 7, 2, 0, 2], [3, 1, 2]):   # rows land in first-occurrence order
             rows = r.read(0, ids).rows
             assert (rows == r.read(0, sorted(ids)).rows[np.searchsorted(sorted(ids), ids)]).all()
+
+
+def test_a_missing_checksum_table_is_named_missing(store):
+    (store.path / "ffn.sum").unlink()
+    with pytest.raises(FlashnbError, match=r"ffn.sum: is missing \(the per-bundle checksums\)"):
+        FlashStore.open(store.path)

@@ -167,7 +167,9 @@ def format_table(result: BenchResult) -> str:
                       "time for this run's requests on the device profile (modeled). MB/token for mmap and "
                       "accelerate: bytes the kernel read. 'x floor': total / the same token's unavoidable work "
                       "measured in this run (the floor: the model without FFNs, the predictors and the sparse FFN "
-                      "math with the FFN in DRAM; dense for the configurations without predictors)."))
+                      "math with the FFN in DRAM; dense for the configurations without predictors). GB/s: bytes read "
+                      "per second of I/O. —: not measured in this run (vs naive without naive, x floor without floor "
+                      "or dense, I/O apart from compute for mmap and accelerate)."))
     if result.scale:
         lines += scale_lines(result)
     rp = result.replay

@@ -189,6 +189,8 @@ def _validate_files(p: Path, mf: Path, m: dict, ffn_bytes: int) -> None:
     if not isinstance(sums, dict) or sums.get("algorithm") != ALGORITHM:
         raise bad_store(mf, f"the per-bundle checksums ({ALGORITHM}) are missing")
     sums_path = p / plain_name(mf, sums.get("name"), "checksums name")
+    if not sums_path.is_file():
+        raise bad_store(sums_path, "is missing (the per-bundle checksums)")
     rows = sum(len(regs) for regs in m["layers"]) * m["ffn_dim"]
     if sums.get("bytes") != rows * DIGEST.itemsize or not sums_path.is_file() \
             or sums_path.stat().st_size != sums["bytes"]:
