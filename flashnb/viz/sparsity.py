@@ -155,12 +155,15 @@ def friend_figure(results: list) -> go.Figure:
         "friend bundles vs plain reads", "closest friend is a top-5% hot neuron"))
     bytes_c, reads_c = S.sequence(2)
     fig.add_trace(go.Bar(x=layers, y=[r.bytes_ratio for r in results], name=S.label("bytes read", "measured"),
+                         hovertemplate="%{x}: %{y:.2f}x the bytes of plain reads<extra></extra>",
                          **S.bar("bytes", "measured", bytes_c)), row=1, col=1)
     fig.add_trace(go.Bar(x=layers, y=[r.reads_ratio for r in results], name=S.label("read operations", "measured"),
+                         hovertemplate="%{x}: %{y:.2f}x the read operations of plain reads<extra></extra>",
                          **S.bar("reads", "measured", reads_c)), row=1, col=1)
     fig.add_hline(y=1.0, line_dash="dot", line_color=S.TECHNIQUE_COLORS["naive"], row=1, col=1)
     fig.add_trace(go.Bar(x=layers, y=[r.hot_friend_share for r in results], name=S.label("friend is hot", "measured"),
-                         **S.bar("naive", "measured")), row=1, col=2)
+                         hovertemplate="%{x}: %{y:.0%} of neurons have a top-5% hot neuron as closest friend"
+                                       "<extra></extra>", **S.bar("naive", "measured")), row=1, col=2)
     S.layout(fig, "Closest-friend bundling (measured; the paper reports it fails for OPT 6.7B)", x=("layer", None),
              height=420, barmode="group")
     fig.update_yaxes(title_text=S.axis_title("friend bundles / plain reads", "ratio, 1 = no change"), row=1, col=1)
