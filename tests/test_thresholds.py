@@ -95,6 +95,29 @@ def test_oracle_and_all_neurons_with_thresholds_equal_the_thresholded_model(swig
         assert (logits - ref).abs().max().item() <= 1e-4
 
 
+def test_gate_candidates_read_then_kept_by_the_product_equal_the_two_rule_model(swiglu):
+    """Two stages from one gate-apart store: the gate in DRAM picks candidates (scaled-gate thresholds at a lower
+    sparsity), their up | down bundles are read, and the FFN keeps those whose |SiLU(gate) x up| passes the product
+    thresholds: the dense model restricted to both rules, exactly; fewer neurons than the gate alone picked."""
+    folder, stores, calib = swiglu
+    dense = load_model(folder)
+    candidates, product = calibrate(dense, calib, 0.3, "scaled-gate"), calibrate(dense, calib, 0.5, "product")
+    both = Fires(dense, product, Fires(dense, candidates))
+    with restricted_ffns(load_model(folder), both) as reference:
+        expected = list(generate(reference, PROMPT, 32))
+        with torch.no_grad():
+            ref = reference(torch.tensor([PROMPT + expected[:-1]]))[0]
+    st = stores["gate-apart"]
+    with FlashEngine(st, GateThresholds(st, candidates), Policy(2, 1.0, in_flight=2), thresholds=product) as eng:
+        got, logits = greedy_with_logits(eng, PROMPT, 32)
+        steps = eng.steps
+    assert got == expected and (logits - ref).abs().max().item() <= 1e-4
+    with restricted_ffns(load_model(folder), Fires(dense, candidates)) as gate_only, torch.no_grad():
+        assert (gate_only(torch.tensor([PROMPT + got[:-1]]))[0] - ref).abs().max().item() > 1e-3  # the product acted
+    read = sum(s.predicted for s in steps) / (len(steps) * LAYERS * FFN)   # the candidates, about 70%
+    assert 0.55 < read < 0.85
+
+
 def test_gate_apart_store_keeps_the_gate_in_dram_and_counts_it(swiglu):
     folder, stores, _ = swiglu
     bundled, apart = stores["bundled"], stores["gate-apart"]
