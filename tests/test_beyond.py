@@ -50,6 +50,16 @@ def test_explorer_measures_the_thresholded_model_and_its_reads(models):
     assert "Target sparsity 50%" in B.sparsity_text([half])
 
 
+def test_two_stages_drop_what_either_rule_drops_and_read_the_gates_candidates(models):
+    sw, _, stores, ids = models
+    ex = B.SparsityExplorer(sw, stores, ids[:200], ids[200:329], window=2, context=64)
+    two, pick, keep = ex.two_stage(0.3, 0.5), ex.measure("scaled-gate", 0.3), ex.measure("product", 0.5)
+    assert two.read_share == pick.read_share                   # what is read: the gate's candidates
+    assert two.measured_sparsity >= max(pick.measured_sparsity, keep.measured_sparsity) - 0.02
+    assert two.measured_sparsity <= pick.measured_sparsity + keep.measured_sparsity + 0.02
+    assert "gate picks, product keeps" in B.sparsity_text([keep, two])
+
+
 def test_explorer_reads_are_the_engines_bytes(models):
     """The read share previews what the engine, run on the same tokens with the same thresholds, reads."""
     sw, _, stores, ids = models

@@ -28,7 +28,7 @@ from flashnb.training.traces import record
 
 # What each criterion is called in the lesson's figures and sentences.
 CRITERION_LABELS = {"gate": "|SiLU(gate)| (CATS)", "scaled-gate": "|SiLU(gate)| x rms(up)",
-                    "product": "|SiLU(gate) x up|"}
+                    "product": "|SiLU(gate) x up|", "two-stage": "gate picks, product keeps"}
 
 
 def whole_ffn_bytes(store, parts: int | None = None) -> int:
@@ -149,6 +149,30 @@ class SparsityExplorer:
 
     def curve(self, criterion: str, sparsities) -> list[SparsityPoint]:
         return [self.measure(criterion, s) for s in sparsities]
+
+    def two_stage(self, candidates: float, sparsity: float) -> SparsityPoint:
+        """Deciding in two stages: the gate in DRAM picks candidates (scaled-gate thresholds at `candidates`
+        sparsity), their up | down bundles are read, and the product |SiLU(gate) x up| keeps those above its
+        thresholds at `sparsity`: what FlashEngine(gate-apart store, GateThresholds(store, candidates),
+        thresholds=product) runs. Reads: the candidates'; measured_sparsity: the share the two rules drop."""
+        pick, keep = self.thresholds("scaled-gate", candidates), self.thresholds("product", sparsity)
+        rule = _Kept(Fires(self.model, keep, Fires(self.model, pick)))
+        q = quality(self.model, rule, self.eval_ids, self.context, self.dense)
+        read = self.measure("scaled-gate", candidates).read_share
+        return SparsityPoint("two-stage", round(float(sparsity), 4), 1.0 - float(np.mean(rule.kept)), q, read,
+                             self.window)
+
+
+class _Kept:
+    """A `Fires` that remembers the share of neurons it kept at each call."""
+
+    def __init__(self, fires: Fires):
+        self.fires, self.n_layers, self.ffn_dim, self.kept = fires, fires.n_layers, fires.ffn_dim, []
+
+    def predict(self, layer: int, x):
+        mask = self.fires.predict(layer, x)
+        self.kept.append(float(mask.float().mean()))
+        return mask
 
 
 def sparsity_text(points: list[SparsityPoint]) -> str:
