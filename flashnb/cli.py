@@ -79,7 +79,8 @@ def cmd_demo(args) -> None:
     from flashnb.demo import generate_from_flash
 
     generate_from_flash(folder, args.prompt, args.n, args.memory, args.window, args.in_flight, args.table,
-                        predictors_dir=args.predictors, pinned=args.pinned, gate_in_dram=args.gate_in_dram)
+                        predictors_dir=args.predictors, pinned=args.pinned, gate_in_dram=args.gate_in_dram,
+                        two_stage=args.two_stage)
 
 
 def cmd_bench(args) -> None:
@@ -233,6 +234,10 @@ def _add_run_commands(sub) -> None:
                    help="a SwiGLU model: keep its gate matrices in DRAM and let them decide with the gate thresholds "
                         "of its predictors folder, instead of low-rank predictors (needs more memory: 0.6 for "
                         "data/flashnb-llama-11m)")
+    d.add_argument("--two-stage", action="store_true",
+                   help="a SwiGLU model, gate in DRAM: its gate picks candidates, their up | down rows are read and "
+                        "|SiLU(gate) * up| keeps those above the product thresholds (the folder's two-stage/, from "
+                        "`flashnb train-predictors --two-stage-only`; needs about 0.6 of the model as --gate-in-dram)")
     d.add_argument("--prompt", type=utf8_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
     d.add_argument("-n", type=whole(1, 4096), default=32, help="new tokens (default: %(default)s)")
     add_memory(d)

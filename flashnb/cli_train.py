@@ -42,11 +42,17 @@ def cmd_train_predictors(args) -> None:
     model = args.model or str(shipped_model_dir())
     name = Path(model).resolve().name
     beside = Path(model).resolve().parent / f"{name}-predictors"   # where flashnb looks for a model's predictors
-    out = args.out or str(beside if args.hot_neurons_only or args.placement_only else Path.cwd() / f"{name}-predictors")
-    if sum(map(bool, (args.lookahead, args.hot_neurons_only, args.placement_only, args.sparsity is not None))) > 1:
-        raise FlashnbError("--lookahead, --hot-neurons-only, --placement-only and --sparsity are different jobs: "
-                           "choose one")
-    written = (Path(out) / "thresholds.safetensors" if args.sparsity is not None else
+    in_place = args.hot_neurons_only or args.placement_only or args.two_stage_only  # beside what is there
+    out = args.out or str(beside if in_place else Path.cwd() / f"{name}-predictors")
+    thresholds_job = args.sparsity is not None and not args.two_stage_only
+    if sum(map(bool, (args.lookahead, args.hot_neurons_only, args.placement_only, args.two_stage_only,
+                      thresholds_job))) > 1:
+        raise FlashnbError("--lookahead, --hot-neurons-only, --placement-only, --two-stage-only and --sparsity are "
+                           "different jobs: choose one (--two-stage-only takes --sparsity as the share it keeps)")
+    if args.candidates is not None and not args.two_stage_only:
+        raise FlashnbError("--candidates goes with --two-stage-only (the gate's candidates of a two-stage rule)")
+    written = (Path(out) / "two-stage" / "keep" / "thresholds.safetensors" if args.two_stage_only else
+               Path(out) / "thresholds.safetensors" if args.sparsity is not None else
                Path(out) / "hot_neurons.safetensors" if args.hot_neurons_only else
                Path(out) / "placement.safetensors" if args.placement_only else
                Path(out) / "lookahead" / "predictors.safetensors" if args.lookahead else
@@ -55,6 +61,16 @@ def cmd_train_predictors(args) -> None:
         raise FlashnbError(f"{written} exists; pass --force to replace it, or choose another --out")
     cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens,
                       eval_tokens=args.eval_tokens, threads=args.threads, train=tcfg)
+    if args.two_stage_only:
+        from flashnb.training.two_stage import build_two_stage, two_stage_summary
+
+        card = build_two_stage(cfg, 0.3 if args.candidates is None else args.candidates,
+                               0.5 if args.sparsity is None else args.sparsity,
+                               log=lambda m: print(m, file=sys.stderr))
+        print(two_stage_summary(card))
+        print(f"wrote {out}/two-stage (candidates/ and keep/ thresholds, card.json; use it: flashnb demo --model MODEL "
+              "--two-stage)")
+        return
     if args.sparsity is not None:
         card = build_thresholds(cfg, args.sparsity, args.criterion, log=lambda m: print(m, file=sys.stderr))
         print(thresholds_summary(card))
@@ -149,6 +165,14 @@ def add_training_commands(sub) -> None:
                     help="SwiGLU models: no predictors to train; calibrate per-layer thresholds on the gate activations "
                          "(CATS) so that this fraction of the neurons stays below them, measure the thresholded model "
                          "on the held-out split and write OUT/thresholds.safetensors + OUT/thresholds.json")
+    tp.add_argument("--two-stage-only", action="store_true",
+                    help="SwiGLU models, no training: calibrate a two-stage rule (the gate in DRAM picks candidates, "
+                         "whose up | down are read; the product |SiLU(gate) * up| keeps those above its thresholds for "
+                         "--sparsity, default 0.5), measure it on the held-out split and write OUT/two-stage, for "
+                         "`flashnb demo --two-stage`")
+    tp.add_argument("--candidates", type=real(0, 0.99, what="a fraction"), default=None,
+                    help="with --two-stage-only: the sparsity of the gate's candidates (default 0.3: 70%% of the "
+                         "neurons are read)")
     tp.add_argument("--criterion", choices=["scaled-gate", "gate", "product"], default="scaled-gate",
                     help="with --sparsity: compare |SiLU(gate)| (CATS: gate), |SiLU(gate)| times the root-mean-square "
                          "of the neuron's up projection (scaled-gate) or |SiLU(gate) * up| (product: the gate cannot "

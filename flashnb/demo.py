@@ -18,7 +18,8 @@ from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.core.predictor import AllNeurons, OraclePredictor, load_predictors
 from flashnb.core.simulate import choose_pinned
 from flashnb.core.store import FlashStore
-from flashnb.core.thresholds import FILE as THRESHOLDS_FILE, GateThresholds, Thresholds, apply_thresholds, thresholds_in
+from flashnb.core.thresholds import (FILE as THRESHOLDS_FILE, GateThresholds, Thresholds, apply_thresholds,
+                                     thresholds_in, two_stage_in)
 from flashnb.device.costmodel import steps_io_ms
 from flashnb.device.profile import coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
@@ -118,31 +119,37 @@ def window_advice(mean: TokenStats, mem, layers: int) -> str:
 
 def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, window: int, in_flight: int,
                         table: bool = True, predictors_dir: Path | None = None, pinned: int | str = 0,
-                        gate_in_dram: bool = False) -> None:
+                        gate_in_dram: bool = False, two_stage: bool = False) -> None:
     """Convert `folder` to a temporary store and generate with the flash engine (`generate_on_store`): a
     bundled store and the low-rank predictors of `predictors_dir` (default: FOLDER-predictors beside it);
     with `gate_in_dram` (a SwiGLU model whose predictors folder holds gate thresholds,
-    flashnb.core.thresholds), a gate-apart store whose gate decides from DRAM. `pinned`: hot-neuron rows per
+    flashnb.core.thresholds), a gate-apart store whose gate decides from DRAM; with `two_stage`, the gate picks
+    candidates and the product keeps (the folder's two-stage/, `two_stage_in`). `pinned`: hot-neuron rows per
     layer, or "auto" (`flashnb.core.simulate.choose_pinned` with the cost model on the saved device profile)."""
     folder = Path(folder)
     tok = Tokenizer.from_folder(folder)
     config = read_config(folder)
     check_early(tok.encode(prompt), n, config, pinned)
     pred_dir = Path(predictors_dir or folder.parent / f"{folder.name}-predictors")
-    thresholds = folder_thresholds(pred_dir, config) if gate_in_dram else None
+    pair = two_stage_in(pred_dir) if two_stage and config.gated else None
+    if two_stage and pair is None:
+        raise FlashnbError(f"--two-stage runs a SwiGLU model with the two-stage thresholds of its predictors folder; "
+                           f"{pred_dir} has no two-stage/" + ("" if config.gated else f" and {folder.name} has no gate")
+                           + ": write them with `flashnb train-predictors --model FOLDER --two-stage-only`")
+    thresholds = pair[1] if pair else folder_thresholds(pred_dir, config) if gate_in_dram else None
     if gate_in_dram and thresholds is None:
         raise FlashnbError(f"--gate-in-dram runs a SwiGLU model with the gate thresholds in its predictors folder; "
                            f"{pred_dir} has no {THRESHOLDS_FILE}" + ("" if config.gated else f" and {folder.name} has "
                            "no gate") + ": calibrate them with `flashnb train-predictors --model FOLDER --sparsity 0.5`")
     gate_decides = thresholds is not None
     if gate_decides and pinned:
-        raise FlashnbError("--pinned keeps the hot neurons that low-rank predictors select; with --gate-in-dram the "
-                           "gate thresholds decide, which have none: drop --pinned")
+        raise FlashnbError("--pinned keeps the hot neurons that low-rank predictors select; with --gate-in-dram or "
+                           "--two-stage the gate thresholds decide, which have none: drop --pinned")
     predictors = None if gate_decides else load_predictors(pred_dir)
     with temporary_folder("flashnb-demo-") as work:
         layout = "gate-apart" if gate_decides else "bundled"
         store = FlashStore.open(convert(folder, work / "store", ConvertConfig(layout=layout, progress=False)))
-        predictors = predictors or GateThresholds(store, thresholds)
+        predictors = predictors or GateThresholds(store, pair[0] if pair else thresholds)
         policy, hot = pinned_policy(store, predictors, pred_dir, memory, window, in_flight, pinned)
         generate_on_store(store, predictors, policy, prompt, n, hot=hot, stats="table" if table else "summary",
                           name=folder.name, tok=tok, thresholds=thresholds)

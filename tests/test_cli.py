@@ -245,6 +245,34 @@ def test_demo_runs_the_shipped_swiglu_model_both_ways(capsys):
     err = capsys.readouterr().err
     assert "gate thresholds and scaled-gate thresholds (50%)" in err and "gate-apart store" in err
     assert "the gate matrices stay in DRAM" in err
+    assert main(["demo", "--model", SWIGLU_MODEL, "--two-stage", "--memory", "0.65", "-n", "4", "--no-table"]) == 0
+    err = capsys.readouterr().err   # the shipped two-stage rule: gate candidates, product thresholds keep
+    assert "gate thresholds and product thresholds (50%)" in err and "gate-apart store" in err
+
+
+def test_train_predictors_two_stage_only_writes_what_demo_two_stage_runs(tmp_path, monkeypatch, capsys):
+    import json
+
+    from flashnb.core.thresholds import two_stage_in
+    from flashnb.models.tiny import TEXTS
+    from flashnb.training import corpus
+
+    from conftest import make_tiny_llama
+
+    tiny = corpus.Corpus(train=[t + f" {i}" for i, t in enumerate(TEXTS * 40)], heldout=TEXTS[:3], sources={})
+    monkeypatch.setattr(corpus, "collect", lambda: tiny)   # the real corpus takes half a minute to collect
+    model = make_tiny_llama(tmp_path / "sw", hidden_act="silu")
+    argv = ["train-predictors", "--model", str(model), "--two-stage-only", "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "two stages: candidates above scaled-gate thresholds for 30% sparsity" in out
+    pick, keep = two_stage_in(tmp_path / "sw-predictors")   # written beside the model
+    assert (pick.criterion, pick.sparsity, keep.criterion, keep.sparsity) == ("scaled-gate", 0.3, "product", 0.5)
+    card = json.loads((tmp_path / "sw-predictors" / "two-stage" / "card.json").read_text())
+    assert 0 < card["heldout"]["kept_share"] < 0.7 and card["heldout"]["tokens"] > 0
+    assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err
+    assert main(["demo", "--model", str(model), "--two-stage", "--memory", "1.0", "-n", "3", "--no-table"]) == 0
+    assert "product thresholds (50%)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -255,6 +283,11 @@ def test_demo_runs_the_shipped_swiglu_model_both_ways(capsys):
     (["train-predictors", "--model", "RELU", "--sparsity", "0.5", "--out", "OUT"],
      "thresholds are for SwiGLU models"),
     (["train-predictors", "--sparsity", "0.5", "--lookahead"], "different jobs"),
+    (["demo", "--two-stage", "-n", "2"], "has no two-stage/ and flashnb-opt-21m has no gate"),
+    (["train-predictors", "--model", "RELU", "--two-stage-only", "--out", "OUT"], "a two-stage rule is for SwiGLU"),
+    (["train-predictors", "--candidates", "0.3", "--out", "OUT"], "--candidates goes with --two-stage-only"),
+    (["train-predictors", "--model", "SWIGLU", "--two-stage-only", "--candidates", "0.6", "--out", "OUT"],
+     "--candidates 0.6 must be below --sparsity 0.5"),
 ])
 def test_swiglu_options_fail_in_one_line(tmp_path, capsys, argv, words):
     from flashnb.paths import SHIPPED_MODEL, SWIGLU_MODEL, data_dir

@@ -121,6 +121,23 @@ def thresholds_in(folder: str | Path) -> Thresholds | None:
     return load_thresholds(folder) if (Path(folder) / FILE).is_file() else None
 
 
+TWO_STAGE = "two-stage"  # in a predictors folder: candidates/ and keep/, each a thresholds.safetensors
+
+
+def two_stage_in(folder: str | Path) -> tuple[Thresholds, Thresholds] | None:
+    """The two-stage rule saved in `folder`/two-stage (`flashnb train-predictors --two-stage-only`): (candidates,
+    the scaled-gate thresholds whose neurons the gate in DRAM picks for reading; keep, the product thresholds the
+    read neurons must pass); None when the folder holds none."""
+    d = Path(folder) / TWO_STAGE
+    if not (d / "candidates" / FILE).is_file():
+        return None
+    pick, keep = load_thresholds(d / "candidates"), load_thresholds(d / "keep")
+    if pick.criterion == "product" or keep.criterion != "product" or pick.fingerprint != keep.fingerprint:
+        raise FlashnbError(f"{d}: candidates must be gate thresholds and keep product thresholds of one model; "
+                           "write them again with `flashnb train-predictors --two-stage-only`")
+    return pick, keep
+
+
 def check_thresholds(t: Thresholds, config) -> None:
     """One clear error unless `t` fits a gated model of `config`."""
     if not config.gated:

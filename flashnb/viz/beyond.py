@@ -14,7 +14,7 @@ from flashnb.viz import style as S
 # One colour per threshold criterion (Okabe-Ito, apart from the techniques' own use in these figures).
 CRITERION_COLORS = {"gate": "#e69f00", "scaled-gate": "#009e73", "product": "#0072b2"}
 MODEL_COLORS = ("#0072b2", "#d55e00")  # the ReLU model, the SwiGLU model
-ROUTE_COLORS = ("#0072b2", "#d55e00", "#cc79a7", "#009e73")  # ReLU; SwiGLU gate in DRAM; gate on flash
+ROUTE_COLORS = ("#0072b2", "#d55e00", "#cc79a7", "#009e73")  # ReLU; SwiGLU gate in DRAM; gate on flash; two stages
 REFERENCE, CHOSEN = S.TECHNIQUE_COLORS["floor"], S.COMPONENT_COLORS["compute"]  # target lines; the slider's line
 MEMORY_PARTS = (("other_bytes", "embeddings, attention, norms", "#999999"),
                 ("gate_bytes", "gate matrices", "#d55e00"),
