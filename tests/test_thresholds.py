@@ -104,12 +104,12 @@ def test_gate_candidates_read_then_kept_by_the_product_equal_the_two_rule_model(
     candidates, product = calibrate(dense, calib, 0.3, "scaled-gate"), calibrate(dense, calib, 0.5, "product")
     both = Fires(dense, product, Fires(dense, candidates))
     with restricted_ffns(load_model(folder), both) as reference:
-        expected = list(generate(reference, PROMPT, 32))
+        expected = list(generate(reference, PROMPT, 64))
         with torch.no_grad():
             ref = reference(torch.tensor([PROMPT + expected[:-1]]))[0]
     st = stores["gate-apart"]
     with FlashEngine(st, GateThresholds(st, candidates), Policy(2, 1.0, in_flight=2), thresholds=product) as eng:
-        got, logits = greedy_with_logits(eng, PROMPT, 32)
+        got, logits = greedy_with_logits(eng, PROMPT, 64)
         steps = eng.steps
     assert got == expected and (logits - ref).abs().max().item() <= 1e-4
     with restricted_ffns(load_model(folder), Fires(dense, candidates)) as gate_only, torch.no_grad():
