@@ -57,7 +57,7 @@ def test_two_stages_drop_what_either_rule_drops_and_read_the_gates_candidates(mo
     assert two.read_share == pick.read_share                   # what is read: the gate's candidates
     assert two.measured_sparsity >= max(pick.measured_sparsity, keep.measured_sparsity) - 0.02
     assert two.measured_sparsity <= pick.measured_sparsity + keep.measured_sparsity + 0.02
-    assert "gate picks, product keeps" in B.sparsity_text([keep, two])
+    assert "two stages (gate, product)" in B.sparsity_text([keep, two])
 
 
 def test_explorer_reads_are_the_engines_bytes(models):

@@ -28,7 +28,7 @@ from flashnb.training.traces import record
 
 # What each criterion is called in the lesson's figures and sentences.
 CRITERION_LABELS = {"gate": "|SiLU(gate)| (CATS)", "scaled-gate": "|SiLU(gate)| x rms(up)",
-                    "product": "|SiLU(gate) x up|", "two-stage": "gate picks, product keeps"}
+                    "product": "|SiLU(gate) x up|", "two-stage": "two stages (gate, product)"}
 
 
 def whole_ffn_bytes(store, parts: int | None = None) -> int:

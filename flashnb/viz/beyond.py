@@ -54,12 +54,13 @@ def sparsity_figure(curves: dict[str, list[SparsityPoint]], chosen: float | None
     for crit, points in curves.items():
         x = [p.sparsity for p in points]
         c = CRITERION_COLORS[crit]
-        for col, y, via in ((1, [p.quality.perplexity_increase for p in points], None),
-                            (2, [p.quality.top1_agreement for p in points], None),
-                            (3, [p.read_share for p in points], S.SIMULATE)):
+        for col, y, via, what in ((1, [p.quality.perplexity_increase for p in points], None, "%{y:+.2%} perplexity"),
+                                  (2, [p.quality.top1_agreement for p in points], None, "%{y:.1%} top-1 agreement"),
+                                  (3, [p.read_share for p in points], S.SIMULATE, "%{y:.1%} of the FFN read per token")):
             source = "modeled" if via else "measured"
             fig.add_trace(go.Scatter(x=x, y=y, name=S.label(CRITERION_LABELS[crit], source, via),
                                      legendgroup=crit + source, showlegend=col != 2,
+                                     hovertemplate=f"{CRITERION_LABELS[crit]} at %{{x:.0%}} sparsity: {what}<extra></extra>",
                                      **S.scatter(crit, source, c)), row=1, col=col)
     if chosen is not None:
         for col in (1, 2, 3):
@@ -112,10 +113,11 @@ def budget_figure(curves: list[BudgetReads], budget: float | None = None) -> go.
     fig = go.Figure()
     for curve, c in zip(curves, ROUTE_COLORS):
         fig.add_trace(go.Scatter(x=curve.budgets, y=curve.read_share, name=S.label(curve.name, "modeled", S.SIMULATE),
-                                 **S.scatter(curve.name, "modeled", c)))
+                                 hovertemplate=f"{curve.name}: %{{y:.1%}} of the FFN read per token at %{{x:.0%}} "
+                                               "memory<extra></extra>", **S.scatter(curve.name, "modeled", c)))
     if budget is not None:
         fig.add_vline(x=budget, line_color=CHOSEN, line_dash="dash", line_width=1.5, opacity=0.7,
-                      annotation_text=f"MEMORY {budget:.0%}, the budget of the modeled runs",
+                      annotation_text=f"MEMORY {budget:.0%}: the budget of the engine runs below (measured)",
                       annotation_position="top right", annotation_font_size=10)
     window = curves[0].window
     S.layout(fig, f"What each token reads from flash as DRAM grows (modeled: simulate, window {window}, held-out)",
