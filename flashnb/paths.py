@@ -59,6 +59,21 @@ def publish(tmp: Path, dst: Path) -> None:
     Path(tmp).replace(dst)
 
 
+def read_flashnb_file(path: Path, framework: str, what: str, fix: str) -> tuple[dict, dict]:
+    """(header, tensors) of a safetensors file flashnb wrote (predictors, thresholds, placement, traces): its
+    "flashnb" metadata as JSON ({} without it) and every tensor (`framework`: "pt" or "numpy"). A file that
+    cannot be read is one clear error: f"{path} is not a readable {what} (...); {fix}"."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework=framework) as h:
+            return json.loads((h.metadata() or {}).get("flashnb", "{}")), {k: h.get_tensor(k) for k in h.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FlashnbError(f"{path} is not a readable {what} ({e}); {fix}") from None
+
+
 SCRATCH_PREFIX = "flashnb-nb-"
 
 

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from flashnb.errors import FlashnbError
-from flashnb.paths import publish
+from flashnb.paths import publish, read_flashnb_file
 
 FORMAT = "flashnb-placement/1"
 FILE = "placement.safetensors"
@@ -109,12 +108,8 @@ def load_placement(path: str | Path) -> Placement:
     if not f.is_file():
         raise FlashnbError(f"{f} is missing; learn a placement with `flashnb train-predictors --placement-only "
                            "--model MODEL` (it writes MODEL-predictors/placement.safetensors)")
-    try:
-        with safe_open(str(f), framework="numpy") as h:
-            header = json.loads((h.metadata() or {}).get("flashnb", "{}"))
-            order = h.get_tensor("order") if "order" in h.keys() else None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FlashnbError(f"{f} is not a readable placement file ({e}); learn the placement again") from None
+    header, tensors = read_flashnb_file(f, "numpy", "placement file", "learn the placement again")
+    order = tensors.get("order")
     if not isinstance(header, dict) or header.get("format") != FORMAT or order is None \
             or not isinstance(header.get("fingerprint"), str):
         raise FlashnbError(f"{f}: not a flashnb placement ({FORMAT}) or damaged; learn the placement again")

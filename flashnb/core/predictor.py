@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flashnb.errors import FlashnbError
 from flashnb.models.fingerprint import check_fingerprint, model_fingerprint
-from flashnb.paths import publish
+from flashnb.paths import publish, read_flashnb_file
 
 FORMAT = "flashnb-predictors/1"
 WEIGHTS = "predictors.safetensors"
@@ -216,12 +215,7 @@ def load_predictors(folder: str | Path, model: nn.Module | None = None) -> LowRa
     if not f.is_file():
         raise FlashnbError(f"{f} is missing; train predictors with `flashnb train-predictors` "
                            "or pass the folder that holds predictors.safetensors and metrics.json")
-    try:
-        with safe_open(str(f), framework="pt") as h:
-            header = json.loads((h.metadata() or {}).get("flashnb", "{}"))
-            tensors = {k: h.get_tensor(k) for k in h.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FlashnbError(f"{f} is not a readable safetensors file ({e}); train the predictors again") from None
+    header, tensors = read_flashnb_file(f, "pt", "safetensors file", "train the predictors again")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise FlashnbError(f"{f} is not a flashnb predictor file (format "
                            f"{header.get('format') if isinstance(header, dict) else header!r}, expected {FORMAT!r}); "

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flashnb.core.predictor import Predictor
@@ -40,7 +39,7 @@ from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import ffn_param
 from flashnb.models.fingerprint import check_fingerprint, model_fingerprint
 from flashnb.models.llama import Keep
-from flashnb.paths import publish
+from flashnb.paths import publish, read_flashnb_file
 
 FORMAT = "flashnb-thresholds/1"
 FILE = "thresholds.safetensors"
@@ -91,12 +90,8 @@ def load_thresholds(folder: str | Path, model: nn.Module | None = None) -> Thres
     if not f.is_file():
         raise FlashnbError(f"{f} is missing; calibrate thresholds with `flashnb train-predictors --model FOLDER "
                            "--sparsity 0.5` (SwiGLU models) or pass the folder that holds them")
-    try:
-        with safe_open(str(f), framework="pt") as h:
-            header = json.loads((h.metadata() or {}).get("flashnb", "{}"))
-            scales = h.get_tensor("scales") if "scales" in h.keys() else None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FlashnbError(f"{f} is not a readable safetensors file ({e}); calibrate the thresholds again") from None
+    header, tensors = read_flashnb_file(f, "pt", "safetensors file", "calibrate the thresholds again")
+    scales = tensors.get("scales")
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)  # noqa: E731
     ok = (isinstance(header, dict) and header.get("format") == FORMAT and header.get("criterion") in CRITERIA
           and isinstance(header.get("values"), list) and all(num(v) and v >= 0 for v in header["values"])
@@ -206,18 +201,21 @@ def calibrate(model: nn.Module, ids, sparsity: float, criterion: str = "scaled-g
 class Fires:
     """Which neurons a thresholded model fires (among those `predictor` selects, when given), as a
     predictor-like `predict(layer, x)` -> bool mask: what the engine computes, for measuring its quality
-    (flashnb.training.quality) without changing `model`."""
+    (flashnb.training.quality) without changing `model`. `kept`: the share of neurons it kept at each call."""
 
     def __init__(self, model: nn.Module, thresholds: Thresholds, predictor=None):
         check_thresholds(thresholds, model.config)
         self.model, self.thresholds, self.predictor = model, thresholds, predictor
         self.n_layers, self.ffn_dim = thresholds.n_layers, model.config.ffn_dim
+        self.kept: list[float] = []
 
     @torch.no_grad()
     def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         ffn = self.model.layers[layer].ffn
         keep = self.thresholds.keep(layer).fires(ffn.act(ffn.gate_proj(x)), ffn.up_proj(x))
-        return keep if self.predictor is None else keep & self.predictor.predict(layer, x)
+        keep = keep if self.predictor is None else keep & self.predictor.predict(layer, x)
+        self.kept.append(float(keep.float().mean()))
+        return keep
 
 
 def _gate_and_up(model: nn.Module, ids: torch.Tensor, context: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

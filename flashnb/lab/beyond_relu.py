@@ -156,23 +156,11 @@ class SparsityExplorer:
         thresholds at `sparsity`: what FlashEngine(gate-apart store, GateThresholds(store, candidates),
         thresholds=product) runs. Reads: the candidates'; measured_sparsity: the share the two rules drop."""
         pick, keep = self.thresholds("scaled-gate", candidates), self.thresholds("product", sparsity)
-        rule = _Kept(Fires(self.model, keep, Fires(self.model, pick)))
+        rule = Fires(self.model, keep, Fires(self.model, pick))
         q = quality(self.model, rule, self.eval_ids, self.context, self.dense)
         read = self.measure("scaled-gate", candidates).read_share
         return SparsityPoint("two-stage", round(float(sparsity), 4), 1.0 - float(np.mean(rule.kept)), q, read,
                              self.window)
-
-
-class _Kept:
-    """A `Fires` that remembers the share of neurons it kept at each call."""
-
-    def __init__(self, fires: Fires):
-        self.fires, self.n_layers, self.ffn_dim, self.kept = fires, fires.n_layers, fires.ffn_dim, []
-
-    def predict(self, layer: int, x):
-        mask = self.fires.predict(layer, x)
-        self.kept.append(float(mask.float().mean()))
-        return mask
 
 
 def sparsity_text(points: list[SparsityPoint]) -> str:

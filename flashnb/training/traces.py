@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from flashnb.errors import FlashnbError
 from flashnb.models.fingerprint import check_fingerprint, model_fingerprint
-from flashnb.paths import publish
+from flashnb.paths import publish, read_flashnb_file
 
 FORMAT = "flashnb-trace/1"
 
@@ -94,12 +93,7 @@ def load_trace(path: str | Path, model: torch.nn.Module | None = None) -> Trace:
     if not p.is_file():
         raise FlashnbError(f"trace file {p} does not exist; record one with flashnb.traces.record(...)"
                            ".save(path)")
-    try:
-        with safe_open(str(p), framework="numpy") as h:
-            header = json.loads((h.metadata() or {}).get("flashnb", "{}"))
-            tensors = {k: h.get_tensor(k) for k in h.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FlashnbError(f"{p} is not a readable trace file ({e}); record the trace again") from None
+    header, tensors = read_flashnb_file(p, "numpy", "trace file", "record the trace again")
     if header.get("format") != FORMAT or not {"active", "ids", "segment_starts"} <= tensors.keys():
         raise FlashnbError(f"{p} is not a flashnb trace (format {header.get('format')!r}, expected "
                            f"{FORMAT!r}); record the trace again with flashnb.traces.record")

@@ -47,15 +47,8 @@ def build_two_stage(cfg, candidates: float, sparsity: float, calibration_tokens:
     log(f"calibrating on {len(calib)} training tokens, measuring on {len(held) - 1} held-out tokens ...")
     acts = activations(model, calib, cfg.context)
     pick, keep = thresholds_for(acts, candidates, "scaled-gate"), thresholds_for(acts, sparsity, "product")
-    kept: list[float] = []
-
-    class Counting(Fires):
-        def predict(self, layer, x):
-            mask = super().predict(layer, x)
-            kept.append(float(mask.float().mean()))
-            return mask
-
-    q = quality(model, Counting(model, keep, Fires(model, pick)), held, cfg.context)
+    rule = Fires(model, keep, Fires(model, pick))
+    q = quality(model, rule, held, cfg.context)
     out = Path(cfg.out) / TWO_STAGE
     pick.save(out / "candidates")
     keep.save(out / "keep")
@@ -67,7 +60,7 @@ def build_two_stage(cfg, candidates: float, sparsity: float, calibration_tokens:
             "candidates": {"criterion": "scaled-gate", "sparsity": candidates, "thresholds": list(pick.values)},
             "keep": {"criterion": "product", "sparsity": sparsity, "thresholds": list(keep.values)},
             "calibration": {"tokens": pick.calibration_tokens, "split": "training", "context": cfg.context},
-            "heldout": {"tokens": q.tokens, "kept_share": float(np.mean(kept)), **q.to_dict()},
+            "heldout": {"tokens": q.tokens, "kept_share": float(np.mean(rule.kept)), **q.to_dict()},
             "targets": {"perplexity_increase_max": 0.03, "top1_agreement_min": 0.95},
             "measured": {"threads": cfg.threads, "torch": torch.__version__,
                          "wall_seconds": round(time.perf_counter() - t0, 1)}}
