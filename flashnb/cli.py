@@ -254,8 +254,9 @@ def _add_run_commands(sub) -> None:
     b = sub.add_parser("bench", help="every configuration side by side: naive ... all techniques, and peers",
                        description="Generate the same tokens with naive loading, hybrid, +predictor, "
                                    "+windowing, +bundling (all), all with hot neurons pinned, all with lookahead "
-                                   "predictors, mmap streaming, accelerate disk offload, the dense model in DRAM "
-                                   "and the floor (the FFN in DRAM, nothing read), in one process with direct I/O, "
+                                   "predictors, all's reads alone (the disk and the kernel, nothing computed), mmap "
+                                   "streaming, accelerate disk offload, the dense model in DRAM and the floor (the "
+                                   "FFN in DRAM, nothing read), in one process with direct I/O, "
                                    "the configurations taking turns one token each; print ms per token (I/O / "
                                    "memory / compute, mean, median and spread), bytes per token, ratio vs naive, "
                                    "the cost model's I/O for the same requests and the ratio to the floor. "
@@ -271,7 +272,7 @@ def _add_run_commands(sub) -> None:
     add_memory(b)
     add_in_flight(b)
     b.add_argument("--configs", default=None, help="comma-separated subset of: naive,hybrid,predictor,windowing,"
-                                                   "all,pinned,lookahead,mmap,accelerate,dense,floor (default: all of "
+                                                   "all,pinned,lookahead,reads,mmap,accelerate,dense,floor (default: all of "
                                                    "them); only when named: placed (all on a store in the co-activation "
                                                    "order of the predictors folder's placement.safetensors), int8 and "
                                                    "q4 (all on a store of quantized bundles, in the fp16 model's budget), "

@@ -71,7 +71,11 @@ def test_every_configuration_runs_and_reports(tmp_path):
     assert res["pinned"].pinned_rows == result.pinning["chosen"] and res["all"].pinned_rows == 0
     assert all(m.dram_bytes <= m.budget_bytes for m in res.values() if m.budget_bytes)
     assert r["pinned"].pinned > 0 or result.pinning["chosen"] == 0
+    # all's reads alone: exactly all's requests, timed without anything computed; no ratio, no floor of its own
+    assert (r["reads"].bytes_read, r["reads"].requests) == (r["all"].bytes_read, r["all"].requests)
+    assert r["reads"].io_ms > 0 and res["reads"].speedup_vs_naive is None and res["reads"].floor_ms is None
     table = format_table(result)
+    assert "lower bound for all here" in table and result.lower_bound_ms > 0
     assert "accelerate disk offload" in table and "+bundling (all)" in table and "dense in DRAM" in table
     head, _, *rows = table.splitlines()[:2 + len(res)]
     ends = [head.index(name) + len(name) - 1 for name in ("I/O", "mem", "compute", "total", "median", "MB/token",
@@ -94,6 +98,8 @@ def test_configurations_without_their_files_are_skipped_with_the_fix(tmp_path):
     assert "--hot-neurons-only" in result.skipped["pinned"] and "--lookahead" in result.skipped["lookahead"]
     assert "--placement-only" in result.skipped["placed"]
     assert "skipped: no" in format_table(result)
+    with pytest.raises(FlashnbError, match="include all"):
+        run_bench(BenchConfig(model=str(folder), predictors=str(preds), configs=("reads",), progress=False))
 
 
 def test_window_sweep_and_layout_summary(tmp_path):

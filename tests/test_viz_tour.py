@@ -228,11 +228,15 @@ def test_waterfall_lays_each_phase_after_the_last_up_to_the_total():
     fig = tour_figures()["tour.waterfall"]
     bars = [t for t in fig.data if t.type == "bar"]
     assert all(t.orientation == "h" for t in bars)
-    phases, total, floor = bars[:-2], bars[-2], bars[-1]
+    phases, total, floor, reads, bound = bars[:-4], bars[-4], bars[-3], bars[-2], bars[-1]
     for before, after in zip(phases, phases[1:]):          # each starts where the one before ended
         assert after.base[0] == pytest.approx(before.base[0] + before.x[0]) or after.x[0] < 0
     assert phases[-1].base[0] + phases[-1].x[0] == pytest.approx(total.x[0])   # the phases add up to the total
-    assert list(floor.y) == ["floor"] and list(fig.layout.yaxis.categoryarray)[0] == "floor"
+    assert list(floor.y) == ["floor"] and floor.x[0] == pytest.approx(5.0)
+    # the lower bound: floor 5 ms + all's reads alone 4 ms - the floor's FFN math 1.5 ms
+    assert list(reads.y) == ["reads alone"] and reads.x[0] == pytest.approx(4.0)
+    assert list(bound.y) == ["lower bound"] and bound.x[0] == pytest.approx(7.5)
+    assert list(fig.layout.yaxis.categoryarray)[0] == "lower bound"
 
 
 def test_text_block_keeps_a_terminal_table_unwrapped():

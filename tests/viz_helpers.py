@@ -184,7 +184,8 @@ def tour_figures() -> dict:
 
     sparse = {"all": token(0.012, predict_s=1e-3, window_s=5e-4, memory_s=4e-4, submit_s=2e-3, wait_s=3e-3,
                            ffn_s=2e-3),
-              "floor": TokenStep(0, [LayerStep(9, 9, 0, 0, 0, 0, 0, predict_s=1e-3, ffn_s=1.5e-3)], wall_seconds=5e-3)}
+              "floor": TokenStep(0, [LayerStep(9, 9, 0, 0, 0, 0, 0, predict_s=1e-3, ffn_s=1.5e-3)], wall_seconds=5e-3),
+              "reads": token(0.004, wait_s=4e-3)}
     floor_bench = BenchResult("today", {}, "m", 1, 1, {}, "synthetic", {},
                               {n: ConfigResult(n, LABELS[n], TokenStats.of([t], 100), "", 1.0, None, None, None)
                                for n, t in sparse.items()})

@@ -8,6 +8,8 @@
 * `DenseInDram`: the whole model in DRAM, nothing read per token: the reference.
 * `FloorEngine`: a token's unavoidable work with a predictor (the model without FFNs, predictors,
   the sparse FFN math of the chosen neurons), the FFN in DRAM: the floor an engine approaches.
+* `ReadsAlone`: the disk and the kernel alone on another engine's reads (the same requests, layer by
+  layer, nothing computed): with the floor, the lower bound of that engine on this machine.
 * `AccelerateOffload`: a real peer, the same checkpoint through transformers + accelerate's disk
   offload (every weight in an offload folder, loaded per module per forward); the folder is evicted
   before each token.
@@ -22,12 +24,14 @@ import inspect
 import mmap
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from flashnb.core import aio
 from flashnb.core.defaults import IN_FLIGHT
 from flashnb.core.engine import TokenLoop
 from flashnb.core.ffn import layer_math
@@ -35,10 +39,10 @@ from flashnb.core.generate import decode
 from flashnb.core.io import aligned_empty, evict
 from flashnb.core.memory import hybrid_plan
 from flashnb.core.reader import NeuronReader, PendingRead, ReaderConfig
-from flashnb.core.records import Recorder
+from flashnb.core.records import LayerStep, Recorder, TokenStep
 from flashnb.core.resident import resident_model
 from flashnb.core.store import FlashStore
-from flashnb.core.window import WindowPlan
+from flashnb.core.window import Window, WindowPlan, in_file_order, split_predicted
 from flashnb.errors import FlashnbError
 
 
@@ -249,3 +253,73 @@ class DenseInDram(TokenLoop):
             self.model = st.load_model()
         self.recorder = Recorder()
         self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+class ReadsAlone:
+    """The disk and the kernel alone, on the reads of another engine (`source`, a FlashEngine; in the bench,
+    "all"): for each token the source ran, the same requests, planned from the neuron sets it recorded
+    through windows of its own (as `flashnb.core.simulate`, which equals the engine's reads), issued layer
+    by layer as the engine must (a layer's reads complete before the next layer's predictor can run),
+    with native AIO and the source's reads in flight, into a scratch buffer. Nothing is computed or
+    checked, and the requests are planned before the clock starts: a token's time is only the
+    submissions and the completions, the part of the source's I/O no Python can remove.
+    Each `generate` step catches up with the tokens the source has run since the last one."""
+
+    def __init__(self, source):
+        self.source, st, policy = source, source.store, source.policy
+        if source.reader.backend != "aio":
+            raise FlashnbError("measuring reads alone needs Linux native AIO, which this machine does not offer")
+        self.reader = NeuronReader(st, ReaderConfig(in_flight=policy.in_flight, gap_bytes=policy.gap_bytes,
+                                                    verify=False))
+        self.ctx = aio.acquire(policy.in_flight)
+        self.cap = cap = source.memory.capacity_rows
+        shared = Window(st.ffn_dim, cap, 0)
+        self.windows = [shared if policy.window == 0 else Window(st.ffn_dim, cap, policy.window)
+                        for _ in range(st.num_layers)]
+        self.placed = [st.placed_rows(layer) for layer in range(st.num_layers)]
+        self.buffer = aligned_empty((1 << 20,), np.uint8)
+        self.recorder = Recorder()
+
+    @property
+    def steps(self):
+        return self.recorder.steps
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling=None, eos_id: int | None = None):
+        """Yield, once per step of the caller, the last token of the source's steps not yet replayed."""
+        for _ in range(max_new_tokens):
+            new = self.source.steps[len(self.steps):]
+            if not new:
+                return
+            for step in new:
+                self.steps.append(self._replay(step))
+            yield new[-1].token
+
+    def _replay(self, source_step):
+        out = TokenStep(source_step.token)
+        for layer, ids in enumerate(source_step.predicted_sets):
+            for part in split_predicted(ids, self.cap, self.placed[layer]):
+                plan = self.windows[layer].plan(part)
+                offsets, lengths = self.reader.requests(layer, in_file_order(plan.loaded, self.placed[layer]))
+                self.windows[layer].advance(plan)
+                if int(lengths.sum()) > self.buffer.size:
+                    self.buffer = aligned_empty((int(lengths.sum()),), np.uint8)
+                starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.uint64)
+                cbs = aio.pread_iocbs(self.reader.fd, offsets, self.buffer.ctypes.data + starts, lengths)
+                t0 = time.perf_counter()
+                done = self.ctx.run(cbs) if cbs.size else lengths
+                seconds = time.perf_counter() - t0
+                if not np.array_equal(done, lengths):
+                    raise FlashnbError(f"reading {self.reader.store.ffn_path} alone returned short or failed "
+                                       "requests; check the disk (dmesg) and the store (`flashnb verify`)")
+                out.layers.append(LayerStep(plan.predicted.size, plan.cached.size, plan.loaded.size,
+                                            plan.evicted.size, int(lengths.sum()),
+                                            plan.loaded.size * self.reader.store.neuron_bytes, int(lengths.size),
+                                            wait_s=seconds))
+                out.wall_seconds += seconds
+        return out
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            aio.release(self.ctx)
+            self.ctx = None
+        self.reader.close()

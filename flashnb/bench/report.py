@@ -11,7 +11,8 @@ from flashnb.text import wrap
 
 LABELS = {"naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
           "all": "+bundling (all)", "pinned": "all + hot pinned",
-          "lookahead": "all + lookahead", "placed": "all, co-activation order",
+          "lookahead": "all + lookahead", "reads": "all's reads alone (disk+kernel)",
+          "placed": "all, co-activation order",
           "int8": "all, int8 bundles", "q4": "all, q4 bundles", "int8-placed": "all, int8 bundles, co-activation order",
           "q4-placed": "all, q4 bundles, co-activation order",
           "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
@@ -56,6 +57,17 @@ def token_split(s: TokenStats, floor: TokenStats) -> dict[str, float]:
     model = floor.total_ms - floor.predict_ms - floor.ffn_ms
     phases = {k: getattr(s, f"{k}_ms") for k in SPLIT[1:-1]}
     return {"model_without_ffn": model, **phases, "rest": s.total_ms - model - sum(phases.values())}
+
+
+def lower_bound_ms(results: dict) -> float | None:
+    """What no engine issuing all's reads can beat on this machine, from three measurements of one run:
+    the floor, plus all's reads alone (the disk and the kernel, layer by layer), less the floor's sparse
+    FFN math, the only work that can run while a layer's reads fly (the layer's predictor must choose
+    before they start, and the next layer needs the layer's output). None without the three."""
+    reads, floor = results.get("reads"), results.get("floor")
+    if not (reads and floor and "all" in results) or reads.stats.io_ms is None or floor.stats.ffn_ms is None:
+        return None
+    return floor.stats.total_ms + reads.stats.io_ms - floor.stats.ffn_ms
 
 
 @dataclass
@@ -105,6 +117,8 @@ class BenchResult:
     pinning: dict | None = None    # the split candidates simulated for the pinned configuration, and the choice
     scale: dict | None = None      # `flashnb bench --scale`: the shape, the weights, where the neuron sets come from
     io: str = ""
+    lower_bound_ms: float | None = None  # see `lower_bound_ms`
+
 
     def __post_init__(self):
         modes = "; ".join(sorted({r.io_mode for r in self.results.values() if r.io_mode})) or "none"
@@ -112,11 +126,14 @@ class BenchResult:
         naive = self.results.get("naive")
         floors = {True: self.results.get("floor"), False: self.results.get("dense")}
         for name, r in self.results.items():
+            if name == "reads":  # not a configuration that generates: no ratio, no floor
+                continue
             r.speedup_vs_naive = naive.stats.total_ms / r.stats.total_ms if naive and r.stats.total_ms else None
             floor = floors[name in SPARSE]
             r.floor_ms = floor.stats.total_ms if floor else None
             if floor and name in SPARSE and r.stats.predict_ms is not None:
                 r.split_ms = token_split(r.stats, floor.stats)
+        self.lower_bound_ms = lower_bound_ms(self.results)
 
     def to_json(self) -> dict:
         return {"flashnb_bench_version": 2, "date": self.date, "machine": self.machine, "model": self.model,
@@ -124,7 +141,7 @@ class BenchResult:
                 "io": self.io, "profile_source": self.profile_source, "profile": self.profile,
                 "results": {k: r.to_json() for k, r in self.results.items()}, "skipped": self.skipped,
                 "replay": self.replay.to_json() if self.replay else None, "pinning": self.pinning,
-                "scale": self.scale}
+                "scale": self.scale, "lower_bound_ms": self.lower_bound_ms}
 
 
 def cell(x, spec: str, unit: str = "") -> str:
@@ -161,6 +178,17 @@ def format_table(result: BenchResult) -> str:
         v = checked.stats.verify_ms
         lines.append(wrap(f"checking every bundle read against its checksum: {v:.3f} ms per token in "
                           f"{checked.label} ({v / checked.stats.total_ms:.1%} of its total)"))
+    b = result.lower_bound_ms
+    if b:
+        res = result.results
+        ratios = ", than ".join(f"{n} by {res[n].stats.total_ms / b:.1f}x" for n in ("naive", "mmap", "accelerate")
+                                if n in res and res[n].stats.total_ms)
+        lines.append(wrap(f"lower bound for all here: the floor {res['floor'].stats.total_ms:.2f} + all's reads alone "
+                          f"{res['reads'].stats.io_ms:.2f} - the floor's FFN math {res['floor'].stats.ffn_ms:.2f} (the "
+                          f"only work that can run under a layer's reads) = {b:.2f} ms a token (measured); all is "
+                          f"{res['all'].stats.total_ms / b:.2f}x above it. An engine issuing these reads could be faster "
+                          f"than {ratios} at most" + (f", and no less than {b / res['floor'].stats.total_ms:.2f}x "
+                                                            "its floor" if res['floor'].stats.total_ms else "")))
     lines.append(wrap(result.io))
     lines.append(wrap("ms per generated token, measured on this machine: mean, median and the 10th-90th percentile "
                       "of the tokens; the configurations take turns, one token each. 'model I/O': the cost model's I/O "

@@ -16,6 +16,8 @@ Configurations (the paper's Table 2 ladder, then the peers):
     pinned      all + hot neurons pinned in DRAM (PowerInfer) beside the window, inside the same budget; the
                 split chosen by simulating each on the calibration sets (PREDICTORS/hot_neurons.safetensors)
     lookahead   all + lookahead predictors (PREDICTORS/lookahead): each layer's reads start one layer early
+    reads       all's reads alone: the same requests, layer by layer, planned before the clock starts and
+                nothing computed: the disk's and the kernel's part of all's I/O (runs after all each round)
     placed      (opt-in) all on a bundled store in the co-activation order (PREDICTORS/placement.safetensors)
     int8, q4    (opt-in) all on a bundled store whose rows are quantized (flashnb.core.quant), in the same DRAM
                 bytes as the fp16 configurations (the budget is a fraction of the fp16 model)
@@ -43,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from flashnb.bench.baselines import AccelerateOffload, DenseInDram, FloorEngine, HybridEngine, MmapEngine
+from flashnb.bench.baselines import AccelerateOffload, DenseInDram, FloorEngine, HybridEngine, MmapEngine, ReadsAlone
 from flashnb.bench.report import LABELS, SPARSE, BenchResult, ConfigResult
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
@@ -64,8 +66,8 @@ from flashnb.models.checkpoint import read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import data_dir, shipped_model_dir, temporary_folder
 
-CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "mmap", "accelerate", "dense",
-           "floor")
+CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "reads", "mmap", "accelerate",
+           "dense", "floor")
 VARIANTS = ("placed", "int8", "q4", "int8-placed", "q4-placed")  # all, on another bundled store (see above)
 OPT_IN = VARIANTS  # run only when asked for (--configs)
 ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all", "pinned", "lookahead") + VARIANTS
@@ -221,6 +223,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         raise FlashnbError(f"unknown configurations {sorted(unknown)}; choose from {', '.join(CONFIGS + OPT_IN)}")
     if cfg.tokens < 1:
         raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
+    if "reads" in cfg.configs and "all" not in cfg.configs:
+        raise FlashnbError("'reads' repeats the reads of 'all' alone: include all in --configs")
     model_dir = Path(cfg.model) if cfg.model else shipped_model_dir()
     pred_dir = Path(cfg.predictors) if cfg.predictors else data_dir() / f"{model_dir.name}-predictors"
     config = read_config(model_dir)
@@ -250,7 +254,15 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         extra, missing = _extras(cfg, pred_dir, stores["bundled"], predictors, gap, device)
         with ExitStack() as stack:
             runners, streams = {}, {}
-            for name in cfg.configs:
+            for name in sorted(cfg.configs, key=lambda n: n == "reads"):  # reads: after all, whose reads it repeats
+                if name == "reads":
+                    if runners["all"].reader.backend != "aio":
+                        skipped[name] = "measuring reads alone needs Linux native AIO, unavailable here"
+                        continue
+                    runners[name] = r = ReadsAlone(runners["all"])
+                    stack.callback(r.close)
+                    streams[name] = iter(r.generate(prompt, cfg.tokens + 1))
+                    continue
                 if name == "accelerate" and not _has("transformers", "accelerate"):
                     skipped[name] = "transformers and accelerate are not installed: pip install 'flashnb[bench]'"
                     continue
@@ -261,7 +273,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 stack.callback(r.close)
                 streams[name] = iter(r.generate(prompt, cfg.tokens + 1, SamplingConfig()))  # +1: the prompt's step
             texts, spent = take_turns(streams, cfg.progress)
-            for name, r in runners.items():
+            for name, r in sorted(runners.items(), key=lambda kv: cfg.configs.index(kv[0])):
                 stats = TokenStats.of(r.steps[len(prompt):], neurons, split=name not in ("mmap", "accelerate"))
                 mem = getattr(r, "memory", None)
                 results[name] = ConfigResult(

@@ -22,7 +22,7 @@ DRAM (resident tensors, predictors, neuron rows); the KV cache is activations, r
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from flashnb.core.records import Recorder, TokenStep
 from flashnb.core.resident import resident_model
 from flashnb.core.store import FlashStore
 from flashnb.core.thresholds import GateThresholds, Thresholds, check_thresholds
-from flashnb.core.window import Window, WindowPlan, split_predicted
+from flashnb.core.window import Window, WindowPlan, in_file_order, split_predicted
 from flashnb.errors import FlashnbError
 
 
@@ -106,15 +106,16 @@ class FlashFFN(nn.Module):
         y = torch.zeros_like(x)
         for part in split_predicted(predicted, self.rows.capacity, self.placed):  # (one part unless it overflows)
             plan = self.plan(part)                                         # 2. window: hits, loads, evictions
-            free = self.make_room(plan.evicted, plan.loaded.size)          # 3. delete the evicted rows
-            pending = self.submit(self.layer, plan.loaded, out=free)       # 4. flash -> DRAM, in place ...
+            loaded = in_file_order(plan.loaded, self.placed)               #    (in the order they lie on flash)
+            free = self.make_room(plan.evicted, loaded.size)               # 3. delete the evicted rows
+            pending = self.submit(self.layer, loaded, out=free)            # 4. flash -> DRAM, in place ...
             try:
                 y += self.compute_held(x, plan.cached, hot)                #    ... while the held ones compute
             finally:
                 got = self.wait(pending)
-            self.commit(plan.loaded)                                       # 5. append the new rows
+            self.commit(loaded)                                            # 5. append the new rows
             self.advance(plan)
-            y += self.compute(x, plan.loaded, free)                        # 6. compute the new ones
+            y += self.compute(x, loaded, free)                             # 6. compute the new ones
             self.record_read(got.stats)
             self.record(plan, hot.size)
             hot = hot[:0]
@@ -139,6 +140,7 @@ class FlashFFN(nn.Module):
         guessed = self.guess(self.layer, x[0, -1])
         self.engine.recorder.guessed(self.layer + 1, guessed)
         plan = nxt.plan_prefetch(nxt.split_pinned(guessed)[1])
+        plan = replace(plan, loaded=in_file_order(plan.loaded, nxt.placed))
         free = nxt.make_room(plan.evicted, plan.loaded.size)
         nxt.prefetched = (self.submit(nxt.layer, plan.loaded, out=free), plan)
 

@@ -22,7 +22,7 @@ from flashnb.core.pinning import HotNeurons, PinningChoice, candidate_splits, pi
 from flashnb.core.reader import NeuronReader, ReaderConfig
 from flashnb.core.records import LayerStep, TokenStep
 from flashnb.core.store import FlashStore
-from flashnb.core.window import Window, split_predicted
+from flashnb.core.window import Window, in_file_order, split_predicted
 
 
 def sets_from_trace(trace, predictors=None) -> list[list[np.ndarray]]:
@@ -61,10 +61,10 @@ def simulate(sets: list[list[np.ndarray]], store: FlashStore | str, policy: Poli
                 ids = np.asarray(ids, dtype=np.int64)
                 hot_ids, rest = ids[pinned[layer][ids]], ids[~pinned[layer][ids]]
                 extra = _prefetch(reader, windows[layer], layer, guesses[layer][~pinned[layer][guesses[layer]]],
-                                  st.neuron_bytes) if layer in guesses else (0, 0, 0)
+                                  st.neuron_bytes, placed[layer]) if layer in guesses else (0, 0, 0)
                 for part in split_predicted(rest, cap, placed[layer]):  # as the engine does
                     plan = windows[layer].plan(part)
-                    req = reader.request_sizes(layer, plan.loaded)
+                    req = reader.request_sizes(layer, in_file_order(plan.loaded, placed[layer]))
                     windows[layer].advance(plan)
                     step.layers.append(LayerStep(
                         predicted=plan.predicted.size + hot_ids.size, cached=plan.cached.size,
@@ -76,10 +76,11 @@ def simulate(sets: list[list[np.ndarray]], store: FlashStore | str, policy: Poli
     return out
 
 
-def _prefetch(reader: NeuronReader, window: Window, layer: int, guessed: np.ndarray, neuron_bytes: int):
+def _prefetch(reader: NeuronReader, window: Window, layer: int, guessed: np.ndarray, neuron_bytes: int,
+              file_rows: np.ndarray | None):
     """A lookahead's prefetch into `window`: (bytes read, requests, bytes needed)."""
     pre = window.plan_prefetch(guessed)
-    req = reader.request_sizes(layer, pre.loaded)
+    req = reader.request_sizes(layer, in_file_order(pre.loaded, file_rows))
     window.admit(pre)
     return int(req.sum()), int(req.size), pre.loaded.size * neuron_bytes
 

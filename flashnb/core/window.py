@@ -40,9 +40,15 @@ def split_predicted(predicted: np.ndarray, capacity: int, file_rows: np.ndarray 
     predicted = sorted_unique(predicted)
     if predicted.size <= capacity:
         return [predicted]
-    if file_rows is not None:
-        predicted = predicted[np.argsort(file_rows[predicted], kind="stable")]
+    predicted = in_file_order(predicted, file_rows)
     return [np.sort(p) for p in np.array_split(predicted, -(-predicted.size // capacity))]
+
+
+def in_file_order(ids: np.ndarray, file_rows: np.ndarray | None) -> np.ndarray:
+    """`ids` in the order their rows lie on flash (`file_rows`: each neuron's row, when a placement moves
+    them; unchanged without one). Rows read in this order land side by side in DRAM, so that every run
+    of file-adjacent rows is one piece of one request, as without a placement."""
+    return ids if file_rows is None or ids.size < 2 else ids[np.argsort(file_rows[ids], kind="stable")]
 
 
 @dataclass

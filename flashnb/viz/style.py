@@ -41,12 +41,14 @@ TECHNIQUE_COLORS: dict[str, str] = {
     "floor": "#333333",        # near black: the FFN in DRAM, nothing read (the floor of a sparse token)
     "int8": "#117733",         # dark green: all on int8 bundles
     "q4": "#44aa99",           # teal: all on q4 bundles
+    "reads": "#88ccee",        # sky blue: all's reads alone (the disk and the kernel, nothing computed)
 }
 TECHNIQUE_LABELS: dict[str, str] = {
     "naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
     "all": "+bundling (all)", "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
     "dense": "dense in DRAM", "pinned": "all + hot pinned", "lookahead": "all + lookahead", "placed": "all, co-activation order",
     "floor": "floor (FFN in DRAM, no reads)", "int8": "all, int8 bundles", "q4": "all, q4 bundles",
+    "reads": "all's reads alone (disk+kernel)",
 }
 # Other spellings of the techniques (costmodel.paper_policies, flashnb bench, the paper's Table 2).
 TECHNIQUE_ALIASES: dict[str, str] = {

@@ -192,13 +192,16 @@ def waterfall_figure(result, names=("all", "pinned")) -> go.Figure:
     """For each named configuration of a bench result with a token split (`ConfigResult.split_ms`), a
     waterfall of its measured token, read top to bottom: the model without its FFNs, then each engine phase
     laid after what came before, up to the total; under it the floor measured in the same run (the same
-    token with the FFN in DRAM: the model, the predictors and the sparse FFN math, nothing read)."""
+    token with the FFN in DRAM: the model, the predictors and the sparse FFN math, nothing read) and, for
+    all when the run measured them, its reads alone (the disk and the kernel) and the lower bound they
+    give (`flashnb.bench.report.lower_bound_ms`)."""
     from flashnb.bench.report import SPLIT
 
     res = [result.results[n] for n in names if n in result.results and result.results[n].split_ms]
     fig = make_subplots(rows=1, cols=max(1, len(res)), shared_yaxes=True, subplot_titles=[r.label for r in res],
                         horizontal_spacing=0.04)
-    rows = [S.PHASE_LABELS[k] for k in SPLIT] + ["total", "floor"]
+    reads, bound = result.results.get("reads"), result.lower_bound_ms
+    rows = [S.PHASE_LABELS[k] for k in SPLIT] + ["total", "floor"] + (["reads alone", "lower bound"] if bound else [])
     for col, r in enumerate(res, 1):
         base = 0.0
         for k in SPLIT:
@@ -211,6 +214,13 @@ def waterfall_figure(result, names=("all", "pinned")) -> go.Figure:
                              showlegend=False, **S.bar(r.name, "measured")), 1, col)
         fig.add_trace(go.Bar(y=["floor"], x=[r.floor_ms], orientation="h", name=S.label("floor", "measured"),
                              legendgroup="floor", showlegend=False, **S.bar("floor", "measured")), 1, col)
+        if r.name == "all" and reads is not None and bound:
+            fig.add_trace(go.Bar(y=["reads alone"], x=[reads.stats.io_ms], orientation="h", showlegend=False,
+                                 name=S.label("all's reads alone: the disk and the kernel", "measured"),
+                                 **S.bar("reads", "measured")), 1, col)
+            fig.add_trace(go.Bar(y=["lower bound"], x=[bound], orientation="h", showlegend=False,
+                                 name=S.label("lower bound: floor + reads alone - the floor's FFN math", "measured"),
+                                 **S.bar("floor", "measured")), 1, col)
         fig.update_xaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=col)
     S.layout(fig, "A token's milliseconds, step by step, against its floor (measured, same run)", height=420,
              barmode="overlay")
