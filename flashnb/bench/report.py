@@ -152,6 +152,19 @@ def cell(x, spec: str, unit: str = "") -> str:
     return format(x, spec) + unit
 
 
+def bound_text(result: BenchResult) -> str:
+    """The lower bound of "all" in words, with what it allows against its floor and the peers (one line)."""
+    res, b = result.results, result.lower_bound_ms
+    floor = res["floor"].stats
+    peers = ", than ".join(f"{n} by {res[n].stats.total_ms / b:.1f}x" for n in ("naive", "mmap", "accelerate")
+                           if n in res and res[n].stats.total_ms)
+    return (f"lower bound for all here: the floor {floor.total_ms:.2f} + all's reads alone {res['reads'].stats.io_ms:.2f} "
+            f"- the floor's FFN math {floor.ffn_ms:.2f} (the only work that can run under a layer's reads) = {b:.2f} "
+            f"ms a token (measured); all is {res['all'].stats.total_ms / b:.2f}x above it. An engine issuing these "
+            f"reads stays at least {b / floor.total_ms:.2f}x its floor"
+            + (f", and could be faster than {peers} at most" if peers else ""))
+
+
 def format_table(result: BenchResult) -> str:
     """The result as a fixed-width text table (ms per token; MB = 1e6 bytes)."""
     w = max([24] + [len(r.label) for r in result.results.values()])
@@ -178,17 +191,8 @@ def format_table(result: BenchResult) -> str:
         v = checked.stats.verify_ms
         lines.append(wrap(f"checking every bundle read against its checksum: {v:.3f} ms per token in "
                           f"{checked.label} ({v / checked.stats.total_ms:.1%} of its total)"))
-    b = result.lower_bound_ms
-    if b:
-        res = result.results
-        ratios = ", than ".join(f"{n} by {res[n].stats.total_ms / b:.1f}x" for n in ("naive", "mmap", "accelerate")
-                                if n in res and res[n].stats.total_ms)
-        lines.append(wrap(f"lower bound for all here: the floor {res['floor'].stats.total_ms:.2f} + all's reads alone "
-                          f"{res['reads'].stats.io_ms:.2f} - the floor's FFN math {res['floor'].stats.ffn_ms:.2f} (the "
-                          f"only work that can run under a layer's reads) = {b:.2f} ms a token (measured); all is "
-                          f"{res['all'].stats.total_ms / b:.2f}x above it. An engine issuing these reads could be faster "
-                          f"than {ratios} at most" + (f", and no less than {b / res['floor'].stats.total_ms:.2f}x "
-                                                            "its floor" if res['floor'].stats.total_ms else "")))
+    if result.lower_bound_ms:
+        lines.append(wrap(bound_text(result)))
     lines.append(wrap(result.io))
     lines.append(wrap("ms per generated token, measured on this machine: mean, median and the 10th-90th percentile "
                       "of the tokens; the configurations take turns, one token each. 'model I/O': the cost model's I/O "

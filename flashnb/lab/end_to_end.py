@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from flashnb.bench.baselines import HybridEngine
-from flashnb.bench.report import BenchResult, cell
+from flashnb.bench.report import BenchResult, bound_text, cell
 from flashnb.bench.run import take_turns
 from flashnb.core.defaults import IN_FLIGHT
 from flashnb.core.engine import FlashEngine, Policy
@@ -290,7 +290,8 @@ def budget_text(sweep: BudgetSweep, budget: float) -> str:
 
 
 def floor_text(result: BenchResult, names=("all", "pinned")) -> str:
-    """One line per configuration with a token split: its total against its floor, and the split."""
+    """One line per configuration with a token split: its total against its floor, and the split; then the
+    lower bound of "all" when the run measured its reads alone."""
     lines = []
     for name in names:
         r = result.results.get(name)
@@ -301,5 +302,7 @@ def floor_text(result: BenchResult, names=("all", "pinned")) -> str:
         lines.append(f"{r.label}: {s.total_ms:.1f} ms per token (median {s.median_ms:.1f}, p10-p90 {s.p10_ms:.1f}-"
                      f"{s.p90_ms:.1f}) = {s.total_ms / r.floor_ms:.2f}x its floor of {r.floor_ms:.1f} ms (measured); "
                      f"ms: {parts}")
+    if result.lower_bound_ms:
+        lines.append(bound_text(result))
     return "\n".join(wrap(line) for line in lines)
 
