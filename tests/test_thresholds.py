@@ -225,7 +225,7 @@ def test_shipped_swiglu_engine_equals_its_references_over_64_tokens(shipped_swig
     dense = apply_thresholds(load_model(m.folder), m.thresholds)
     expected = list(generate(dense, prompt, 64))
     with FlashEngine(stores["gate-apart"], GateThresholds(stores["gate-apart"], m.thresholds),
-                     Policy(4, 0.7, in_flight=4)) as eng:
+                     Policy(4, 0.7)) as eng:
         got, logits = greedy_with_logits(eng, prompt, 64)
         selected = np.mean([s.predicted for s in eng.steps]) / (6 * 1024)
     assert got == expected
@@ -235,7 +235,7 @@ def test_shipped_swiglu_engine_equals_its_references_over_64_tokens(shipped_swig
     ref = load_model(m.folder)
     with restricted_ffns(ref, m.predictors):
         expected = list(generate(ref, prompt, 32))
-        with FlashEngine(stores["bundled"], m.predictors, Policy(4, 0.5, in_flight=4)) as eng:
+        with FlashEngine(stores["bundled"], m.predictors, Policy(4, 0.5)) as eng:
             got, logits = greedy_with_logits(eng, prompt, 32)
         assert got == expected
         with torch.no_grad():
