@@ -21,7 +21,7 @@ from flashnb.errors import FlashnbError
 __version__ = "0.1.0"
 
 _FRONT_DOOR = {
-    "shipped": "flashnb.shipped",
+    "shipped": "flashnb.shipped_models",
     "convert": "flashnb.core.convert",
     "ConvertConfig": "flashnb.core.convert",
     "open_store": "flashnb.core.store",

@@ -39,7 +39,7 @@ def cmd_generate(args) -> None:
     _decode_threads()
     if args.model is not None:
         flash_only = [f"--{o.replace('_', '-')}" for o in ("predictors", "policy", "window", "memory", "in_flight",
-                                                           "pinned", "stats") if getattr(args, o) is not None]
+                                                           "pinned", "stats", "two_stage") if getattr(args, o) is not None]
         if flash_only:
             raise FlashnbError(f"{', '.join(flash_only)}: only for the flash engine, which runs a store: use "
                                "--store STORE (`flashnb convert` writes one) instead of --model")
@@ -56,7 +56,8 @@ def _generate_from_store(args) -> None:
                         predictors=args.predictors, window=WINDOW if args.window is None else args.window,
                         memory=MEMORY_BUDGET if args.memory is None else args.memory,
                         in_flight=IN_FLIGHT if args.in_flight is None else args.in_flight, pinned=args.pinned or 0,
-                        stats=args.stats or "table", sampling=SamplingConfig(args.temperature, args.top_p, args.seed))
+                        stats=args.stats or "table", sampling=SamplingConfig(args.temperature, args.top_p, args.seed),
+                        two_stage=bool(args.two_stage))
 
 
 def cmd_demo(args) -> None:
@@ -326,6 +327,10 @@ def _add_run_commands(sub) -> None:
     f.add_argument("--stats", choices=["table", "summary", "json"], default=None,
                    help="table: per-token records and means on stderr; summary: the means only; json: one JSON "
                         "object on stdout (text, per-token records, means) (default: table)")
+    f.add_argument("--two-stage", action="store_true", default=None,
+                   help="a SwiGLU model on a gate-apart store: the gate in DRAM picks candidates, whose up | down are "
+                        "read, and |SiLU(gate) * up| keeps those above the product thresholds (the predictors "
+                        "folder's two-stage/, from `flashnb train-predictors --two-stage-only`)")
     g.set_defaults(func=cmd_generate)
 
 

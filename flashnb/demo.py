@@ -78,7 +78,7 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
         print(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
               f"{mem.used_bytes / 2**20:.1f} MiB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
               f"{mem.model_bytes / 2**20:.1f} MiB (budget {budget_words(policy.memory_budget)}); {predictor.name}"
-              f"{'' if thresholds is None else f' and {thresholds.criterion} thresholds ({thresholds.sparsity:.0%})'}, window "
+              f"{'' if thresholds is None or thresholds is getattr(predictor, 'thresholds', None) else f', kept by {thresholds.criterion} thresholds ({thresholds.sparsity:.0%} sparsity)'}, window "
               f"{policy.window} ({mem.capacity_rows} rows per layer), {mem.pinned_rows} hot neurons pinned per "
               f"layer, {store.layout} store\n", file=sys.stderr)
         ids = tok.encode(prompt)
@@ -181,11 +181,11 @@ def pinned_policy(store: FlashStore, predictors, pred_dir: Path | None, memory: 
 def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: str = "predictors",
                         predictors: str | Path | None = None, window: int = WINDOW,
                         memory: float | int = MEMORY_BUDGET, in_flight: int = IN_FLIGHT, pinned: int | str = 0,
-                        stats: str = "table", sampling: SamplingConfig | None = None) -> None:
+                        stats: str = "table", sampling: SamplingConfig | None = None, two_stage: bool = False) -> None:
     """`flashnb generate --store`: the flash engine on a store written by `flashnb convert`. `policy`:
     "predictors" (from `predictors`, default the shipped ones when the store holds a shipped model; on a
-    gate-apart store, the folder's gate thresholds), "oracle" (the exact active set; of the thresholded
-    model on a gate-apart store) or "all" (every neuron: naive)."""
+    gate-apart store, the folder's gate thresholds, or with `two_stage` its two-stage rule), "oracle" (the
+    exact active set; of the thresholded model on a gate-apart store) or "all" (every neuron: naive)."""
     store = FlashStore.open(store_dir)
     tok = Tokenizer.from_folder(store.path, bos_id=store.config.bos_token_id)
     check_early(tok.encode(prompt), n, store.config, pinned)
@@ -206,13 +206,14 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
                                "(`flashnb train-predictors --model SOURCE` writes them), or --policy oracle (exact; "
                                "holds the whole FFN in DRAM to predict) or --policy all (naive: every neuron read)")
         predictors = shipped_predictors_dir()
-    thresholds = folder_thresholds(predictors, store.config) if store.gate_in_dram else None
+    pair = _two_stage_rule(store, policy, predictors) if two_stage else None
+    thresholds = pair[1] if pair else folder_thresholds(predictors, store.config) if store.gate_in_dram else None
     if store.gate_in_dram and thresholds is None:
         raise FlashnbError(f"{store.path} keeps the gate in DRAM (layout gate-apart) for gate thresholds: pass "
                            "--predictors FOLDER holding thresholds.safetensors (`flashnb train-predictors --sparsity` "
                            "writes it), or convert the model with --layout bundled")
     if policy == "predictors" and thresholds is not None:
-        predictor = GateThresholds(store, thresholds)
+        predictor = GateThresholds(store, pair[0] if pair else thresholds)
     elif policy == "predictors":
         predictor = load_predictors(predictors)
     elif policy == "oracle":
@@ -223,6 +224,25 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
                              in_flight, pinned)
     generate_on_store(store, predictor, pol, prompt, n, hot=hot, stats=stats, sampling=sampling, tok=tok,
                       thresholds=thresholds)
+
+
+def _two_stage_rule(store: FlashStore, policy: str, predictors) -> tuple:
+    """`generate --store --two-stage`: (candidates, keep) from the predictors folder; one clear error when the
+    store, the policy or the folder cannot run it."""
+    if policy != "predictors":
+        raise FlashnbError(f"--two-stage is the rule that picks each token's neurons, as --policy predictors does: "
+                           f"drop --policy {policy} or --two-stage")
+    if not store.gate_in_dram:
+        raise FlashnbError(f"--two-stage reads the gate from DRAM; {store.path} is a {store.layout} store"
+                           + ("" if store.config.gated else " of a model without a gate")
+                           + ": convert a SwiGLU model with `flashnb convert --layout gate-apart`")
+    pair = two_stage_in(predictors) if predictors is not None else None
+    if pair is None:
+        raise FlashnbError(f"--two-stage needs the two-stage thresholds of a predictors folder; "
+                           f"{predictors or 'no --predictors was given, and the store holds no shipped model'}"
+                           f"{'' if predictors is None else ' has no two-stage/'}: write them with `flashnb "
+                           "train-predictors --model FOLDER --two-stage-only` and pass --predictors FOLDER")
+    return pair
 
 
 def check_early(prompt_ids: list[int], n: int, config, pinned: int | str = 0) -> None:

@@ -243,11 +243,12 @@ def test_demo_runs_the_shipped_swiglu_model_both_ways(capsys):
     assert "50% of" in captured.err and "low-rank predictors" in captured.err and "bundled store" in captured.err
     assert main(["demo", "--model", SWIGLU_MODEL, "--gate-in-dram", "--memory", "0.65", "-n", "4", "--no-table"]) == 0
     err = capsys.readouterr().err
-    assert "gate thresholds and scaled-gate thresholds (50%)" in err and "gate-apart store" in err
+    assert "scaled-gate thresholds on the gate in DRAM (50% sparsity), window" in err and "gate-apart store" in err
     assert "the gate matrices stay in DRAM" in err
     assert main(["demo", "--model", SWIGLU_MODEL, "--two-stage", "--memory", "0.65", "-n", "4", "--no-table"]) == 0
     err = capsys.readouterr().err   # the shipped two-stage rule: gate candidates, product thresholds keep
-    assert "gate thresholds and product thresholds (50%)" in err and "gate-apart store" in err
+    assert ("scaled-gate thresholds on the gate in DRAM (30% sparsity), kept by product thresholds (50% sparsity)"
+            in err and "gate-apart store" in err)
 
 
 def test_train_predictors_two_stage_only_writes_what_demo_two_stage_runs(tmp_path, monkeypatch, capsys):
@@ -272,7 +273,21 @@ def test_train_predictors_two_stage_only_writes_what_demo_two_stage_runs(tmp_pat
     assert 0 < card["heldout"]["kept_share"] < 0.7 and card["heldout"]["tokens"] > 0
     assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err
     assert main(["demo", "--model", str(model), "--two-stage", "--memory", "1.0", "-n", "3", "--no-table"]) == 0
-    assert "product thresholds (50%)" in capsys.readouterr().err
+    demo = capsys.readouterr()
+    assert "kept by product thresholds (50% sparsity)" in demo.err
+    # the same rule from a gate-apart store with `generate --store`: the same text as the demo
+    assert main(["convert", str(model), str(tmp_path / "ga"), "--layout", "gate-apart"]) == 0
+    store = ["generate", "--store", str(tmp_path / "ga"), "--prompt", "Return a new list containing", "-n", "3",
+             "--memory", "1.0", "--predictors", str(tmp_path / "sw-predictors")]
+    capsys.readouterr()
+    assert main(store + ["--two-stage", "--stats", "json"]) == 0
+    got = capsys.readouterr()
+    text = json.loads(got.out)["text"]
+    assert text.strip() and text in demo.out and "kept by product thresholds (50% sparsity)" in got.err
+    assert main(store + ["--two-stage", "--policy", "oracle"]) == 2
+    assert "drop --policy oracle or --two-stage" in capsys.readouterr().err
+    assert main(store[:-2] + ["--predictors", str(tmp_path), "--two-stage"]) == 2
+    assert "has no two-stage/" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,words", [

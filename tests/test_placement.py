@@ -183,7 +183,7 @@ def test_placement_figure_draws_each_token_read_at_its_file_row():
 
 
 def test_the_shipped_placement_makes_a_placed_store(tmp_path):
-    from flashnb.shipped import shipped
+    from flashnb.shipped_models import shipped
 
     m = shipped()
     st = m.store(tmp_path, placed=True)

@@ -18,3 +18,15 @@ def test_the_python_recipe_runs_as_printed(capsys, monkeypatch):
     assert len(ns["eng"].steps) < len(ns["ids"]) + 20   # it stopped at the end of sequence, as the CLI does
     assert re.fullmatch(r"\d+\.\d\d MB read and \d+\.\d ms per token", stats), stats
     assert not Path(ns["store"].path).exists()   # the temporary store went with its folder
+
+
+def test_the_front_door_keeps_its_names_after_any_import():
+    """`from flashnb import shipped` is the function even after a module imported the one that defines it (a
+    submodule named like a front-door name would shadow it)."""
+    import importlib
+
+    import flashnb
+
+    for name, module in flashnb._FRONT_DOOR.items():
+        importlib.import_module(module)
+        assert callable(getattr(flashnb, name)) and not isinstance(getattr(flashnb, name), type(flashnb)), name

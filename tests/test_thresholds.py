@@ -207,7 +207,7 @@ def test_low_rank_predictors_with_the_gate_on_flash_equal_the_thresholded_model_
 @pytest.fixture(scope="module")
 def shipped_swiglu(tmp_path_factory):
     from flashnb.paths import SWIGLU_MODEL
-    from flashnb.shipped import shipped
+    from flashnb.shipped_models import shipped
 
     m = shipped(SWIGLU_MODEL)
     root = tmp_path_factory.mktemp("shipped-swiglu")

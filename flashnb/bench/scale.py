@@ -242,7 +242,7 @@ def shipped_sets(tokens: int) -> tuple[list[list[np.ndarray]], int]:
     """The shipped predictors' neuron sets for the first `tokens` held-out tokens (one context), and
     the shipped model's FFN width."""
     from flashnb.core.simulate import sets_from_trace
-    from flashnb.shipped import shipped
+    from flashnb.shipped_models import shipped
     from flashnb.training.build_predictors import load_heldout
     from flashnb.training.traces import record
 
@@ -385,7 +385,7 @@ def sweep_budget(name: str) -> float:
     rule); a half-memory budget would leave smaller models, whose embeddings weigh more, no rows."""
     if name == "shipped":
         from flashnb.device.costmodel import ModelShape
-        from flashnb.shipped import shipped
+        from flashnb.shipped_models import shipped
 
         m = shipped()
         shape = ModelShape.from_config(m.config, 2)

@@ -260,8 +260,6 @@ class GateThresholds(Predictor):
     neurons the thresholded model fires. Its DRAM: the gate matrices (counted with the store's resident
     tensors) and the scales (counted here)."""
 
-    name = "gate thresholds"
-
     def __init__(self, store, thresholds: Thresholds):
         from flashnb.core.resident import shared_tensors
         from flashnb.models.common import activation
@@ -285,6 +283,11 @@ class GateThresholds(Predictor):
         self.gates = [tensors[ffn_param(i, gate)] for i in range(store.num_layers)]
         self.act = activation(store.config.ffn_activation, "config.json")
         self.keeps = [thresholds.keep(i) for i in range(store.num_layers)]
+
+    @property
+    def name(self) -> str:
+        t = self.thresholds
+        return f"{t.criterion} thresholds on the gate in DRAM ({t.sparsity:.0%} sparsity)"
 
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
         a = self.act(torch.mv(self.gates[layer], x.to(self.gates[layer].dtype)))
