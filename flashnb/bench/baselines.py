@@ -267,8 +267,12 @@ class ReadsAlone:
 
     def __init__(self, source):
         self.source, st, policy = source, source.store, source.policy
-        if source.reader.backend != "aio":
-            raise FlashnbError("measuring reads alone needs Linux native AIO, which this machine does not offer")
+        if source.reader.backend != "aio" or not source.reader.direct:
+            raise FlashnbError("measuring reads alone needs direct I/O through Linux native AIO, which this store's "
+                               "file system or this machine does not offer")
+        if policy.pinned or source.lookahead is not None:
+            raise FlashnbError("reads alone mirror an engine's window only: run them on an engine without pinned rows "
+                               "or lookahead predictors")
         self.reader = NeuronReader(st, ReaderConfig(in_flight=policy.in_flight, gap_bytes=policy.gap_bytes,
                                                     verify=False))
         self.ctx = aio.acquire(policy.in_flight)

@@ -256,8 +256,9 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
             runners, streams = {}, {}
             for name in sorted(cfg.configs, key=lambda n: n == "reads"):  # reads: after all, whose reads it repeats
                 if name == "reads":
-                    if runners["all"].reader.backend != "aio":
-                        skipped[name] = "measuring reads alone needs Linux native AIO, unavailable here"
+                    if runners["all"].reader.backend != "aio" or not runners["all"].reader.direct:
+                        skipped[name] = ("measuring reads alone needs direct I/O through Linux native AIO, "
+                                         "unavailable here")
                         continue
                     runners[name] = r = ReadsAlone(runners["all"])
                     stack.callback(r.close)
