@@ -17,25 +17,34 @@ a real predictor costs in time and DRAM. Every result says so in its `neuron_set
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flashnb.bench.baselines import MmapEngine
 from flashnb.bench.replay import shipped_placement_widened, widen
-from flashnb.bench.run import VARIANTS, variant
+from flashnb.bench.report import LABELS, BenchResult, ConfigResult
+from flashnb.bench.run import VARIANTS, _profile, engine_setup, modeled_io_ms, same_dram, take_turns, variant
 from flashnb.core.convert import ConvertConfig, write_store
 from flashnb.core.engine import FlashEngine, Policy
+from flashnb.core.generate import SamplingConfig
 from flashnb.core.io import AlignedBuffer, open_for_reading
-from flashnb.core.predictor import LowRankPredictor, Predictor
+from flashnb.core.predictor import AllNeurons, LowRankPredictor, Predictor
 from flashnb.core.quant import RowFormat
 from flashnb.core.records import LayerStep
 from flashnb.core.manifest import DRAM_FILE, FFN_FILE
 from flashnb.core.store import FlashStore
+from flashnb.device.costmodel import ModelShape, as_device
+from flashnb.device.measure import machine_info, process_rss
+from flashnb.device.profile import coalescing_gap
 from flashnb.errors import FlashnbError
+from flashnb.lab.stats import TokenStats
 from flashnb.models.opt import OPTConfig
 from flashnb.text import wrap
 
@@ -68,8 +77,6 @@ class ScaleShape:
 
     def bytes(self) -> tuple[int, int]:
         """(FFN bytes, everything else) at fp16, counted from the model (flashnb.device.costmodel.ModelShape)."""
-        from flashnb.device.costmodel import ModelShape
-
         m = ModelShape.from_config(self.config(), 2, self.tag)
         return m.ffn_bytes, m.other_bytes
 
@@ -258,10 +265,6 @@ SWEEP = ("shipped", "125m", "1.3b", "2.7b", "6.7b")
 
 
 def _runner(name: str, stores: dict, sets, shape: ScaleShape, policy: Policy):
-    from flashnb.bench.baselines import MmapEngine
-    from flashnb.bench.run import engine_setup, same_dram
-    from flashnb.core.predictor import AllNeurons
-
     if name == "mmap":
         return MmapEngine(stores["bundled"])
     if name in ("naive", "naive_model"):
@@ -277,17 +280,6 @@ def _runner(name: str, stores: dict, sets, shape: ScaleShape, policy: Policy):
 def run_scale(cfg, log=print):
     """`flashnb bench --scale`: SCALE_CONFIGS (those of cfg.configs that are among them) at cfg.scale's
     shape, taking turns, as a BenchResult (JSON like `flashnb bench --out`)."""
-    import tempfile
-    from contextlib import ExitStack
-
-    from flashnb.bench.report import LABELS, BenchResult, ConfigResult
-    from flashnb.bench.run import _profile, modeled_io_ms, take_turns
-    from flashnb.core.generate import SamplingConfig
-    from flashnb.device.costmodel import ModelShape, as_device
-    from flashnb.device.measure import machine_info, process_rss
-    from flashnb.device.profile import coalescing_gap
-    from flashnb.lab.stats import TokenStats
-
     shape = parse_scale(cfg.scale)
     configs = list(cfg.configs)
     unknown = sorted(set(configs) - set(SCALE_CONFIGS) - set(SCALE_OPT_IN))
