@@ -162,7 +162,7 @@ def bound_text(result: BenchResult) -> str:
             f"- the floor's FFN math {floor.ffn_ms:.2f} (the only work that can run under a layer's reads) = {b:.2f} "
             f"ms a token (measured); all is {res['all'].stats.total_ms / b:.2f}x above it. An engine issuing these "
             f"reads stays at least {b / floor.total_ms:.2f}x its floor"
-            + (f", and could be faster than {peers} at most" if peers else ""))
+            + (f", and could be faster than {peers} at most." if peers else "."))
 
 
 def format_table(result: BenchResult) -> str:

@@ -42,13 +42,14 @@ TECHNIQUE_COLORS: dict[str, str] = {
     "int8": "#117733",         # dark green: all on int8 bundles
     "q4": "#44aa99",           # teal: all on q4 bundles
     "reads": "#88ccee",        # sky blue: all's reads alone (the disk and the kernel, nothing computed)
+    "bound": "#999933",        # olive: the lower bound those reads and the floor give
 }
 TECHNIQUE_LABELS: dict[str, str] = {
     "naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
     "all": "+bundling (all)", "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
     "dense": "dense in DRAM", "pinned": "all + hot pinned", "lookahead": "all + lookahead", "placed": "all, co-activation order",
     "floor": "floor (FFN in DRAM, no reads)", "int8": "all, int8 bundles", "q4": "all, q4 bundles",
-    "reads": "all's reads alone (disk+kernel)",
+    "reads": "all's reads alone (disk+kernel)", "bound": "lower bound (floor + reads alone - the floor's FFN math)",
 }
 # Other spellings of the techniques (costmodel.paper_policies, flashnb bench, the paper's Table 2).
 TECHNIQUE_ALIASES: dict[str, str] = {
@@ -265,7 +266,8 @@ def layout(fig, title: str, x: tuple[str, str | None] | None = None, y: tuple[st
     fig.update_layout(template="plotly_white", height=height, width=WIDTH,
                       title=dict(text=title, yref="container", y=1, yanchor="top", pad=dict(t=TITLE_TOP)),
                       margin=dict(l=60, r=20, t=(80 if subplot_titles else 60) + TITLE_TOP - 10, b=60),
-                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"), **kwargs)
+                      legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
+                      hoverlabel=dict(namelength=-1), **kwargs)  # whole trace names: they say measured/modeled
     if x is not None:
         fig.update_xaxes(title_text=axis_title(*x))
     if y is not None:

@@ -208,19 +208,23 @@ def waterfall_figure(result, names=("all", "pinned")) -> go.Figure:
             v = r.split_ms[k]
             fig.add_trace(go.Bar(y=[S.PHASE_LABELS[k]], x=[v], base=[base if v >= 0 else base + v], orientation="h",
                                  name=f"{S.PHASE_LABELS[k]} (measured)", legendgroup=k, showlegend=False,
-                                 **S.bar(k, "measured")), 1, col)
+                                 customdata=[v], hovertemplate=f"{S.PHASE_LABELS[k]}: %{{customdata:.2f}} ms "
+                                 "(measured)<extra></extra>", **S.bar(k, "measured")), 1, col)
             base += v
         fig.add_trace(go.Bar(y=["total"], x=[r.stats.total_ms], orientation="h", name=S.label(r.name, "measured"),
                              showlegend=False, **S.bar(r.name, "measured")), 1, col)
         fig.add_trace(go.Bar(y=["floor"], x=[r.floor_ms], orientation="h", name=S.label("floor", "measured"),
                              legendgroup="floor", showlegend=False, **S.bar("floor", "measured")), 1, col)
         if r.name == "all" and reads is not None and bound:
+            f = result.results["floor"].stats
             fig.add_trace(go.Bar(y=["reads alone"], x=[reads.stats.io_ms], orientation="h", showlegend=False,
                                  name=S.label("all's reads alone: the disk and the kernel", "measured"),
                                  **S.bar("reads", "measured")), 1, col)
             fig.add_trace(go.Bar(y=["lower bound"], x=[bound], orientation="h", showlegend=False,
-                                 name=S.label("lower bound: floor + reads alone - the floor's FFN math", "measured"),
-                                 **S.bar("floor", "measured")), 1, col)
+                                 name=S.label("lower bound", "measured"),
+                                 hovertemplate=f"lower bound: the floor {f.total_ms:.2f} + reads alone "
+                                 f"{reads.stats.io_ms:.2f} - the floor's FFN math {f.ffn_ms:.2f} = {bound:.2f} ms "
+                                 "(measured)<extra></extra>", **S.bar("bound", "measured")), 1, col)
         fig.update_xaxes(title_text=S.axis_title("time per token", "ms"), row=1, col=col)
     S.layout(fig, "A token's milliseconds, step by step, against its floor (measured, same run)", height=420,
              barmode="overlay")
