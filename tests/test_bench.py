@@ -78,7 +78,7 @@ def test_every_configuration_runs_and_reports(tmp_path):
     assert "lower bound for all here" in table and result.lower_bound_ms > 0
     assert "accelerate disk offload" in table and "+bundling (all)" in table and "dense in DRAM" in table
     head, _, *rows = table.splitlines()[:2 + len(res)]
-    ends = [head.index(name) + len(name) - 1 for name in ("I/O", "mem", "compute", "total", "median", "MB/token",
+    ends = [head.index(name) + len(name) - 1 for name in ("I/O", "mem", "compute", "total", "median", "p10-p90", "MB/token",
                                                            "GB/s", "vs naive", "model I/O", "x floor")]
     for row in rows:   # every value (a number or a dash) ends where its column's name ends
         assert len(row) == len(head) and all(row[i] != " " and row[i + 1:i + 2] in ("", " ") for i in ends), row

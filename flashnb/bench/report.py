@@ -174,7 +174,7 @@ def format_table(result: BenchResult) -> str:
     for r in result.results.values():
         s = r.stats
         lines.append(f"{r.label:<{w}} {cell(s.io_ms, '7.2f')} {cell(s.mm_ms, '6.2f')} {cell(s.compute_ms, '8.2f')} "
-                     f"{s.total_ms:8.2f} {s.median_ms:7.2f} {s.p10_ms:6.1f}-{s.p90_ms:<6.1f} "
+                     f"{s.total_ms:8.2f} {s.median_ms:7.2f} {f'{s.p10_ms:.1f}-{s.p90_ms:.1f}':>13} "
                      f"{s.bytes_per_token / 1e6:9.3f} {cell(s.io_GBps, '5.2f')} {cell(r.speedup_vs_naive, '7.1f', 'x')} "
                      f"{cell(r.modeled_io_ms, '9.2f')} {cell(r.floor_ms and s.total_ms / r.floor_ms, '6.2f', 'x')}")
     for name, why in result.skipped.items():
