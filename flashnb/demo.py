@@ -131,11 +131,7 @@ def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, 
     config = read_config(folder)
     check_early(tok.encode(prompt), n, config, pinned)
     pred_dir = Path(predictors_dir or folder.parent / f"{folder.name}-predictors")
-    pair = two_stage_in(pred_dir) if two_stage and config.gated else None
-    if two_stage and pair is None:
-        raise FlashnbError(f"--two-stage runs a SwiGLU model with the two-stage thresholds of its predictors folder; "
-                           f"{pred_dir} has no two-stage/" + ("" if config.gated else f" and {folder.name} has no gate")
-                           + ": write them with `flashnb train-predictors --model FOLDER --two-stage-only`")
+    pair = two_stage_rule(pred_dir, config, folder.name) if two_stage else None
     thresholds = pair[1] if pair else folder_thresholds(pred_dir, config) if gate_in_dram else None
     if gate_in_dram and thresholds is None:
         raise FlashnbError(f"--gate-in-dram runs a SwiGLU model with the gate thresholds in its predictors folder; "
@@ -226,9 +222,20 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
                       thresholds=thresholds)
 
 
-def _two_stage_rule(store: FlashStore, policy: str, predictors) -> tuple:
-    """`generate --store --two-stage`: (candidates, keep) from the predictors folder; one clear error when the
-    store, the policy or the folder cannot run it."""
+def two_stage_rule(pred_dir: Path | None, config, name: str) -> tuple[Thresholds, Thresholds]:
+    """--two-stage: (candidates, keep) from a predictors folder's two-stage/ (`two_stage_in`), or one clear
+    error naming what is missing (the folder's rule, the model's gate)."""
+    pair = two_stage_in(pred_dir) if pred_dir is not None and config.gated else None
+    if pair is None:
+        where = "no --predictors folder was given" if pred_dir is None else f"{pred_dir} has no two-stage/"
+        raise FlashnbError(f"--two-stage runs a SwiGLU model with the two-stage thresholds of its predictors folder; "
+                           f"{where}" + ("" if config.gated else f" and {name} has no gate")
+                           + ": write them with `flashnb train-predictors --model FOLDER --two-stage-only`")
+    return pair
+
+
+def _two_stage_rule(store: FlashStore, policy: str, predictors) -> tuple[Thresholds, Thresholds]:
+    """`generate --store --two-stage`: what the store and the policy must allow, then `two_stage_rule`."""
     if policy != "predictors":
         raise FlashnbError(f"--two-stage is the rule that picks each token's neurons, as --policy predictors does: "
                            f"drop --policy {policy} or --two-stage")
@@ -236,13 +243,7 @@ def _two_stage_rule(store: FlashStore, policy: str, predictors) -> tuple:
         raise FlashnbError(f"--two-stage reads the gate from DRAM; {store.path} is a {store.layout} store"
                            + ("" if store.config.gated else " of a model without a gate")
                            + ": convert a SwiGLU model with `flashnb convert --layout gate-apart`")
-    pair = two_stage_in(predictors) if predictors is not None else None
-    if pair is None:
-        raise FlashnbError(f"--two-stage needs the two-stage thresholds of a predictors folder; "
-                           f"{predictors or 'no --predictors was given, and the store holds no shipped model'}"
-                           f"{'' if predictors is None else ' has no two-stage/'}: write them with `flashnb "
-                           "train-predictors --model FOLDER --two-stage-only` and pass --predictors FOLDER")
-    return pair
+    return two_stage_rule(Path(predictors) if predictors is not None else None, store.config, store.path.name)
 
 
 def check_early(prompt_ids: list[int], n: int, config, pinned: int | str = 0) -> None:

@@ -59,17 +59,6 @@ def token_split(s: TokenStats, floor: TokenStats) -> dict[str, float]:
     return {"model_without_ffn": model, **phases, "rest": s.total_ms - model - sum(phases.values())}
 
 
-def lower_bound_ms(results: dict) -> float | None:
-    """What no engine issuing all's reads can beat on this machine, from three measurements of one run:
-    the floor, plus all's reads alone (the disk and the kernel, layer by layer), less the floor's sparse
-    FFN math, the only work that can run while a layer's reads fly (the layer's predictor must choose
-    before they start, and the next layer needs the layer's output). None without the three."""
-    reads, floor = results.get("reads"), results.get("floor")
-    if not (reads and floor and "all" in results) or reads.stats.io_ms is None or floor.stats.ffn_ms is None:
-        return None
-    return floor.stats.total_ms + reads.stats.io_ms - floor.stats.ffn_ms
-
-
 @dataclass
 class ReplayRow:
     """One configuration of the trace replay: measured I/O per token (no compute)."""
@@ -117,8 +106,6 @@ class BenchResult:
     pinning: dict | None = None    # the split candidates simulated for the pinned configuration, and the choice
     scale: dict | None = None      # `flashnb bench --scale`: the shape, the weights, where the neuron sets come from
     io: str = ""
-    lower_bound_ms: float | None = None  # see `lower_bound_ms`
-
 
     def __post_init__(self):
         modes = "; ".join(sorted({r.io_mode for r in self.results.values() if r.io_mode})) or "none"
@@ -133,7 +120,17 @@ class BenchResult:
             r.floor_ms = floor.stats.total_ms if floor else None
             if floor and name in SPARSE and r.stats.predict_ms is not None:
                 r.split_ms = token_split(r.stats, floor.stats)
-        self.lower_bound_ms = lower_bound_ms(self.results)
+
+    @property
+    def lower_bound_ms(self) -> float | None:
+        """What no engine issuing all's reads can beat on this machine, from three measurements of this run:
+        the floor, plus all's reads alone (the disk and the kernel, layer by layer), less the floor's sparse
+        FFN math, the only work that can run while a layer's reads fly (the layer's predictor must choose
+        before they start, and the next layer needs the layer's output). None without the three."""
+        reads, floor = self.results.get("reads"), self.results.get("floor")
+        if not (reads and floor and "all" in self.results) or reads.stats.io_ms is None or floor.stats.ffn_ms is None:
+            return None
+        return floor.stats.total_ms + reads.stats.io_ms - floor.stats.ffn_ms
 
     def to_json(self) -> dict:
         return {"flashnb_bench_version": 2, "date": self.date, "machine": self.machine, "model": self.model,

@@ -244,23 +244,21 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     with temporary_folder("flashnb-bench-", workroot) as work:
         stores = {lay: FlashStore.open(convert(model_dir, Path(work) / lay, ConvertConfig(layout=lay, progress=False)))
                   for lay in ("bundled", "unbundled")}
-        placement = pred_dir / PLACEMENT_FILE
-        for name in sorted(set(VARIANTS) & set(cfg.configs)):
-            dtype, placed = variant(name)
-            if not placed or placement.is_file():
-                stores[name] = FlashStore.open(convert(model_dir, Path(work) / name, ConvertConfig(
-                    dtype=dtype, progress=False, placement=load_placement(placement) if placed else None)))
         predictors = load_predictors(pred_dir) if set(SPARSE) & set(cfg.configs) else None
         extra, missing = _extras(cfg, pred_dir, stores["bundled"], predictors, gap, device)
+        for name in sorted(set(VARIANTS) & set(cfg.configs) - set(missing)):  # missing: no placement file
+            dtype, placed = variant(name)
+            stores[name] = FlashStore.open(convert(model_dir, Path(work) / name, ConvertConfig(
+                dtype=dtype, progress=False, placement=load_placement(pred_dir / PLACEMENT_FILE) if placed else None)))
         with ExitStack() as stack:
             runners, streams = {}, {}
             for name in sorted(cfg.configs, key=lambda n: n == "reads"):  # reads: after all, whose reads it repeats
                 if name == "reads":
-                    if runners["all"].reader.backend != "aio" or not runners["all"].reader.direct:
-                        skipped[name] = ("measuring reads alone needs direct I/O through Linux native AIO, "
-                                         "unavailable here")
+                    try:
+                        runners[name] = r = ReadsAlone(runners["all"])
+                    except FlashnbError as e:  # no direct I/O through native AIO here
+                        skipped[name] = str(e)
                         continue
-                    runners[name] = r = ReadsAlone(runners["all"])
                     stack.callback(r.close)
                     streams[name] = iter(r.generate(prompt, cfg.tokens + 1))
                     continue

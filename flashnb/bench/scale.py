@@ -38,7 +38,7 @@ from flashnb.core.io import AlignedBuffer, open_for_reading
 from flashnb.core.predictor import AllNeurons, LowRankPredictor, Predictor
 from flashnb.core.quant import RowFormat
 from flashnb.core.records import LayerStep
-from flashnb.core.manifest import DRAM_FILE, FFN_FILE
+from flashnb.core.manifest import CHECKSUM_FILE, DRAM_FILE, FFN_FILE, MANIFEST, PLACEMENT_FILE
 from flashnb.core.store import FlashStore
 from flashnb.device.costmodel import ModelShape, as_device
 from flashnb.device.measure import machine_info, process_rss
@@ -179,7 +179,7 @@ def remove_scale_stores(root: str | Path, shape: ScaleShape) -> None:
     """Delete what `scale_stores` wrote (only its own files)."""
     folder = Path(root) / f"flashnb-scale-{shape.tag}"
     for layout in ("bundled", "unbundled") + SCALE_OPT_IN:
-        for name in ("manifest.json", DRAM_FILE, FFN_FILE, "ffn.sum", "placement.bin"):
+        for name in (MANIFEST, DRAM_FILE, FFN_FILE, CHECKSUM_FILE, PLACEMENT_FILE):
             p = folder / layout / name
             if p.is_file():
                 p.unlink()

@@ -192,8 +192,7 @@ def _validate_files(p: Path, mf: Path, m: dict, ffn_bytes: int) -> None:
     if not sums_path.is_file():
         raise bad_store(sums_path, "is missing (the per-bundle checksums)")
     rows = sum(len(regs) for regs in m["layers"]) * m["ffn_dim"]
-    if sums.get("bytes") != rows * DIGEST.itemsize or not sums_path.is_file() \
-            or sums_path.stat().st_size != sums["bytes"]:
+    if sums.get("bytes") != rows * DIGEST.itemsize or sums_path.stat().st_size != sums["bytes"]:
         raise bad_store(sums_path, f"should hold {rows} checksums of {DIGEST.itemsize} bytes")
     if not isinstance(m.get("fingerprint"), str):
         raise bad_store(mf, "the model's fingerprint is missing")

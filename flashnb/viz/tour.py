@@ -194,7 +194,7 @@ def waterfall_figure(result, names=("all", "pinned")) -> go.Figure:
     laid after what came before, up to the total; under it the floor measured in the same run (the same
     token with the FFN in DRAM: the model, the predictors and the sparse FFN math, nothing read) and, for
     all when the run measured them, its reads alone (the disk and the kernel) and the lower bound they
-    give (`flashnb.bench.report.lower_bound_ms`)."""
+    give (`flashnb.bench.report.BenchResult.lower_bound_ms`)."""
     from flashnb.bench.report import SPLIT
 
     res = [result.results[n] for n in names if n in result.results and result.results[n].split_ms]
@@ -215,13 +215,13 @@ def waterfall_figure(result, names=("all", "pinned")) -> go.Figure:
                              showlegend=False, **S.bar(r.name, "measured")), 1, col)
         fig.add_trace(go.Bar(y=["floor"], x=[r.floor_ms], orientation="h", name=S.label("floor", "measured"),
                              legendgroup="floor", showlegend=False, **S.bar("floor", "measured")), 1, col)
-        if r.name == "all" and reads is not None and bound:
+        if r.name == "all" and bound:  # (a bound implies the run measured all's reads alone)
             f = result.results["floor"].stats
             fig.add_trace(go.Bar(y=["reads alone"], x=[reads.stats.io_ms], orientation="h", showlegend=False,
-                                 name=S.label("all's reads alone: the disk and the kernel", "measured"),
+                                 name=S.label("reads", "measured"),
                                  **S.bar("reads", "measured")), 1, col)
             fig.add_trace(go.Bar(y=["lower bound"], x=[bound], orientation="h", showlegend=False,
-                                 name=S.label("lower bound", "measured"),
+                                 name=S.label("bound", "measured"),
                                  hovertemplate=f"lower bound: the floor {f.total_ms:.2f} + reads alone "
                                  f"{reads.stats.io_ms:.2f} - the floor's FFN math {f.ffn_ms:.2f} = {bound:.2f} ms "
                                  "(measured)<extra></extra>", **S.bar("bound", "measured")), 1, col)

@@ -100,13 +100,14 @@ def dtype_selector(summary: dict, quality: dict, chosen: str = "q4"):
 
     fig = go.FigureWidget(dtype_figure(summary, quality, chosen))
     base = summary[next(iter(summary))]
-    label = w.HTML(f"<pre>{html.escape(quality_text(quality[chosen], summary[chosen], base))}</pre>")
+    line = lambda name: f"<pre>{html.escape(quality_text(quality[name], summary[name], base))}</pre>"  # noqa: E731
+    label = w.HTML(line(chosen))
     buttons = w.ToggleButtons(options=list(summary), value=chosen, description="FFN rows")
 
     def redraw(change):
         with fig.batch_update():
             highlight_dtype(fig, change["new"])
-        label.value = f"<pre>{html.escape(quality_text(quality[change['new']], summary[change['new']], base))}</pre>"
+        label.value = line(change["new"])
 
     buttons.observe(redraw, names="value")
     box = w.VBox([buttons, label, fig])
