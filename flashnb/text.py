@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 
 WIDTH = 100  # characters: fits the notebook area at a 1280 px window with the file browser open
+MB = 1e6     # bytes: the decimal megabyte that every printed table and figure reports (MiB = 2**20 is written MiB)
 
 
 def wrap(text: str, indent: str = "  ") -> str:

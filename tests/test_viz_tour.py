@@ -150,6 +150,12 @@ def test_budget_figure_and_explorer(setup):
     measured_hybrid = fig.data[6]
     assert measured_hybrid.mode == "markers" and measured_hybrid.marker.color == S.color("hybrid")
     assert list(measured_hybrid.y) == [p.total_ms for p in sweep.measured["hybrid"]]
+    # its error bars span its tokens' p10-p90
+    bars = measured_hybrid.error_y
+    assert [t + up for t, up in zip(measured_hybrid.y, bars.array)] == pytest.approx(
+        [p.p90_ms for p in sweep.measured["hybrid"]])
+    assert [t - down for t, down in zip(measured_hybrid.y, bars.arrayminus)] == pytest.approx(
+        [p.p10_ms for p in sweep.measured["hybrid"]])
     titles = _axis_titles(fig)
     assert "DRAM budget (% of the model's bytes)" in titles and "time per token (ms)" in titles
     chosen = [s for s in fig.layout.shapes if s.name == "chosen budget"]
@@ -218,6 +224,14 @@ def test_budget_sweep_measures_and_models_every_budget(setup):
     mod = {p.budget: p for p in sweep.modeled["all"]}
     assert mod[0.6].mb_per_token == pytest.approx(sweep.measured["all"][0].mb_per_token)
     assert mod[1.0].mb_per_token <= mod[0.6].mb_per_token          # more DRAM never reads more
+    # the modeled stops: the smallest feasible budget, then whole percents (what the slider shows)
+    lowest = min(mod)
+    assert all(round(b * 100, 6) == round(b * 100) for b in mod if b != lowest)
+    # measured points carry their tokens' spread, which the slider's text gives
+    for p in sweep.measured["all"] + sweep.measured["hybrid"]:
+        assert p.p10_ms <= p.p90_ms
+    m = sweep.measured["all"][0]
+    assert f"p10-p90 {m.p10_ms:.1f}-{m.p90_ms:.1f}" in end_to_end.budget_text(sweep, 0.6)
     with pytest.raises(FlashnbError, match="outside"):
         end_to_end.budget_sweep(store, preds, setup["prompt"], setup["profile"], measured=(0.01,), tokens=2)
 

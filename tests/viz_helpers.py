@@ -168,11 +168,13 @@ def tour_figures() -> dict:
                         None if n == "hybrid" else 1.2 + i)
               for i, (n, p) in enumerate(zip(configs[:5], paper_ms))]
 
-    def points(budgets, scale: float) -> list:
-        return [BudgetPoint(b, int(b * 1e8), 10 * (1 - b), scale * (1 - b), scale * (1 - b) + 2.5, 0.5) for b in budgets]
+    def points(budgets, scale: float, spread: float | None = None) -> list:
+        total = [scale * (1 - b) + 2.5 for b in budgets]
+        return [BudgetPoint(b, int(b * 1e8), 10 * (1 - b), scale * (1 - b), t, 0.5,
+                            *((t - spread, t + 2 * spread) if spread else (None, None))) for b, t in zip(budgets, total)]
 
     grid = (0.4, 0.55, 0.7, 0.85, 1.0)
-    sweep = BudgetSweep(measured={"all": points((0.55, 1.0), 9.0), "hybrid": points((0.55, 1.0), 30.0)},
+    sweep = BudgetSweep(measured={"all": points((0.55, 1.0), 9.0, 1.0), "hybrid": points((0.55, 1.0), 30.0, 3.0)},
                         modeled={"all": points(grid, 10.0), "hybrid": points(grid, 32.0)},
                         model_bytes=int(1e8), window=4, tokens=8)
     runs = [Run("dense in DRAM", [], None, TokenStats.of([TokenStep(0, [], 3e-3)], 1), int(1e8)),

@@ -31,7 +31,8 @@ def sparse_ffn(x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray, up_bias: to
     gate | up | down when `gated`; up | down again when the gate rows [ffn_dim, d] are given as `gate`,
     held in DRAM. `keep`: the layer's rule in a thresholded gated FFN (flashnb.models.llama.Keep), or
     None. The up projection runs at the rows' precision (quantized rows dequantized to x's); the down
-    projection only over the neurons whose activation is not zero (a ReLU zero contributes nothing),
+    projection only over the neurons whose activation is not zero (a ReLU zero contributes nothing; a
+    block of at most a MiB is upcast whole, as finding its zeros costs more than multiplying them),
     upcast (or dequantized) to float32 a few MiB at a time, because half-precision vector-matrix products
     of this shape are slow on CPUs without native fp16 arithmetic.
     """
@@ -47,9 +48,11 @@ def sparse_ffn(x: torch.Tensor, rows: torch.Tensor, ids: np.ndarray, up_bias: to
         b = None if up_bias is None else up_bias.index_select(0, torch.from_numpy(ids))
         h, j = act(F.linear(x, fmt.part(rows, 0, dtype=x.dtype), b)), 1
     h = h.reshape(-1)
+    step = max(1, DOWN_CHUNK_BYTES // (4 * fmt.d))  # rows upcast at a time: they stay in the CPU's caches
+    if h.numel() <= step // 4:  # a few rows: upcast them all (a zero adds nothing; finding them costs more)
+        return (h.float() @ fmt.part(rows, j).float()).to(x.dtype).reshape(x.shape)
     live = torch.nonzero(h).reshape(-1)
     hl = h.index_select(0, live).float()
-    step = max(1, DOWN_CHUNK_BYTES // (4 * fmt.d))  # rows upcast at a time: they stay in the CPU's caches
     y = hl[:step] @ fmt.part(rows, j, live[:step]).float()
     for a in range(step, live.numel(), step):
         y += hl[a:a + step] @ fmt.part(rows, j, live[a:a + step]).float()

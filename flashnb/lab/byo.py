@@ -24,13 +24,12 @@ from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tiny import has_transformers, make_tiny_opt
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import data_dir, shipped_model_dir
-from flashnb.text import wrap
+from flashnb.text import MB, wrap
 from flashnb.training.build_predictors import load_heldout
 from flashnb.training.predictors import PredictorTrainConfig, train_predictors
 from flashnb.training.quality import Selection, mean_selection, selection_metrics
 from flashnb.training.traces import record
 
-MB = 1e6
 ENV_BYO_MODEL = "FLASHNB_BYO_MODEL"
 TINY_BYO = dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=256,
                 max_position_embeddings=128)

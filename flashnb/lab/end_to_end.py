@@ -24,9 +24,8 @@ from flashnb.device.measure import ProfileConfig, run_profile
 from flashnb.device.profile import coalescing_gap, default_profile_path, load_default_profile
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
-from flashnb.text import wrap
+from flashnb.text import MB, wrap
 
-MB = 1e6
 MiB, KiB = 1 << 20, 1 << 10
 
 # A profile short enough for a notebook cell (a few seconds, most of it writing the 64 MiB scratch file):
@@ -182,6 +181,8 @@ class BudgetPoint:
     io_ms: float
     total_ms: float
     hit_share: float | None = None  # 'all': predicted neurons found in DRAM
+    p10_ms: float | None = None     # measured points: the spread of their tokens' times
+    p90_ms: float | None = None
 
 
 @dataclass
@@ -208,7 +209,8 @@ class BudgetSweep:
 
 
 def _measured_point(budget: float, runner, s: TokenStats) -> BudgetPoint:
-    return BudgetPoint(budget, runner.memory.used_bytes, s.bytes_read / MB, s.io_ms, s.total_ms, s.window_hit_share)
+    return BudgetPoint(budget, runner.memory.used_bytes, s.bytes_read / MB, s.io_ms, s.total_ms, s.window_hit_share,
+                       s.p10_ms, s.p90_ms)
 
 
 def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.5, 0.75, 1.0),
@@ -240,9 +242,10 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
                 meas[name].append(_measured_point(b, runner, s))
                 cpu[name].append((b, s.total_ms - s.io_ms))
             sets = sets or [s.predicted_sets for s in eng.steps]
-    grid = sorted({float(x) for x in np.round(np.linspace(lo, 1.0, modeled), 3)
-                   if all(abs(x - m) > 0.01 for m in measured)} | set(measured)) \
-        if isinstance(modeled, int) else sorted(float(b) for b in modeled)   # no stop within 1% of a measured one
+    # whole percents from the smallest feasible budget up, no stop within 1% of a measured one
+    grid = sorted({float(x) for x in [lo, *np.round(np.linspace(lo, 1.0, modeled)[1:], 2)]
+                   if x >= lo and all(abs(x - m) > 0.01 for m in measured)} | set(measured)) \
+        if isinstance(modeled, int) else sorted(float(b) for b in modeled)
     device = as_device(profile)
     def near(name: str, b: float) -> float:   # the measured CPU ms, linear between the measured budgets
         xs, ys = zip(*sorted(cpu[name]))
@@ -283,8 +286,8 @@ def budget_text(sweep: BudgetSweep, budget: float) -> str:
             f"{a.hit_share:.0%} of the predicted neurons already in DRAM); hybrid {h.total_ms:.1f} ms "
             f"({h.mb_per_token:.2f} MB read).")
     if ma is not None:
-        text += (f" Measured at {budget_label(ma.budget)}: all techniques {ma.total_ms:.1f} ms, hybrid "
-                 f"{mh.total_ms:.1f} ms per token.")
+        text += (f" Measured at {budget_label(ma.budget)}: all techniques {ma.total_ms:.1f} ms per token (p10-p90 "
+                 f"{ma.p10_ms:.1f}-{ma.p90_ms:.1f}), hybrid {mh.total_ms:.1f} ms ({mh.p10_ms:.1f}-{mh.p90_ms:.1f}).")
     return text + (" Paper: about half of OPT 6.7B in DRAM (Table 2); more DRAM holds a longer window "
                    "and reads less per token.")
 

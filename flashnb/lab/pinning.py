@@ -19,8 +19,8 @@ from flashnb.core.simulate import choose_pinned
 from flashnb.device.costmodel import steps_io_ms
 from flashnb.device.profile import coalescing_gap
 from flashnb.lab.stats import TokenStats
+from flashnb.text import MB
 
-MB = 1e6
 
 
 @dataclass

@@ -6,9 +6,8 @@ from __future__ import annotations
 from flashnb.core.memory import MemoryPlan
 from flashnb.device.costmodel import paper_data
 from flashnb.lab.stats import TokenStats
-from flashnb.text import wrap
+from flashnb.text import MB, wrap
 
-MB = 1e6
 
 
 def ffn_bytes(store) -> int:

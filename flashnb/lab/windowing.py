@@ -19,8 +19,8 @@ from flashnb.core.window import Window, split_predicted
 from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
+from flashnb.text import MB
 
-MB = 1e6
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from plotly.subplots import make_subplots
 
 from flashnb.viz import style as S
 
-MB = 1e6
 
 
 def _window_technique(window: int) -> str:
