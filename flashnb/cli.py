@@ -12,7 +12,8 @@ import signal
 import sys
 import threading
 
-from flashnb.cli_args import Parser, add_in_flight, add_memory, pinned_rows, real, utf8_text, whole
+from flashnb.cli_args import (Parser, add_in_flight, add_memory, byte_count, out_file, pinned_rows, real, utf8_text,
+                              whole)
 from flashnb.cli_train import add_training_commands
 from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.errors import FlashnbError
@@ -97,7 +98,10 @@ def cmd_bench(args) -> None:
     if sum(map(bool, (args.scale, args.sweep_sizes, args.replay))) > 1:
         raise FlashnbError("--scale, --sweep-sizes and --replay are three different runs: choose one")
     default = scale.SCALE_CONFIGS if args.scale else CONFIGS
-    configs = tuple(args.configs.split(",")) if args.configs else default
+    configs = default if args.configs is None else tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    if not configs:
+        raise FlashnbError("--configs names no configuration: give a comma-separated list such as all,naive,mmap "
+                           "(`flashnb bench --help` lists them), or leave it out to run them all")
     cfg = BenchConfig(model=args.model, predictors=args.predictors, prompt=args.prompt, tokens=args.tokens,
                       window=args.window, memory=args.memory, in_flight=args.in_flight, dir=args.dir,
                       configs=configs, profile=args.profile, replay=args.replay, keep_replay=args.keep_replay,
@@ -144,6 +148,13 @@ def cmd_profile(args) -> None:
     from flashnb.device.measure import ProfileConfig, run_profile
     from flashnb.device.profile import Profile, default_profile_path
 
+    if args.use and (args.out or args.dir or args.size or args.quick):
+        raise FlashnbError("--use loads a saved profile and measures nothing: --out, --dir, --size and --quick "
+                           "go with a measurement (drop them, or drop --use)")
+    if args.reader_check:  # a wrong store is said now, not after the measurement replaced the saved profile
+        from flashnb.core.store import open_store
+
+        open_store(args.reader_check)
     if args.use:
         prof = Profile.load(args.use)
     else:
@@ -205,10 +216,12 @@ def _add_flash_commands(sub) -> None:
                                     "removed), plus sequential reads; writes a JSON profile with a fitted "
                                     "throughput model. About 80 s; --quick about 10 s.")
     pr.add_argument("--dir", default=None, help="folder for the scratch file (default: the system temp folder)")
-    pr.add_argument("--size", type=whole(1 << 20, 1 << 40, "bytes"), default=None,
-                    help="scratch file bytes (default: 1 GiB; --quick 256 MiB)")
+    pr.add_argument("--size", type=byte_count(1 << 20, 1 << 40), default=None,
+                    help="scratch file size: bytes, or with a unit such as 512MiB or 2GB (default: 1 GiB; --quick "
+                         "256 MiB)")
     pr.add_argument("--quick", action="store_true", help="fewer cells, shorter: about 10 s")
-    pr.add_argument("--out", default=None, help="profile JSON to write (default: ~/.cache/flashnb/profile.json)")
+    pr.add_argument("--out", type=out_file, default=None,
+                    help="profile JSON to write (default: ~/.cache/flashnb/profile.json)")
     pr.add_argument("--use", default=None, metavar="FILE", help="load this profile instead of measuring")
     pr.add_argument("--reader-check", default=None, metavar="STORE",
                     help="then read random neuron sets of STORE and print achieved / modeled throughput")
@@ -294,7 +307,7 @@ def _add_run_commands(sub) -> None:
                    help="naive, all and mmap at the shipped model and at the 125m, 1.3b, 2.7b and 6.7b shapes, one "
                         "run each: where flash loading starts to pay on this machine")
     b.add_argument("--keep", action="store_true", help="keep the --scale stores in --dir for the next run")
-    b.add_argument("--out", default=None, help="write the JSON result here")
+    b.add_argument("--out", type=out_file, default=None, help="write the JSON result here (a file)")
     b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="generate text: dense from a model folder, or from flash with a store",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from pathlib import Path
 
 from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET
 
@@ -19,6 +21,15 @@ class Parser(argparse.ArgumentParser):
         where = self.prog.removeprefix("flashnb").strip()
         print(f"flashnb: error: {where + ': ' if where else ''}{message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option is said by the command it was given to (and its --help)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            Parser(prog=prog).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def whole(lo: int, hi: int | None = None, what: str = "a whole number"):
@@ -50,6 +61,27 @@ def real(lo: float, hi: float, lo_open: bool = False, what: str = "a number"):
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
+def _with_unit(text: str) -> int | None:
+    """Bytes written as a whole number with an optional unit (20000000, 20MB, 19MiB), else None."""
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    return int(num) * _UNITS[unit] if unit in _UNITS and num.isdigit() else None
+
+
+def byte_count(lo: int, hi: int):
+    """Bytes from `lo` to `hi`, as a whole number with an optional unit (268435456, 256MiB, 1GB)."""
+    def parse(text: str) -> int:
+        v = _with_unit(text)
+        if v is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not bytes: give a whole number with an optional unit "
+                                             "(268435456, 256MiB, 1GB)")
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {lo >> 20} MiB to {hi >> 30} GiB")
+        return v
+    return parse
+
+
 def memory_budget(text: str) -> float | int:
     """--memory: a fraction of the model's bytes (0.5) or bytes (20000000, 20MB, 19MiB)."""
     t = text.strip().upper().replace(" ", "")
@@ -71,6 +103,19 @@ def memory_budget(text: str) -> float | int:
         return f
     raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction of the model in (0, 1] (e.g. 0.5) nor bytes "
                                      "(e.g. 20000000, 20MB or 19MiB)")
+
+
+def out_file(text: str) -> str:
+    """--out FILE, checked before any work: a file name (not a folder) in a folder that exists."""
+    p = Path(text).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name, e.g. {p / 'result.json'}")
+    if not p.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the folder {p.parent} does not exist; create it first or "
+                                         "choose another path")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{text} cannot be written (permissions); choose another path")
+    return str(p)
 
 
 def utf8_text(text: str) -> str:

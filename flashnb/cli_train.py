@@ -26,7 +26,7 @@ def cmd_train(args) -> None:
 def cmd_train_predictors(args) -> None:
     from pathlib import Path
 
-    from flashnb.paths import shipped_model_dir
+    from flashnb.paths import data_dir, shipped_model_dir
     from flashnb.training.build_predictors import (BuildConfig, build, build_hot, build_lookahead, build_placement,
                                                   build_thresholds, card_summary, hot_summary, thresholds_summary)
     from flashnb.training.predictors import PredictorTrainConfig
@@ -42,8 +42,11 @@ def cmd_train_predictors(args) -> None:
     model = args.model or str(shipped_model_dir())
     name = Path(model).resolve().name
     beside = Path(model).resolve().parent / f"{name}-predictors"   # where flashnb looks for a model's predictors
+    shipped = Path(model).resolve().parent == data_dir().resolve()  # a model flashnb ships: its set stays as shipped
     in_place = args.hot_neurons_only or args.placement_only or args.two_stage_only  # beside what is there
-    out = args.out or str(beside if in_place else Path.cwd() / f"{name}-predictors")
+    out = args.out or str(beside if in_place or not shipped else Path.cwd() / f"{name}-predictors")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FlashnbError(f"--out {out} is a file; give a folder for the predictors (it is created if missing)")
     thresholds_job = args.sparsity is not None and not args.two_stage_only
     if sum(map(bool, (args.lookahead, args.hot_neurons_only, args.placement_only, args.two_stage_only,
                       thresholds_job))) > 1:
@@ -59,8 +62,11 @@ def cmd_train_predictors(args) -> None:
                Path(out) / "predictors.safetensors")
     if written.exists() and not args.force:
         raise FlashnbError(f"{written} exists; pass --force to replace it, or choose another --out")
-    cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens,
-                      eval_tokens=args.eval_tokens, threads=args.threads, train=tcfg)
+    from flashnb.models.checkpoint import read_config
+
+    context = min(BuildConfig.context, read_config(model).max_position_embeddings)  # windows the model can take
+    cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens, eval_tokens=args.eval_tokens,
+                      threads=args.threads, train=tcfg, context=context)
     if args.two_stage_only:
         from flashnb.training.two_stage import build_two_stage, two_stage_summary
 
@@ -97,7 +103,9 @@ def cmd_train_predictors(args) -> None:
         return
     card = build(cfg, log=lambda m: print(m, file=sys.stderr))
     print(card_summary(card))
-    print(f"wrote {out} (predictors.safetensors, metrics.json, heldout_slice.safetensors)")
+    print(f"wrote {out} (predictors.safetensors, metrics.json, heldout_slice.safetensors, hot_neurons.safetensors)")
+    if Path(out).resolve() != beside:
+        print(f"run them with --predictors {out} (flashnb looks beside the model, in {beside}, without it)")
 
 
 def add_training_commands(sub) -> None:
@@ -130,9 +138,10 @@ def add_training_commands(sub) -> None:
                                     "replaced without --force).")
     tp.add_argument("--model", default=None, help="model folder (default: the shipped model, data/flashnb-opt-21m)")
     tp.add_argument("--out", default=None,
-                    help="output folder (default: MODEL-predictors in the current folder; with --hot-neurons-only or "
-                         "--placement-only, "
-                         "the predictors beside the model, e.g. data/flashnb-opt-21m-predictors)")
+                    help="output folder (default: MODEL-predictors beside the model, where demo, bench and generate "
+                         "look for them; for a model flashnb ships, in the current folder, so that the shipped set "
+                         "stays as shipped, except with --hot-neurons-only, --placement-only and --two-stage-only, "
+                         "which add to the predictors beside the model, e.g. data/flashnb-opt-21m-predictors)")
     tp.add_argument("--force", action="store_true", help="replace what OUT already holds")
     tp.add_argument("--train-tokens", type=whole(16), default=65_536,
                     help="training-split tokens to trace (default: %(default)s)")

@@ -36,13 +36,15 @@ def budget_words(budget: float | int) -> str:
 
 
 def per_token_table(steps, tok, out_ids) -> str:
-    """One line per generated token: neurons predicted / already cached / read, bytes and times."""
-    lines = [f"{'token':<14} {'predicted':>9} {'cached':>7} {'read':>6} {'KB read':>8} {'I/O ms':>7} "
-             f"{'mem ms':>7} {'compute ms':>10}"]
+    """One line per step after the prompt, named by the generated token it ran on: neurons predicted / already
+    cached / read, bytes, requests and times."""
+    lines = [f"{'token in':<14} {'predicted':>9} {'cached':>7} {'read':>6} {'KB read':>8} {'requests':>8} "
+             f"{'I/O ms':>7} {'mem ms':>7} {'compute ms':>10}"]
     for s, tid in zip(steps, out_ids):
         text = repr(tok.decode([tid]))[:14]
         lines.append(f"{text:<14} {s.predicted:>9} {s.cached:>7} {s.loaded:>6} {s.bytes_read / 1e3:>8.1f} "
-                     f"{s.io_seconds * 1e3:>7.2f} {s.mm_seconds * 1e3:>7.2f} {s.compute_seconds * 1e3:>10.2f}")
+                     f"{s.requests:>8} {s.io_seconds * 1e3:>7.2f} {s.mm_seconds * 1e3:>7.2f} "
+                     f"{s.compute_seconds * 1e3:>10.2f}")
     return "\n".join(lines)
 
 

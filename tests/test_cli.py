@@ -9,8 +9,16 @@ from flashnb.cli import build_parser, main
 
 def test_demo_prints_text(capsys):
     assert main(["demo", "-n", "8"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert out.startswith("Return a new list containing") and len(out) > len("Return a new list containing")
+    # one table row per step after the prompt, its requests adding up to the summary's mean
+    lines = err.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("token in"))
+    rows = [ln for ln in lines[head + 1:] if ln.strip() and not ln.startswith("per generated token")][:7]
+    assert lines[head][14:].split()[:6] == ["predicted", "cached", "read", "KB", "read", "requests"]
+    requests = [int(r[14:].split()[4]) for r in rows]   # (the token takes the first 14 characters)
+    summary = next(ln for ln in lines if ln.startswith("per generated token"))
+    assert f"in {sum(requests) / len(requests):.0f} requests" in summary
 
 
 def test_demo_pins_hot_neurons_when_asked(capsys):

@@ -51,6 +51,48 @@ def test_force_never_deletes_a_folder_that_is_not_a_store(tmp_path, tiny_opt_dir
     assert (tmp_path / "file").read_text() == "data"
 
 
+def test_a_folder_that_is_not_a_store_is_refused_without_suggesting_force(tmp_path, tiny_opt_dir, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    err = _refused(capsys, ["convert", str(tiny_opt_dir), str(mine)], "is not a flashnb store")
+    assert "--force" not in err and (mine / "notes.txt").read_text() == "my notes"
+
+
+def test_an_empty_folder_becomes_the_store(tmp_path, tiny_opt_dir, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(tiny_opt_dir), str(tmp_path / "empty")]) == 0
+    assert FlashStore.open(tmp_path / "empty").layout == "bundled"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_force_replaces_a_store_whose_manifest_is_damaged_and_nothing_else(tmp_path, tiny_opt_dir, capsys):
+    dst = convert(tiny_opt_dir, tmp_path / "store", ConvertConfig(progress=False))
+    (dst / "manifest.json").write_text("{not json")
+    assert main(["verify", str(dst)]) == 2
+    hint = capsys.readouterr().err
+    assert "flashnb convert HF_FOLDER STORE --force" in hint          # the hint, followed, works:
+    assert main(["convert", str(tiny_opt_dir), str(dst), "--force"]) == 0
+    assert main(["verify", str(dst)]) == 0
+    capsys.readouterr()
+    # a folder merely holding files with a store's common names is not a store
+    look = tmp_path / "look"
+    look.mkdir()
+    for name in ("manifest.json", "tokenizer.json"):
+        (look / name).write_text("{}")
+    before = _tree(look)
+    _refused(capsys, ["convert", str(tiny_opt_dir), str(look), "--force"], "is not a flashnb store")
+    assert _tree(look) == before
+
+
+def test_a_store_given_as_a_model_folder_and_a_model_folder_as_a_store_are_named(tmp_path, tiny_opt_dir, capsys):
+    dst = convert(tiny_opt_dir, tmp_path / "store", ConvertConfig(progress=False))
+    for argv in (["convert", str(dst), str(tmp_path / "again")], ["demo", "--model", str(dst), "-n", "1"]):
+        _refused(capsys, argv, f"{dst} is a flashnb store, not a Hugging Face model folder")
+    _refused(capsys, ["generate", "--store", str(tiny_opt_dir), "--prompt", "a"],
+             f"{tiny_opt_dir} is a Hugging Face model folder, not a flash store")
+
+
 def test_force_on_cwd_that_is_not_a_store_is_refused(tmp_path, tiny_opt_dir, capsys, monkeypatch):
     (tmp_path / "keep.txt").write_text("keep")
     monkeypatch.chdir(tmp_path)
@@ -104,6 +146,6 @@ def test_a_store_moved_aside_by_a_killed_convert_is_put_back(tmp_path, tiny_opt_
     os.replace(dst, aside)  # the moment a replacing convert was killed: the old store moved aside
     convert(tiny_opt_dir, tmp_path / "other", ConvertConfig(progress=False))  # another store: not touched
     assert aside.exists()
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(Exception, match="is a flashnb store already"):
         convert(tiny_opt_dir, dst, ConvertConfig(progress=False))  # restored first, then refused without force
     assert not aside.exists() and FlashStore.open(dst).layout == "bundled"

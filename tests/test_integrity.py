@@ -130,5 +130,6 @@ def test_unsorted_and_repeated_ids_are_checked_against_their_own_rows(store):
 
 def test_a_missing_checksum_table_is_named_missing(store):
     (store.path / "ffn.sum").unlink()
-    with pytest.raises(FlashnbError, match=r"ffn.sum: is missing \(the per-bundle checksums\)"):
+    with pytest.raises(FlashnbError, match=r"ffn.sum is missing \(the per-bundle checksums\); re-create the store "
+                                           r"with `flashnb convert HF_FOLDER STORE --force`"):
         FlashStore.open(store.path)

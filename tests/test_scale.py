@@ -75,9 +75,33 @@ def test_a_scale_store_is_written_once_reused_and_its_engine_equals_its_dense_mo
 
 def test_too_little_disk_is_one_clear_error_before_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "_free_bytes", lambda folder: 10 << 20)
-    with pytest.raises(FlashnbError, match=r"needs 0\.\d+ GB free .* which has 0\.01 GB: free some space or pass --dir"):
+    with pytest.raises(FlashnbError, match=r"need 0\.\d+ GB free .* which has 0\.01 GB: free some space, pass --dir"):
         S.scale_stores(tmp_path, S.parse_scale(TINY), progress=False, log=lambda m: None)
     assert not list(tmp_path.rglob("*.bin"))
+    # room for one layout but not both: refused before the first is written, naming both
+    shape = S.parse_scale(TINY)
+    monkeypatch.setattr(S, "_free_bytes", lambda folder: sum(shape.bytes()) + (1 << 28) + 1)
+    with pytest.raises(FlashnbError, match=r"stores to write \(bundled, unbundled\)"):
+        S.scale_stores(tmp_path, shape, progress=False, log=lambda m: None)
+    assert not list(tmp_path.rglob("*.bin"))
+
+
+def test_a_scale_run_that_fails_while_writing_leaves_no_store(tmp_path, monkeypatch):
+    (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
+    real, calls = S.write_store, []
+
+    def second_fails(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FlashnbError("the disk filled up")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(S, "write_store", second_fails)
+    cfg = BenchConfig(scale=TINY, tokens=1, memory=1.0, in_flight=2, dir=str(tmp_path), configs=("all",),
+                      progress=False, profile=str(tmp_path / "profile.json"))
+    with pytest.raises(FlashnbError, match="filled up"):
+        S.run_scale(cfg, log=lambda m: None)
+    assert len(calls) == 2 and not list(tmp_path.rglob("*.bin"))   # the first store, written, was removed
 
 
 def test_scale_run_reports_every_configuration_and_reads_what_simulate_counts(tmp_path):

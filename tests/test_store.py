@@ -82,7 +82,7 @@ def test_source_untouched_and_no_temporary_left(sources, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
     assert sorted(p.name for p in dst.iterdir()) == ["dram.safetensors", "ffn.bin", "ffn.sum", "manifest.json",
                                                      "tokenizer.json"]
-    with pytest.raises(FlashnbError, match="already exists"):
+    with pytest.raises(FlashnbError, match="is a flashnb store already; pass --force"):
         convert(sources["opt"], dst, ConvertConfig(progress=False))
     convert(sources["opt"], dst, ConvertConfig(layout="unbundled", overwrite=True, progress=False))
     assert FlashStore.open(dst).layout == "unbundled"
@@ -109,7 +109,7 @@ def test_bad_options(sources, tmp_path):
         convert(sources["opt"], tmp_path / "x", ConvertConfig(dtype="int4"))
     with pytest.raises(FlashnbError, match="inside the source folder"):
         convert(sources["opt"], sources["opt"] / "store", ConvertConfig(progress=False))
-    with pytest.raises(FlashnbError, match="not a flashnb store"):
+    with pytest.raises(FlashnbError, match="is a Hugging Face model folder, not a flash store"):
         FlashStore.open(sources["opt"])
 
 
@@ -186,4 +186,4 @@ def test_cli_convert_and_verify(sources, tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # (the rest: progress bar)
     assert len(err) == 1 and err[0].startswith("flashnb: error:") and "layer 0 region 'gate_proj'" in err[0]
     assert main(["convert", str(sources["llama"]), str(dst)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "is a flashnb store already; pass --force" in capsys.readouterr().err

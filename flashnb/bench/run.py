@@ -271,6 +271,9 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 runners[name] = r = _runner(name, cfg, stores, model_dir, work, predictors, extra, gap)
                 stack.callback(r.close)
                 streams[name] = iter(r.generate(prompt, cfg.tokens + 1, SamplingConfig()))  # +1: the prompt's step
+            if not streams:
+                raise FlashnbError("none of the configurations can run here: "
+                                   + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
             texts, spent = take_turns(streams, cfg.progress)
             for name, r in sorted(runners.items(), key=lambda kv: cfg.configs.index(kv[0])):
                 stats = TokenStats.of(r.steps[len(prompt):], neurons, split=name not in ("mmap", "accelerate"))

@@ -144,19 +144,24 @@ def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log
     order carried onto this shape (`widened_placement`), "q4-placed" both; stores of equal DRAM files share
     one (a hard link), so a process holds it once."""
     folder = Path(root) / f"flashnb-scale-{shape.tag}"
-    folder.mkdir(parents=True, exist_ok=True)
     ffn, other = shape.bytes()
+    layouts = ("bundled", "unbundled") + tuple(extra)
+    kinds = {k: variant(k) if k in extra else ("fp16", False) for k in layouts}
+    size = {k: ffn * RowFormat(kinds[k][0], shape.d_model).part_bytes // (2 * shape.d_model) + other for k in layouts}
+    todo = [k for k in layouts if _valid(folder / k, shape) is None]
+    need = sum(size[k] for k in todo) + (1 << 28)  # every store still to write, checked before the first
+    if todo and _free_bytes(folder if folder.is_dir() else Path(root)) < need:
+        raise FlashnbError(f"the {shape.tag} stores to write ({', '.join(todo)}) need {need / 1e9:.2f} GB free in "
+                           f"{Path(root)} ({(need - (1 << 28)) / 1e9:.2f} GB of weights and 0.27 GB to spare), which "
+                           f"has {_free_bytes(folder if folder.is_dir() else Path(root)) / 1e9:.2f} GB: free some "
+                           "space, pass --dir on a larger disk, or run fewer --configs")
+    folder.mkdir(parents=True, exist_ok=True)
     stores: dict[str, FlashStore] = {}
-    for layout in ("bundled", "unbundled") + tuple(extra):
+    for layout in layouts:
         st = _valid(folder / layout, shape)
         if st is None:
-            dtype, placed = variant(layout) if layout in extra else ("fp16", False)
-            need = ffn * RowFormat(dtype, shape.d_model).part_bytes // (2 * shape.d_model) + other + (1 << 28)
-            if _free_bytes(folder) < need:
-                raise FlashnbError(f"a {shape.tag} store ({layout}) needs {need / 1e9:.2f} GB free in {folder} "
-                                   f"({(ffn + other) / 1e9:.2f} GB of weights and 0.27 GB to spare), which has "
-                                   f"{_free_bytes(folder) / 1e9:.2f} GB: free some space or pass --dir on a larger disk")
-            log(f"writing the {layout} store of {shape.tag} ({need / 1e9 - 0.27:.2f} GB of random weights) in "
+            dtype, placed = kinds[layout]
+            log(f"writing the {layout} store of {shape.tag} ({size[layout] / 1e9:.2f} GB of random weights) in "
                 f"{folder} ...")
             write_store(folder / layout, shape.config(), shape.config().to_hf(), SyntheticWeights(),
                         ConvertConfig(layout="unbundled" if layout == "unbundled" else "bundled", dtype=dtype,
@@ -297,9 +302,9 @@ def run_scale(cfg, log=print):
     small, small_ffn = shipped_sets(prompt_len + cfg.tokens + 1)
     sets = widen(small, small_ffn, shape)
     prompt = [2, 133][:prompt_len]  # any ids: the weights are random, the sets replayed
-    stores = scale_stores(root, shape, cfg.progress, log, tuple(c for c in SCALE_OPT_IN if c in configs))
     results: dict[str, ConfigResult] = {}
-    try:
+    try:  # (a store written before a failure is removed too, unless --keep)
+        stores = scale_stores(root, shape, cfg.progress, log, tuple(c for c in SCALE_OPT_IN if c in configs))
         config = stores["bundled"].config
         mshape = ModelShape.from_config(config, 2, shape.tag)
         policy = Policy(cfg.window, cfg.memory, cfg.in_flight, gap)

@@ -269,6 +269,9 @@ def _os_error(e: OSError, folder: Path) -> FlashnbError:
     return FlashnbError(f"writing the store in {folder} failed at {where} ({e.strerror or e}); {fix}")
 
 
+STORE_NAMES = frozenset({MANIFEST, DRAM_FILE, FFN_FILE, CHECKSUM_FILE, TOKENIZER, PLACEMENT_FILE})  # what convert writes
+
+
 def _store_files(folder: Path) -> set[str] | None:
     """The file names a store folder's manifest lists (manifest.json included), or None when `folder`
     holds no readable flashnb manifest."""
@@ -292,7 +295,7 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     """Refuse, with one clear error, every destination whose replacement could lose a file that
     flashnb did not write: the source folder, a folder inside it or holding it, a file, a symbolic
     link, and (even with --force) any existing folder that is not a flashnb store or that holds
-    files besides the store's own."""
+    files besides the store's own. An empty folder is used as it is."""
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents:
         raise FlashnbError(f"store {dst} would be written inside the source folder {src}; choose a "
@@ -305,7 +308,8 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
 
 def check_replaceable(dst: Path, overwrite: bool) -> None:
     """Refuse a store path that is a file or a link, or an existing folder that is not a flashnb store
-    holding only its own files (and any existing folder without `overwrite`)."""
+    holding only its own files (and any store without `overwrite`). An empty folder is accepted; so is,
+    with `overwrite`, a store whose manifest is damaged when it holds nothing but store file names."""
     if dst.is_symlink():
         raise FlashnbError(f"{dst} is a symbolic link; give the store's real path (flashnb does not "
                            "replace links)")
@@ -314,13 +318,18 @@ def check_replaceable(dst: Path, overwrite: bool) -> None:
     if not dst.is_dir():
         raise FlashnbError(f"{dst} is a file, not a store folder; choose another store path "
                            "(flashnb never replaces a file)")
-    if not overwrite:
-        raise FlashnbError(f"{dst} already exists; remove it, choose another store path, or pass --force "
-                           "to replace the flashnb store there")
+    if not any(dst.iterdir()):
+        return  # an empty folder: nothing in it to lose
     own = _store_files(dst)
+    if own is None and (dst / FFN_FILE).is_file() and (dst / MANIFEST).is_file() and all(
+            f.is_file() and f.name in STORE_NAMES for f in dst.iterdir()):
+        own = STORE_NAMES  # a store whose manifest is damaged: its files, and nothing else
     if own is None:
         raise FlashnbError(f"{dst} exists and is not a flashnb store (no {MANIFEST} of format {FORMAT!r}); "
-                           "--force replaces only a store: choose another path, or remove that folder yourself")
+                           "flashnb replaces only its own stores: choose another store path")
+    if not overwrite:
+        raise FlashnbError(f"{dst} is a flashnb store already; pass --force to replace it, or choose another "
+                           "store path")
     extra = sorted(p.name for p in dst.iterdir() if p.name not in own or not p.is_file())
     if extra:
         shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
@@ -333,7 +342,7 @@ def _recover_interrupted(dst: Path) -> None:
     alive: its unfinished temporary folder `.NAME.tmp-PID` is removed; an old store it had moved
     aside (`.NAME.old-PID`) is put back when `dst` is missing, else removed. Only folders holding
     nothing but store files are touched; each is named on stderr."""
-    allowed = {MANIFEST, DRAM_FILE, FFN_FILE, CHECKSUM_FILE, TOKENIZER, PLACEMENT_FILE}
+    allowed = STORE_NAMES
     for kind in ("tmp", "old"):
         for p in sorted(dst.parent.glob(f".{dst.name}.{kind}-*")):
             pid = p.name.rsplit("-", 1)[-1]

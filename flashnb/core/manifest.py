@@ -68,7 +68,8 @@ class Region:
 
 
 def bad_store(path: Path, what: str) -> FlashnbError:
-    return FlashnbError(f"{path}: {what}; re-create the store with `flashnb convert HF_FOLDER STORE`")
+    said = f"{path} {what}" if what.startswith("is ") else f"{path}: {what}"
+    return FlashnbError(f"{said}; re-create the store with `flashnb convert HF_FOLDER STORE --force`")
 
 
 def _is_int(x) -> bool:
@@ -91,10 +92,10 @@ def validate(p: Path, mf: Path, m: dict):
     v = m.get("format_version")
     if not _is_int(v) or v != FORMAT_VERSION:
         raise FlashnbError(f"{mf}: store format version {v!r} is not supported (this flashnb reads version "
-                           f"{FORMAT_VERSION}); re-create the store with this flashnb's `flashnb convert`")
+                           f"{FORMAT_VERSION}); re-create the store with this flashnb's `flashnb convert HF_FOLDER STORE --force`")
     if not isinstance(m.get("layout"), str) or m["layout"] not in LAYOUTS:
         raise FlashnbError(f"{mf}: unknown layout {m.get('layout')!r} (known: {', '.join(LAYOUTS)}); "
-                           "the store was written by another flashnb: re-create it with `flashnb convert`")
+                           "the store was written by another flashnb: re-create it with `flashnb convert HF_FOLDER STORE --force`")
     if not isinstance(m.get("dtype"), str) or m["dtype"] not in DTYPES:
         raise bad_store(mf, f"unknown dtype {m.get('dtype')!r} (known: {', '.join(DTYPES)})")
     fd = m.setdefault("ffn_dtype", m["dtype"])  # stores written before quantized rows: the FFN at `dtype`
@@ -184,7 +185,7 @@ def _validate_files(p: Path, mf: Path, m: dict, ffn_bytes: int) -> None:
         size = path.stat().st_size
         if size != entry.get("bytes"):
             raise FlashnbError(f"{path} has {size} bytes but {mf} says {entry.get('bytes')}: the file is truncated "
-                               "or was replaced; re-create the store with `flashnb convert HF_FOLDER STORE`")
+                               "or was replaced; re-create the store with `flashnb convert HF_FOLDER STORE --force`")
     sums = m.get("checksums")
     if not isinstance(sums, dict) or sums.get("algorithm") != ALGORITHM:
         raise bad_store(mf, f"the per-bundle checksums ({ALGORITHM}) are missing")

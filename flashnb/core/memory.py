@@ -130,8 +130,9 @@ def plan_memory(shape: MemoryShape, budget: float | int, window: int, predictor_
             f"{shape.resident_bytes / 2**20:.2f} MiB, predictors {predictor_bytes / 2**20:.2f} MiB"
             + (f", {pinned_rows} pinned rows per layer {shape.layers * pinned_rows * shape.row_bytes / 2**20:.2f} MiB"
                if pinned_rows else "")
-            + f", leaving no window row per layer; raise the budget to at least {need:.3f} of the model"
-            + (" or pin fewer rows" if pinned_rows else ""))
+            + ", leaving no window row per layer; "
+            + (f"raise the budget to at least {need:.3f} of the model" + (" or pin fewer rows" if pinned_rows else "")
+               if need <= 1 else "even the whole model's bytes leave none: pin fewer rows"))
     return MemoryPlan(shape.model_bytes, budget_bytes(budget, shape.model_bytes), shape.resident_bytes,
                       predictor_bytes, shape.row_bytes, pinned_rows, caches, capacity, shape.layers,
                       shape.kv_cache_bytes)

@@ -213,8 +213,12 @@ def load_predictors(folder: str | Path, model: nn.Module | None = None) -> LowRa
     d = Path(folder)
     f = d / WEIGHTS
     if not f.is_file():
-        raise FlashnbError(f"{f} is missing; train predictors with `flashnb train-predictors` "
-                           "or pass the folder that holds predictors.safetensors and metrics.json")
+        model = d.with_name(d.name.removesuffix("-predictors")) if d.name.endswith("-predictors") else None
+        how = (f"`flashnb train-predictors --model {model}` (it writes them there)"
+               if model is not None and (model / "config.json").is_file() else
+               "`flashnb train-predictors --model MODEL --out FOLDER`")
+        raise FlashnbError(f"{f} is missing; train predictors with {how}, or pass the folder that holds "
+                           "predictors.safetensors and metrics.json")
     header, tensors = read_flashnb_file(f, "pt", "safetensors file", "train the predictors again")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise FlashnbError(f"{f} is not a flashnb predictor file (format "

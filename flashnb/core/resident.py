@@ -59,7 +59,7 @@ def resident_model(store, make_ffn: Callable[[int, dict[str, torch.Tensor]], nn.
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(dram))
     if missing:
-        raise FlashnbError(f"{store.dram_path} lacks {missing[:4]}; re-create the store with `flashnb convert`")
+        raise FlashnbError(f"{store.dram_path} lacks {missing[:4]}; re-create the store with `flashnb convert HF_FOLDER STORE --force`")
     for name, p in params.items():
         if tuple(p.shape) != tuple(dram[name].shape):
             raise FlashnbError(f"{store.dram_path}: tensor {name!r} has shape {list(dram[name].shape)}, "

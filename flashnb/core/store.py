@@ -123,6 +123,9 @@ class FlashStore:
             raise FlashnbError(f"store {p} does not exist or is not a folder; create it with "
                                "`flashnb convert HF_FOLDER STORE`")
         mf = p / MANIFEST
+        if not mf.is_file() and (p / "config.json").is_file():
+            raise FlashnbError(f"{p} is a Hugging Face model folder, not a flash store: convert it first with "
+                               f"`flashnb convert {p} STORE` and give STORE")
         if not mf.is_file():
             raise FlashnbError(f"{mf} is missing: {p} is not a flashnb store (create one with "
                                "`flashnb convert HF_FOLDER STORE`)")

@@ -74,5 +74,5 @@ def verify(path: str | Path, progress: bool = True) -> VerifyReport:
             f.close()
     if bad:
         raise FlashnbError(f"store {store.path}: checksum mismatch in {'; '.join(bad)}: the store is damaged; "
-                           "re-create it with `flashnb convert HF_FOLDER STORE`")
+                           "re-create it with `flashnb convert HF_FOLDER STORE --force`")
     return VerifyReport(str(store.path), len(spans), total, time.perf_counter() - t0)

@@ -51,6 +51,10 @@ def regular_file(f: Path, what: str = "file") -> Path:
 def read_config(path: str | Path):
     """The architecture's config dataclass read from `path`/config.json."""
     f = _folder(path) / "config.json"
+    if not f.exists() and (f.parent / "manifest.json").is_file():
+        raise FlashnbError(f"{f.parent} is a flashnb store, not a Hugging Face model folder: give the model folder "
+                           "it was converted from, or run the store itself (`flashnb generate --store "
+                           f"{f.parent}`)")
     if not f.exists():
         raise FlashnbError(f"{f} is missing: a model folder needs a Hugging Face config.json")
     try:

@@ -194,12 +194,40 @@ def build_lookahead(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     return ahead.card
 
 
+def check_job(cfg: BuildConfig, config) -> None:
+    """One clear error, before any slow step, for ranks the model cannot have and for traces that do not fit
+    in this machine's memory (each traced token keeps every layer's active set and FFN input)."""
+    ranks = cfg.train.layer_ranks(config.num_hidden_layers)
+    if max(ranks) > config.hidden_size:
+        raise FlashnbError(f"rank {max(ranks)} exceeds the model's d_model of {config.hidden_size}: a low-rank "
+                           f"predictor's rank is at most d_model (the shipped ones use 64 at 512); give a smaller "
+                           "--rank or --ranks")
+    per_token = config.num_hidden_layers * ((config.ffn_dim + 7) // 8 + 2 * config.hidden_size)
+    need, have = (cfg.train_tokens + cfg.eval_tokens) * per_token, available_memory()
+    if have is not None and need > have // 2:  # the traces, and room to train on them
+        raise FlashnbError(f"--train-tokens {cfg.train_tokens} and --eval-tokens {cfg.eval_tokens} need about "
+                           f"{need / 2**30:.1f} GiB for their traces, more than half of the {have / 2**30:.1f} GiB "
+                           f"of memory available here: give at most about {have // 2 // per_token:,} tokens in all")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _traces(cfg: BuildConfig, progress: bool, log):
     """Step 1 (and the held-out trace): (model, corpus, training ids, held-out ids, traces)."""
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model)
     tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)
-    cfg.train.layer_ranks(model.config.num_hidden_layers)  # fail before the slow steps
+    check_job(cfg, model.config)  # fail before the slow steps
     if cfg.context > model.config.max_position_embeddings:
         raise FlashnbError(f"--context {cfg.context} exceeds the model's {model.config.max_position_embeddings}")
     log("collecting the corpus (docstrings of the stdlib and torch) ...")
@@ -297,7 +325,7 @@ def build_thresholds(cfg: BuildConfig, sparsity: float, criterion: str = "scaled
         raise FlashnbError(f"{cfg.model}: thresholds are for SwiGLU models (a gated FFN with SiLU); this model's "
                            f"FFN is {model.config.ffn_activation}{' gated' if model.config.gated else ''}, whose zeros "
                            "the low-rank predictors learn: drop --sparsity")
-    cfg.train.layer_ranks(model.config.num_hidden_layers)  # fail before the slow steps
+    check_job(cfg, model.config)  # fail before the slow steps
     tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)
     log("collecting the corpus (docstrings of the stdlib and torch) ...")
     corpus = collect()

@@ -1,0 +1,83 @@
+"""Bad command lines found by trying the CLI as a newcomer: each is one `flashnb: error:` line said before
+the work it would have wasted or the file it would have replaced, and naming the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flashnb.cli import build_parser, main
+
+
+def _refused(capsys, argv: list[str], *words: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flashnb: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    return err
+
+
+def test_an_output_file_is_checked_before_the_run(tmp_path, capsys):
+    _refused(capsys, ["bench", "--out", str(tmp_path)], "is a folder; give a file name")
+    _refused(capsys, ["bench", "--out", str(tmp_path / "no" / "r.json")], "does not exist; create it first")
+    _refused(capsys, ["profile", "--quick", "--out", str(tmp_path)], "is a folder")
+    _refused(capsys, ["profile", "--quick", "--out", str(tmp_path / "no" / "p.json")], "does not exist")
+    assert not (tmp_path / "no").exists()                          # nothing created on the way
+
+
+def test_profile_options_that_would_do_nothing_or_the_wrong_thing(tmp_path, capsys, monkeypatch):
+    import flashnb.device.measure as measure
+
+    monkeypatch.setattr(measure, "run_profile", lambda cfg: pytest.fail("measured before checking the store"))
+    _refused(capsys, ["profile", "--use", "p.json", "--out", str(tmp_path / "q.json")], "--use loads a saved profile")
+    from flashnb.paths import shipped_model_dir
+
+    model = shipped_model_dir()   # a model folder where a store belongs: said before measuring (and saving)
+    _refused(capsys, ["profile", "--quick", "--reader-check", str(model)], "is a Hugging Face model folder, not a flash store")
+    assert build_parser().parse_args(["profile", "--size", "1GB"]).size == 10**9
+    assert build_parser().parse_args(["profile", "--size", "256MiB"]).size == 256 << 20
+    _refused(capsys, ["profile", "--size", "lots"], "is not bytes")
+
+
+def test_an_unknown_option_points_at_its_command(capsys):
+    _refused(capsys, ["demo", "--memroy", "0.5"], "demo: unrecognized arguments: --memroy", "`flashnb demo --help`")
+
+
+def test_bench_configs_that_name_nothing_or_nothing_that_runs(capsys):
+    _refused(capsys, ["bench", "--configs", ""], "--configs names no configuration")
+    _refused(capsys, ["bench", "--configs", "lookahead", "--tokens", "1"], "none of the configurations can run here",
+             "lookahead: no lookahead predictors")
+
+
+def test_train_predictors_checks_its_job_before_tracing(tiny_opt_dir, tmp_path, capsys, monkeypatch):
+    import flashnb.training.build_predictors as bp
+
+    _refused(capsys, ["train-predictors", "--model", str(tiny_opt_dir), "--rank", "100000", "--out",
+                      str(tmp_path / "p")], "rank 100000 exceeds the model's d_model")
+    (tmp_path / "afile").write_text("x")
+    _refused(capsys, ["train-predictors", "--model", str(tiny_opt_dir), "--out", str(tmp_path / "afile")],
+             "is a file; give a folder")
+    monkeypatch.setattr(bp, "available_memory", lambda: 1 << 30)   # 1 GiB here
+    _refused(capsys, ["train-predictors", "--model", str(tiny_opt_dir), "--train-tokens", "100000000", "--rank", "4",
+                      "--out", str(tmp_path / "p")], "need about", "give at most about")
+    assert not (tmp_path / "p").exists()
+
+
+def test_predictors_are_written_where_the_commands_look_for_them(tiny_opt_dir, tmp_path, capsys, monkeypatch):
+    from flashnb.models.tiny import TEXTS
+    from flashnb.training import corpus
+
+    tiny = corpus.Corpus(train=[t + f" {i}" for i, t in enumerate(TEXTS * 40)], heldout=TEXTS[:3], sources={})
+    import flashnb.training.build_predictors as bp
+
+    monkeypatch.setattr(bp, "collect", lambda: tiny)   # the real corpus takes half a minute to collect
+    monkeypatch.chdir(tmp_path)                                     # anywhere but beside the model
+    assert main(["train-predictors", "--model", str(tiny_opt_dir), "--train-tokens", "256", "--eval-tokens", "64",
+                 "--epochs", "1", "--rank", "4", "--threads", "1"]) == 0
+    beside = Path(f"{tiny_opt_dir}-predictors")
+    assert (beside / "predictors.safetensors").is_file() and not (tmp_path / beside.name).exists()
+    out = capsys.readouterr().out
+    assert "hot_neurons.safetensors" in out and (beside / "hot_neurons.safetensors").is_file()
+    assert main(["demo", "--model", str(tiny_opt_dir), "-n", "2", "--memory", "0.9", "--no-table"]) == 0
+    assert "low-rank predictors" in capsys.readouterr().err   # the demo found them, beside the model
