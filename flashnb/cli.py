@@ -95,6 +95,8 @@ def cmd_bench(args) -> None:
     from flashnb.bench import scale
 
     _decode_threads()
+    if args.keep and not args.scale:
+        raise FlashnbError("--keep keeps the --scale stores: it goes with --scale (--keep-replay keeps the replay's)")
     if sum(map(bool, (args.scale, args.sweep_sizes, args.replay))) > 1:
         raise FlashnbError("--scale, --sweep-sizes and --replay are three different runs: choose one")
     default = scale.SCALE_CONFIGS if args.scale else CONFIGS
@@ -148,6 +150,8 @@ def cmd_profile(args) -> None:
     from flashnb.device.measure import ProfileConfig, run_profile
     from flashnb.device.profile import Profile, default_profile_path
 
+    if args.fraction is not None and not args.reader_check:
+        raise FlashnbError("--fraction sets the neurons --reader-check reads: it goes with --reader-check STORE")
     if args.use and (args.out or args.dir or args.size or args.quick):
         raise FlashnbError("--use loads a saved profile and measures nothing: --out, --dir, --size and --quick "
                            "go with a measurement (drop them, or drop --use)")
@@ -171,7 +175,8 @@ def cmd_profile(args) -> None:
     if args.reader_check:
         from flashnb.lab.flash import reader_efficiency
 
-        r = reader_efficiency(args.reader_check, prof, in_flight=args.in_flight, fraction=args.fraction)
+        r = reader_efficiency(args.reader_check, prof, in_flight=args.in_flight,
+                              fraction=0.1 if args.fraction is None else args.fraction)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.to_json().items()}, indent=1))
 
 
@@ -226,8 +231,8 @@ def _add_flash_commands(sub) -> None:
     pr.add_argument("--reader-check", default=None, metavar="STORE",
                     help="then read random neuron sets of STORE and print achieved / modeled throughput")
     add_in_flight(pr, "for --reader-check")
-    pr.add_argument("--fraction", type=real(0, 1, lo_open=True, what="a fraction"), default=0.1,
-                    help="fraction of each layer's neurons per read for --reader-check (default: %(default)s)")
+    pr.add_argument("--fraction", type=real(0, 1, lo_open=True, what="a fraction"), default=None,
+                    help="fraction of each layer's neurons per read for --reader-check (default: 0.1)")
     pr.set_defaults(func=cmd_profile)
 
 
@@ -347,8 +352,18 @@ def _add_run_commands(sub) -> None:
     g.set_defaults(func=cmd_generate)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flashnb")
+    except PackageNotFoundError:
+        return "(not installed: run from a checkout)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="flashnb", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"flashnb {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     _add_run_commands(sub)
     add_training_commands(sub)

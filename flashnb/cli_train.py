@@ -52,6 +52,8 @@ def cmd_train_predictors(args) -> None:
                       thresholds_job))) > 1:
         raise FlashnbError("--lookahead, --hot-neurons-only, --placement-only, --two-stage-only and --sparsity are "
                            "different jobs: choose one (--two-stage-only takes --sparsity as the share it keeps)")
+    if args.criterion is not None and args.sparsity is None:
+        raise FlashnbError("--criterion chooses how --sparsity's thresholds compare a neuron: it goes with --sparsity")
     if args.candidates is not None and not args.two_stage_only:
         raise FlashnbError("--candidates goes with --two-stage-only (the gate's candidates of a two-stage rule)")
     written = (Path(out) / "two-stage" / "keep" / "thresholds.safetensors" if args.two_stage_only else
@@ -78,7 +80,8 @@ def cmd_train_predictors(args) -> None:
               "--two-stage)")
         return
     if args.sparsity is not None:
-        card = build_thresholds(cfg, args.sparsity, args.criterion, log=lambda m: print(m, file=sys.stderr))
+        card = build_thresholds(cfg, args.sparsity, args.criterion or "scaled-gate",
+                                log=lambda m: print(m, file=sys.stderr))
         print(thresholds_summary(card))
         print(f"wrote {out} (thresholds.safetensors, thresholds.json, heldout_slice.safetensors)")
         return
@@ -182,8 +185,8 @@ def add_training_commands(sub) -> None:
     tp.add_argument("--candidates", type=real(0, 0.99, what="a fraction"), default=None,
                     help="with --two-stage-only: the sparsity of the gate's candidates (default 0.3: 70%% of the "
                          "neurons are read)")
-    tp.add_argument("--criterion", choices=["scaled-gate", "gate", "product"], default="scaled-gate",
+    tp.add_argument("--criterion", choices=["scaled-gate", "gate", "product"], default=None,
                     help="with --sparsity: compare |SiLU(gate)| (CATS: gate), |SiLU(gate)| times the root-mean-square "
                          "of the neuron's up projection (scaled-gate) or |SiLU(gate) * up| (product: the gate cannot "
-                         "decide alone, predictors must) with the threshold (default: %(default)s)")
+                         "decide alone, predictors must) with the threshold (default: scaled-gate)")
     tp.set_defaults(func=cmd_train_predictors)

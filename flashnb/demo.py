@@ -81,7 +81,7 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
               f"{mem.used_bytes / 2**20:.1f} MiB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
               f"{mem.model_bytes / 2**20:.1f} MiB (budget {budget_words(policy.memory_budget)}); {predictor.name}"
               f"{'' if thresholds is None or thresholds is getattr(predictor, 'thresholds', None) else f', kept by {thresholds.criterion} thresholds ({thresholds.sparsity:.0%} sparsity)'}, window "
-              f"{policy.window} ({mem.capacity_rows} rows per layer), {mem.pinned_rows} hot neurons pinned per "
+              f"{policy.window} ({mem.capacity_rows} rows {'per layer' if mem.caches > 1 else 'shared by every layer'}), {mem.pinned_rows} hot neurons pinned per "
               f"layer, {store.layout} store\n", file=sys.stderr)
         ids = tok.encode(prompt)
         out = list(eng.generate(ids, n, sampling, eos_id=eng.model.config.eos_token_id))
@@ -95,6 +95,8 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
                           "tokens": token_records(steps, tok, out), "mean": mean.to_json() if mean else None}))
         return
     print(show_text(prompt, tok.decode(out)))
+    if len(out) < n:
+        print(f"(stopped after {len(out)} of {n} tokens: the model wrote its end-of-text token)", file=sys.stderr)
     if stats == "table":
         print(per_token_table(steps, tok, out), file=sys.stderr)
     if mean:
@@ -270,5 +272,5 @@ def generate_dense(folder: str | Path, prompt: str, n: int, sampling: SamplingCo
     out = list(generate(model, ids, n, sampling, eos_id=model.config.eos_token_id))
     dt = time.perf_counter() - t0
     print(show_text(prompt, tok.decode(out)))
-    print(f"\n[{len(out)} tokens in {dt:.2f} s, dense in DRAM, {len(out) / max(dt, 1e-9):.1f} tokens/s]",
-          file=sys.stderr)
+    print(f"\n[{len(out)} tokens in {dt:.2f} s, dense in DRAM, {len(out) / max(dt, 1e-9):.1f} tokens/s"
+          + (f"; stopped at the end-of-text token, {n} asked]" if len(out) < n else "]"), file=sys.stderr)

@@ -64,20 +64,49 @@ def test_train_predictors_checks_its_job_before_tracing(tiny_opt_dir, tmp_path, 
     assert not (tmp_path / "p").exists()
 
 
-def test_predictors_are_written_where_the_commands_look_for_them(tiny_opt_dir, tmp_path, capsys, monkeypatch):
-    from flashnb.models.tiny import TEXTS
+def test_predictors_are_written_where_the_commands_look_for_them(tmp_path, capsys, monkeypatch):
+    from flashnb.models.tiny import TEXTS, make_tiny_opt
     from flashnb.training import corpus
 
     tiny = corpus.Corpus(train=[t + f" {i}" for i, t in enumerate(TEXTS * 40)], heldout=TEXTS[:3], sources={})
     import flashnb.training.build_predictors as bp
 
     monkeypatch.setattr(bp, "collect", lambda: tiny)   # the real corpus takes half a minute to collect
-    monkeypatch.chdir(tmp_path)                                     # anywhere but beside the model
+    tiny_opt_dir = make_tiny_opt(tmp_path / "models")  # a model of its own: predictors appear beside it
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")                            # anywhere but beside the model
     assert main(["train-predictors", "--model", str(tiny_opt_dir), "--train-tokens", "256", "--eval-tokens", "64",
                  "--epochs", "1", "--rank", "4", "--threads", "1"]) == 0
     beside = Path(f"{tiny_opt_dir}-predictors")
-    assert (beside / "predictors.safetensors").is_file() and not (tmp_path / beside.name).exists()
+    assert (beside / "predictors.safetensors").is_file() and not (tmp_path / "work" / beside.name).exists()
     out = capsys.readouterr().out
     assert "hot_neurons.safetensors" in out and (beside / "hot_neurons.safetensors").is_file()
     assert main(["demo", "--model", str(tiny_opt_dir), "-n", "2", "--memory", "0.9", "--no-table"]) == 0
     assert "low-rank predictors" in capsys.readouterr().err   # the demo found them, beside the model
+    assert main(["bench", "--model", str(tiny_opt_dir), "--configs", "all", "--tokens", "2", "--memory", "0.9",
+                 "--in-flight", "2", "--dir", str(tmp_path), "--profile", str(_profile(tmp_path))]) == 0  # ... the bench too
+    assert "+bundling (all)" in capsys.readouterr().out
+
+
+def _profile(folder: Path) -> Path:
+    import json
+
+    from flash_helpers import synthetic_profile
+
+    (folder / "profile.json").write_text(json.dumps(synthetic_profile()))
+    return folder / "profile.json"
+
+
+def test_bench_tokens_beyond_the_context_are_said_before_the_run(capsys):
+    _refused(capsys, ["bench", "--tokens", "300", "--configs", "floor"], "--tokens 300", "give --tokens 249 or fewer")
+
+
+def test_options_that_belong_to_another_option_say_so(capsys):
+    _refused(capsys, ["bench", "--keep"], "--keep keeps the --scale stores")
+    _refused(capsys, ["profile", "--fraction", "0.2"], "goes with --reader-check")
+    _refused(capsys, ["train-predictors", "--criterion", "gate"], "goes with --sparsity")
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("flashnb ")

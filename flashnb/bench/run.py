@@ -64,7 +64,7 @@ from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import read_config
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import data_dir, shipped_model_dir, temporary_folder
+from flashnb.paths import shipped_model_dir, temporary_folder
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "reads", "mmap", "accelerate",
            "dense", "floor")
@@ -226,10 +226,15 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     if "reads" in cfg.configs and "all" not in cfg.configs:
         raise FlashnbError("'reads' repeats the reads of 'all' alone: include all in --configs")
     model_dir = Path(cfg.model) if cfg.model else shipped_model_dir()
-    pred_dir = Path(cfg.predictors) if cfg.predictors else data_dir() / f"{model_dir.name}-predictors"
+    pred_dir = Path(cfg.predictors) if cfg.predictors else model_dir.parent / f"{model_dir.name}-predictors"
     config = read_config(model_dir)
     tok = Tokenizer.from_folder(model_dir)
     prompt = tok.encode(cfg.prompt)
+    room = config.max_position_embeddings - len(prompt) - 1  # each run also generates the prompt's next token
+    if cfg.tokens > room:
+        raise FlashnbError(f"--tokens {cfg.tokens}: the prompt ({len(prompt)} tokens), the token it predicts and "
+                           f"{cfg.tokens} more exceed the model's context of {config.max_position_embeddings}; give "
+                           f"--tokens {max(1, room)} or fewer, or a shorter prompt")
     workroot = Path(cfg.dir or tempfile.gettempdir())
     if not workroot.is_dir():
         raise FlashnbError(f"--dir {workroot} does not exist; create it or pick another folder")
