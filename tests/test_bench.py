@@ -76,6 +76,9 @@ def test_every_configuration_runs_and_reports(tmp_path):
     assert r["reads"].io_ms > 0 and res["reads"].speedup_vs_naive is None and res["reads"].floor_ms is None
     table = format_table(result)
     assert "lower bound for all here" in table and result.lower_bound_ms > 0
+    p = result.pinning   # the pinning line: each simulated split in words, the chosen one first
+    assert f"{p['chosen']} hot neurons pinned per layer" in table
+    assert f"{p['pinned_rows'][0]} pinned: {p['bytes_per_token'][0] / 1e6:.3f} MB" in " ".join(table.split())
     assert "accelerate disk offload" in table and "+bundling (all)" in table and "dense in DRAM" in table
     head, _, *rows = table.splitlines()[:2 + len(res)]
     ends = [head.index(name) + len(name) - 1 for name in ("I/O", "mem", "compute", "total", "median", "p10-p90", "MB/token",

@@ -156,6 +156,8 @@ def test_budget_figure_and_explorer(setup):
         [p.p90_ms for p in sweep.measured["hybrid"]])
     assert [t - down for t, down in zip(measured_hybrid.y, bars.arrayminus)] == pytest.approx(
         [p.p10_ms for p in sweep.measured["hybrid"]])
+    assert "ms per token (tokens' p10-p90 %{customdata[0]:.1f}-%{customdata[1]:.1f} ms)" in measured_hybrid.hovertemplate
+    assert [list(c) for c in measured_hybrid.customdata] == [[p.p10_ms, p.p90_ms] for p in sweep.measured["hybrid"]]
     titles = _axis_titles(fig)
     assert "DRAM budget (% of the model's bytes)" in titles and "time per token (ms)" in titles
     chosen = [s for s in fig.layout.shapes if s.name == "chosen budget"]
@@ -184,10 +186,11 @@ def test_split_explorer_moves_along_the_simulated_splits():
     sweep = SplitSweep(choices, 4, 0.9, stats, 8)
     box, slider, widget = W.split_explorer(sweep)
     assert slider.value == 0.0 and [s.x0 for s in widget.layout.shapes if s.name == "chosen share"] == [0.0, 0.0]
-    assert "budget 70%: 0 pinned + 400 window rows" in box.children[1].value
+    assert "<br>Budget 70%: 0 pinned + 400 window rows" in box.children[1].value   # a line per budget
     slider.value = 0.5
     assert [s.x0 for s in widget.layout.shapes if s.name == "chosen share"] == [50.0, 50.0]
-    assert "budget 90%: 200 pinned + 200 window rows per layer read 0.250 MB" in box.children[1].value
+    assert "<br>Budget 90%: 200 pinned + 200 window rows per layer read 0.250 MB" in box.children[1].value
+    assert "add at most 1% reader calls" in box.children[1].value                 # the rule that chose
     assert "the chosen split 0.250 MB" in box.children[1].value      # the engine's confirmation, measured
 
 
@@ -232,6 +235,9 @@ def test_budget_sweep_measures_and_models_every_budget(setup):
         assert p.p10_ms <= p.p90_ms
     m = sweep.measured["all"][0]
     assert f"p10-p90 {m.p10_ms:.1f}-{m.p90_ms:.1f}" in end_to_end.budget_text(sweep, 0.6)
+    # the modeled reads' calls, which rise where a token's neurons no longer fit a layer's rows
+    assert f"in {mod[0.6].reader_calls:.0f} reader calls" in end_to_end.budget_text(sweep, 0.6)
+    assert mod[lowest].reader_calls >= mod[1.0].reader_calls
     with pytest.raises(FlashnbError, match="outside"):
         end_to_end.budget_sweep(store, preds, setup["prompt"], setup["profile"], measured=(0.01,), tokens=2)
 

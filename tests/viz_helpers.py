@@ -171,7 +171,8 @@ def tour_figures() -> dict:
     def points(budgets, scale: float, spread: float | None = None) -> list:
         total = [scale * (1 - b) + 2.5 for b in budgets]
         return [BudgetPoint(b, int(b * 1e8), 10 * (1 - b), scale * (1 - b), t, 0.5,
-                            *((t - spread, t + 2 * spread) if spread else (None, None))) for b, t in zip(budgets, total)]
+                            *((t - spread, t + 2 * spread) if spread else (None, None)), 6 / b)
+                for b, t in zip(budgets, total)]
 
     grid = (0.4, 0.55, 0.7, 0.85, 1.0)
     sweep = BudgetSweep(measured={"all": points((0.55, 1.0), 9.0, 1.0), "hybrid": points((0.55, 1.0), 30.0, 3.0)},

@@ -178,11 +178,13 @@ def format_table(result: BenchResult) -> str:
         lines.append(wrap(f"{LABELS[name]:<{w}} skipped: {why}"))
     if result.pinning:
         p = result.pinning
-        splits = ", ".join(f"{n}: {b / 1e6:.3f}, {c:.2f}" for n, b, c in zip(p["pinned_rows"], p["bytes_per_token"],
-                                                                           p["score"]))
-        lines.append(wrap(f"{LABELS['pinned']}: {p['chosen']} hot neurons pinned per layer, the split with the least "
-                          f"{p['score_name']} when simulated on the predictors' calibration sets (pinned rows: "
-                          f"MB/token, {p['score_name']}: {splits})"))
+        timed = p["score_name"].endswith("ms per token")   # else the score is the bytes themselves
+        splits = "; ".join(f"{n} pinned: {b / 1e6:.3f} MB" + (f" and {c:.2f} ms" if timed else "") for n, b, c in
+                           zip(p["pinned_rows"], p["bytes_per_token"], p["score"]))
+        only = " (the budget leaves no row to pin beside a token's neurons)" if len(p["pinned_rows"]) == 1 else ""
+        lines.append(wrap(f"{LABELS['pinned']}: {p['chosen']} hot neurons pinned per layer{only}, the split with the "
+                          f"least {p['score_name']} among those adding at most 1% reader calls, simulated on the "
+                          f"predictors' calibration sets, per token: {splits}"))
     checked = result.results.get("all")
     if checked and checked.stats.verify_ms is not None and checked.stats.total_ms:
         v = checked.stats.verify_ms

@@ -183,6 +183,7 @@ class BudgetPoint:
     hit_share: float | None = None  # 'all': predicted neurons found in DRAM
     p10_ms: float | None = None     # measured points: the spread of their tokens' times
     p90_ms: float | None = None
+    reader_calls: float | None = None  # 'all': reads issued per token (more than one a layer: a layer read in parts)
 
 
 @dataclass
@@ -210,7 +211,7 @@ class BudgetSweep:
 
 def _measured_point(budget: float, runner, s: TokenStats) -> BudgetPoint:
     return BudgetPoint(budget, runner.memory.used_bytes, s.bytes_read / MB, s.io_ms, s.total_ms, s.window_hit_share,
-                       s.p10_ms, s.p90_ms)
+                       s.p10_ms, s.p90_ms, s.reader_calls)
 
 
 def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.5, 0.75, 1.0),
@@ -258,7 +259,8 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
         io = calls_seconds(device, s.reader_calls, s.requests / s.reader_calls, int(s.bytes_read / s.requests),
                            in_flight) * 1e3 if s.requests else 0.0
         used = plan_memory(shape, b, window, pred_bytes).used_bytes
-        mod["all"].append(BudgetPoint(b, used, s.bytes_read / MB, io, io + near("all", b), s.window_hit_share))
+        mod["all"].append(BudgetPoint(b, used, s.bytes_read / MB, io, io + near("all", b), s.window_hit_share,
+                                      reader_calls=s.reader_calls))
         hp = hybrid_plan(shape, b)
         streamed = (st.ffn_dim - hp.pinned_rows) * st.num_layers * st.neuron_bytes
         io = streamed / device.dense_throughput() * 1e3
@@ -282,13 +284,14 @@ def budget_text(sweep: BudgetSweep, budget: float) -> str:
     a, h = sweep.at("all", budget), sweep.at("hybrid", budget)
     ma, mh = sweep.at("all", budget, "measured"), sweep.at("hybrid", budget, "measured")
     text = (f"DRAM budget {budget_label(budget)} of the model ({budget * sweep.model_bytes / MB:.1f} MB). "
-            f"Modeled: all techniques {a.total_ms:.1f} ms per token ({a.mb_per_token:.2f} MB read, "
-            f"{a.hit_share:.0%} of the predicted neurons already in DRAM); hybrid {h.total_ms:.1f} ms "
+            f"Modeled: all techniques {a.total_ms:.1f} ms per token ({a.mb_per_token:.2f} MB read in "
+            f"{a.reader_calls:.0f} reader calls, {a.hit_share:.0%} of the predicted neurons already in DRAM); "
+            f"hybrid {h.total_ms:.1f} ms "
             f"({h.mb_per_token:.2f} MB read).")
     if ma is not None:
-        text += (f" Measured at {budget_label(ma.budget)}: all techniques {ma.total_ms:.1f} ms per token (p10-p90 "
+        text += (f"\nMeasured at {budget_label(ma.budget)}: all techniques {ma.total_ms:.1f} ms per token (p10-p90 "
                  f"{ma.p10_ms:.1f}-{ma.p90_ms:.1f}), hybrid {mh.total_ms:.1f} ms ({mh.p10_ms:.1f}-{mh.p90_ms:.1f}).")
-    return text + (" Paper: about half of OPT 6.7B in DRAM (Table 2); more DRAM holds a longer window "
+    return text + ("\nPaper: about half of OPT 6.7B in DRAM (Table 2); more DRAM holds a longer window "
                    "and reads less per token.")
 
 

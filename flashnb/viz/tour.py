@@ -115,8 +115,9 @@ def ladder_figure(rows) -> go.Figure:
 def budget_figure(sweep, budget: float | None = None) -> go.Figure:
     """Latency per token (left) and data read per token (right) vs DRAM budget for all techniques and
     hybrid: modeled curves (dashed) through the budget grid, engine runs at a few budgets (filled
-    markers, their tokens' p10-p90 as error bars), the paper's operating point (about half the model) dotted, `budget` marked by a grey band.
-    Budgets at which nothing is read are left off the log-scaled right panel."""
+    markers, their tokens' p10-p90 as error bars and in their hover), the paper's operating point (about half
+    the model) dotted, `budget` marked by a grey band. Budgets at which nothing is read are left off the
+    log-scaled right panel."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("latency per token", "data read from flash per token"))
     for name in ("all", "hybrid"):
         for source in ("modeled", "measured"):
@@ -125,11 +126,16 @@ def budget_figure(sweep, budget: float | None = None) -> go.Figure:
             mode = "lines+markers" if source == "modeled" else "markers"
             for col, key in ((1, "total_ms"), (2, "mb_per_token")):
                 y = [getattr(r, key) if (col == 1 or getattr(r, key)) else None for r in rows]  # 0: off the log axis
+                hover = "DRAM budget %{x:.1f}%: " + ("%{y:.1f} ms per token" if col == 1 else "%{y:.2f} MB per token")
                 spread = {} if col == 2 or source == "modeled" else dict(error_y=dict(  # the tokens' p10-p90
                     type="data", symmetric=False, array=[r.p90_ms - r.total_ms for r in rows],
-                    arrayminus=[r.total_ms - r.p10_ms for r in rows], thickness=1.5, width=4))
+                    arrayminus=[r.total_ms - r.p10_ms for r in rows], thickness=1.5, width=4),
+                    customdata=[[r.p10_ms, r.p90_ms] for r in rows])
+                if spread:
+                    hover += " (tokens' p10-p90 %{customdata[0]:.1f}-%{customdata[1]:.1f} ms)"
                 fig.add_trace(go.Scatter(x=x, y=y, name=S.label(name, source), legendgroup=f"{name}{source}",
-                                         showlegend=col == 1, **spread, **S.scatter(name, source, mode=mode)), 1, col)
+                                         showlegend=col == 1, hovertemplate=hover, **spread,
+                                         **S.scatter(name, source, mode=mode)), 1, col)
     for col in (1, 2):
         fig.add_vline(x=50, line=dict(S.scatter("naive", "paper", S.PAPER)["line"], width=1), row=1, col=col)
     fig.add_trace(go.Scatter(x=[None], y=[None], name="paper: about half of OPT 6.7B in DRAM (paper, Table 2)",

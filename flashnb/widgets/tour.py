@@ -16,21 +16,25 @@ from flashnb.viz.tour import budget_figure, mark_budget, mark_share, split_figur
 
 def _explorer(options: list[tuple[str, float]], start: float, description: str, figure, mark, text_of):
     """A selection slider over `options` whose moves call `mark(fig, value)` on the FigureWidget of
-    `figure` and rewrite the text `text_of(value)` below it. Returns (VBox, slider, FigureWidget)."""
+    `figure` and rewrite the text `text_of(value)` below it, a line break per line. Returns (VBox, slider,
+    FigureWidget)."""
     import html
 
     import ipywidgets as W
     import plotly.graph_objects as go
 
+    def as_html(value) -> str:  # one paragraph per line of the text
+        return "<br>".join(html.escape(line) for line in text_of(value).splitlines())
+
     fig = go.FigureWidget(figure)
-    text = W.HTML(html.escape(text_of(start)))
+    text = W.HTML(as_html(start))
     slider = W.SelectionSlider(options=options, value=start, description=description, continuous_update=False,
-                               style={"description_width": "initial"})
+                               style={"description_width": "initial"}, layout=W.Layout(width="60%"))
 
     def redraw(change):
         with fig.batch_update():
             mark(fig, change["new"])
-        text.value = html.escape(text_of(change["new"]))
+        text.value = as_html(change["new"])
 
     slider.observe(redraw, names="value")
     return W.VBox([slider, text, fig]), slider, fig
@@ -52,8 +56,8 @@ def split_explorer(sweep: SplitSweep, share: float = 0.0):
     `split_figure` and rewrites `split_text` below it. Returns (VBox, slider, FigureWidget)."""
     shares = sweep.shares()
     start = min(shares, key=lambda s: abs(s - share))
-    return _explorer([(f"{s:.0%}", s) for s in shares], start, "rows pinned", split_figure(sweep.choices, start),
-                     mark_share, lambda s: split_text(sweep, s))
+    return _explorer([(f"{s:.0%}", s) for s in shares], start, "share of the rows pinned",
+                     split_figure(sweep.choices, start), mark_share, lambda s: split_text(sweep, s))
 
 
 def model_folder_box(default: str | None = None):
