@@ -72,6 +72,12 @@ def cmd_demo(args) -> None:
     if args.model and not folder.is_dir():
         raise FlashnbError(f"--model {args.model}: no such folder, nor the name of a model in {data_dir()}; pass a "
                            "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    flash_only = [f"--{o.replace('_', '-')}" for o in ("memory", "window", "pinned", "in_flight", "predictors")
+                  if getattr(args, o) is not None] + [f"--{o.replace('_', '-')}" for o in ("gate_in_dram", "two_stage")
+                                                      if getattr(args, o)]
+    if args.dense and flash_only:
+        raise FlashnbError(f"{', '.join(flash_only)}: only for the flash engine; --dense runs the whole model in DRAM "
+                           "(drop them, or drop --dense)")
     _decode_threads()
     if args.dense:
         print(f"flashnb demo: {'the shipped model ' if not args.model else ''}{folder.name}, dense in DRAM\n",
@@ -80,8 +86,10 @@ def cmd_demo(args) -> None:
         return
     from flashnb.demo import generate_from_flash
 
-    generate_from_flash(folder, args.prompt, args.n, args.memory, args.window, args.in_flight, args.table,
-                        predictors_dir=args.predictors, pinned=args.pinned, gate_in_dram=args.gate_in_dram,
+    generate_from_flash(folder, args.prompt, args.n, MEMORY_BUDGET if args.memory is None else args.memory,
+                        WINDOW if args.window is None else args.window,
+                        IN_FLIGHT if args.in_flight is None else args.in_flight, args.table,
+                        predictors_dir=args.predictors, pinned=args.pinned or 0, gate_in_dram=args.gate_in_dram,
                         two_stage=args.two_stage)
 
 
@@ -259,13 +267,13 @@ def _add_run_commands(sub) -> None:
                         "`flashnb train-predictors --two-stage-only`; needs about 0.6 of the model as --gate-in-dram)")
     d.add_argument("--prompt", type=utf8_text, default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
     d.add_argument("-n", type=whole(1, 4096), default=32, help="new tokens (default: %(default)s)")
-    add_memory(d)
-    d.add_argument("--window", type=whole(0, 4096), default=WINDOW, help="window of recent tokens (default: %(default)s)")
-    d.add_argument("--pinned", type=pinned_rows, default=0,
+    add_memory(d, unset=True)
+    d.add_argument("--window", type=whole(0, 4096), default=None, help=f"window of recent tokens (default: {WINDOW})")
+    d.add_argument("--pinned", type=pinned_rows, default=None,
                    help="rows per layer that keep the hot neurons in DRAM for the whole run, out of the same budget, "
                         "or 'auto': the split that simulates fastest on the predictors' calibration sets "
-                        "(default: %(default)s)")
-    add_in_flight(d)
+                        "(default: 0)")
+    add_in_flight(d, unset=True)
     d.add_argument("--no-table", dest="table", action="store_false", help="do not print the per-token table")
     d.add_argument("--dense", action="store_true", help="run dense in DRAM instead (the reference)")
     d.set_defaults(func=cmd_demo)

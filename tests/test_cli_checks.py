@@ -105,6 +105,7 @@ def test_options_that_belong_to_another_option_say_so(capsys):
     _refused(capsys, ["bench", "--keep"], "--keep keeps the --scale stores")
     _refused(capsys, ["profile", "--fraction", "0.2"], "goes with --reader-check")
     _refused(capsys, ["train-predictors", "--criterion", "gate"], "goes with --sparsity")
+    _refused(capsys, ["demo", "--dense", "--memory", "0.3", "--window", "2"], "--memory, --window: only for the flash")
 
 
 def test_version(capsys):
