@@ -87,7 +87,8 @@ def train_layer(x: np.ndarray, active: np.ndarray, rank: int, cfg: PredictorTrai
     opt = torch.optim.AdamW(p.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    bar = tqdm(total=total, disable=not progress, desc=desc, unit="step", leave=False)
+    bar = tqdm(total=total, disable=None if progress else True, desc=desc, unit="step",
+               leave=False)  # (None: off where stderr is no terminal, as nested bars would leave escape codes)
     step = 0
     p.train()
     for _ in range(cfg.epochs):
