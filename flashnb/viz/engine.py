@@ -199,7 +199,10 @@ def memory_figure(timings) -> go.Figure:
         mid = [getattr(t, f"{key}_s") * 1e6 for t in ts]
         runs = [getattr(t, f"{key}_runs") or (getattr(t, f"{key}_s"),) for t in ts]
         fig.add_trace(go.Bar(x=ws, y=mid, name=S.label(what, "measured"), **S.bar(technique, "measured"),
-                             error_y=S.whiskers(mid, [[x * 1e6 for x in r] for r in runs])))
+                             error_y=S.whiskers(mid, [[x * 1e6 for x in r] for r in runs]),
+                             customdata=[[min(r) * 1e6, max(r) * 1e6] for r in runs],
+                             hovertemplate=f"{what}, window %{{x}}: %{{y:.0f}} µs per token (median; runs "
+                                           "%{customdata[0]:.0f}-%{customdata[1]:.0f} µs)<extra></extra>"))
     S.layout(fig, "Memory management per token, one layer (measured: medians, whiskers: range)",
              x=("window", "tokens"), y=("memory management per token", "µs"), height=360, barmode="group")
     fig.update_xaxes(type="category")
@@ -218,14 +221,16 @@ def swap_figure(snapshots) -> go.Figure:
     scale = [[f, c] for i, c in enumerate(_ROW_COLORS) for f in (i / n, (i + 1) / n)]
     z = [[_ROW_STATES.index(s.state[r]) for s in snapshots] for r in range(len(snapshots[0].ids))]
     text = [["" if s.ids[r] < 0 else str(s.ids[r]) for s in snapshots] for r in range(len(snapshots[0].ids))]
+    said = [["free: spare capacity" if s.ids[r] < 0 else f"neuron {s.ids[r]} ({s.state[r]})" for s in snapshots]
+            for r in range(len(snapshots[0].ids))]
     fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", zmin=-0.5, zmax=n - 0.5, colorscale=scale,
                                showscale=False, xgap=3, ygap=3, x=[s.caption for s in snapshots],
                                y=[f"row {r}" for r in range(len(z))], name=S.label("rows", "measured"),
-                               hovertemplate="%{y}: neuron %{text}<extra></extra>"))
-    S.layout(fig, "Swap-with-last deletion, step by step (measured)", x=("step", None),
-             y=("row of the preallocated matrix", None), height=380)
+                               customdata=said, hovertemplate="%{y}: %{customdata}<extra></extra>"))
+    S.layout(fig, f"Swap-with-last deletion, step by step ({len(z)} preallocated rows; measured: flashnb's "
+                  "NeuronRows run on them)", x=("step", None), y=("row of the preallocated matrix", None), height=380)
     fig.update_layout(margin_l=80)
-    S.color_key(fig, list(zip(_ROW_COLORS[1:], _ROW_STATES[1:])), "measured: flashnb's NeuronRows")
+    S.color_key(fig, list(zip(_ROW_COLORS[1:], _ROW_STATES[1:])), "measured: flashnb's NeuronRows; white: free")
     fig.update_yaxes(autorange="reversed")
     return fig
 

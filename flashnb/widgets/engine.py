@@ -14,7 +14,10 @@ def window_text(grid, window: int, budget: float, paper: dict) -> str:
     r = grid.row(budget, window)
     return (f"window {window} at {budget:.0%} of the model in DRAM: <b>{r.ffn_share:.2%} of the FFN</b> read per "
             f"token ({r.mb_per_token:.3f} MB; modeled, simulate), {r.hit_share:.0%} of the predicted neurons "
-            f"already in DRAM, the window's rows hold {r.capacity_share:.0%} of the FFN. Window 0 &rarr; "
+            f"already in DRAM, "
+            + (f"the window's rows hold {r.capacity_share:.0%} of the FFN" if window else
+               "nothing kept from one token to the next (one set of rows, shared by every layer in turn)")
+            + f". Window 0 &rarr; "
             f"{grid.windows[-1]} reads {grid.gain(budget):.1f}x less at this budget. Paper (OPT 6.7B, half "
             f"memory, window {paper['window']}): {paper['ffn_loaded_predictor']:.0%} &rarr; "
             f"{paper['ffn_loaded_window']:.1%} of the FFN, {paper['window_reuse']:.0%} reused, the window's rows "
@@ -51,7 +54,8 @@ def timeline_text(tl) -> str:
     from flashnb.lab.windowing import EVICTED, HIT, READ
 
     hits, reads, gone = tl.count(HIT), tl.count(READ), tl.count(EVICTED)
-    return (f"layer {tl.layer}, window {tl.window}, {tl.capacity_rows} rows per layer: over {tl.states.shape[1]} tokens "
+    rows = f"{tl.capacity_rows} rows per layer" if tl.window else f"{tl.capacity_rows} rows shared by every layer"
+    return (f"layer {tl.layer}, window {tl.window}, {rows}: over {tl.states.shape[1]} tokens "
             f"these {len(tl.neurons)} neurons were needed {hits + reads} times, {hits} of them already in DRAM "
             f"({hits / max(hits + reads, 1):.0%}), {reads} read from flash; {gone} evictions (modeled, simulate).")
 
