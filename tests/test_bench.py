@@ -129,6 +129,9 @@ def test_window_sweep_and_layout_summary(tmp_path):
     assert opacity == {0: 0.35, 1: 0.35, 2: 0.35, 3: 1.0}
     assert [y for t in widget.data if t.type == "bar" for y in t.y] == [100 * r.ffn_share for r in rows]
     assert "window 3 at 100% of the model" in box.children[1].value
+    slider.value = 0                                    # window 0 keeps nothing: its rows are not the window's
+    assert "nothing kept from one token to the next" in box.children[1].value
+    assert "window's rows hold" not in box.children[1].value.split("Paper")[0]
     assert next(sh for sh in widget.layout.shapes if sh.name == "chosen").y0 == 0.5   # the second budget
 
 
@@ -192,7 +195,7 @@ def test_window_timeline_replays_the_engines_window_decisions(tmp_path):
     before = np.array(fig.data[0].z).copy()
     slider.value = 0                                      # no window: nothing is ever a hit
     assert not (np.array(fig.data[0].z) == HIT).any() and (before == HIT).any()
-    assert "window 0" in box.children[1].value
+    assert "window 0" in box.children[1].value and "rows shared by every layer" in box.children[1].value
 
     from flashnb.viz.engine import window_animation_figure
 
