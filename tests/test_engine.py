@@ -298,3 +298,22 @@ def test_pinning_errors_name_the_fix(tiny, tmp_path):
     (tmp_path / "hot_neurons.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(FlashnbError, match="not a readable hot-neuron file"):
         HotNeurons.load(tmp_path)
+
+
+def test_shipped_engine_writes_what_the_dense_model_writes_with_only_the_predicted_neurons(tmp_path):
+    """The shipped OPT model from flash at half memory with its predictors (window, parts and all) equals the
+    dense model in DRAM whose FFNs keep only the neurons the same predictors select: tokens and logits."""
+    from flashnb import shipped
+
+    m = shipped()
+    prompt = m.tokenizer.encode("Return a new list containing")
+    ref = load_model(m.folder, torch.float32)
+    store = FlashStore.open(convert(m.folder, tmp_path / "s", ConvertConfig(dtype="fp32", progress=False)))
+    with restricted_ffns(ref, m.predictors):
+        expected = list(generate(ref, prompt, 16))
+        with FlashEngine(store, m.predictors, Policy(4, 0.5, in_flight=8)) as eng:
+            got, logits = greedy_with_logits(eng, prompt, 16)
+            assert sum(s.bytes_read for s in eng.steps) > 0
+        assert got == expected
+        with torch.no_grad():
+            assert (logits - ref(torch.tensor([prompt + got[:-1]]))[0]).abs().max().item() <= 1e-4

@@ -9,13 +9,13 @@ from flashnb import FlashnbError
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.generate import generate
-from flashnb.core.predictor import OraclePredictor
+from flashnb.core.predictor import OraclePredictor, load_predictors
 from flashnb.core.store import FlashStore
 from flashnb.lab import byo, end_to_end, quickstart
 from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tiny import make_tiny_llama, make_tiny_opt
-from flashnb.paths import shipped_model_dir
+from flashnb.paths import data_dir, shipped_model_dir
 
 
 @pytest.mark.parametrize("make", [make_tiny_opt, make_tiny_llama])
@@ -38,7 +38,9 @@ def test_byo_model_uses_the_path_or_the_environment_or_the_shipped_model_or_buil
     monkeypatch.delenv(byo.ENV_BYO_MODEL, raising=False)
     mine = make_tiny_opt(tmp_path / "mine", backend="flashnb")
     folder, yours, what = byo.byo_model(str(mine), tmp_path / "w1")
-    assert folder == mine and yours and what.startswith(f"your model: {mine} (opt,")
+    assert folder == mine and yours and what.startswith(f"your model: {mine} (opt,") and "SwiGLU" not in what
+    swiglu = byo.byo_model(str(shipped_model_dir().parent / "flashnb-llama-11m"), tmp_path / "w1")[2]
+    assert "(SwiGLU)" in " ".join(swiglu.split()) and "Notebook 08" in swiglu   # pointed where it runs sparse
     monkeypatch.setenv(byo.ENV_BYO_MODEL, str(mine))
     assert byo.byo_model("", tmp_path / "w2")[0] == mine
     monkeypatch.delenv(byo.ENV_BYO_MODEL)
@@ -88,6 +90,12 @@ def test_oracle_flash_run_matches_dense_and_compare_finds_differences(tiny):
     assert "all 12 greedy tokens identical" in byo.compare_text("oracle", byo.compare(dense, oracle))
     text = byo.format_costs([dense, oracle])
     assert text.splitlines()[2].startswith("dense") and "oracle" in text
+    from flashnb.core.engine import FlashEngine
+
+    with FlashEngine(store, OraclePredictor(store.load_model()), Policy(2, 1.0, in_flight=2)) as eng:
+        rows = eng.memory.capacity_rows
+    assert text.splitlines()[2].split()[-1] == "-" and text.splitlines()[3].split()[-1] == str(rows)
+    assert oracle.rows_per_layer == rows
 
 
 def test_quick_predictors_train_and_report_selection(tiny):
@@ -109,6 +117,9 @@ def test_model_predictors_take_the_folder_beside_the_model_else_train_quick_ones
     folder, _ = tiny
     preds, text = byo.model_predictors(folder, list(range(3, 300)) * 2, rank=8, epochs=1)
     assert preds.ranks == [8, 8] and "trained just now" in text and "flashnb train-predictors --model" in text
+    card = load_predictors(data_dir() / "flashnb-opt-21m-predictors").card["heldout"]   # beside it: the shipped set's
+    assert (f"(the shipped predictors, on {card['quality']['tokens']:,} held-out tokens: recall "
+            f"{card['mean']['recall']:.1%}") in " ".join(text.split())
 
 
 def test_memory_and_store_texts_are_exact_bytes(tiny):

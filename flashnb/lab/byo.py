@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,8 +47,11 @@ def byo_model(path: str | None, workdir: str | Path) -> tuple[Path, bool, str]:
     if path:
         folder = Path(path).expanduser()
         config = read_config(folder)  # a clear error if this is not a model folder flashnb runs
+        swiglu = ("; a gated FFN with SiLU (SwiGLU): hardly any neuron is exactly zero, so the oracle reads about "
+                  "the whole FFN and predictors of zeros have little to skip. Notebook 08 runs such a model with "
+                  "thresholds (CATS) that make it sparse") if config.gated and config.ffn_activation != "relu" else ""
         return folder, True, wrap(f"your model: {folder} ({config.model_type}, "
-                                  f"{_params(config) / 1e6:.3g} M parameters)")
+                                  f"{_params(config) / 1e6:.3g} M parameters){swiglu}")
     try:
         folder = shipped_model_dir()
     except FlashnbError:   # installed without the repository's data/: the steps on a tiny random model
@@ -104,6 +107,7 @@ class Run:
     logits: torch.Tensor
     stats: TokenStats
     dram_bytes: int
+    rows_per_layer: int | None = None  # flash runs: the window rows the budget leaves each layer
 
 
 def greedy_run(loop: TokenLoop, prompt_ids: list[int], n: int, name: str, dram_bytes: int, ffn_neurons: int) -> Run:
@@ -133,7 +137,8 @@ def flash_run(store, predictor: Predictor, policy: Policy, prompt_ids: list[int]
     """FlashEngine greedy generation under `policy`."""
     with FlashEngine(store, predictor, policy) as eng:
         st = eng.store
-        return greedy_run(eng, prompt_ids, n, name, eng.memory.used_bytes, st.num_layers * st.ffn_dim)
+        run = greedy_run(eng, prompt_ids, n, name, eng.memory.used_bytes, st.num_layers * st.ffn_dim)
+        return replace(run, rows_per_layer=eng.memory.capacity_rows)
 
 
 @dataclass(frozen=True)
@@ -235,8 +240,19 @@ def model_predictors(folder: str | Path, ids: list[int], rank: int = 64, epochs:
                                f"train-predictors`): {_selection_sentence(s, len(ids) - k)}")
     q = quick_predictors(folder, ids, rank=rank, epochs=epochs, heldout=heldout)
     return q.predictors, wrap(f"{_predictor_sentence(q)} Trained for {q.seconds:.0f} s on {q.train_tokens} tokens: "
-                              f"for real use, `flashnb train-predictors --model {folder}` traces 65,536 tokens (the "
-                              "shipped predictors: recall 99.5% at 1.58x).")
+                              f"for real use, `flashnb train-predictors --model {folder}` traces 65,536 tokens"
+                              + _shipped_selection())
+
+
+def _shipped_selection() -> str:
+    """What the shipped predictors reach on their 16,384 held-out tokens (their metrics.json), or ''."""
+    try:
+        held = load_predictors(data_dir() / f"{shipped_model_dir().name}-predictors").card["heldout"]
+        mean, tokens = held["mean"], held["quality"]["tokens"]
+    except (FlashnbError, KeyError, TypeError):
+        return "."
+    return (f" (the shipped predictors, on {tokens:,} held-out tokens: recall {mean['recall']:.1%} at "
+            f"{mean['over_selection']:.2f}x).")
 
 
 def predictor_text(q: QuickPredictors) -> str:
@@ -257,11 +273,15 @@ def _selection_sentence(s: Selection, heldout_tokens: int) -> str:
 
 def format_costs(runs: list[Run]) -> str:
     """Per-token costs of several runs side by side (ms; MB = 1e6 bytes read per token and held in DRAM)."""
-    head = f"{'run':<28} {'I/O':>7} {'mem':>7} {'compute':>8} {'total':>8} {'MB/token':>9} {'DRAM MB':>9}"
+    head = (f"{'run':<28} {'I/O':>7} {'mem':>7} {'compute':>8} {'total':>8} {'MB/token':>9} {'DRAM MB':>8} "
+            f"{'rows':>5}")
     lines = [head, "-" * len(head)]
     for r in runs:
         s = r.stats
         lines.append(f"{r.name:<28} {s.io_ms:7.2f} {s.mm_ms:7.2f} {s.compute_ms:8.2f} {s.total_ms:8.2f} "
-                     f"{s.bytes_read / MB:9.3f} {r.dram_bytes / MB:9.1f}")
-    lines.append("ms per generated token (mean), measured on this machine (direct I/O for the flash runs)")
+                     f"{s.bytes_read / MB:9.3f} {r.dram_bytes / MB:8.1f} "
+                     f"{'-' if r.rows_per_layer is None else r.rows_per_layer:>5}")
+    lines.append(wrap("ms per generated token (mean), measured on this machine (direct I/O for the flash runs); "
+                      "rows: each layer's window rows in the same budget (the oracle holds no predictor weights, so "
+                      "it has more)"))
     return "\n".join(lines)

@@ -38,7 +38,7 @@ def check(guess: float | None, answer: float, what: str, unit: str = "", within:
     v = Verdict(None if guess is None else float(guess), float(answer), within)
     if v.guess is None:
         kind = {"x": " (a ratio: 2 for twice)", "": ""}.get(unit, f" (in {unit})")
-        return wrap(f"{what}: set your guess above{kind}, then run this cell again.")
+        return wrap(f"{what}: set your guess above{kind} and run the cell that sets it, then run this cell again.")
     line = f"{what}: you guessed {v.guess:.3g}{u}, the answer is {v.answer:.3g}{u} ({v.error:+.0%})"
     if v.close:
         return wrap(line + f": within {within:.0%}, well judged.")

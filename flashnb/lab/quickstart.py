@@ -36,9 +36,12 @@ def memory_text(mem: MemoryPlan, name: str = "the model") -> str:
                 f"(budget {mem.budget_bytes / MB:.1f} MB); KV cache {mem.kv_cache_bytes / MB:.1f} MB beside it.")
 
 
-def quickstart_text(s: TokenStats, ffn: int) -> str:
-    """Notebook 00's summary of one run's per-token statistics, with the paper beside it."""
+def quickstart_text(s: TokenStats, ffn: int, steps=None) -> str:
+    """Notebook 00's summary of one run's per-token statistics, with the paper beside it; with the run's
+    `steps`, also the I/O share of the median token (a single slow token moves the means)."""
     io_share = s.io_ms / s.total_ms if s.total_ms else 0.0
+    shares = sorted(t.io_seconds / t.wall_seconds for t in steps or () if t.wall_seconds > 0)
+    typical = f"; of the median token {shares[len(shares) // 2]:.0%}" if shares else ""
     paper = paper_data()["latency_totals_opt_6_7b_ms"]
     p_io = {r["name"]: r["io_latency_ms"] for r in paper_data()["table2"]["rows"]}["+bundling"]
     return wrap(f"per generated token (mean of {s.tokens}, measured; median {s.median_ms:.1f} ms, 10-90% "
@@ -46,6 +49,6 @@ def quickstart_text(s: TokenStats, ffn: int) -> str:
                 f"{ffn / MB:.1f} MB FFN ({s.bytes_read / ffn:.1%}); {s.predicted:.0f} neurons predicted, "
                 f"{s.cached:.0f} already in DRAM ({s.window_hit_share:.0%}), {s.loaded:.0f} read. "
                 f"Time: I/O {s.io_ms:.1f} ms + memory management {s.mm_ms:.1f} ms + compute "
-                f"{s.compute_ms:.1f} ms = {s.total_ms:.1f} ms (I/O {io_share:.0%}).\n"
+                f"{s.compute_ms:.1f} ms = {s.total_ms:.1f} ms (means; I/O {io_share:.0%}{typical}).\n"
                 f"Paper (OPT 6.7B, M1 Max CPU, all techniques): I/O {p_io} ms of {paper['cpu_ours']} ms per token "
                 f"({p_io / paper['cpu_ours']:.0%}) (Table 2, Table 3).")

@@ -26,18 +26,21 @@ def data_moved_figure(steps, ffn_bytes: int, token_text: list[str] | None = None
     every token); right, the token's predicted neurons split into those already in DRAM (window hits)
     and those read from flash."""
     x = list(range(1, len(steps) + 1))
-    hover = token_text
+    hover = token_text or [""] * len(steps)
+    tip = lambda what: f"token %{{x}} %{{hovertext}}: {what}<extra></extra>"  # noqa: E731
     fig = make_subplots(rows=1, cols=2, subplot_titles=("data read from flash per token",
                                                         "predicted neurons: cached vs read"))
     fig.add_trace(go.Bar(x=x, y=[s.bytes_read / MB for s in steps], name=S.label("all", "measured"),
-                         hovertext=hover, **S.bar("all", "measured")), 1, 1)
+                         hovertext=hover, hovertemplate=tip("%{y:.3f} MB read from flash"),
+                         **S.bar("all", "measured")), 1, 1)
     fig.add_trace(go.Scatter(x=[x[0] - 0.5, x[-1] + 0.5] if x else [], y=[ffn_bytes / MB] * (2 if x else 0),
                              name="whole FFN, what naive reads (measured: store size)",
                              **S.scatter("naive", "measured", mode="lines")), 1, 1)
-    fig.add_trace(go.Bar(x=x, y=[s.cached for s in steps], name="already in DRAM: window hits (measured)",
-                         hovertext=hover, **S.bar("windowing", "measured")), 1, 2)
-    fig.add_trace(go.Bar(x=x, y=[s.loaded for s in steps], name="read from flash (measured)", hovertext=hover,
-                         **S.bar("io", "measured")), 1, 2)
+    fig.add_trace(go.Bar(x=x, y=[s.cached for s in steps], name="neurons already in DRAM: window hits (measured)",
+                         hovertext=hover, hovertemplate=tip("%{y} neurons already in DRAM"),
+                         **S.bar("windowing", "measured")), 1, 2)
+    fig.add_trace(go.Bar(x=x, y=[s.loaded for s in steps], name="neurons read from flash (measured)", hovertext=hover,
+                         hovertemplate=tip("%{y} neurons read from flash"), **S.bar("io", "measured")), 1, 2)
     S.layout(fig, "What moves per token (all techniques, measured)", height=400, barmode="stack")
     fig.update_xaxes(title_text=S.axis_title("generated token", None))
     fig.update_yaxes(title_text=S.axis_title("read from flash", "MB"), type="log", row=1, col=1)
@@ -51,7 +54,9 @@ def time_breakdown_figure(steps, token_text: list[str] | None = None) -> go.Figu
     fig = go.Figure()
     for comp in COMPONENTS:
         fig.add_trace(go.Bar(x=x, y=[getattr(s, f"{comp}_seconds") * 1e3 for s in steps], name=S.label(comp, "measured"),
-                             hovertext=token_text, **S.bar(comp, "measured")))
+                             hovertext=token_text or [""] * len(steps), **S.bar(comp, "measured"),
+                             hovertemplate=f"token %{{x}} %{{hovertext}}: {S.label(comp, 'measured')} "
+                                           "%{y:.2f} ms<extra></extra>"))
     return S.layout(fig, "Where the time goes, token by token (measured)", x=("generated token", None),
                     y=("time per token", "ms"), barmode="stack")
 
