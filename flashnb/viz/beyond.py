@@ -92,9 +92,10 @@ def memory_figure(routes: list[MemoryRoute]) -> go.Figure:
         mb = [getattr(r, attr) / 1e6 for r in routes]
         if any(mb):
             fig.add_trace(go.Bar(y=names, x=mb, orientation="h", name=S.label(label, "measured"),
-                                 **S.bar(label, "measured", c)))
+                                 hovertemplate=f"%{{y}}: {label} %{{x:.2f}} MB", **S.bar(label, "measured", c)))
     fig.add_trace(go.Scatter(y=names, x=[r.min_budget * r.model_bytes / 1e6 for r in routes], mode="markers",
                              name=S.label("smallest budget it runs in", "measured"),
+                             hovertemplate="%{y}: runs in %{x:.2f} MB at least",
                              marker=dict(symbol="circle", size=11, color="#000000")))
     budget = routes[0].budget_bytes / routes[0].model_bytes
     fig.add_trace(go.Scatter(y=names, x=[r.budget_bytes / 1e6 for r in routes], mode="markers",

@@ -116,6 +116,7 @@ def table2_figure(profile: Profile | None = None) -> go.Figure:
              x=("configuration", None), y=("I/O per token", "ms, log scale"), height=440, barmode="group")
     fig.update_yaxes(type="log")
     fig.update_layout(legend_tracegroupgap=0)  # legend groups of S.bars: rows as close as ungrouped entries
+    fig.update_traces(hovertemplate="%{x}: %{y:.0f} ms of I/O per token", selector=dict(type="bar"))
     return S.label_log_axes(fig)
 
 
