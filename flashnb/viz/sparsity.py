@@ -60,11 +60,17 @@ def reuse_figure(reuse: np.ndarray, s_agg: np.ndarray) -> go.Figure:
         "reuse within the last k tokens", "s_agg(k) and its increment (cf. Fig. 4a)"))
     for i, (r, c) in enumerate(zip(reuse, S.sequence(len(reuse)))):
         fig.add_trace(go.Scatter(x=k, y=r, name=S.label(f"layer {i}", "measured"),
+                                 hovertemplate=f"layer {i}, window %{{x}} tokens: %{{y:.1%}} of a token's active "
+                                               "neurons reused<extra></extra>",
                                  **S.scatter(f"layer {i}", "measured", c)), row=1, col=1)
     mean = s_agg.mean(axis=0)
     fig.add_trace(go.Scatter(x=k, y=mean, name=S.label("s_agg(k), mean of layers", "measured"),
+                             hovertemplate="window %{x} tokens: %{y:.1%} of the FFN used<extra></extra>",
                              **S.scatter("windowing", "measured")), row=1, col=2)
     fig.add_trace(go.Bar(x=k[:-1] + 0.5, y=np.diff(mean), name=S.label("increment s_agg(k+1) - s_agg(k)", "measured"),
+                         customdata=np.stack([k[:-1], k[1:]], axis=1),
+                         hovertemplate="window %{customdata[0]} -> %{customdata[1]} tokens: +%{y:.2%} of the FFN"
+                                       "<extra></extra>",
                          opacity=0.45, **S.bar("windowing", "measured")), row=1, col=2, secondary_y=True)
     S.layout(fig, "Temporal locality (measured on held-out text)", x=("window k", "tokens"), height=440)
     fig.update_yaxes(title_text=S.axis_title("reuse", "% of a token's active neurons"), tickformat=".0%", row=1, col=1)
