@@ -21,7 +21,7 @@ def test_throughput_figure_has_every_in_flight_count_and_the_paper():
     fig = throughput_figure(_profile())
     names = [t.name for t in fig.data]
     assert sum(n.endswith("(measured)") for n in names) == 4
-    assert sum("(modeled, fitted profile)" in n for n in names) == 4
+    assert sum("(modeled by the fitted profile)" in n for n in names) == 4
     measured = [t for t in fig.data if t.name == "8 in flight (measured)"][0]
     assert list(measured.x) == [4096, 16384, 65536, 262144, 1 << 20, 4 << 20]
     assert measured.y[0] == 4096 / (1e-4 / 8 + 4096 / 1e9) / 1e9
@@ -62,7 +62,7 @@ def test_table_and_cost_figures():
     lines = text.splitlines()
     assert len(lines) == 6 and lines[3].startswith("+predictor") and "738" in lines[3]
     fig = table2_figure(_profile())
-    series = ["Table 2, M1 Max (paper)", "paper's device (modeled, cost model)", "this disk (modeled, cost model)"]
+    series = ["Table 2, M1 Max (paper)", "paper's device (modeled by the cost model)", "this disk (modeled by the cost model)"]
     assert [t.name for t in fig.data if t.showlegend is not False] == series  # one trace per colour, one legend entry
     names = [r.name for r in table2()]
     paper, modeled, mine = (bar_series(fig, s) for s in series)

@@ -129,7 +129,7 @@ def test_a_technique_has_one_colour_in_every_module(figures):
 
 
 def test_style_helpers():
-    assert S.label("+windowing", "modeled", S.SIMULATE) == "+windowing (modeled, simulate)"
+    assert S.label("+windowing", "modeled", S.SIMULATE) == "+windowing (modeled by simulate)"
     assert S.label("naive", "measured") == "naive (whole FFN) (measured)"
     assert S.axis_title("read per token", "MB") == "read per token (MB)"
     assert len(S.sequence(3)) == 3 and len(set(S.sequence(3))) == 3

@@ -48,7 +48,7 @@ def window_figure(grid, window: int, budget: float, paper: dict) -> go.Figure:
                              showscale=False, name=S.label("read per token, % of the FFN", "modeled", S.SIMULATE),
                              hovertemplate="window %{x}, budget %{y}: %{z:.2f}% of the FFN<extra></extra>"), 1, 2)
     fig.add_shape(type="rect", xref="x2", yref="y2", name="chosen", line=dict(color=S.PAPER, width=3, dash="solid"))
-    S.layout(fig, "Share of the FFN read from flash per token, one recorded run (modeled, simulate)", height=420)
+    S.layout(fig, "Share of the FFN read from flash per token, one recorded run (modeled by simulate)", height=420)
     fig.update_xaxes(title_text=S.axis_title("window", "tokens"), dtick=1)
     fig.update_yaxes(title_text=S.axis_title("read per token", "% of the FFN"), rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text=S.axis_title("DRAM budget", "% of the model"), row=1, col=2)
@@ -86,10 +86,10 @@ def timeline_figure(tl, n_prompt: int = 0) -> go.Figure:
                                hovertemplate="token %{x}, neuron %{y}: %{customdata}<extra></extra>"))
     if n_prompt:
         fig.add_vline(x=n_prompt - 0.5, line_dash="dash", line_color=S.color("dense"), line_width=2.5)  # on any cell
-    S.layout(fig, f"Layer {tl.layer}: window {tl.window}, {tl.capacity_rows} rows (modeled, simulate)",
+    S.layout(fig, f"Layer {tl.layer}: window {tl.window}, {tl.capacity_rows} rows (modeled by simulate)",
              x=("token", "prompt left of the dashed line"), y=("neuron", f"the {len(tl.neurons)} most needed"),
              height=430)
-    S.color_key(fig, [(c, STATES[i]) for i, c in enumerate(_STATE_COLORS) if i], "modeled, simulate")
+    S.color_key(fig, [(c, STATES[i]) for i, c in enumerate(_STATE_COLORS) if i], "modeled by simulate")
     fig.update_yaxes(showticklabels=False, autorange="reversed")
     return fig
 
@@ -123,7 +123,7 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
         held = f"DRAM keeps the neurons of {quote(kept)}" if tl.window and t else "nothing kept from earlier tokens"
         return (f"Layer {tl.layer}, window {tl.window}, token {t}: {quote(tokens[t])}<br>{held}<br>"
                 f"{int((col == HIT).sum())} hits, {int((col == READ).sum())} read, "
-                f"{int((col == EVICTED).sum())} evicted (modeled, simulate)")
+                f"{int((col == EVICTED).sum())} evicted (modeled by simulate)")
 
     fig = go.Figure(base.data, base.layout)
     # numeric rows (the frames are drawn over them) with the neuron ids in the hover text
@@ -138,9 +138,9 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
                              hoverinfo="skip", showlegend=False,
                              name=S.label("token being generated", "modeled", S.SIMULATE)))
     key = fig.layout.annotations[0]   # the colour key: add the two frames
-    key.text = (key.text.replace(" (modeled, simulate)", "") + f"<br><span style='color:{kept_color}'>&#9633;</span> "
+    key.text = (key.text.replace(" (modeled by simulate)", "") + f"<br><span style='color:{kept_color}'>&#9633;</span> "
                 f"tokens the window keeps <span style='color:{now_color}'>&#9633;</span> token being generated "
-                "(modeled, simulate)")
+                "(modeled by simulate)")
     fig.frames = [go.Frame(data=frame_data(t), traces=[0, 1, 2], name=str(t), layout=dict(title_text=title(t)))
                   for t in range(n_tokens)]
     play = dict(frame=dict(duration=ms_per_token, redraw=True), fromcurrent=True, transition=dict(duration=0))

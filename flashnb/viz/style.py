@@ -85,8 +85,8 @@ _SEQUENCE = ("#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "
 
 # How a modeled number was made, for label(..., via=...): one spelling in every figure.
 SIMULATE = "simulate"            # flashnb.simulate replaying recorded neuron sets (a preview)
-COST_MODEL = "cost model"        # flashnb.costmodel
-FITTED_PROFILE = "fitted profile"  # flashnb.profile's interpolation between measured cells
+COST_MODEL = "the cost model"    # flashnb.costmodel
+FITTED_PROFILE = "the fitted profile"  # flashnb.profile's interpolation between measured cells
 
 _BAR_PATTERN = {"measured": "", "modeled": "/", "paper": ""}
 _MARKER_SYMBOL = {"measured": "circle", "modeled": "circle-open", "paper": "star"}
@@ -121,10 +121,10 @@ def sequence(n: int) -> list[str]:
 
 def label(name: str, source: str, via: str | None = None) -> str:
     """A legend entry that says where the number comes from: '+windowing (measured)',
-    '+windowing (modeled, simulate)' with via=SIMULATE."""
+    '+windowing (modeled by simulate)' with via=SIMULATE."""
     _check(source)
     name = TECHNIQUE_ALIASES.get(name, name)
-    return f"{TECHNIQUE_LABELS.get(name, COMPONENT_LABELS.get(name, name))} ({source}{', ' + via if via else ''})"
+    return f"{TECHNIQUE_LABELS.get(name, COMPONENT_LABELS.get(name, name))} ({source}{' by ' + via if via else ''})"
 
 
 def bar(name: str, source: str, color_: str | None = None) -> dict:

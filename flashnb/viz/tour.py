@@ -264,11 +264,11 @@ def split_figure(choices: dict, share: float | None = None) -> go.Figure:
                                      showlegend=panel == 1, **S.scatter(name, "modeled", col)), 1, panel)
             chosen = S.scatter(name, "modeled", col, mode="markers")
             chosen["marker"]["size"] = 15
-            fig.add_trace(go.Scatter(x=[x[best]], y=[y[best]], name=f"{name}: chosen split (modeled, simulate)",
+            fig.add_trace(go.Scatter(x=[x[best]], y=[y[best]], name=f"{name}: chosen split (modeled by simulate)",
                                      legendgroup=name, showlegend=False, **chosen), 1, panel)
     # a legend entry for the large markers (the slider's grey line gets its own in _mark_both_panels)
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="large marker: each budget's chosen split "
-                             "(modeled, simulate)", marker=dict(size=15, color="#666666", symbol="circle-open")))
+                             "(modeled by simulate)", marker=dict(size=15, color="#666666", symbol="circle-open")))
     S.layout(fig, "Pinned hot neurons or a longer window: one budget, two uses (simulated)", height=440)
     fig.update_xaxes(title_text=S.axis_title("neuron rows pinned", "% of the budget's rows"))
     fig.update_yaxes(title_text=S.axis_title("read from flash", "MB per token"), row=1, col=1)

@@ -13,7 +13,7 @@ def window_text(grid, window: int, budget: float, paper: dict) -> str:
     read, the reuse, the window's rows; the paper's figures beside them, and what the window gains here."""
     r = grid.row(budget, window)
     return (f"window {window} at {budget:.0%} of the model in DRAM: <b>{r.ffn_share:.2%} of the FFN</b> read per "
-            f"token ({r.mb_per_token:.3f} MB; modeled, simulate), {r.hit_share:.0%} of the predicted neurons "
+            f"token ({r.mb_per_token:.3f} MB; modeled by simulate), {r.hit_share:.0%} of the predicted neurons "
             f"already in DRAM, "
             + (f"the window's rows hold {r.capacity_share:.0%} of the FFN" if window else
                "nothing kept from one token to the next (one set of rows, shared by every layer in turn)")
@@ -57,7 +57,7 @@ def timeline_text(tl) -> str:
     rows = f"{tl.capacity_rows} rows per layer" if tl.window else f"{tl.capacity_rows} rows shared by every layer"
     return (f"layer {tl.layer}, window {tl.window}, {rows}: over {tl.states.shape[1]} tokens "
             f"these {len(tl.neurons)} neurons were needed {hits + reads} times, {hits} of them already in DRAM "
-            f"({hits / max(hits + reads, 1):.0%}), {reads} read from flash; {gone} evictions (modeled, simulate).")
+            f"({hits / max(hits + reads, 1):.0%}), {reads} read from flash; {gone} evictions (modeled by simulate).")
 
 
 def timeline_explorer(timeline, window: int = 4, budget: float = 0.5, budgets=(0.5, 0.6, 0.8, 1.0),
