@@ -76,6 +76,7 @@ def test_table_and_cost_figures():
     b = bundling_figure(_profile())
     assert len(b.data) == 2 and b.data[1].y[0] < b.data[0].y[0]       # bundled is faster on the paper device
     assert [t.marker.color for t in b.data] == [S.color("unbundled"), S.color("bundled")]
+    assert b.layout.yaxis.type != "log" and b.layout.yaxis.rangemode == "tozero"   # heights in the times' ratio
 
 
 def test_layouts_figure():

@@ -133,11 +133,12 @@ def bundling_figure(profile: Profile) -> go.Figure:
         fig.add_trace(go.Bar(x=[d for d, _ in devices], y=[c.io_seconds * 1e3 for c in costs],
                              name=S.label(f"{layout}: {what}", "modeled", S.COST_MODEL),
                              text=[f"{c.io_seconds * 1e3:.0f} ms at {c.io_throughput / GB:.2f} GB/s" for c in costs],
+                             hovertemplate=f"%{{x}}, {layout}: %{{y:.0f}} ms of I/O per token<extra></extra>",
                              textposition="outside", **S.bar(layout, "modeled")))
     S.layout(fig, "Same 0.2 GB per token, read unbundled or bundled (modeled, OPT 6.7B, window k=5)",
-             x=("device", None), y=("I/O per token", "ms, log scale"), height=420, barmode="group")
-    fig.update_yaxes(type="log")
-    return S.label_log_axes(fig)
+             x=("device", None), y=("I/O per token", "ms"), height=420, barmode="group")
+    fig.update_yaxes(rangemode="tozero")  # from zero: the bars' heights are in the ratio of their times
+    return fig
 
 
 def layouts_figure(rows) -> go.Figure:
@@ -146,6 +147,7 @@ def layouts_figure(rows) -> go.Figure:
     fig = go.Figure()
     for r in rows:
         fig.add_trace(go.Bar(x=[r.layout], y=[r.useful_GBps], name=S.label(r.layout, "measured"),
+                             hovertemplate=f"{r.layout}: %{{y:.3f}} GB/s of bytes needed<extra></extra>",
                              text=[f"{r.useful_GBps:.3f} GB/s<br>{r.requests // r.calls} requests/call<br>"
                                    f"{r.ms_per_call:.1f} ms/call"], textposition="outside",
                              **S.bar(r.layout, "measured")))
