@@ -30,6 +30,8 @@ def activation_figure(h: ActivationHistogram, thresholds: dict[str, float] | Non
     for (name, shares), c in zip(h.shares.items(), MODEL_COLORS):
         y = h.zero[name] + shares.cumsum()
         fig.add_trace(go.Scatter(x=x, y=y, name=S.label(f"{name}: {h.zero[name]:.1%} exactly 0", "measured"),
+                                 hovertemplate=f"{name}: %{{y:.1%}} of the activations at most %{{x:.3g}} in "
+                                               "magnitude<extra></extra>",
                                  **S.scatter(name, "measured", c, mode="lines")))
     for text, v in (thresholds or {}).items():
         text = text if S.SOURCE_WORDS.search(text) else f"{text} (measured)"
