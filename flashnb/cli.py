@@ -36,11 +36,23 @@ def _generate_dense(folder, prompt: str, n: int, temperature: float, top_p: floa
     generate_dense(folder, prompt, n, SamplingConfig(temperature, top_p, seed))
 
 
+def _given(args, *names: str) -> list[str]:
+    """The options among `names` that the command line set (None or False: not given), as --option."""
+    return [f"--{o.replace('_', '-')}" for o in names if getattr(args, o) is not None and getattr(args, o) is not False]
+
+
+def _engine_settings(args) -> dict:
+    """--memory, --window, --in-flight and --pinned, each its default where not given."""
+    return dict(memory=MEMORY_BUDGET if args.memory is None else args.memory,
+                window=WINDOW if args.window is None else args.window,
+                in_flight=IN_FLIGHT if args.in_flight is None else args.in_flight, pinned=args.pinned or 0)
+
+
 def cmd_generate(args) -> None:
     _decode_threads()
     if args.model is not None:
-        flash_only = [f"--{o.replace('_', '-')}" for o in ("predictors", "policy", "window", "memory", "in_flight",
-                                                           "pinned", "stats", "two_stage") if getattr(args, o) is not None]
+        flash_only = _given(args, "predictors", "policy", "window", "memory", "in_flight", "pinned", "stats",
+                            "two_stage")
         if flash_only:
             raise FlashnbError(f"{', '.join(flash_only)}: only for the flash engine, which runs a store: use "
                                "--store STORE (`flashnb convert` writes one) instead of --model")
@@ -54,11 +66,8 @@ def _generate_from_store(args) -> None:
     from flashnb.demo import generate_from_store
 
     generate_from_store(args.store, args.prompt, args.n, policy=args.policy or "predictors",
-                        predictors=args.predictors, window=WINDOW if args.window is None else args.window,
-                        memory=MEMORY_BUDGET if args.memory is None else args.memory,
-                        in_flight=IN_FLIGHT if args.in_flight is None else args.in_flight, pinned=args.pinned or 0,
-                        stats=args.stats or "table", sampling=SamplingConfig(args.temperature, args.top_p, args.seed),
-                        two_stage=bool(args.two_stage))
+                        predictors=args.predictors, **_engine_settings(args), stats=args.stats or "table",
+                        sampling=SamplingConfig(args.temperature, args.top_p, args.seed), two_stage=bool(args.two_stage))
 
 
 def cmd_demo(args) -> None:
@@ -72,9 +81,7 @@ def cmd_demo(args) -> None:
     if args.model and not folder.is_dir():
         raise FlashnbError(f"--model {args.model}: no such folder, nor the name of a model in {data_dir()}; pass a "
                            "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
-    flash_only = [f"--{o.replace('_', '-')}" for o in ("memory", "window", "pinned", "in_flight", "predictors")
-                  if getattr(args, o) is not None] + [f"--{o.replace('_', '-')}" for o in ("gate_in_dram", "two_stage")
-                                                      if getattr(args, o)]
+    flash_only = _given(args, "memory", "window", "pinned", "in_flight", "predictors", "gate_in_dram", "two_stage")
     if args.dense and flash_only:
         raise FlashnbError(f"{', '.join(flash_only)}: only for the flash engine; --dense runs the whole model in DRAM "
                            "(drop them, or drop --dense)")
@@ -86,11 +93,8 @@ def cmd_demo(args) -> None:
         return
     from flashnb.demo import generate_from_flash
 
-    generate_from_flash(folder, args.prompt, args.n, MEMORY_BUDGET if args.memory is None else args.memory,
-                        WINDOW if args.window is None else args.window,
-                        IN_FLIGHT if args.in_flight is None else args.in_flight, args.table,
-                        predictors_dir=args.predictors, pinned=args.pinned or 0, gate_in_dram=args.gate_in_dram,
-                        two_stage=args.two_stage)
+    generate_from_flash(folder, args.prompt, args.n, **_engine_settings(args), table=args.table,
+                        predictors_dir=args.predictors, gate_in_dram=args.gate_in_dram, two_stage=args.two_stage)
 
 
 def cmd_bench(args) -> None:

@@ -61,18 +61,18 @@ def real(lo: float, hi: float, lo_open: bool = False, what: str = "a number"):
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def _with_unit(text: str) -> int | None:
-    """Bytes written as a whole number with an optional unit (20000000, 20MB, 19MiB), else None."""
+def _split_unit(text: str) -> tuple[str, str]:
+    """(number, unit) of a size such as '20MB' or '19 MiB' (upper case, spaces dropped)."""
     t = text.strip().upper().replace(" ", "")
     num = t.rstrip("KMGIB")
-    unit = t[len(num):]
-    return int(num) * _UNITS[unit] if unit in _UNITS and num.isdigit() else None
+    return num, t[len(num):]
 
 
 def byte_count(lo: int, hi: int):
     """Bytes from `lo` to `hi`, as a whole number with an optional unit (268435456, 256MiB, 1GB)."""
     def parse(text: str) -> int:
-        v = _with_unit(text)
+        num, unit = _split_unit(text)
+        v = int(num) * _UNITS[unit] if unit in _UNITS and num.isdigit() else None
         if v is None:
             raise argparse.ArgumentTypeError(f"{text!r} is not bytes: give a whole number with an optional unit "
                                              "(268435456, 256MiB, 1GB)")
@@ -84,9 +84,7 @@ def byte_count(lo: int, hi: int):
 
 def memory_budget(text: str) -> float | int:
     """--memory: a fraction of the model's bytes (0.5) or bytes (20000000, 20MB, 19MiB)."""
-    t = text.strip().upper().replace(" ", "")
-    num = t.rstrip("KMGIB")
-    unit = t[len(num):]
+    num, unit = _split_unit(text)
     if unit in _UNITS and num.isdigit() and (unit or not num.startswith("0")):
         v = int(num) * _UNITS[unit]
         if not unit and 1 <= v < 1 << 20:

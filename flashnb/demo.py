@@ -77,12 +77,14 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
     tok = tok or Tokenizer.from_folder(store.path, bos_id=store.config.bos_token_id)
     with FlashEngine(store, predictor, policy, hot=hot, thresholds=thresholds) as eng:
         mem = eng.memory
+        kept = ("" if thresholds is None or thresholds is getattr(predictor, "thresholds", None) else
+                f", kept by {thresholds.criterion} thresholds ({thresholds.sparsity:.0%} sparsity)")
+        rows = f"{mem.capacity_rows} rows {'per layer' if policy.window else 'shared by every layer'}"
         print(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
               f"{mem.used_bytes / 2**20:.1f} MiB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
               f"{mem.model_bytes / 2**20:.1f} MiB (budget {budget_words(policy.memory_budget)}); {predictor.name}"
-              f"{'' if thresholds is None or thresholds is getattr(predictor, 'thresholds', None) else f', kept by {thresholds.criterion} thresholds ({thresholds.sparsity:.0%} sparsity)'}, window "
-              f"{policy.window} ({mem.capacity_rows} rows {'per layer' if mem.caches > 1 else 'shared by every layer'}), {mem.pinned_rows} hot neurons pinned per "
-              f"layer, {store.layout} store\n", file=sys.stderr)
+              f"{kept}, window {policy.window} ({rows}), {mem.pinned_rows} hot neurons pinned per layer, "
+              f"{store.layout} store\n", file=sys.stderr)
         ids = tok.encode(prompt)
         out = list(eng.generate(ids, n, sampling, eos_id=eng.model.config.eos_token_id))
         steps = eng.steps[len(ids):]
@@ -261,9 +263,7 @@ def check_early(prompt_ids: list[int], n: int, config, pinned: int | str = 0) ->
 
 def generate_dense(folder: str | Path, prompt: str, n: int, sampling: SamplingConfig | None = None) -> None:
     """`flashnb generate --model`: the dense model of a Hugging Face folder in DRAM; the text on stdout."""
-    if (Path(folder) / "manifest.json").is_file() and not (Path(folder) / "config.json").is_file():
-        raise FlashnbError(f"{folder} is a flashnb store, not a model folder: run it with --store {folder}")
-    config = read_config(folder)
+    config = read_config(folder)  # (a store given here is said there, with `generate --store`)
     tok = Tokenizer.from_folder(folder)
     ids = tok.encode(prompt)
     check_early(ids, n, config)

@@ -31,3 +31,15 @@ def make_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_opt_dir(tmp_path_factory) -> Path:
     return make_tiny_opt(tmp_path_factory.mktemp("tiny_opt"))
+
+
+def cli_refuses(capsys, argv: list[str], *words: str) -> str:
+    """`flashnb ARGV` ends with exit status 2 and one line `flashnb: error: ...` holding every one of
+    `words`, no traceback; returns the line."""
+    from flashnb.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flashnb: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    return err

@@ -6,6 +6,8 @@ import pytest
 
 from flashnb.cli import build_parser, main
 
+from conftest import cli_refuses as _one_line_error
+
 
 def test_demo_prints_text(capsys):
     assert main(["demo", "-n", "8"]) == 0
@@ -107,7 +109,8 @@ def test_what_depends_on_the_model_is_checked_before_any_work(shipped_store, tin
     _one_line_error(capsys, store + ["--policy", "oracle", "--predictors", "x"], "--predictors is for --policy "
                                                                                   "predictors")
     _one_line_error(capsys, ["generate", "--model", str(shipped_store), "--prompt", "Open"],
-                    f"is a flashnb store, not a model folder: run it with --store {shipped_store}")
+                    f"{shipped_store} is a flashnb store, not a Hugging Face model folder: give the model folder it "
+                    f"was converted from, or run the store itself (`flashnb generate --store {shipped_store}`)")
     _one_line_error(capsys, ["generate", "--model", str(shipped_model_dir()), "--prompt", "x", "-n", "300"],
                     "exceeds the model's context")
     assert time.perf_counter() - t0 < 20   # refused before converting or loading anything (each well under 1 s)
@@ -133,12 +136,6 @@ def test_the_continuation_is_bold_on_a_terminal_only(monkeypatch):
 def test_every_command_has_help(command):
     r = subprocess.run([sys.executable, "-m", "flashnb.cli", command, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage: flashnb " + command in r.stdout
-
-
-def _one_line_error(capsys, argv, words):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("flashnb: error: ") and "\n" not in err and "Traceback" not in err and words in err, err
 
 
 @pytest.mark.parametrize("argv,words", [

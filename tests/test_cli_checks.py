@@ -9,13 +9,7 @@ import pytest
 
 from flashnb.cli import build_parser, main
 
-
-def _refused(capsys, argv: list[str], *words: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("flashnb: error: ") and "\n" not in err and "Traceback" not in err, err
-    assert all(w in err for w in words), err
-    return err
+from conftest import cli_refuses as _refused
 
 
 def test_an_output_file_is_checked_before_the_run(tmp_path, capsys):

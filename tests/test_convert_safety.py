@@ -16,18 +16,13 @@ from flashnb.cli import main
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.store import FlashStore
 
+from conftest import cli_refuses as _refused
+
 
 def _tree(folder: Path) -> dict[str, str]:
     """Every file under `folder` (relative path -> sha256): what must survive a refused convert."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _refused(capsys, argv: list[str], words: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("flashnb: error: ") and "\n" not in err and words in err, err
-    return err
 
 
 def test_force_never_deletes_the_source_folder_it_sits_in(tmp_path, tiny_opt_dir, capsys):

@@ -148,17 +148,18 @@ def scale_stores(root: str | Path, shape: ScaleShape, progress: bool = True, log
     layouts = ("bundled", "unbundled") + tuple(extra)
     kinds = {k: variant(k) if k in extra else ("fp16", False) for k in layouts}
     size = {k: ffn * RowFormat(kinds[k][0], shape.d_model).part_bytes // (2 * shape.d_model) + other for k in layouts}
-    todo = [k for k in layouts if _valid(folder / k, shape) is None]
-    need = sum(size[k] for k in todo) + (1 << 28)  # every store still to write, checked before the first
-    if todo and _free_bytes(folder if folder.is_dir() else Path(root)) < need:
-        raise FlashnbError(f"the {shape.tag} stores to write ({', '.join(todo)}) need {need / 1e9:.2f} GB free in "
-                           f"{Path(root)} ({(need - (1 << 28)) / 1e9:.2f} GB of weights and 0.27 GB to spare), which "
-                           f"has {_free_bytes(folder if folder.is_dir() else Path(root)) / 1e9:.2f} GB: free some "
-                           "space, pass --dir on a larger disk, or run fewer --configs")
+    stores = {k: _valid(folder / k, shape) for k in layouts}   # None: still to write
+    todo = [k for k, st in stores.items() if st is None]
+    weights, spare = sum(size[k] for k in todo), 1 << 28          # every store still to write, before the first
+    free = _free_bytes(folder if folder.is_dir() else Path(root)) if todo else 0
+    if todo and free < weights + spare:
+        raise FlashnbError(f"the {shape.tag} stores to write ({', '.join(todo)}) need {(weights + spare) / 1e9:.2f} GB "
+                           f"free in {Path(root)} ({weights / 1e9:.2f} GB of weights and {spare / 1e9:.2f} GB to "
+                           f"spare), which has {free / 1e9:.2f} GB: free some space, pass --dir on a larger disk, or "
+                           "run fewer --configs")
     folder.mkdir(parents=True, exist_ok=True)
-    stores: dict[str, FlashStore] = {}
     for layout in layouts:
-        st = _valid(folder / layout, shape)
+        st = stores[layout]
         if st is None:
             dtype, placed = kinds[layout]
             log(f"writing the {layout} store of {shape.tag} ({size[layout] / 1e9:.2f} GB of random weights) in "

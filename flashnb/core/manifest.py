@@ -67,9 +67,12 @@ class Region:
 # Validating
 
 
+RECREATE = "`flashnb convert HF_FOLDER STORE --force`"  # how every repair hint re-creates a damaged store
+
+
 def bad_store(path: Path, what: str) -> FlashnbError:
     said = f"{path} {what}" if what.startswith("is ") else f"{path}: {what}"
-    return FlashnbError(f"{said}; re-create the store with `flashnb convert HF_FOLDER STORE --force`")
+    return FlashnbError(f"{said}; re-create the store with {RECREATE}")
 
 
 def _is_int(x) -> bool:
@@ -92,10 +95,10 @@ def validate(p: Path, mf: Path, m: dict):
     v = m.get("format_version")
     if not _is_int(v) or v != FORMAT_VERSION:
         raise FlashnbError(f"{mf}: store format version {v!r} is not supported (this flashnb reads version "
-                           f"{FORMAT_VERSION}); re-create the store with this flashnb's `flashnb convert HF_FOLDER STORE --force`")
+                           f"{FORMAT_VERSION}); re-create the store with this flashnb's {RECREATE}")
     if not isinstance(m.get("layout"), str) or m["layout"] not in LAYOUTS:
         raise FlashnbError(f"{mf}: unknown layout {m.get('layout')!r} (known: {', '.join(LAYOUTS)}); "
-                           "the store was written by another flashnb: re-create it with `flashnb convert HF_FOLDER STORE --force`")
+                           f"the store was written by another flashnb: re-create it with {RECREATE}")
     if not isinstance(m.get("dtype"), str) or m["dtype"] not in DTYPES:
         raise bad_store(mf, f"unknown dtype {m.get('dtype')!r} (known: {', '.join(DTYPES)})")
     fd = m.setdefault("ffn_dtype", m["dtype"])  # stores written before quantized rows: the FFN at `dtype`
@@ -185,7 +188,7 @@ def _validate_files(p: Path, mf: Path, m: dict, ffn_bytes: int) -> None:
         size = path.stat().st_size
         if size != entry.get("bytes"):
             raise FlashnbError(f"{path} has {size} bytes but {mf} says {entry.get('bytes')}: the file is truncated "
-                               "or was replaced; re-create the store with `flashnb convert HF_FOLDER STORE --force`")
+                               f"or was replaced; re-create the store with {RECREATE}")
     sums = m.get("checksums")
     if not isinstance(sums, dict) or sums.get("algorithm") != ALGORITHM:
         raise bad_store(mf, f"the per-bundle checksums ({ALGORITHM}) are missing")

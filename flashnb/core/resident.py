@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from flashnb.core.manifest import RECREATE
 from flashnb.errors import FlashnbError
 from flashnb.models import llama
 from flashnb.models.checkpoint import meta_model
@@ -59,7 +60,7 @@ def resident_model(store, make_ffn: Callable[[int, dict[str, torch.Tensor]], nn.
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(dram))
     if missing:
-        raise FlashnbError(f"{store.dram_path} lacks {missing[:4]}; re-create the store with `flashnb convert HF_FOLDER STORE --force`")
+        raise FlashnbError(f"{store.dram_path} lacks {missing[:4]}; re-create the store with {RECREATE}")
     for name, p in params.items():
         if tuple(p.shape) != tuple(dram[name].shape):
             raise FlashnbError(f"{store.dram_path}: tensor {name!r} has shape {list(dram[name].shape)}, "

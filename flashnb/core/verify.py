@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from flashnb.core.manifest import HASH_CHUNK
+from flashnb.core.manifest import HASH_CHUNK, RECREATE
 from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
 
@@ -74,5 +74,5 @@ def verify(path: str | Path, progress: bool = True) -> VerifyReport:
             f.close()
     if bad:
         raise FlashnbError(f"store {store.path}: checksum mismatch in {'; '.join(bad)}: the store is damaged; "
-                           "re-create it with `flashnb convert HF_FOLDER STORE --force`")
+                           f"re-create it with {RECREATE}")
     return VerifyReport(str(store.path), len(spans), total, time.perf_counter() - t0)

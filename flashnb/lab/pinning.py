@@ -22,7 +22,6 @@ from flashnb.lab.stats import TokenStats
 from flashnb.text import MB
 
 
-
 @dataclass
 class SplitSweep:
     """choices[budget]: every simulated split at that budget and the chosen one. measured: the engine at

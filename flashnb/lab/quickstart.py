@@ -3,11 +3,12 @@ generated token moves and costs, with the paper's numbers beside ours."""
 
 from __future__ import annotations
 
+import statistics
+
 from flashnb.core.memory import MemoryPlan
 from flashnb.device.costmodel import paper_data
 from flashnb.lab.stats import TokenStats
 from flashnb.text import MB, wrap
-
 
 
 def ffn_bytes(store) -> int:
@@ -40,8 +41,8 @@ def quickstart_text(s: TokenStats, ffn: int, steps=None) -> str:
     """Notebook 00's summary of one run's per-token statistics, with the paper beside it; with the run's
     `steps`, also the I/O share of the median token (a single slow token moves the means)."""
     io_share = s.io_ms / s.total_ms if s.total_ms else 0.0
-    shares = sorted(t.io_seconds / t.wall_seconds for t in steps or () if t.wall_seconds > 0)
-    typical = f"; of the median token {shares[len(shares) // 2]:.0%}" if shares else ""
+    shares = [t.io_seconds / t.wall_seconds for t in steps or () if t.wall_seconds > 0]
+    typical = f"; of the median token {statistics.median(shares):.0%}" if shares else ""
     paper = paper_data()["latency_totals_opt_6_7b_ms"]
     p_io = {r["name"]: r["io_latency_ms"] for r in paper_data()["table2"]["rows"]}["+bundling"]
     return wrap(f"per generated token (mean of {s.tokens}, measured; median {s.median_ms:.1f} ms, 10-90% "

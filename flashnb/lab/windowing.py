@@ -22,7 +22,6 @@ from flashnb.lab.stats import TokenStats
 from flashnb.text import MB
 
 
-
 @dataclass(frozen=True)
 class WindowRow:
     """One window size, per generated token (the first token, which finds DRAM empty, left out)."""

@@ -18,7 +18,6 @@ from plotly.subplots import make_subplots
 from flashnb.viz import style as S
 
 
-
 def _window_technique(window: int) -> str:
     return "predictor" if window == 0 else "windowing"
 

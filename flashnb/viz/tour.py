@@ -132,9 +132,8 @@ def budget_figure(sweep, budget: float | None = None) -> go.Figure:
             for col, key in ((1, "total_ms"), (2, "mb_per_token")):
                 y = [getattr(r, key) if (col == 1 or getattr(r, key)) else None for r in rows]  # 0: off the log axis
                 hover = "DRAM budget %{x:.1f}%: " + ("%{y:.1f} ms per token" if col == 1 else "%{y:.2f} MB per token")
-                spread = {} if col == 2 or source == "modeled" else dict(error_y=dict(  # the tokens' p10-p90
-                    type="data", symmetric=False, array=[r.p90_ms - r.total_ms for r in rows],
-                    arrayminus=[r.total_ms - r.p10_ms for r in rows], thickness=1.5, width=4),
+                spread = {} if col == 2 or source == "modeled" else dict(  # the tokens' p10-p90
+                    error_y=dict(S.whiskers(y, [[r.p10_ms, r.p90_ms] for r in rows]), thickness=1.5, width=4),
                     customdata=[[r.p10_ms, r.p90_ms] for r in rows])
                 if spread:
                     hover += " (tokens' p10-p90 %{customdata[0]:.1f}-%{customdata[1]:.1f} ms)"
