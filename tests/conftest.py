@@ -7,6 +7,7 @@ flashnb.core.generate.set_decode_threads, from measurement.)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from flashnb.models import tiny
 from flashnb.models.tiny import TEXTS, save_tiny_tokenizer  # noqa: F401  (tests import them from here)
 
 torch.set_num_threads(1)
+# ... and so do the commands the tests run in this process: set_decode_threads would otherwise sample
+# the cores for 0.1 s on every call and raise torch to two threads for the rest of the run.
+os.environ.setdefault("FLASHNB_TORCH_THREADS", "1")
 
 
 def make_tiny_opt(folder: Path, seed: int = 0, **overrides) -> Path:

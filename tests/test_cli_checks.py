@@ -38,10 +38,14 @@ def test_an_unknown_option_points_at_its_command(capsys):
     _refused(capsys, ["demo", "--memroy", "0.5"], "demo: unrecognized arguments: --memroy", "`flashnb demo --help`")
 
 
-def test_bench_configs_that_name_nothing_or_nothing_that_runs(capsys):
+def test_bench_configs_that_name_nothing_or_nothing_that_runs(capsys, monkeypatch):
     _refused(capsys, ["bench", "--configs", ""], "--configs names no configuration")
     _refused(capsys, ["bench", "--configs", "lookahead", "--tokens", "1"], "none of the configurations can run here",
              "lookahead: no lookahead predictors")
+    import flashnb.bench.run as run    # --replay without the run it replays: said before anything is loaded
+
+    monkeypatch.setattr(run, "read_config", lambda *a: pytest.fail("the bench started before its checks"))
+    _refused(capsys, ["bench", "--replay", "--configs", "all", "--tokens", "1"], "include 'predictor' in --configs")
 
 
 def test_train_predictors_checks_its_job_before_tracing(tiny_opt_dir, tmp_path, capsys, monkeypatch):

@@ -71,6 +71,18 @@ def test_gated_models_bundle_three_parts():
     assert c.read_bytes == 24576 and c.reads == round(0.15 * 32 * 11008)
 
 
+def test_a_token_multiplies_the_output_projection_once_tied_or_not():
+    """An untied lm_head is a parameter of its own; a tied one multiplies the embedding table again. Either
+    way a token multiplies one vocab x d matrix, so the two shapes cost the same compute bytes."""
+    from flashnb.device.costmodel import compute_bytes
+
+    kw = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16)
+    tied, untied = (ModelShape.from_config(LlamaConfig(**kw, tie_word_embeddings=t)) for t in (True, False))
+    assert untied.other_params == tied.other_params + 1000 * 64      # the untied head is a parameter
+    assert compute_bytes(untied, 0) == compute_bytes(tied, 0)
+
+
 def test_measured_device_uses_the_profile():
     prof = Profile(synthetic_profile(latency_s=1e-4, bandwidth=1e9))
     dev = ProfileDevice(prof)

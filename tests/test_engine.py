@@ -68,6 +68,50 @@ def test_window_reduces_reads_and_keeps_the_window(tiny):
     assert reads[4] < reads[0]
 
 
+@pytest.mark.parametrize("window", [0, 4])
+def test_a_token_stopped_half_way_leaves_the_engine_exact(tiny, window):
+    """Ctrl-C in a notebook (or any error) in the middle of a layer, after its evicted rows were deleted:
+    the engine's next tokens still equal the dense model's."""
+    folder, stores = tiny
+    st = stores["bundled"]
+    with FlashEngine(st, oracle(st), Policy(window, 1.0, in_flight=2)) as eng:
+        list(eng.generate(PROMPT, 6))                    # a full window
+        ffn, held = eng.ffns[1], eng.ffns[1].compute_held
+
+        def stop(*args):
+            raise KeyboardInterrupt
+
+        ffn.compute_held = stop                          # the reads are in flight, the rows already moved
+        with pytest.raises(KeyboardInterrupt):
+            list(eng.generate([5, 6, 7], 4))
+        ffn.compute_held = held
+        got, logits = greedy_with_logits(eng, PROMPT, 16)
+    dense = load_model(folder)
+    assert got == list(generate(dense, PROMPT, 16))
+    with torch.no_grad():
+        assert (logits - dense(torch.tensor([PROMPT + got[:-1]]))[0]).abs().max().item() <= 1e-4
+
+
+def test_overlap_is_counted_only_while_reads_fly(tiny, monkeypatch):
+    """FFN math done between submit and wait overlaps the reads only where they are still in flight
+    (native AIO); reader threads finish the reads inside submit, so nothing overlaps."""
+    from flashnb.core import reader as reader_mod
+
+    _, stores = tiny
+    st = stores["bundled"]
+    overlap = {}
+    for backend in ("aio", "threads"):
+        if backend == "aio" and not reader_mod.aio.available():
+            continue
+        if backend == "threads":
+            monkeypatch.setattr(reader_mod.aio, "acquire", lambda depth: (_ for _ in ()).throw(OSError(38, "no AIO")))
+        with FlashEngine(st, oracle(st), Policy(4, 1.0, in_flight=2)) as eng:
+            assert eng.reader.backend == backend
+            list(eng.generate(PROMPT, 8))
+            overlap[backend] = sum(layer.overlap_s for s in eng.steps for layer in s.layers)
+    assert overlap["threads"] == 0.0 and overlap.get("aio", 1.0) > 0
+
+
 def test_budget_too_small_is_one_clear_error_before_any_work(tiny):
     _, stores = tiny
     st = stores["bundled"]
@@ -80,8 +124,9 @@ def test_budget_too_small_is_one_clear_error_before_any_work(tiny):
 def test_bad_policy_values():
     with pytest.raises(FlashnbError, match="window must be a whole number of tokens >= 0"):
         Policy(-1)
-    with pytest.raises(FlashnbError, match=r"fraction of the model's bytes in \(0, 1\]"):
+    with pytest.raises(FlashnbError, match=r"fraction of the model's bytes in \(0, 1\]") as e:
         Policy(4, 1.5)   # a float is a fraction, however large: bytes are an int
+    assert "e.g. 0" not in str(e.value)   # no example that is itself refused (Policy knows no model)
     with pytest.raises(FlashnbError, match="bytes must be >= 1"):
         Policy(4, 0)
     with pytest.raises(FlashnbError, match="reads in flight"):
@@ -225,6 +270,8 @@ def test_lookahead_needs_per_layer_rows_and_lookahead_predictors(tiny):
     st = stores["bundled"]
     with pytest.raises(FlashnbError, match="window of at least 1"):
         FlashEngine(st, oracle(st), Policy(0, 1.0), lookahead=random_lookahead(dense))
+    with pytest.raises(FlashnbError, match="window of at least 1"):   # simulate refuses what the engine refuses
+        simulate([[np.arange(3)] * st.num_layers], st, Policy(0, 1.0), lookahead_sets=[{1: np.arange(3)}])
     with pytest.raises(FlashnbError, match="pass them as lookahead="):
         FlashEngine(st, random_lookahead(dense), Policy(2, 1.0))
 

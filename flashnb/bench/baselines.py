@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from flashnb.core import aio
-from flashnb.core.defaults import IN_FLIGHT
+from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET
 from flashnb.core.engine import TokenLoop
 from flashnb.core.ffn import layer_math
 from flashnb.core.generate import decode
@@ -76,7 +76,7 @@ class HybridEngine(TokenLoop):
     tensors and one buffer for the rest of a layer: flashnb.core.memory.hybrid_plan); read the others
     every token."""
 
-    def __init__(self, store: FlashStore | str, memory_budget: float | int = 0.5, in_flight: int = IN_FLIGHT,
+    def __init__(self, store: FlashStore | str, memory_budget: float | int = MEMORY_BUDGET, in_flight: int = IN_FLIGHT,
                  gap_bytes: int = 0):
         self.store = st = store if isinstance(store, FlashStore) else FlashStore.open(store)
         self.memory = hybrid_plan(st.memory_shape(), memory_budget)
@@ -275,7 +275,11 @@ class ReadsAlone:
                                "or lookahead predictors")
         self.reader = NeuronReader(st, ReaderConfig(in_flight=policy.in_flight, gap_bytes=policy.gap_bytes,
                                                     verify=False))
-        self.ctx = aio.acquire(policy.in_flight)
+        try:
+            self.ctx = aio.acquire(policy.in_flight)
+        except BaseException:
+            self.reader.close()
+            raise
         self.cap = cap = source.memory.capacity_rows
         shared = Window(st.ffn_dim, cap, 0)
         self.windows = [shared if policy.window == 0 else Window(st.ffn_dim, cap, policy.window)

@@ -14,9 +14,9 @@ logic, exactly what the engine would read; only I/O is measured (no compute): la
 shipped neuron's copies a block of rows apart (flashnb bench --scale's `placed`).
 
 Two naive rows: flashnb's naive reads every layer's whole FFN (8.6 GB a token); the paper's Table 2
-naive moves the whole model (13.4 GB: "naive" loads everything that is not in DRAM, and nothing is).
+naive moves the whole model (13.3 GB at this shape: "naive" loads everything that is not in DRAM, and nothing is).
 The second is measured too: with each layer's FFN, the same large reads fetch that layer's share of
-OPT 6.7B's other weights (attention, embeddings, head: 4.8 GB in all) from the unbundled file, which
+OPT 6.7B's other weights (attention, embeddings, head: 4.7 GB in all) from the unbundled file, which
 stands in for them (its bytes are random too).
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flashnb.bench.report import ReplayResult, ReplayRow
-from flashnb.core.defaults import ALIGNMENT, IN_FLIGHT
+from flashnb.core.defaults import ALIGNMENT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.core.io import aligned_empty
 from flashnb.core.manifest import FORMAT, FORMAT_VERSION
 from flashnb.core.memory import plan_memory
@@ -215,8 +215,8 @@ def replay_whole_model(ffn_store: FlashStore, other_store: FlashStore, other_byt
     return TokenStats.of(steps, L * F)
 
 
-def run_replay(sets_small: list[list[np.ndarray]], small_ffn: int, folder: str | Path, window: int = 4,
-               memory: float | int = 0.5, in_flight: int = IN_FLIGHT, tokens: int = 8, profile=None,
+def run_replay(sets_small: list[list[np.ndarray]], small_ffn: int, folder: str | Path, window: int = WINDOW,
+               memory: float | int = MEMORY_BUDGET, in_flight: int = IN_FLIGHT, tokens: int = 8, profile=None,
                progress: bool = True) -> ReplayResult:
     """naive / +predictor / +windowing / +bundling replayed at OPT 6.7B's shape (see the module doc).
 

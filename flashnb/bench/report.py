@@ -213,7 +213,7 @@ def format_table(result: BenchResult) -> str:
             lines.append(f"{LABELS[name]:<24} {s.io_ms:9.1f} {s.bytes_read / 1e6:9.1f} {s.requests:9.0f} "
                          f"{cell(s.io_GBps, '6.2f')} {cell(m.io_vs_naive, '7.1f', 'x')} {cell(m.io_vs_naive_model, '7.1f', 'x')}")
         lines.append(wrap("vs naive: against reading every layer's whole FFN; vs model: against reading the whole "
-                          "model (13.4 GB), the naive of the paper's Table 2"))
+                          "model (13.3 GB in fp16 at this shape), the naive of the paper's Table 2"))
         lines.append(wrap("paper, OPT 6.7B on an M1 Max (Table 2), I/O ms: naive 2196, +predictor 738, +windowing 164, "
                           "+bundling 87 (25.2x vs its naive, the whole model)"))
     return "\n".join(lines)

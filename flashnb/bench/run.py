@@ -57,7 +57,7 @@ from flashnb.core.placement import FILE as PLACEMENT_FILE, load_placement
 from flashnb.core.predictor import AllNeurons, load_predictors
 from flashnb.core.simulate import choose_pinned
 from flashnb.core.store import FlashStore
-from flashnb.device.costmodel import ModelShape, as_device, calls_seconds, steps_io_ms
+from flashnb.device.costmodel import ModelShape, as_device, steps_io_ms
 from flashnb.device.measure import ProfileConfig, machine_info, run_profile
 from flashnb.device.profile import Profile, coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
@@ -193,18 +193,19 @@ def _extras(cfg: BenchConfig, pred_dir: Path, store: FlashStore, predictors, gap
     return extra, missing
 
 
-def modeled_io_ms(name: str, stats: TokenStats, shape: ModelShape, in_flight: int, device) -> float | None:
-    """The cost model's I/O per token for this run's requests (mean size, requests per reader call) on
-    the device profile; None for the runners whose I/O is not measured apart (mmap, accelerate).
-    Without a predictor the requests cover whole layers in file order: a sequential stream."""
+def modeled_io_ms(name: str, steps, stats: TokenStats, shape: ModelShape, in_flight: int, device) -> float | None:
+    """The cost model's I/O per token for this run's `steps` (TokenSteps of the generated tokens) on the
+    device profile: each reader call's requests at their mean size (`steps_io_ms`, the score that
+    chooses the pinned split too); None for the runners whose I/O is not measured apart (mmap,
+    accelerate). Without a predictor the requests cover whole layers in file order: a sequential stream."""
     if stats.requests is None:
         return None
     if not stats.requests:
         return 0.0
-    calls = stats.reader_calls or shape.num_layers
     if name in ("naive", "hybrid"):
+        calls = stats.reader_calls or shape.num_layers
         return (calls * device.first_request_latency() + stats.bytes_read / device.dense_throughput()) * 1e3
-    return calls_seconds(device, calls, stats.requests / calls, int(stats.bytes_read / stats.requests), in_flight) * 1e3
+    return steps_io_ms(device, steps, in_flight)
 
 
 def _profile(cfg: BenchConfig, workroot: Path) -> tuple[Profile, str]:
@@ -225,6 +226,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
     if "reads" in cfg.configs and "all" not in cfg.configs:
         raise FlashnbError("'reads' repeats the reads of 'all' alone: include all in --configs")
+    if cfg.replay and "predictor" not in cfg.configs:
+        raise FlashnbError("--replay replays the +predictor run's neuron sets: include 'predictor' in --configs")
     model_dir = Path(cfg.model) if cfg.model else shipped_model_dir()
     pred_dir = Path(cfg.predictors) if cfg.predictors else model_dir.parent / f"{model_dir.name}-predictors"
     config = read_config(model_dir)
@@ -281,20 +284,19 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                                    + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
             texts, spent = take_turns(streams, cfg.progress)
             for name, r in sorted(runners.items(), key=lambda kv: cfg.configs.index(kv[0])):
-                stats = TokenStats.of(r.steps[len(prompt):], neurons, split=name not in ("mmap", "accelerate"))
+                steps = r.steps[len(prompt):]
+                stats = TokenStats.of(steps, neurons, split=name not in ("mmap", "accelerate"))
                 mem = getattr(r, "memory", None)
                 results[name] = ConfigResult(
                     name, LABELS[name], stats, tok.decode(texts[name][:cfg.tokens]), spent[name],
                     mem.used_bytes if mem else getattr(r, "bytes", None), mem.budget_bytes if mem else None,
-                    modeled_io_ms(name, stats, shape, cfg.in_flight, device),
+                    modeled_io_ms(name, steps, stats, shape, cfg.in_flight, device),
                     r.reader.io_mode if hasattr(r, "reader") else "", pinned_rows=mem.pinned_rows if mem else None)
                 if name == "predictor":  # its sets drive the replay
                     replay_sets = [s.predicted_sets for s in r.steps[len(prompt):]]
         if cfg.replay:
             from flashnb.bench.replay import run_replay
 
-            if "predictor" not in cfg.configs:
-                raise FlashnbError("--replay replays the +predictor run's neuron sets: include 'predictor' in --configs")
             replay = run_replay(replay_sets, config.ffn_dim, Path(work) if not cfg.keep_replay else workroot,
                                 cfg.window, cfg.memory, cfg.in_flight, tokens=cfg.tokens, profile=profile,
                                 progress=cfg.progress)

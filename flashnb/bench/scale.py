@@ -320,12 +320,14 @@ def run_scale(cfg, log=print):
             c = stores["bundled"].config   # keys and values, every layer, each position the run generated
             kv_bytes = 2 * c.num_hidden_layers * c.hidden_size * 2 * (len(prompt) + cfg.tokens + 1)
             for name, r in runners.items():
-                stats = TokenStats.of(r.steps[len(prompt):], shape.layers * shape.ffn_dim, split=name != "mmap")
+                steps = r.steps[len(prompt):]
+                stats = TokenStats.of(steps, shape.layers * shape.ffn_dim, split=name != "mmap")
                 mem = getattr(r, "memory", None)
                 results[name] = ConfigResult(
                     name, LABELS[name], stats, "", spent[name], mem.used_bytes if mem else None,
                     mem.budget_bytes if mem else None,
-                    modeled_io_ms("naive" if name == "naive_model" else name, stats, mshape, cfg.in_flight, device),
+                    modeled_io_ms("naive" if name == "naive_model" else name, steps, stats, mshape, cfg.in_flight,
+                                  device),
                     r.reader.io_mode if hasattr(r, "reader") else "")
     finally:
         if not cfg.keep:

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from flashnb.core.defaults import IN_FLIGHT
+
 # system call numbers (io_setup, io_destroy, io_submit, io_getevents)
 _SYSCALLS = {"x86_64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4), "arm64": (0, 1, 2, 4)}
 IOCB_CMD_PREAD, IOCB_CMD_PREADV = 0, 7
@@ -45,7 +47,7 @@ def _libc():
 class AioContext:
     """One kernel AIO context holding up to `depth` requests in flight. `close()` releases it."""
 
-    def __init__(self, depth: int = 32):
+    def __init__(self, depth: int = IN_FLIGHT):
         nums = _SYSCALLS.get(platform.machine())
         if nums is None or os.name != "posix" or platform.system() != "Linux":
             raise OSError(errno.ENOSYS, f"native AIO is not supported on {platform.system()} {platform.machine()}")
@@ -59,6 +61,10 @@ class AioContext:
         self._ctx = ctx.value
         self._events = np.zeros(self.depth, EVENT)
         self.outstanding = 0  # requests submitted and not yet reaped
+
+    @property
+    def closed(self) -> bool:
+        return not self._ctx
 
     def close(self) -> None:
         """Destroy the context (the kernel waits for anything still in flight)."""
@@ -164,7 +170,7 @@ def release(ctx: AioContext) -> None:
     """Give back a context; one with requests still in flight, or broken, is closed instead."""
     with _IDLE_LOCK:
         idle = _IDLE.setdefault(ctx.depth, [])
-        if ctx._ctx and not ctx.outstanding and len(idle) < _IDLE_MAX:
+        if not ctx.closed and not ctx.outstanding and len(idle) < _IDLE_MAX:
             idle.append(ctx)
             return
     ctx.close()

@@ -40,7 +40,7 @@ from flashnb.core.records import Recorder, TokenStep
 from flashnb.core.resident import resident_model
 from flashnb.core.store import FlashStore
 from flashnb.core.thresholds import GateThresholds, Thresholds, check_thresholds
-from flashnb.core.window import Window, WindowPlan, in_file_order, split_predicted
+from flashnb.core.window import Window, WindowPlan, check_lookahead_window, in_file_order, split_predicted
 from flashnb.errors import FlashnbError
 
 
@@ -76,7 +76,7 @@ class Policy:
 
 
 class FlashFFN(nn.Module):
-    """One layer's FFN whose weights live on flash; see the module docstring for the six steps."""
+    """One layer's FFN whose weights live on flash; see the module docstring for the seven steps."""
 
     def __init__(self, engine: "FlashEngine", layer: int, biases: dict[str, torch.Tensor], window: Window,
                  rows: NeuronRows, pinned: NeuronRows):
@@ -192,7 +192,7 @@ class TokenLoop:
         return logits
 
     def abandon(self) -> None:
-        """A token failed half way: settle what it left in flight (the engine lands lookahead reads)."""
+        """A token failed half way: settle what it left in flight and in DRAM (FlashEngine.abandon)."""
 
     def before_token(self) -> None:
         """Hook run before each token, outside its timing (baselines evict the page cache here)."""
@@ -243,9 +243,8 @@ class FlashEngine(TokenLoop):
         self.policy = policy = policy or Policy()
         self.predictor = _checked(predictor, st)
         self.lookahead = _checked(lookahead, st, lookahead=True) if lookahead is not None else None
-        if self.lookahead is not None and policy.window == 0:
-            raise FlashnbError("lookahead reads land in a layer's own rows, which window 0 shares between layers: "
-                               "use a window of at least 1 token with lookahead predictors")
+        if self.lookahead is not None:
+            check_lookahead_window(policy.window)
         held = self.predictor.memory_bytes(st.np_dtype.itemsize) + (
             self.lookahead.memory_bytes(st.np_dtype.itemsize) if self.lookahead is not None else 0)
         pins = pinned_ids(hot, policy.pinned, st.num_layers, st.ffn_dim)
@@ -260,10 +259,14 @@ class FlashEngine(TokenLoop):
                     for _ in range(st.num_layers)]
         self.recorder = Recorder()
         self.reader = NeuronReader(st, ReaderConfig(in_flight=policy.in_flight, gap_bytes=policy.gap_bytes))
-        pinned = [self._read_pinned(layer, ids) for layer, ids in enumerate(pins)]
-        self.ffns: list[FlashFFN] = []
-        self.model = resident_model(st, lambda i, b: self._ffn(FlashFFN(self, i, b, *dram[i], pinned[i])),
-                                    dtype=st.dtype)
+        try:
+            pinned = [self._read_pinned(layer, ids) for layer, ids in enumerate(pins)]
+            self.ffns: list[FlashFFN] = []
+            self.model = resident_model(st, lambda i, b: self._ffn(FlashFFN(self, i, b, *dram[i], pinned[i])),
+                                        dtype=st.dtype)
+        except BaseException:
+            self.reader.close()   # its file and AIO context, which a failed constructor would leave open
+            raise
 
     def _read_pinned(self, layer: int, ids: np.ndarray) -> NeuronRows:
         """A layer's pinned rows, read from flash once."""
@@ -278,8 +281,17 @@ class FlashEngine(TokenLoop):
         return ffn
 
     def abandon(self) -> None:
-        for ffn in self.ffns:
-            ffn.land()
+        """A token stopped half way (an error, or Ctrl-C in a notebook): its reads are landed, and every
+        layer's window and rows are emptied, since a layer may have deleted rows its window still counts;
+        the next token starts with nothing in DRAM but the pinned rows, and stays exact."""
+        try:
+            for ffn in self.ffns:
+                ffn.land()
+        finally:
+            for ffn in self.ffns:
+                ffn.prefetched = None
+                ffn.window.clear()
+                ffn.rows.clear()
 
     def close(self) -> None:
         self.reader.close()

@@ -72,7 +72,8 @@ def budget_bytes(budget: float | int, model_bytes: int) -> int:
         return int(budget)
     if not 0.0 < float(budget) <= 1.0:
         raise FlashnbError(f"a memory budget given as a float is a fraction of the model's bytes in (0, 1], got "
-                           f"{budget}; give bytes as a whole number (e.g. {int(model_bytes // 2)})")
+                           f"{budget}; give bytes as a whole number"
+                           + (f" (e.g. {int(model_bytes // 2)}, half this model)" if model_bytes > 1 else " (>= 1)"))
     return int(float(budget) * model_bytes)
 
 
@@ -186,6 +187,12 @@ class NeuronRows:
     def held(self) -> np.ndarray:
         """The neurons in rows 0..n-1, in row order."""
         return self.ids[: self.n]
+
+    def clear(self) -> None:
+        """Free every row (their values stay until overwritten)."""
+        self.slot[self.ids[: self.n]] = -1
+        self.ids[: self.n] = -1
+        self.n = 0
 
     def delete(self, neurons: np.ndarray) -> None:
         """Remove neurons: the last used rows are copied into the freed places, in one indexed copy,

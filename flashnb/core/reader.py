@@ -79,11 +79,6 @@ class ReaderConfig:
     verify: bool = True
 
 
-def _bucket(n: int) -> int:
-    """The power of two at or above n (bytes): a histogram bucket."""
-    return 1 << max(0, int(n - 1).bit_length())
-
-
 @dataclass
 class ReadStats:
     """What one `NeuronReader.read` call did. Bytes are bytes; seconds are wall-clock seconds.
@@ -108,20 +103,6 @@ class ReadStats:
     backend: str = "threads"  # "aio" or "threads": how the requests were issued
     verify_seconds: float = 0.0  # checking the rows' checksums (inside wall_seconds)
 
-    @property
-    def throughput(self) -> float:
-        """bytes_read / wall_seconds (bytes per second); 0 for an empty call."""
-        return self.bytes_read / self.wall_seconds if self.wall_seconds > 0 and self.bytes_read else 0.0
-
-    @property
-    def chunk_histogram(self) -> dict[int, int]:
-        """Request count per power-of-two size bucket (bucket upper bound in bytes)."""
-        out: dict[int, int] = {}
-        for s in self.chunk_sizes.tolist():
-            b = _bucket(s)
-            out[b] = out.get(b, 0) + 1
-        return dict(sorted(out.items()))
-
 
 @dataclass
 class ReadResult:
@@ -136,9 +117,10 @@ class PendingRead:
     ReadResult. The reader takes no other call until then; a PendingRead dropped without `wait()` is
     completed when it is collected, so the reader is never left locked."""
 
-    def __init__(self, reader: "NeuronReader", finish):
+    def __init__(self, reader: "NeuronReader", finish, flying: bool):
         self._reader, self._finish = reader, finish
         self._result: ReadResult | None = None
+        self.flying = flying  # the reads are in the kernel's hands until wait() (False: already done)
 
     def wait(self) -> ReadResult:
         if self._result is None:
@@ -249,21 +231,24 @@ class NeuronReader:
             self._lock.acquire()  # another thread's read: wait for it
         self._owner = me
         try:
-            finish = self._start(layer, ids, out)
+            finish, flying = self._start(layer, ids, out)
         except BaseException:
             self._release()
             raise
-        return PendingRead(self, finish)
+        return PendingRead(self, finish, flying)
 
     def _release(self) -> None:
         self._owner = None
         self._lock.release()
 
     def _start(self, layer: int, ids, out: np.ndarray | None):
-        """Validate, plan and issue the reads; returns the function that completes them."""
+        """Validate, plan and issue the reads; returns the function that completes them, and whether the
+        reads are still in flight (native AIO) or already done (reader threads, or nothing to read)."""
         t0 = time.perf_counter()
         if self.fd < 0:
             raise FlashnbError("this NeuronReader is closed; open a new one")
+        if self._aio is not None and self._aio.closed:  # an interrupted wait closed it (aio.AioBatch.pump)
+            self._aio = aio.acquire(self.config.in_flight)
         st = self.store
         regs = st.regions(layer)
         ids = st.file_rows(layer, as_ids(ids, st.ffn_dim, f"layer {layer} of {st.path}"))  # from here on: file rows
@@ -277,7 +262,7 @@ class NeuronReader:
                                f"{getattr(out, 'shape', '')}")
         if n == 0:
             empty = ReadResult(out, self._stats(layer, 0, 0, np.zeros(0, np.int64), 0, t0, "scatter"))
-            return lambda: empty
+            return (lambda: empty), False
         out_u8 = out.reshape(-1).view(np.uint8)
         uniq, first, inv, scatter, plan = self._plan(regs, ids, out_u8.ctypes.data % self.io_align == 0)
         dst = memoryview(out_u8) if scatter else self._staging_view(int(plan.req_len.sum()))
@@ -306,7 +291,7 @@ class NeuronReader:
             stats.verify_seconds = verify_s
             return ReadResult(out, stats)
 
-        return finish
+        return finish, self._aio is not None
 
     def _io_error(self, e: OSError) -> FlashnbError:
         return FlashnbError(f"reading {self.store.ffn_path} failed ({e.strerror or e}): the disk or the kernel "
@@ -419,10 +404,10 @@ class NeuronReader:
     def _run_threads(self, plan: RequestPlan, dst: memoryview, stage: np.ndarray | None) -> int:
         """Issue the plan's requests over the thread pool; returns the retries.
 
-        The requests are cut into up to 32 batches per thread (of at least 4 requests) of similar
-        bytes, in file order; the threads pull batches from a shared counter until none is left, so
-        a slow request delays only its own thread's next pull, not a fixed share of the work.
-        """
+        The requests are cut into batches of similar bytes, in file order: one per thread when there are
+        fewer than 4 requests per thread, else of at least 4 requests, up to 32 batches per thread. The
+        threads pull batches from a shared counter until none is left, so a slow request delays only its
+        own thread's next pull, not a fixed share of the work."""
         nreq = plan.req_off.size
         T = min(self.config.in_flight, nreq)
         nb = min(nreq, 32 * T, max(T, nreq // 4))  # small batches, but not of one request

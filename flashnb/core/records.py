@@ -148,16 +148,17 @@ class Recorder:
         clock, seconds = time.perf_counter, self._phase
 
         def call(*args, **kw):
-            t0 = clock()
+            t0, out = clock(), None
             try:
-                return fn(*args, **kw)
+                out = fn(*args, **kw)
+                return out
             finally:
                 dt = clock() - t0
                 seconds[phase] += dt
                 if phase == "ffn" and self._in_flight:
                     self._overlap += dt
-                elif phase == "submit":
-                    self._in_flight = True
+                elif phase == "submit":   # FFN math overlaps only reads still in flight (not done in submit)
+                    self._in_flight = bool(getattr(out, "flying", False))
                 elif phase == "wait":
                     self._in_flight = False
 

@@ -22,7 +22,7 @@ from flashnb.core.pinning import HotNeurons, PinningChoice, candidate_splits, pi
 from flashnb.core.reader import NeuronReader, ReaderConfig
 from flashnb.core.records import LayerStep, TokenStep
 from flashnb.core.store import FlashStore
-from flashnb.core.window import Window, in_file_order, split_predicted
+from flashnb.core.window import Window, check_lookahead_window, in_file_order, split_predicted
 
 
 def sets_from_trace(trace, predictors=None) -> list[list[np.ndarray]]:
@@ -44,6 +44,8 @@ def simulate(sets: list[list[np.ndarray]], store: FlashStore | str, policy: Poli
     `lookahead_sets[token][layer]` (the ids a lookahead guessed), each layer first prefetches its guess;
     with `policy.pinned` rows, `hot`'s top neurons are pinned (read once, before the first token)."""
     st = store if isinstance(store, FlashStore) else FlashStore.open(store)
+    if lookahead_sets is not None:
+        check_lookahead_window(policy.window)          # as the engine refuses it
     pinned = [np.isin(np.arange(st.ffn_dim), ids) for ids in pinned_ids(hot, policy.pinned, st.num_layers, st.ffn_dim)]
     placed = [st.placed_rows(layer) for layer in range(st.num_layers)]  # when a placement moves the neurons
     cap = plan_memory(st.memory_shape(), policy.memory_budget, policy.window, predictor_bytes,

@@ -21,6 +21,13 @@ from flashnb.errors import FlashnbError
 _NEVER = np.iinfo(np.int64).min // 2
 
 
+def check_lookahead_window(window: int) -> None:
+    """Lookahead reads land in a layer's own rows; window 0 shares one set of rows between the layers."""
+    if window == 0:
+        raise FlashnbError("lookahead reads land in a layer's own rows, which window 0 shares between layers: "
+                           "use a window of at least 1 token with lookahead predictors")
+
+
 def sorted_unique(ids) -> np.ndarray:
     """`ids` as a sorted int64 array without duplicates (no copy when it already is one)."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -77,6 +84,11 @@ class Window:
     def held(self) -> np.ndarray:
         """The neurons in DRAM now (ascending ids)."""
         return np.flatnonzero(self.in_dram)
+
+    def clear(self) -> None:
+        """Forget every neuron: the next token starts with nothing in DRAM."""
+        self.in_dram[:] = False
+        self.last_used[:] = _NEVER
 
     def plan(self, predicted) -> WindowPlan:
         """The next token's hits, loads and evictions for its `predicted` neurons (changes nothing)."""

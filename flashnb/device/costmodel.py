@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
-from flashnb.core.defaults import IN_FLIGHT
+from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET
 from flashnb.core.memory import MemoryShape, budget_bytes, hybrid_plan, plan_memory
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import CONFIGS, ffn_matrix_names, meta_model
@@ -57,21 +57,23 @@ class ModelShape:
     ffn_params: int         # FFN weight matrices, all layers
     other_params: int       # everything else: embeddings, attention, norms, FFN biases
     embedding_params: int   # token + position tables (looked up, not multiplied)
-    lm_head_params: int     # vocab x d: the output projection (tied or not) each token multiplies
+    lm_head_params: int     # vocab x d of a tied output projection (the embedding table multiplied again);
+                            # 0 when the model has its own lm_head, already in other_params
 
     @classmethod
     def from_config(cls, config, bytes_per_value: int = 2, name: str | None = None) -> "ModelShape":
         """Count the parameters of flashnb's model for `config` (built on the meta device: no memory)."""
         ffn_names = ffn_matrix_names(config)
         ffn = other = emb = 0
+        own_head = False
         for n, p in meta_model(config).named_parameters():
             if n in ffn_names:
                 ffn += p.numel()
             else:
                 other += p.numel()
-                if n.startswith("embed_"):
-                    emb += p.numel()
-        lm_head = config.vocab_size * getattr(config, "embed_dim", config.hidden_size)
+                emb += p.numel() if n.startswith("embed_") else 0
+                own_head |= n.startswith("lm_head.")
+        lm_head = 0 if own_head else config.vocab_size * getattr(config, "embed_dim", config.hidden_size)
         return cls(name or f"{config.model_type}-{config.hidden_size}x{config.num_hidden_layers}",
                    config.num_hidden_layers, config.hidden_size, config.ffn_dim, len(config.ffn_parts),
                    bytes_per_value, ffn, other, emb, lm_head)
@@ -136,7 +138,7 @@ class CostPolicy:
     window_reuse: float = 0.0
     window_cached_fraction: float | None = None
     bundling: bool = False
-    memory_budget: float = 0.5
+    memory_budget: float = MEMORY_BUDGET
     in_flight: int = IN_FLIGHT
     # statistics measured by a run of this policy (0 = derive them from the fields above):
     request_bytes: int = 0        # mean bytes per flash request (alignment and coalescing included)

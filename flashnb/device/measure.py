@@ -34,12 +34,6 @@ DEFAULT_IN_FLIGHT = (1, 2, 4, 8, 16, 32, 64)
 QUICK_IN_FLIGHT = (1, 4, 16, 64)
 
 
-def default_profile_path() -> Path:
-    """Where `flashnb profile` saves by default: $XDG_CACHE_HOME/flashnb/profile.json."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "flashnb" / "profile.json"
-
-
 @dataclass
 class ProfileConfig:
     """What to measure. Sizes in bytes, durations in seconds.
@@ -230,12 +224,13 @@ def _aio_usable(backend: str) -> bool:
     return False
 
 
-def measure_cell(fd: int, direct: bool, file_bytes: int, chunk: int, threads: int, seconds: float,
-          rng: np.random.Generator, sequential: bool = False, use_aio: bool = False) -> dict:
-    """Read `chunk`-byte requests, `threads` in flight, for `seconds`; the cell's measurements.
-    `use_aio`: through one native AIO context (queue depth = threads), else `threads` threads."""
+def measure_cell(fd: int, direct: bool, file_bytes: int, chunk: int, in_flight: int, seconds: float,
+                 rng: np.random.Generator, sequential: bool = False, use_aio: bool = False) -> dict:
+    """Read `chunk`-byte requests, `in_flight` of them in flight, for `seconds`; the cell's measurements.
+    `use_aio`: through one native AIO context (queue depth `in_flight`), else `in_flight` threads."""
     if use_aio and direct:
-        return _cell_aio(fd, file_bytes, chunk, threads, seconds, rng, sequential)
+        return _cell_aio(fd, file_bytes, chunk, in_flight, seconds, rng, sequential)
+    threads = in_flight  # one thread per read in flight
     n_slots = max(1, (file_bytes - chunk) // 4096)
     counts = [0] * threads
     lat: list[list[float]] = [[] for _ in range(threads)]

@@ -42,7 +42,7 @@ def default_profile_path() -> Path:
 
 @dataclass
 class Fit:
-    """Per thread count: seconds per request t(s) = latency_s + s / bandwidth (bytes/s)."""
+    """Per number of reads in flight: seconds per request t(s) = latency_s + s / bandwidth (bytes/s)."""
 
     in_flight: list[int]
     latency_s: list[float]
@@ -117,7 +117,7 @@ class Profile:
 
     # -- the model ---------------------------------------------------------------------------
     def _req_seconds_at(self, i: int, s: np.ndarray) -> np.ndarray:
-        """Seconds per request of size s at thread-count index i: piecewise linear in s."""
+        """Seconds per request of size s at index i of the reads-in-flight counts: piecewise linear in s."""
         c, t = self.chunks, self.req_seconds[i]
         out = np.interp(s, c, t)
         hi = s > c[-1]
@@ -134,7 +134,7 @@ class Profile:
         i = int(np.clip(np.searchsorted(lt, T, side="right") - 1, 0, lt.size - 1))
         if i == lt.size - 1 or T <= lt[i]:
             return self._req_seconds_at(i, s)
-        w = (T - lt[i]) / (lt[i + 1] - lt[i])  # interpolate log(time) between thread counts
+        w = (T - lt[i]) / (lt[i + 1] - lt[i])  # interpolate log(time) between reads-in-flight counts
         return np.exp((1 - w) * np.log(self._req_seconds_at(i, s)) + w * np.log(self._req_seconds_at(i + 1, s)))
 
     def throughput(self, chunk_bytes, in_flight: float):

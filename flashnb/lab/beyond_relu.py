@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flashnb.core.defaults import WINDOW
 from flashnb.core.engine import Policy
 from flashnb.core.memory import MemoryPlan, min_budget, plan_memory
 from flashnb.core.simulate import sets_from_trace, simulate
@@ -118,7 +119,7 @@ class SparsityExplorer:
     measurement on `eval_ids` (windows of `context` tokens). One pass over the calibration text serves every
     threshold; each `measure` runs the held-out text twice (quality, then the thresholded sets)."""
 
-    def __init__(self, model, stores: dict, calib_ids, eval_ids, window: int = 4, context: int = 256):
+    def __init__(self, model, stores: dict, calib_ids, eval_ids, window: int = WINDOW, context: int = 256):
         missing = {"gate-apart", "bundled"} - set(stores)
         if missing:
             raise FlashnbError(f"SparsityExplorer needs the model's stores of both layouts; missing {sorted(missing)}")

@@ -15,7 +15,7 @@ import numpy as np
 from flashnb.bench.baselines import HybridEngine
 from flashnb.bench.report import BenchResult, bound_text, cell
 from flashnb.bench.run import take_turns
-from flashnb.core.defaults import IN_FLIGHT
+from flashnb.core.defaults import IN_FLIGHT, WINDOW
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.memory import hybrid_plan, min_budget, plan_memory
 from flashnb.core.simulate import simulate
@@ -215,7 +215,7 @@ def _measured_point(budget: float, runner, s: TokenStats) -> BudgetPoint:
 
 
 def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.5, 0.75, 1.0),
-                 modeled: int | list[float] = 12, tokens: int = 4, window: int = 4,
+                 modeled: int | list[float] = 12, tokens: int = 4, window: int = WINDOW,
                  in_flight: int = IN_FLIGHT) -> BudgetSweep:
     """Run 'all' (learned predictors, window, bundled store) and 'hybrid' at each budget in `measured`
     for `tokens` generated tokens after `prompt_ids` (the two taking turns, one token each), and model both on

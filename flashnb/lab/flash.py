@@ -180,6 +180,7 @@ class LayoutRun:
     wall_seconds: float
     predicted_seconds: float  # the profile's prediction for the same requests (0 without a profile)
     direct: bool              # O_DIRECT (False: the buffered + fadvise fallback)
+    call_seconds: tuple[float, ...] = ()  # each call's wall time (their sum is wall_seconds)
 
     @property
     def useful_GBps(self) -> float:
@@ -194,6 +195,12 @@ class LayoutRun:
     def ms_per_call(self) -> float:
         return self.wall_seconds / self.calls * 1e3
 
+    @property
+    def call_useful_GBps(self) -> list[float]:
+        """Each call's useful GB/s: the spread behind `useful_GBps`."""
+        per_call = self.bytes_needed / max(1, len(self.call_seconds))
+        return [per_call / s / 1e9 for s in self.call_seconds]
+
 
 def compare_layouts(workdir: str | Path, profile: Profile | None = None, d_model: int = 2048,
                     ffn_dim: int = 8192, layers: int = 2, fraction: float = 0.05, in_flight: int = 8,
@@ -202,8 +209,8 @@ def compare_layouts(workdir: str | Path, profile: Profile | None = None, d_model
 
     Builds a random OPT-shaped checkpoint in `workdir` and converts it both ways (fp16), then reads
     `fraction` of a layer's neurons `calls` times from each store, alternating stores so that drift
-    of the disk hits both alike. Returns one dict per layout: requests, bytes needed and read, wall
-    seconds, and the profile's prediction.
+    of the disk hits both alike. Returns one LayoutRun per layout: requests, bytes needed and read, wall
+    seconds (in all and per call), and the profile's prediction.
     """
     work = Path(workdir)
     src = work / "checkpoint"
@@ -220,6 +227,7 @@ def compare_layouts(workdir: str | Path, profile: Profile | None = None, d_model
     gap = gap_bytes if gap_bytes is not None else coalescing_gap(profile, in_flight)
     readers = {lay: NeuronReader(st, ReaderConfig(in_flight=in_flight, gap_bytes=gap)) for lay, st in stores.items()}
     acc = {lay: [0, 0, 0, 0.0, 0.0] for lay in stores}  # requests, bytes needed, bytes read, seconds, predicted
+    each = {lay: [] for lay in stores}                   # every call's seconds
     try:
         out = aligned_empty((k, stores["bundled"].row_width), stores["bundled"].row_dtype)
         for c in range(calls + 1):
@@ -232,8 +240,9 @@ def compare_layouts(workdir: str | Path, profile: Profile | None = None, d_model
                 pred = profile.read_seconds(st.chunk_sizes, in_flight) if profile is not None else 0.0
                 for i, v in enumerate((st.requests, st.bytes_needed, st.bytes_read, st.wall_seconds, pred)):
                     acc[lay][i] += v
+                each[lay].append(st.wall_seconds)
     finally:
         for r in readers.values():
             r.close()
-    return [LayoutRun(lay, calls, k, in_flight, stores[lay].neuron_bytes, *a, readers[lay].direct)
+    return [LayoutRun(lay, calls, k, in_flight, stores[lay].neuron_bytes, *a, readers[lay].direct, tuple(each[lay]))
             for lay, a in acc.items()]

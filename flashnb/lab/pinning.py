@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from flashnb.bench.run import take_turns
-from flashnb.core.defaults import IN_FLIGHT
+from flashnb.core.defaults import IN_FLIGHT, WINDOW
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.pinning import HotNeurons, PinningChoice
 from flashnb.core.simulate import choose_pinned
@@ -40,7 +40,7 @@ class SplitSweep:
 
 
 def split_sweep(store, predictors, hot: HotNeurons, profile, prompt_ids: list[int], budgets=(0.5, 0.7, 0.9),
-                window: int = 4, tokens: int = 8, in_flight: int = IN_FLIGHT) -> SplitSweep:
+                window: int = WINDOW, tokens: int = 8, in_flight: int = IN_FLIGHT) -> SplitSweep:
     """Simulate each split at each budget; run the engine at the largest budget with and without its
     chosen split for `tokens` tokens after `prompt_ids`."""
     gap = coalescing_gap(profile, in_flight)

@@ -95,10 +95,11 @@ class TokenStats:
 
     @property
     def window_hit_share(self) -> float | None:
-        """Share of the predicted neurons found in the window's rows (pinned ones not counted)."""
+        """Share of the predicted neurons outside the pinned rows that the window's rows already held."""
         if self.predicted is None:
             return None
-        return self.cached / self.predicted if self.predicted else 0.0
+        windowed = self.predicted - (self.pinned or 0)
+        return self.cached / windowed if windowed else 0.0
 
     @property
     def bytes_per_token(self) -> float:

@@ -143,13 +143,18 @@ def bundling_figure(profile: Profile) -> go.Figure:
 
 def layouts_figure(rows) -> go.Figure:
     """Measured: the same neuron sets read from a bundled and an unbundled store (flashnb.lab.flash.LayoutRun
-    rows, from compare_layouts): useful GB/s (bytes needed / wall time) and requests."""
+    rows, from compare_layouts): useful GB/s (bytes needed / wall time) and requests; the whiskers span the
+    calls, from the slowest to the fastest (where the rows have them)."""
     fig = go.Figure()
     for r in rows:
+        spread = r.call_useful_GBps
         fig.add_trace(go.Bar(x=[r.layout], y=[r.useful_GBps], name=S.label(r.layout, "measured"),
-                             hovertemplate=f"{r.layout}: %{{y:.3f}} GB/s of bytes needed<extra></extra>",
+                             hovertemplate=f"{r.layout}: %{{y:.3f}} GB/s of bytes needed"
+                                           + (f" (calls {min(spread):.3f}-{max(spread):.3f})" if spread else "")
+                                           + "<extra></extra>",
                              text=[f"{r.useful_GBps:.3f} GB/s<br>{r.requests // r.calls} requests/call<br>"
-                                   f"{r.ms_per_call:.1f} ms/call"], textposition="outside",
+                                   f"{r.ms_per_call:.1f} ms/call"], textposition="inside" if spread else "outside",
+                             error_y=S.whiskers([r.useful_GBps], [spread]) if spread else None,
                              **S.bar(r.layout, "measured")))
     r0 = rows[0]
     S.layout(fig, f"Measured here: {r0.neurons_per_call} random neurons of {size_text(r0.neuron_bytes)} per "

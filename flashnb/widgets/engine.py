@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 
+from flashnb.core.defaults import MEMORY_BUDGET, WINDOW
 from flashnb.viz.engine import highlight, window_figure
 
 
@@ -24,7 +25,7 @@ def window_text(grid, window: int, budget: float, paper: dict) -> str:
             f"{paper['window_cached_fraction']:.0%} of the FFN.")
 
 
-def window_explorer(grid, paper: dict, window: int = 4, budget: float | None = None):
+def window_explorer(grid, paper: dict, window: int = WINDOW, budget: float | None = None):
     """A window slider and a DRAM-budget slider over a `window_budget_grid` that redraw `window_figure` and
     its summary line. Returns (box, window slider, budget slider, figure widget)."""
     import ipywidgets as W
@@ -60,7 +61,7 @@ def timeline_text(tl) -> str:
             f"({hits / max(hits + reads, 1):.0%}), {reads} read from flash; {gone} evictions (modeled by simulate).")
 
 
-def timeline_explorer(timeline, window: int = 4, budget: float = 0.5, budgets=(0.5, 0.6, 0.8, 1.0),
+def timeline_explorer(timeline, window: int = WINDOW, budget: float = MEMORY_BUDGET, budgets=(0.5, 0.6, 0.8, 1.0),
                       n_prompt: int = 0):
     """A window slider and a budget slider that redraw `timeline_figure` (`timeline(window, budget)` returns a
     WindowTimeline). Returns (box, window slider, budget slider, figure widget)."""
