@@ -11,7 +11,7 @@ from flashnb.bench.baselines import AccelerateOffload, HybridEngine, MmapEngine
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.generate import generate, greedy_with_logits
-from flashnb.core.memory import ROW_BOOKKEEPING
+from flashnb.core.memory import ROW_BOOKKEEPING, bookkeeping_bytes
 from flashnb.core.pinning import HotNeurons
 from flashnb.core.predictor import AllNeurons, LowRankPredictor, LowRankPredictors, OraclePredictor
 from flashnb.core.simulate import choose_pinned, sets_from_trace, simulate
@@ -183,7 +183,8 @@ def test_tokens_needing_more_than_the_cache_are_served_in_parts(tiny):
     folder, stores = tiny
     dense = load_model(folder)
     st = stores["bundled"]
-    budget = st.resident_bytes + st.num_layers * 10 * (st.neuron_bytes + ROW_BOOKKEEPING)
+    budget = (st.resident_bytes + bookkeeping_bytes(st.memory_shape(), 2)
+              + st.num_layers * 10 * (st.neuron_bytes + ROW_BOOKKEEPING))
     pol = Policy(2, budget, in_flight=2, gap_bytes=0)
     with FlashEngine(st, oracle(st), pol) as eng:
         assert eng.memory.capacity_rows == 10
@@ -260,8 +261,24 @@ def test_lookahead_keeps_the_oracle_exact_and_simulate_counts_its_reads(tiny, la
     assert all(set(s.lookahead_sets) == set(range(1, st.num_layers)) for s in steps)   # every layer but the first
     sim = simulate([s.predicted_sets for s in steps], st, pol, ahead.memory_bytes(st.np_dtype.itemsize),
                    lookahead_sets=[s.lookahead_sets for s in steps], hot=hot)
-    assert [(s.bytes_read, s.requests, s.loaded, s.evicted) for s in sim] == \
-        [(s.bytes_read, s.requests, s.loaded, s.evicted) for s in steps]
+    counts = lambda s: (s.bytes_read, s.requests, s.cached, s.loaded, s.evicted, s.prefetched)  # noqa: E731
+    assert [counts(s) for s in sim] == [counts(s) for s in steps]
+
+
+def test_neurons_a_lookahead_read_count_as_read_not_as_window_hits(tiny):
+    """With perfect guesses every neuron a token reads in layers 1.. arrives one layer early: the same
+    neurons are read and hit as without lookahead, and all of those read are prefetched."""
+    folder, stores = tiny
+    st = stores["bundled"]
+    dense = load_model(folder)
+    ids = torch.randint(0, dense.config.vocab_size, (24,), generator=torch.Generator().manual_seed(3))
+    sets = sets_from_trace(record(dense, ids, context=48, inputs=False))
+    pol = Policy(2, 1.0, in_flight=2)
+    plain = simulate(sets, st, pol)
+    ahead = simulate(sets, st, pol, lookahead_sets=[{i: t[i] for i in range(1, len(t))} for t in sets])
+    assert [(s.cached, s.loaded) for s in ahead] == [(s.cached, s.loaded) for s in plain]
+    later = [layer for s in ahead for layer in s.layers[1:]]
+    assert sum(x.loaded for x in later) > 0 and all(x.prefetched == x.loaded for x in later)
 
 
 def test_lookahead_needs_per_layer_rows_and_lookahead_predictors(tiny):

@@ -101,7 +101,7 @@ def test_the_engine_and_the_baselines_are_unchanged_by_a_placement(placed):
 def test_tokens_served_in_parts_stay_exact_and_split_in_file_order(placed):
     """A cache of 10 rows per layer: a token's neurons are served in parts, each a contiguous stretch of the
     placed file; logits stay the dense model's and simulate counts the engine's reads exactly."""
-    from flashnb.core.memory import ROW_BOOKKEEPING
+    from flashnb.core.memory import ROW_BOOKKEEPING, bookkeeping_bytes
     from flashnb.core.window import split_predicted
 
     folder, _, moved, pl = placed
@@ -110,7 +110,8 @@ def test_tokens_served_in_parts_stay_exact_and_split_in_file_order(placed):
     assert sorted(np.concatenate(parts).tolist()) == ids.tolist()
     rows = [np.sort(pl.position[0][p]) for p in parts]
     assert all(a[-1] < b[0] for a, b in zip(rows, rows[1:]))  # each part lies before the next on flash
-    budget = moved.resident_bytes + moved.num_layers * 10 * (moved.neuron_bytes + ROW_BOOKKEEPING)
+    budget = (moved.resident_bytes + bookkeeping_bytes(moved.memory_shape(), 2)
+              + moved.num_layers * 10 * (moved.neuron_bytes + ROW_BOOKKEEPING))
     pol = Policy(2, budget, in_flight=2)
     with FlashEngine(moved, OraclePredictor(moved.load_model()), pol) as eng:
         kv = eng.model.new_cache(1, len(PROMPT))

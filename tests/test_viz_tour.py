@@ -30,7 +30,7 @@ CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "mmap")  # accele
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny OPT whose FFN is most of its bytes (so half memory leaves room for neuron caches), quick
+    """A tiny OPT whose FFN is most of its bytes (so 60% of memory leaves room for neuron caches), quick
     predictors, a synthetic device profile, a bench run, an engine run and a budget sweep."""
     root = tmp_path_factory.mktemp("tour")
     folder = make_tiny_opt(root / "hf", backend="flashnb", ffn_dim=512, max_position_embeddings=128)
@@ -41,11 +41,11 @@ def setup(tmp_path_factory):
     (root / "profile.json").write_text(json.dumps(synthetic_profile()))
     profile = Profile.load(root / "profile.json")
     result = run_bench(BenchConfig(model=str(folder), predictors=str(root / "preds"), prompt="Open the", tokens=3,
-                                   in_flight=2, dir=str(root), profile=str(root / "profile.json"), configs=CONFIGS,
+                                   memory=0.6, in_flight=2, dir=str(root), profile=str(root / "profile.json"), configs=CONFIGS,
                                    progress=False))
     store = FlashStore.open(convert(folder, root / "store", ConvertConfig(progress=False)))
     prompt = tok.encode("Open the file")
-    with FlashEngine(store, preds, Policy(2, 0.5, 2, coalescing_gap(profile, 2))) as eng:
+    with FlashEngine(store, preds, Policy(2, 0.6, 2, coalescing_gap(profile, 2))) as eng:
         out = list(eng.generate(prompt, 6))
     steps = eng.steps[len(prompt):]
     sweep = end_to_end.budget_sweep(store, preds, prompt, profile, measured=(0.6, 1.0), modeled=5, tokens=3,

@@ -96,9 +96,14 @@ SHAPE = MemoryShape(resident_bytes=10_000, layers=4, ffn_dim=100, neuron_bytes=2
 
 def test_the_budget_split_counts_every_byte():
     plan = plan_memory(SHAPE, 0.5, window=4, predictor_bytes=1000)
-    # 45,000 bytes: 10,000 resident + 1,000 predictors leave 34,000 = 151 rows of 224 bytes, 37 per layer
-    assert (plan.budget_bytes, plan.row_bytes, plan.capacity_rows, plan.caches) == (45_000, 224, 37, 4)
-    assert plan.used_bytes == 10_000 + 1000 + 4 * 37 * 224 <= plan.budget_bytes
+    # 45,000 bytes: 10,000 resident + 1,000 predictors + 4 caches' maps of 100 neurons x 17 bytes leave
+    # 27,200 = 130 rows of 208 bytes (200 of values, 8 of pointer), 32 per layer
+    assert (plan.budget_bytes, plan.row_bytes, plan.capacity_rows, plan.caches) == (45_000, 208, 32, 4)
+    assert plan.used_bytes == 10_000 + 1000 + 6_800 + 4 * 32 * 208 <= plan.budget_bytes
+    # what the engine allocates for those caches (fp16 rows of 100 values) is exactly what the plan counts
+    caches = [(Window(100, 32, 4), NeuronRows(100, 32, 100, np.float16)) for _ in range(4)]
+    allocated = sum(w.in_dram.nbytes + w.last_used.nbytes + r.nbytes for w, r in caches)
+    assert allocated == plan.bookkeeping_bytes + plan.cache_bytes
     shared = plan_memory(SHAPE, 45_000, window=0, predictor_bytes=1000)  # bytes, as an int; one shared set
     assert (shared.caches, shared.capacity_rows) == (1, 100)
     assert budget_bytes(0.25, 90_000) == 22_500 and budget_bytes(22_500, 90_000) == 22_500
@@ -112,9 +117,9 @@ def test_min_budget_is_the_split_inverted():
 
 
 def test_hybrid_pins_what_leaves_room_for_one_streamed_layer():
-    plan = hybrid_plan(SHAPE, 0.5)                 # 155 rows beside the resident tensors
+    plan = hybrid_plan(SHAPE, 0.5)                 # 168 rows beside the resident tensors (no per-neuron maps)
     pinned, buf = plan.pinned_rows, plan.capacity_rows
-    assert 4 * pinned + buf <= 155 < 4 * (pinned + 1) + (100 - pinned - 1)
+    assert 4 * pinned + buf <= 168 < 4 * (pinned + 1) + (100 - pinned - 1)
     assert buf == 100 - pinned and plan.used_bytes <= plan.budget_bytes
-    assert hybrid_plan(SHAPE, 1.0).pinned_rows == 85   # the bookkeeping counts: 100% of the model is not enough
+    assert hybrid_plan(SHAPE, 1.0).pinned_rows == 94   # the pointers count: 100% of the model is not enough
     assert hybrid_plan(SHAPE, 200_000).pinned_rows == 100  # everything fits: nothing streams

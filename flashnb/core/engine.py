@@ -79,11 +79,11 @@ class FlashFFN(nn.Module):
     """One layer's FFN whose weights live on flash; see the module docstring for the seven steps."""
 
     def __init__(self, engine: "FlashEngine", layer: int, biases: dict[str, torch.Tensor], window: Window,
-                 rows: NeuronRows, pinned: NeuronRows):
+                 rows: NeuronRows, pinned: NeuronRows | None):
         super().__init__()
         self.layer, self.rows, self.pinned = layer, rows, pinned
         self.placed = engine.store.placed_rows(layer)  # each neuron's row on flash, when a placement moves them
-        self.is_pinned = pinned.slot >= 0
+        self.is_pinned = None if pinned is None else pinned.slot >= 0
         self.math = layer_math(engine.store, layer, biases, engine.thresholds)
         rec = engine.recorder
         self.predict = rec.timed("predict", engine.predictor.select)
@@ -102,7 +102,7 @@ class FlashFFN(nn.Module):
         predicted = self.predict(self.layer, x[0, -1])                     # 1. predict
         self.record_set(predicted)
         hot, predicted = self.split_pinned(predicted)                      #    (hot neurons stay pinned in DRAM)
-        self.land()                                                        #    (the reads a lookahead started)
+        landed = self.land()                                               #    (the reads a lookahead started)
         y = torch.zeros_like(x)
         for part in split_predicted(predicted, self.rows.capacity, self.placed):  # (one part unless it overflows)
             plan = self.plan(part)                                         # 2. window: hits, loads, evictions
@@ -117,19 +117,21 @@ class FlashFFN(nn.Module):
             self.advance(plan)
             y += self.compute(x, loaded, free)                             # 6. compute the new ones
             self.record_read(got.stats)
-            self.record(plan, hot.size)
+            self.record(plan, hot.size, landed)
             hot = hot[:0]
         self.look_ahead(x)                                                 # 7. start the next layer's reads
         return self.math.finish(y)
 
-    def land(self) -> None:
-        """Commit the rows a lookahead read for this layer (nothing without lookahead)."""
-        if self.prefetched is not None:
-            pending, plan = self.prefetched
-            self.prefetched = None
-            self.record_read(self.wait(pending).stats)
-            self.commit(plan.loaded)
-            self.admit(plan)
+    def land(self) -> np.ndarray | None:
+        """Commit the rows a lookahead read for this layer and return their neurons (None without one)."""
+        if self.prefetched is None:
+            return None
+        pending, plan = self.prefetched
+        self.prefetched = None
+        self.record_read(self.wait(pending).stats)
+        self.commit(plan.loaded)
+        self.admit(plan)
+        return plan.loaded
 
     def look_ahead(self, x: torch.Tensor) -> None:
         """Guess the next layer's neurons from this layer's FFN input and start reading the missing ones,
@@ -146,7 +148,7 @@ class FlashFFN(nn.Module):
 
     def _split_pinned(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the pinned ones of `ids`, the rest), both ascending."""
-        if not self.pinned.n:
+        if self.pinned is None:
             return ids[:0], ids
         hot = self.is_pinned[ids]
         return ids[hot], ids[~hot]
@@ -260,7 +262,7 @@ class FlashEngine(TokenLoop):
         self.recorder = Recorder()
         self.reader = NeuronReader(st, ReaderConfig(in_flight=policy.in_flight, gap_bytes=policy.gap_bytes))
         try:
-            pinned = [self._read_pinned(layer, ids) for layer, ids in enumerate(pins)]
+            pinned = [self._read_pinned(layer, ids) if ids.size else None for layer, ids in enumerate(pins)]
             self.ffns: list[FlashFFN] = []
             self.model = resident_model(st, lambda i, b: self._ffn(FlashFFN(self, i, b, *dram[i], pinned[i])),
                                         dtype=st.dtype)
@@ -271,7 +273,7 @@ class FlashEngine(TokenLoop):
     def _read_pinned(self, layer: int, ids: np.ndarray) -> NeuronRows:
         """A layer's pinned rows, read from flash once."""
         st = self.store
-        rows = NeuronRows(st.ffn_dim, max(1, ids.size), st.row_width, st.row_dtype)
+        rows = NeuronRows(st.ffn_dim, ids.size, st.row_width, st.row_dtype)
         self.reader.read(layer, ids, out=rows.make_room(ids[:0], ids.size))
         rows.commit(ids)
         return rows

@@ -11,9 +11,9 @@ Deleting neurons copies the last rows over the deleted ones, so the used rows st
 hole is left; new neurons are appended at n; the FFN is computed straight from `rows[:n]`, since
 row order does not change the result.
 
-`plan_memory` is the only place a memory budget becomes rows: the tensors that always stay in DRAM
-and the predictors come first, then pinned rows (if any), and what is left becomes each layer's
-rows for the window. The engine, the hybrid baseline, `simulate`, the trace replay and the cost
+`plan_memory` is the only place a memory budget becomes rows: the tensors that always stay in DRAM,
+the predictors and the engine's per-neuron maps come first, then pinned rows (if any), and what is
+left becomes each layer's rows for the window. The engine, the hybrid baseline, `simulate`, the trace replay and the cost
 model all take their rows from it, and `min_budget` inverts it in closed form.
 """
 
@@ -28,9 +28,11 @@ import torch
 from flashnb.core.io import aligned_empty
 from flashnb.errors import FlashnbError
 
-# Bytes of bookkeeping per row besides its values: its id in the pointer array and, amortised over
-# the rows, the neuron's slot and last use (three int64).
-ROW_BOOKKEEPING = 24
+# Bytes of bookkeeping besides the rows' values, all counted in the budget:
+ROW_BOOKKEEPING = 8       # per row: its neuron's id in the pointer array (int64)
+NEURON_BOOKKEEPING = 17   # per neuron of the FFN, in each cache: the window's in-DRAM flag (bool) and last
+                          # use (int64), the rows' slot (int64)
+PINNED_BOOKKEEPING = 9    # per neuron of each layer that has pinned rows: their slot (int64), a pinned flag
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class MemoryPlan:
     capacity_rows: int     # rows of each cache (the window's neurons)
     layers: int
     kv_cache_bytes: int    # activations, beside the budget
+    bookkeeping_bytes: int = 0  # the engine's per-neuron maps (bookkeeping_bytes())
 
     @property
     def pinned_bytes(self) -> int:
@@ -102,13 +105,21 @@ class MemoryPlan:
 
     @property
     def used_bytes(self) -> int:
-        return self.resident_bytes + self.predictor_bytes + self.pinned_bytes + self.cache_bytes
+        return (self.resident_bytes + self.predictor_bytes + self.bookkeeping_bytes + self.pinned_bytes
+                + self.cache_bytes)
 
 
-def rows_in_budget(shape: MemoryShape, budget: float | int, predictor_bytes: int = 0) -> int:
-    """Neuron rows the budget holds after the resident tensors and the predictors (>= 0)."""
-    free = budget_bytes(budget, shape.model_bytes) - shape.resident_bytes - predictor_bytes
+def rows_in_budget(shape: MemoryShape, budget: float | int, held_bytes: int = 0) -> int:
+    """Neuron rows the budget holds after the resident tensors and `held_bytes` (predictors, maps) (>= 0)."""
+    free = budget_bytes(budget, shape.model_bytes) - shape.resident_bytes - held_bytes
     return max(0, free) // shape.row_bytes
+
+
+def bookkeeping_bytes(shape: MemoryShape, window: int, pinned_rows: int = 0) -> int:
+    """The engine's per-neuron maps: each cache's window flags, last uses and slots, and each layer's
+    pinned slots and flags when it pins rows."""
+    return shape.ffn_dim * (_caches(shape, window) * NEURON_BOOKKEEPING
+                            + (shape.layers * PINNED_BOOKKEEPING if pinned_rows else 0))
 
 
 def _caches(shape: MemoryShape, window: int) -> int:
@@ -116,19 +127,22 @@ def _caches(shape: MemoryShape, window: int) -> int:
 
 
 def plan_memory(shape: MemoryShape, budget: float | int, window: int, predictor_bytes: int = 0,
-                pinned_rows: int = 0) -> MemoryPlan:
-    """THE split: resident tensors, predictors and `pinned_rows` per layer first; the rest of the
-    budget becomes each cache's rows (one cache per layer, one shared when window = 0)."""
+                pinned_rows: int = 0, maps: bool = True) -> MemoryPlan:
+    """THE split: resident tensors, predictors, the engine's per-neuron maps (`maps`; the hybrid
+    baseline has none) and `pinned_rows` per layer first; the rest of the budget becomes each cache's
+    rows (one cache per layer, one shared when window = 0)."""
     caches = _caches(shape, window)
-    rows = rows_in_budget(shape, budget, predictor_bytes)
+    fixed = bookkeeping_bytes(shape, window, pinned_rows) if maps else 0
+    rows = rows_in_budget(shape, budget, predictor_bytes + fixed)
     capacity = min(shape.ffn_dim - pinned_rows, (rows - shape.layers * pinned_rows) // caches)
     if capacity < 1:
         total = budget_bytes(budget, shape.model_bytes)
-        need = min_budget(shape, window, predictor_bytes, pinned_rows)
+        need = min_budget(shape, window, predictor_bytes, pinned_rows, maps)
         raise FlashnbError(
             f"memory budget of {total / 2**20:.2f} MiB ({total / shape.model_bytes:.0%} of the model's "
             f"{shape.model_bytes / 2**20:.2f} MiB) is too small: resident tensors take "
-            f"{shape.resident_bytes / 2**20:.2f} MiB, predictors {predictor_bytes / 2**20:.2f} MiB"
+            f"{shape.resident_bytes / 2**20:.2f} MiB, predictors {predictor_bytes / 2**20:.2f} MiB, the engine's "
+            f"per-neuron maps {fixed / 2**20:.2f} MiB"
             + (f", {pinned_rows} pinned rows per layer {shape.layers * pinned_rows * shape.row_bytes / 2**20:.2f} MiB"
                if pinned_rows else "")
             + ", leaving no window row per layer; "
@@ -136,13 +150,14 @@ def plan_memory(shape: MemoryShape, budget: float | int, window: int, predictor_
                if need <= 1 else "even the whole model's bytes leave none: pin fewer rows"))
     return MemoryPlan(shape.model_bytes, budget_bytes(budget, shape.model_bytes), shape.resident_bytes,
                       predictor_bytes, shape.row_bytes, pinned_rows, caches, capacity, shape.layers,
-                      shape.kv_cache_bytes)
+                      shape.kv_cache_bytes, fixed)
 
 
-def min_budget(shape: MemoryShape, window: int, predictor_bytes: int = 0, pinned_rows: int = 0) -> float:
+def min_budget(shape: MemoryShape, window: int, predictor_bytes: int = 0, pinned_rows: int = 0,
+               maps: bool = True) -> float:
     """The smallest budget (a fraction of the model, rounded up to 0.001) that `plan_memory` accepts:
-    one row per cache beside the resident tensors, the predictors and the pinned rows."""
-    need = (shape.resident_bytes + predictor_bytes
+    one row per cache beside the resident tensors, the predictors, the maps and the pinned rows."""
+    need = (shape.resident_bytes + predictor_bytes + (bookkeeping_bytes(shape, window, pinned_rows) if maps else 0)
             + (_caches(shape, window) + shape.layers * pinned_rows) * shape.row_bytes)
     return float(np.ceil(need / shape.model_bytes * 1000) / 1000)
 
@@ -157,7 +172,7 @@ def hybrid_plan(shape: MemoryShape, budget: float | int) -> MemoryPlan:
                            f"room for reading FFN rows beside the resident tensors "
                            f"({shape.resident_bytes / 2**20:.1f} MiB); raise it")
     pinned = int(min(n, max(0, (rows - n) // max(1, L - 1))))
-    return plan_memory(shape, budget, 0, 0, pinned) if pinned < n else MemoryPlan(
+    return plan_memory(shape, budget, 0, 0, pinned, maps=False) if pinned < n else MemoryPlan(
         shape.model_bytes, budget_bytes(budget, shape.model_bytes), shape.resident_bytes, 0, shape.row_bytes,
         n, 1, 0, L, shape.kv_cache_bytes)
 

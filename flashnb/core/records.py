@@ -39,8 +39,8 @@ class LayerStep:
     """One layer of one token. Counts are neurons, bytes are bytes, times are seconds."""
 
     predicted: int     # neurons the predictor chose
-    cached: int        # ... already in DRAM (window hits)
-    loaded: int        # ... read from flash
+    cached: int        # ... in DRAM from earlier tokens (window hits)
+    loaded: int        # ... read from flash for this token (by this layer's reads or a lookahead's)
     evicted: int       # neurons that left DRAM
     bytes_read: int    # what the reads transferred (alignment and coalesced gaps included)
     bytes_needed: int  # the loaded neurons' bundles
@@ -55,6 +55,7 @@ class LayerStep:
     verify_s: float = 0.0   # checking the rows' checksums as they arrived (part of wait_s)
     direct: bool = True     # O_DIRECT; False: the buffered fallback (the file system refuses direct I/O)
     pinned: int = 0         # predicted neurons held in the pinned rows (hot neurons; not in cached or loaded)
+    prefetched: int = 0     # of `loaded`: read one layer early by a lookahead guess
 
     @property
     def io_seconds(self) -> float:
@@ -128,6 +129,17 @@ class TokenStep:
     def pinned(self) -> int:
         return self._sum("pinned")
 
+    @property
+    def prefetched(self) -> int:
+        return self._sum("prefetched")
+
+
+def window_counts(plan, landed: np.ndarray | None) -> tuple[int, int, int]:
+    """(window hits, neurons read for this token, of them read early by a lookahead) of a WindowPlan whose
+    window had the lookahead's `landed` neurons admitted before it planned: those count as read, not hit."""
+    early = np.intersect1d(plan.cached, landed, assume_unique=True).size if landed is not None and landed.size else 0
+    return plan.cached.size - early, plan.loaded.size + early, early
+
 
 class Recorder:
     """Collects TokenSteps; `timed` wraps a step of the loop so that its seconds reach its phase."""
@@ -185,16 +197,17 @@ class Recorder:
         """A read that belongs to the next layer (part) filed: a prefetch, or the part's own read."""
         self._reads.append(stats)
 
-    def layer(self, plan, pinned: int = 0) -> None:
+    def layer(self, plan, pinned: int = 0, landed: np.ndarray | None = None) -> None:
         """File one layer (part) of the current token: `plan` (a WindowPlan), `pinned` predicted neurons
-        served by the pinned rows, the reads filed for it since the last one (`read`), and the phases'
-        seconds since the last one."""
+        served by the pinned rows, `landed` the neurons a lookahead read for it, the reads filed for it
+        since the last one (`read`), and the phases' seconds since the last one."""
+        cached, loaded, early = window_counts(plan, landed)
         p, reads = self._phase, self._reads
         read = (sum(s.bytes_read for s in reads), sum(s.bytes_needed for s in reads), sum(s.requests for s in reads),
                 sum(s.verify_seconds for s in reads), all(s.direct for s in reads))
         self._reads = []
         self.steps[-1].layers.append(LayerStep(
-            predicted=plan.predicted.size + pinned, cached=plan.cached.size, loaded=plan.loaded.size,
+            predicted=plan.predicted.size + pinned, cached=cached, loaded=loaded, prefetched=early,
             evicted=plan.evicted.size, bytes_read=read[0], bytes_needed=read[1], requests=read[2],
             predict_s=p["predict"], window_s=p["window"], memory_s=p["memory"], submit_s=p["submit"],
             wait_s=p["wait"], ffn_s=p["ffn"], overlap_s=self._overlap, verify_s=read[3], direct=read[4],

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from flashnb.core.engine import Policy
-from flashnb.core.memory import plan_memory, rows_in_budget
+from flashnb.core.memory import bookkeeping_bytes, plan_memory, rows_in_budget
 from flashnb.core.pinning import HotNeurons, PinningChoice, candidate_splits, pinned_ids
 from flashnb.core.reader import NeuronReader, ReaderConfig
-from flashnb.core.records import LayerStep, TokenStep
+from flashnb.core.records import LayerStep, TokenStep, window_counts
 from flashnb.core.store import FlashStore
 from flashnb.core.window import Window, check_lookahead_window, in_file_order, split_predicted
 
@@ -63,28 +63,30 @@ def simulate(sets: list[list[np.ndarray]], store: FlashStore | str, policy: Poli
                 ids = np.asarray(ids, dtype=np.int64)
                 hot_ids, rest = ids[pinned[layer][ids]], ids[~pinned[layer][ids]]
                 extra = _prefetch(reader, windows[layer], layer, guesses[layer][~pinned[layer][guesses[layer]]],
-                                  st.neuron_bytes, placed[layer]) if layer in guesses else (0, 0, 0)
+                                  st.neuron_bytes, placed[layer]) if layer in guesses else (0, 0, 0, None)
+                landed = extra[3]
                 for part in split_predicted(rest, cap, placed[layer]):  # as the engine does
                     plan = windows[layer].plan(part)
                     req = reader.request_sizes(layer, in_file_order(plan.loaded, placed[layer]))
                     windows[layer].advance(plan)
+                    cached, loaded, early = window_counts(plan, landed)
                     step.layers.append(LayerStep(
-                        predicted=plan.predicted.size + hot_ids.size, cached=plan.cached.size,
-                        loaded=plan.loaded.size, evicted=plan.evicted.size, bytes_read=int(req.sum()) + extra[0],
+                        predicted=plan.predicted.size + hot_ids.size, cached=cached, loaded=loaded,
+                        evicted=plan.evicted.size, bytes_read=int(req.sum()) + extra[0],
                         requests=int(req.size) + extra[1], bytes_needed=plan.loaded.size * st.neuron_bytes + extra[2],
-                        pinned=hot_ids.size))
-                    extra, hot_ids = (0, 0, 0), hot_ids[:0]
+                        pinned=hot_ids.size, prefetched=early))
+                    extra, hot_ids = (0, 0, 0, None), hot_ids[:0]
             out.append(step)
     return out
 
 
 def _prefetch(reader: NeuronReader, window: Window, layer: int, guessed: np.ndarray, neuron_bytes: int,
               file_rows: np.ndarray | None):
-    """A lookahead's prefetch into `window`: (bytes read, requests, bytes needed)."""
+    """A lookahead's prefetch into `window`: (bytes read, requests, bytes needed, the neurons read)."""
     pre = window.plan_prefetch(guessed)
     req = reader.request_sizes(layer, in_file_order(pre.loaded, file_rows))
     window.admit(pre)
-    return int(req.sum()), int(req.size), pre.loaded.size * neuron_bytes
+    return int(req.sum()), int(req.size), pre.loaded.size * neuron_bytes, pre.loaded
 
 
 def choose_pinned(hot: HotNeurons, store: FlashStore | str, policy: Policy, predictor_bytes: int = 0,
@@ -102,7 +104,8 @@ def choose_pinned(hot: HotNeurons, store: FlashStore | str, policy: Policy, pred
     caches = plan_memory(shape, policy.memory_budget, policy.window, predictor_bytes).caches
     sets = hot.calibration_sets()[:tokens]
     need = int(np.percentile([ids.size for token in sets for ids in token], 90))  # window rows a token needs
-    most = (rows_in_budget(shape, policy.memory_budget, predictor_bytes) - caches * max(1, need)) // st.num_layers
+    held = predictor_bytes + bookkeeping_bytes(shape, policy.window, pinned_rows=1)   # the maps, with pins
+    most = (rows_in_budget(shape, policy.memory_budget, held) - caches * max(1, need)) // st.num_layers
     candidates = sorted({0, *(candidates if candidates is not None else candidate_splits(most, st.ffn_dim))})
     rows = []
     for p in candidates:
