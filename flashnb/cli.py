@@ -49,6 +49,11 @@ def _engine_settings(args) -> dict:
 
 
 def cmd_generate(args) -> None:
+    sampling_only = _given(args, "top_p", "seed")
+    if args.temperature == 0 and sampling_only:
+        raise FlashnbError(f"{', '.join(sampling_only)}: only for sampling, and --temperature 0 (the default) is "
+                           "greedy: give --temperature above 0 (e.g. 0.8)")
+    args.top_p, args.seed = 1.0 if args.top_p is None else args.top_p, 0 if args.seed is None else args.seed
     _decode_threads()
     if args.model is not None:
         flash_only = _given(args, "predictors", "policy", "window", "memory", "in_flight", "pinned", "stats",
@@ -75,9 +80,7 @@ def cmd_demo(args) -> None:
 
     from flashnb.paths import data_dir, shipped_model_dir
 
-    folder = Path(args.model) if args.model else shipped_model_dir()
-    if args.model and not folder.exists() and (data_dir() / args.model / "config.json").is_file():
-        folder = data_dir() / args.model  # a shipped model by name, from anywhere
+    folder = Path(args.model) if args.model else shipped_model_dir()   # main() resolved a shipped model's name
     if args.model and not folder.is_dir():
         raise FlashnbError(f"--model {args.model}: no such folder, nor the name of a model in {data_dir()}; pass a "
                            "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
@@ -147,6 +150,10 @@ def cmd_convert(args) -> None:
           f"{s.num_layers} layers x {s.ffn_dim} neurons x "
           f"{s.neuron_bytes} bytes/neuron, ffn.bin {s.manifest['ffn_file']['bytes'] / 1e6:.1f} MB, "
           f"dram.safetensors {s.manifest['dram_file']['bytes'] / 1e6:.1f} MB")
+    if not s.manifest.get("tokenizer"):
+        print(f"note: {args.hf_folder} has no tokenizer.json, so neither has the store: `flashnb generate --store` "
+              f"needs one; copy the model's tokenizer.json into {dst} (or into {args.hf_folder}, then convert "
+              "again)", file=sys.stderr)
 
 
 def cmd_verify(args) -> None:
@@ -340,9 +347,10 @@ def _add_run_commands(sub) -> None:
     g.add_argument("-n", type=whole(1, 1 << 20), default=50, help="new tokens (default: %(default)s)")
     g.add_argument("--temperature", type=real(0, 100, what="a temperature"), default=0.0,
                    help="0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=real(0, 1, lo_open=True, what="a probability mass"), default=1.0,
-                   help="nucleus sampling mass (default: %(default)s)")
-    g.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--top-p", type=real(0, 1, lo_open=True, what="a probability mass"), default=None,
+                   help="nucleus sampling mass, with --temperature above 0 (default: 1.0)")
+    g.add_argument("--seed", type=whole(0, 2**63 - 1), default=None,
+                   help="sampling seed, with --temperature above 0 (default: 0)")
     f = g.add_argument_group("with --store")
     f.add_argument("--policy", choices=["predictors", "oracle", "all"], default=None,
                    help="which neurons each token reads: the low-rank predictors, the exact active set (oracle: a "
@@ -398,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or an option refused with one line
         return int(e.code or 0)
+    if getattr(args, "model", None):   # a shipped model's name works in every command, from any folder
+        from flashnb.paths import model_folder
+
+        args.model = str(model_folder(args.model))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:

@@ -45,37 +45,49 @@ def whole(lo: int, hi: int | None = None, what: str = "a whole number"):
     return parse
 
 
-def real(lo: float, hi: float, lo_open: bool = False, what: str = "a number"):
+def real(lo: float, hi: float, lo_open: bool = False, what: str = "a number", hi_open: bool = False):
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
             raise argparse.ArgumentTypeError(f"{text} is out of range: give {what} in "
-                                             f"{'(' if lo_open else '['}{lo:g}, {hi:g}]")
+                                             f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
         return v
     return parse
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
 
 
 def _split_unit(text: str) -> tuple[str, str]:
     """(number, unit) of a size such as '20MB' or '19 MiB' (upper case, spaces dropped)."""
     t = text.strip().upper().replace(" ", "")
-    num = t.rstrip("KMGIB")
+    num = t.rstrip("KMGTIB")
     return num, t[len(num):]
+
+
+def _bytes(num: str, unit: str) -> int | None:
+    """Bytes of a number and a unit from `_split_unit`: a whole number, or a decimal one with a unit
+    (0.5GiB); None if it is neither."""
+    if unit not in _UNITS:
+        return None
+    if num.isdigit():
+        return int(num) * _UNITS[unit]
+    if unit and num.count(".") == 1 and num.replace(".", "").isdigit():
+        return int(float(num) * _UNITS[unit])
+    return None
 
 
 def byte_count(lo: int, hi: int):
     """Bytes from `lo` to `hi`, as a whole number with an optional unit (268435456, 256MiB, 1GB)."""
     def parse(text: str) -> int:
-        num, unit = _split_unit(text)
-        v = int(num) * _UNITS[unit] if unit in _UNITS and num.isdigit() else None
+        v = _bytes(*_split_unit(text))
         if v is None:
             raise argparse.ArgumentTypeError(f"{text!r} is not bytes: give a whole number with an optional unit "
-                                             "(268435456, 256MiB, 1GB)")
+                                             "(268435456, 256MiB, 1GB, 0.5GiB)")
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"{text} is out of range: give {lo >> 20} MiB to {hi >> 30} GiB")
         return v
@@ -85,12 +97,12 @@ def byte_count(lo: int, hi: int):
 def memory_budget(text: str) -> float | int:
     """--memory: a fraction of the model's bytes (0.5) or bytes (20000000, 20MB, 19MiB)."""
     num, unit = _split_unit(text)
-    if unit in _UNITS and num.isdigit() and (unit or not num.startswith("0")):
-        v = int(num) * _UNITS[unit]
+    v = _bytes(num, unit) if unit or not num.startswith("0") else None
+    if v is not None:
         if not unit and 1 <= v < 1 << 20:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is ambiguous: as bytes it is less than 1 MiB, no model's budget; give a fraction of the "
-                f"model in (0, 1] with a point (0.5, or 1.0 for all of it) or bytes with a unit ({text}MB, {text}GiB)")
+                f"{text!r} is ambiguous: a bare number under 1 MiB; give a fraction of the model in (0, 1] with a "
+                f"point (0.5, or 1.0 for all of it) or bytes with a unit ({text}B for {text} bytes)")
         if v >= 1:
             return v
     try:

@@ -83,7 +83,8 @@ def cmd_train_predictors(args) -> None:
         card = build_thresholds(cfg, args.sparsity, args.criterion or "scaled-gate",
                                 log=lambda m: print(m, file=sys.stderr))
         print(thresholds_summary(card))
-        print(f"wrote {out} (thresholds.safetensors, thresholds.json, heldout_slice.safetensors)")
+        print(f"wrote {out} (thresholds.safetensors, thresholds.json, predictors.safetensors, metrics.json, "
+              "heldout_slice.safetensors, hot_neurons.safetensors)")
         return
     if args.placement_only:
         r = build_placement(cfg, log=lambda m: print(m, file=sys.stderr))
@@ -148,11 +149,12 @@ def add_training_commands(sub) -> None:
     tp.add_argument("--force", action="store_true", help="replace what OUT already holds")
     tp.add_argument("--train-tokens", type=whole(16), default=65_536,
                     help="training-split tokens to trace (default: %(default)s)")
-    tp.add_argument("--eval-tokens", type=whole(16), default=16_384,
-                    help="held-out tokens to evaluate on (default: %(default)s)")
+    tp.add_argument("--eval-tokens", type=whole(17), default=16_384,
+                    help="held-out tokens to evaluate on, at least 17: reuse is measured over 16 tokens back "
+                         "(default: %(default)s)")
     tp.add_argument("--rank", type=whole(1), default=64, help="predictor rank of every layer (default: %(default)s)")
     tp.add_argument("--ranks", default=None, help="per-layer ranks, comma-separated (overrides --rank)")
-    tp.add_argument("--threshold", type=real(0, 1, lo_open=True, what="a probability"), default=0.5,
+    tp.add_argument("--threshold", type=real(0, 1, lo_open=True, hi_open=True, what="a probability"), default=0.5,
                     help="select a neuron when its probability exceeds this (default: %(default)s)")
     tp.add_argument("--epochs", type=whole(1), default=4, help="passes over the trace (default: %(default)s)")
     tp.add_argument("--lr", type=real(0, 10, lo_open=True, what="a learning rate"), default=2e-3,

@@ -27,7 +27,7 @@ from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import SWIGLU_MODEL, data_dir, shipped_predictors_dir, temporary_folder
-from flashnb.text import wrap
+from flashnb.text import size_text, wrap
 
 
 def budget_words(budget: float | int) -> str:
@@ -89,15 +89,21 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
         out = list(eng.generate(ids, n, sampling, eos_id=eng.model.config.eos_token_id))
         steps = eng.steps[len(ids):]
     mean = TokenStats.of(steps, store.num_layers * store.ffn_dim) if steps else None
+    stopped = "end-of-text" if len(out) < n else "length"
     if stats == "json":
+        s = sampling or SamplingConfig()
         print(json.dumps({"prompt": prompt, "text": tok.decode(out), "store": str(store.path),
-                          "predictor": predictor.name, "window": policy.window,
+                          "predictor": predictor.name, "window": policy.window, "pinned_rows": mem.pinned_rows,
                           "memory_budget": policy.memory_budget, "dram_bytes": mem.used_bytes,
-                          "model_bytes": mem.model_bytes, "io_mode": eng.reader.io_mode,
+                          "model_bytes": mem.model_bytes, "io_mode": eng.reader.io_mode, "n": n,
+                          "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
+                          "generated": len(out), "stopped": stopped,
                           "tokens": token_records(steps, tok, out), "mean": mean.to_json() if mean else None}))
+        if mean:   # the notes a person reading stderr gets, beside the JSON on stdout
+            print(window_advice(mean, mem, store.num_layers), end="", file=sys.stderr)
         return
     print(show_text(prompt, tok.decode(out)))
-    if len(out) < n:
+    if stopped == "end-of-text":
         print(f"(stopped after {len(out)} of {n} tokens: the model wrote its end-of-text token)", file=sys.stderr)
     if stats == "table":
         print(per_token_table(steps, tok, out), file=sys.stderr)
@@ -117,10 +123,23 @@ def window_advice(mean: TokenStats, mem, layers: int) -> str:
     held = mem.capacity_rows + mem.pinned_rows
     if need <= held:
         return ""
+    more = int((need - held) * layers * mem.row_bytes)
+    whole = mem.budget_bytes + more > mem.model_bytes   # beyond the model's bytes a fraction cannot say it
     return wrap(f"note: a token needed {need:.0f} neurons per layer on average (measured), more than the {held} rows "
                 f"this budget leaves each layer, so every token was read in parts and little stayed for the next "
-                f"one; each more row costs {mem.row_bytes} B of --memory (about {(need - held) * layers * mem.row_bytes / 2**20:.1f} "
-                f"MiB more would hold one token's neurons, more again the window's)") + "\n"
+                f"one; each more row costs {mem.row_bytes} B of --memory (about {size_text(more)} more would hold one "
+                f"token's neurons, more again the window's"
+                + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 2**10)}KiB" if whole else "") + ")") + "\n"
+
+
+def _beside_source(store: FlashStore) -> Path | None:
+    """SOURCE-predictors beside the model folder the store was converted from, when it holds predictors for
+    this very model."""
+    src = store.manifest.get("source", {}).get("folder")
+    folder = Path(f"{src}-predictors") if src else None
+    if folder is None or not (folder / "predictors.safetensors").is_file():
+        return None
+    return folder if load_predictors(folder).fingerprint == store.fingerprint else None
 
 
 def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, window: int, in_flight: int,
@@ -198,6 +217,8 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
     found = folder_thresholds(shipped_swiglu, store.config) if predictors is None else None
     if found is not None and found.fingerprint == store.fingerprint:
         predictors = shipped_swiglu  # the shipped SwiGLU model: its thresholds, whatever the policy
+    if predictors is None and (policy == "predictors" or pinned):
+        predictors = _beside_source(store)   # where `flashnb train-predictors --model SOURCE` wrote them
     if predictors is None and (policy == "predictors" or pinned):
         if load_predictors(shipped_predictors_dir()).fingerprint != store.fingerprint:
             if policy != "predictors":

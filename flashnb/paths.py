@@ -34,6 +34,14 @@ def shipped_model_dir() -> Path:
     return d
 
 
+def model_folder(name: str) -> Path:
+    """`--model NAME`: the folder NAME, or, where there is none, the shipped model of that name (from anywhere)."""
+    folder = Path(name)
+    if not folder.exists() and (data_dir() / name / "config.json").is_file():
+        return data_dir() / name
+    return folder
+
+
 def shipped_predictors_dir() -> Path:
     """The folder of the shipped model's predictors and hot neurons (data/flashnb-opt-21m-predictors)."""
     return data_dir() / f"{SHIPPED_MODEL}-predictors"

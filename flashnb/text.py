@@ -19,6 +19,16 @@ def wrap(text: str, indent: str = "  ") -> str:
                                    break_on_hyphens=False) if line else "" for line in text.split("\n"))
 
 
+def size_text(n: float) -> str:
+    """4096 -> '4 KiB', 1.5 MiB -> '1.5 MiB', 280 -> '280 B'."""
+    n = float(n)
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            v = n / div
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def fmt(x: float, spec: str) -> str:
     """format(x, spec) without the minus of a negative number that rounds to zero: a perplexity 4e-6 below
     dense's reads "+0.0%", not "-0.0%"."""

@@ -162,9 +162,11 @@ def test_memory_parses_fractions_and_bytes():
     assert memory_budget("0.5") == 0.5 and memory_budget("1.0") == 1.0
     assert memory_budget("20000000") == 20_000_000 and memory_budget("20MB") == 20_000_000
     assert memory_budget("19MiB") == 19 * 2**20 and memory_budget("2KiB") == 2048   # a unit says bytes
+    assert memory_budget("0.5MiB") == 2**19 and memory_budget("700000B") == 700_000  # small models' budgets
     for ambiguous in ("1", "2", "1048575"):   # a bare number under 1 MiB: a fraction meant without its point?
-        with pytest.raises(argparse.ArgumentTypeError, match="is ambiguous"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is ambiguous") as e:
             memory_budget(ambiguous)
+        assert f"{ambiguous}B for {ambiguous} bytes" in str(e.value)   # the bytes spelled out, not a GiB guess
 
 
 def test_a_prompt_that_is_not_utf8_is_one_line(tiny_opt_dir, capsys):

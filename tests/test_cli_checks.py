@@ -56,6 +56,8 @@ def test_train_predictors_checks_its_job_before_tracing(tiny_opt_dir, tmp_path, 
     (tmp_path / "afile").write_text("x")
     _refused(capsys, ["train-predictors", "--model", str(tiny_opt_dir), "--out", str(tmp_path / "afile")],
              "is a file; give a folder")
+    _refused(capsys, ["train-predictors", "--eval-tokens", "16"], "argument --eval-tokens")   # reuse needs 17
+    _refused(capsys, ["train-predictors", "--threshold", "1"], "a probability in (0, 1)")     # 1 selects nothing
     monkeypatch.setattr(bp, "available_memory", lambda: 1 << 30)   # 1 GiB here
     _refused(capsys, ["train-predictors", "--model", str(tiny_opt_dir), "--train-tokens", "100000000", "--rank", "4",
                       "--out", str(tmp_path / "p")], "need about", "give at most about")
@@ -84,6 +86,11 @@ def test_predictors_are_written_where_the_commands_look_for_them(tmp_path, capsy
     assert main(["bench", "--model", str(tiny_opt_dir), "--configs", "all", "--tokens", "2", "--memory", "0.9",
                  "--in-flight", "2", "--dir", str(tmp_path), "--profile", str(_profile(tmp_path))]) == 0  # ... the bench too
     assert "+bundling (all)" in capsys.readouterr().out
+    assert main(["convert", str(tiny_opt_dir), str(tmp_path / "store")]) == 0   # ... and generate, from a store of it
+    capsys.readouterr()
+    assert main(["generate", "--store", str(tmp_path / "store"), "--prompt", "Open", "-n", "2", "--memory", "0.9",
+                 "--stats", "summary"]) == 0
+    assert "low-rank predictors" in capsys.readouterr().err
 
 
 def _profile(folder: Path) -> Path:
@@ -109,3 +116,34 @@ def test_options_that_belong_to_another_option_say_so(capsys):
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("flashnb ")
+
+
+def test_sampling_options_without_a_temperature_are_refused(capsys):
+    """--top-p and --seed shape sampling; at --temperature 0 (greedy) they would be silently ignored."""
+    from flashnb.paths import shipped_model_dir
+
+    _refused(capsys, ["generate", "--model", str(shipped_model_dir()), "--prompt", "def foo", "--top-p", "0.5",
+                      "--seed", "7"], "--top-p, --seed: only for sampling", "--temperature above 0")
+
+
+def test_a_shipped_model_is_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    """`--model flashnb-opt-21m` names the shipped model in every command, as in demo, not only from the repo."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "flashnb-opt-21m", "--prompt", "def foo", "-n", "2"]) == 0
+    assert capsys.readouterr().out.startswith("def foo")
+    _refused(capsys, ["generate", "--model", "no-such-model", "--prompt", "x"], "no-such-model")
+
+
+def test_convert_says_when_the_store_gets_no_tokenizer(tiny_opt_dir, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_opt_dir.iterdir():
+        if f.name != "tokenizer.json" and f.is_file():
+            shutil.copy(f, bare / f.name)
+    assert main(["convert", str(bare), str(tmp_path / "store")]) == 0
+    err = capsys.readouterr().err
+    assert "has no tokenizer.json" in err and f"copy the model's tokenizer.json into {tmp_path / 'store'}" in err
+    assert main(["convert", str(tiny_opt_dir), str(tmp_path / "store2")]) == 0
+    assert "tokenizer" not in capsys.readouterr().err   # a folder with one: nothing to say

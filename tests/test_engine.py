@@ -115,7 +115,7 @@ def test_overlap_is_counted_only_while_reads_fly(tiny, monkeypatch):
 def test_budget_too_small_is_one_clear_error_before_any_work(tiny):
     _, stores = tiny
     st = stores["bundled"]
-    with pytest.raises(FlashnbError, match=r"memory budget .* is too small.*raise the budget to at least"):
+    with pytest.raises(FlashnbError, match=r"memory budget .* is too small.*raise the budget .*to at least"):
         FlashEngine(st, AllNeurons(st.ffn_dim), Policy(0, 0.05))
     with pytest.raises(FlashnbError, match="predictor must be a flashnb predictor"):
         FlashEngine(st, "learned", Policy(2))

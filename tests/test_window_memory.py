@@ -112,7 +112,8 @@ def test_the_budget_split_counts_every_byte():
 def test_min_budget_is_the_split_inverted():
     lo = min_budget(SHAPE, window=4, predictor_bytes=1000)
     assert plan_memory(SHAPE, lo, 4, 1000).capacity_rows >= 1
-    with pytest.raises(FlashnbError, match=f"raise the budget to at least {lo:.3f}"):
+    with pytest.raises(FlashnbError, match=rf"raise the budget \(--memory, or Policy\.memory_budget\) "
+                                           rf"to at least {lo:.3f}"):
         plan_memory(SHAPE, lo - 0.002, 4, 1000)
 
 

@@ -153,13 +153,13 @@ def bound_text(result: BenchResult) -> str:
     """The lower bound of "all" in words, with what it allows against its floor and the peers (one line)."""
     res, b = result.results, result.lower_bound_ms
     floor = res["floor"].stats
-    peers = ", than ".join(f"{n} by {res[n].stats.total_ms / b:.1f}x" for n in ("naive", "mmap", "accelerate")
-                           if n in res and res[n].stats.total_ms)
+    peers = ", ".join(f"{res[n].stats.total_ms / b:.1f}x as fast as {n}" for n in ("naive", "mmap", "accelerate")
+                      if n in res and res[n].stats.total_ms)
     return (f"lower bound for all here: the floor {floor.total_ms:.2f} + all's reads alone {res['reads'].stats.io_ms:.2f} "
             f"- the floor's FFN math {floor.ffn_ms:.2f} (the only work that can run under a layer's reads) = {b:.2f} "
             f"ms a token (measured); all is {res['all'].stats.total_ms / b:.2f}x above it. An engine issuing these "
             f"reads stays at least {b / floor.total_ms:.2f}x its floor"
-            + (f", and could be faster than {peers} at most." if peers else "."))
+            + (f", and could be at most {peers}." if peers else "."))
 
 
 def format_table(result: BenchResult) -> str:

@@ -271,7 +271,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                     streams[name] = iter(r.generate(prompt, cfg.tokens + 1))
                     continue
                 if name == "accelerate" and not _has("transformers", "accelerate"):
-                    skipped[name] = "transformers and accelerate are not installed: pip install 'flashnb[bench]'"
+                    gone = " and ".join(m for m in ("transformers", "accelerate") if not _has(m))
+                    skipped[name] = f"{gone} {'is' if ' and ' not in gone else 'are'} not installed: pip install 'flashnb[bench]'"
                     continue
                 if name in missing:
                     skipped[name] = missing[name]

@@ -146,7 +146,7 @@ def plan_memory(shape: MemoryShape, budget: float | int, window: int, predictor_
             + (f", {pinned_rows} pinned rows per layer {shape.layers * pinned_rows * shape.row_bytes / 2**20:.2f} MiB"
                if pinned_rows else "")
             + ", leaving no window row per layer; "
-            + (f"raise the budget to at least {need:.3f} of the model" + (" or pin fewer rows" if pinned_rows else "")
+            + (f"raise the budget (--memory, or Policy.memory_budget) to at least {need:.3f} of the model" + (" or pin fewer rows" if pinned_rows else "")
                if need <= 1 else "even the whole model's bytes leave none: pin fewer rows"))
     return MemoryPlan(shape.model_bytes, budget_bytes(budget, shape.model_bytes), shape.resident_bytes,
                       predictor_bytes, shape.row_bytes, pinned_rows, caches, capacity, shape.layers,

@@ -308,9 +308,11 @@ def run_profile(cfg: ProfileConfig | None = None) -> Profile:
 
     cfg = cfg or ProfileConfig()
     folder = Path(cfg.dir) if cfg.dir else Path(tempfile.gettempdir())
-    if cfg.size < max(cfg.chunk_sizes) * 4 or cfg.size % 4096:
-        raise FlashnbError(f"--size {cfg.size} is too small or not a multiple of 4096: use at least "
-                           f"4 x the largest chunk ({4 * max(cfg.chunk_sizes)} bytes)")
+    if cfg.size < max(cfg.chunk_sizes) * 4:
+        raise FlashnbError(f"--size {cfg.size} is too small: use at least 4 x the largest chunk "
+                           f"({4 * max(cfg.chunk_sizes) >> 20} MiB)")
+    if cfg.size % 4096:
+        raise FlashnbError(f"--size {cfg.size} is not a multiple of 4096 bytes: e.g. {cfg.size // 4096 * 4096}")
     if any(c % 4096 or c <= 0 for c in cfg.chunk_sizes) or any(t < 1 for t in cfg.in_flight):
         raise FlashnbError("chunk sizes must be positive multiples of 4096 bytes and reads in flight >= 1")
     rng = np.random.default_rng(cfg.seed)

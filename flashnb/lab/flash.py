@@ -19,6 +19,7 @@ from flashnb.core.reader import NeuronReader, ReaderConfig
 from flashnb.core.store import FlashStore
 from flashnb.device.measure import measure_cell
 from flashnb.device.profile import Profile, coalescing_gap
+from flashnb.errors import FlashnbError
 from flashnb.models.opt import OPTConfig
 
 
@@ -96,6 +97,10 @@ def reader_efficiency(store_path: str | Path, profile: Profile | None = None, in
         lo = 1 << int(np.floor(np.log2(max(4096, st.chunk_sizes.min()))))
         hi = 1 << int(np.ceil(np.log2(max(lo, st.chunk_sizes.max()))))
         grid = [lo << i for i in range(int(np.log2(hi // lo)) + 1)][:8]
+        if 4 * grid[0] > fsize:
+            raise FlashnbError(f"{store.ffn_path} ({fsize} bytes) is too small for a same-time profile of its "
+                               f"{grid[0]}-byte reads (a cell reads a file of 4x its size): check the reader on a "
+                               "larger store")
         for rnd in range(rounds):
             for c in grid:  # same-time profile cells, on the same file
                 if 4 * c <= fsize:

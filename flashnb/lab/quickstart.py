@@ -32,7 +32,9 @@ def memory_text(mem: MemoryPlan, name: str = "the model") -> str:
     ffn = mem.model_bytes - mem.resident_bytes
     return wrap(f"{name}: {mem.model_bytes / MB:.1f} MB of weights, {ffn / MB:.1f} MB of them FFN (on flash).\n"
                 f"DRAM: resident tensors {mem.resident_bytes / MB:.1f} MB + predictors "
-                f"{mem.predictor_bytes / MB:.1f} MB + neuron caches {mem.cache_bytes / MB:.1f} MB ({mem.capacity_rows} rows per cache)"
+                f"{mem.predictor_bytes / MB:.1f} MB + the engine's per-neuron maps {mem.bookkeeping_bytes / MB:.1f} MB"
+                + (f" + pinned rows {mem.pinned_bytes / MB:.1f} MB" if mem.pinned_rows else "")
+                + f" + neuron caches {mem.cache_bytes / MB:.1f} MB ({mem.capacity_rows} rows per cache)"
                 f" = {mem.used_bytes / MB:.1f} MB, {mem.used_bytes / mem.model_bytes:.0%} of the model "
                 f"(budget {mem.budget_bytes / MB:.1f} MB); KV cache {mem.kv_cache_bytes / MB:.1f} MB beside it.")
 

@@ -14,17 +14,8 @@ from plotly.subplots import make_subplots
 from flashnb.device.costmodel import (GB, PaperDevice, ProfileDevice, Table2Row, as_device, opt_6_7b, paper_policies,
                                       table2, token_cost)
 from flashnb.device.profile import Profile
+from flashnb.text import size_text
 from flashnb.viz import style as S
-
-
-def size_text(n: float) -> str:
-    """4096 -> '4 KiB', 1.5 MiB -> '1.5 MiB'."""
-    n = float(n)
-    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            v = n / div
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def in_flight_text(n: int) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 
 from flashnb.device.costmodel import GB, ProfileDevice, as_device, time_to_read
 from flashnb.device.profile import Profile
-from flashnb.viz.flash import size_text
+from flashnb.text import size_text
 
 
 def read_time_text(profile: Profile, chunk_bytes: int, in_flight: int, nbytes: float = 1e9) -> str:
