@@ -36,13 +36,15 @@ def budget_words(budget: float | int) -> str:
 
 
 def per_token_table(steps, tok, out_ids) -> str:
-    """One line per step after the prompt, named by the generated token it ran on: neurons predicted / already
-    cached / read, bytes, requests and times."""
-    lines = [f"{'token in':<14} {'predicted':>9} {'cached':>7} {'read':>6} {'KB read':>8} {'requests':>8} "
-             f"{'I/O ms':>7} {'mem ms':>7} {'compute ms':>10}"]
+    """One line per step after the prompt, named by the generated token it ran on: neurons predicted / in the
+    pinned rows (when any are) / already cached / read, bytes, requests and times."""
+    pins = any(s.pinned for s in steps)
+    lines = [f"{'token in':<14} {'predicted':>9}" + (f" {'pinned':>7}" if pins else "") + f" {'cached':>7} "
+             f"{'read':>6} {'KB read':>8} {'requests':>8} {'I/O ms':>7} {'mem ms':>7} {'compute ms':>10}"]
     for s, tid in zip(steps, out_ids):
         text = repr(tok.decode([tid]))[:14]
-        lines.append(f"{text:<14} {s.predicted:>9} {s.cached:>7} {s.loaded:>6} {s.bytes_read / 1e3:>8.1f} "
+        lines.append(f"{text:<14} {s.predicted:>9}" + (f" {s.pinned:>7}" if pins else "")
+                     + f" {s.cached:>7} {s.loaded:>6} {s.bytes_read / 1e3:>8.1f} "
                      f"{s.requests:>8} {s.io_seconds * 1e3:>7.2f} {s.mm_seconds * 1e3:>7.2f} "
                      f"{s.compute_seconds * 1e3:>10.2f}")
     return "\n".join(lines)

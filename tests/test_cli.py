@@ -28,8 +28,13 @@ def test_demo_pins_hot_neurons_when_asked(capsys):
     err = capsys.readouterr().err
     pinned = int(err.split(" hot neurons pinned per layer")[0].rsplit(" ", 1)[1])
     assert pinned > 0   # at 80% of the model the simulated split pins hundreds of hot neurons per layer
-    assert main(["demo", "-n", "2", "--pinned", "16", "--no-table"]) == 0
-    assert "16 hot neurons pinned per layer" in capsys.readouterr().err
+    assert main(["demo", "-n", "3", "--pinned", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "16 hot neurons pinned per layer" in err
+    head, row = [line.split() for line in err.split("token in", 1)[1].splitlines()[:2]]
+    assert head[:4] == ["predicted", "pinned", "cached", "read"]     # the table's counts add up: pinned shown
+    predicted, pinned, cached, read = map(int, row[-9:-5])
+    assert pinned > 0 and predicted == pinned + cached + read
 
 
 def test_generate_on_a_folder(tiny_opt_dir, capsys):
