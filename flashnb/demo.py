@@ -107,7 +107,10 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
     print(show_text(prompt, tok.decode(out)))
     if stopped == "end-of-text":
         print(f"(stopped after {len(out)} of {n} tokens: the model wrote its end-of-text token)", file=sys.stderr)
-    if stats == "table":
+    if not steps:
+        print(wrap("(one new token: it comes from the prompt's last step, so no step after the prompt was "
+                   "measured; ask for -n 2 or more)"), file=sys.stderr)
+    elif stats == "table":
         print(per_token_table(steps, tok, out), file=sys.stderr)
     if mean:
         print(f"\nper generated token (mean of {mean.tokens}, measured): {mean.bytes_read / 1e6:.3f} MB read in "

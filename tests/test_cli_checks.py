@@ -147,3 +147,9 @@ def test_convert_says_when_the_store_gets_no_tokenizer(tiny_opt_dir, tmp_path, c
     assert "has no tokenizer.json" in err and f"copy the model's tokenizer.json into {tmp_path / 'store'}" in err
     assert main(["convert", str(tiny_opt_dir), str(tmp_path / "store2")]) == 0
     assert "tokenizer" not in capsys.readouterr().err   # a folder with one: nothing to say
+
+
+def test_one_new_token_says_why_there_is_no_table(capsys):
+    assert main(["demo", "-n", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "no step after the prompt was measured" in err and "token in" not in err

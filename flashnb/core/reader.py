@@ -306,8 +306,9 @@ class NeuronReader:
             bad = check_rows(out, first, self._part_col[j], r.row_bytes, sums[uniq])
             if bad.size:
                 raise FlashnbError(f"{self.store.ffn_path}: layer {layer} neuron {int(self.store.file_order(layer)[uniq[bad[0]]])} ({r.name}) does not "
-                                   f"match its checksum ({bad.size} rows in this read): the file changed or the disk "
-                                   f"returned bad data; run `flashnb verify {self.store.path}` and re-create the store")
+                                   f"match its checksum ({bad.size} rows in this read): ffn.bin or its checksums "
+                                   f"(ffn.sum) changed, or the disk returned bad data; `flashnb verify "
+                                   f"{self.store.path}` says which, then re-create the store")
         return time.perf_counter() - t0
 
     def _plan(self, regs: tuple[Region, ...], ids: np.ndarray, out_aligned: bool):
