@@ -134,7 +134,8 @@ def window_advice(mean: TokenStats, mem, layers: int) -> str:
                 f"this budget leaves each layer, so every token was read in parts and little stayed for the next "
                 f"one; each more row costs {mem.row_bytes} B of --memory (about {size_text(more)} more would hold one "
                 f"token's neurons, more again the window's"
-                + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 2**10)}KiB" if whole else "") + ")") + "\n"
+                + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 2**10)}KiB" if whole else "")
+                + ")") + "\n"
 
 
 def _beside_source(store: FlashStore) -> Path | None:

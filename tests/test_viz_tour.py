@@ -41,7 +41,8 @@ def setup(tmp_path_factory):
     (root / "profile.json").write_text(json.dumps(synthetic_profile()))
     profile = Profile.load(root / "profile.json")
     result = run_bench(BenchConfig(model=str(folder), predictors=str(root / "preds"), prompt="Open the", tokens=3,
-                                   memory=0.6, in_flight=2, dir=str(root), profile=str(root / "profile.json"), configs=CONFIGS,
+                                   memory=0.6, in_flight=2, dir=str(root), profile=str(root / "profile.json"),
+                                   configs=CONFIGS,
                                    progress=False))
     store = FlashStore.open(convert(folder, root / "store", ConvertConfig(progress=False)))
     prompt = tok.encode("Open the file")

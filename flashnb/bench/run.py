@@ -271,8 +271,9 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                     streams[name] = iter(r.generate(prompt, cfg.tokens + 1))
                     continue
                 if name == "accelerate" and not _has("transformers", "accelerate"):
-                    gone = " and ".join(m for m in ("transformers", "accelerate") if not _has(m))
-                    skipped[name] = f"{gone} {'is' if ' and ' not in gone else 'are'} not installed: pip install 'flashnb[bench]'"
+                    gone = [m for m in ("transformers", "accelerate") if not _has(m)]
+                    skipped[name] = (f"{' and '.join(gone)} {'is' if len(gone) == 1 else 'are'} not installed: "
+                                     "pip install 'flashnb[bench]'")
                     continue
                 if name in missing:
                     skipped[name] = missing[name]

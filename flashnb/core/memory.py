@@ -13,8 +13,8 @@ row order does not change the result.
 
 `plan_memory` is the only place a memory budget becomes rows: the tensors that always stay in DRAM,
 the predictors and the engine's per-neuron maps come first, then pinned rows (if any), and what is
-left becomes each layer's rows for the window. The engine, the hybrid baseline, `simulate`, the trace replay and the cost
-model all take their rows from it, and `min_budget` inverts it in closed form.
+left becomes each layer's rows for the window. The engine, the hybrid baseline, `simulate`, the trace
+replay and the cost model all take their rows from it, and `min_budget` inverts it in closed form.
 """
 
 from __future__ import annotations
@@ -146,8 +146,11 @@ def plan_memory(shape: MemoryShape, budget: float | int, window: int, predictor_
             + (f", {pinned_rows} pinned rows per layer {shape.layers * pinned_rows * shape.row_bytes / 2**20:.2f} MiB"
                if pinned_rows else "")
             + ", leaving no window row per layer; "
-            + (f"raise the budget (--memory, or Policy.memory_budget) to at least {need:.3f} of the model" + (" or pin fewer rows" if pinned_rows else "")
-               if need <= 1 else "even the whole model's bytes leave none: pin fewer rows"))
+            + (f"raise the budget (--memory, or Policy.memory_budget) to at least {need:.3f} of the model"
+               + (" or pin fewer rows" if pinned_rows else "")
+               if need <= 1 else "even the whole model's bytes leave none: "
+               + ("pin fewer rows" if pinned_rows else
+                  f"give the budget in bytes, at least {int(need * shape.model_bytes)}")))
     return MemoryPlan(shape.model_bytes, budget_bytes(budget, shape.model_bytes), shape.resident_bytes,
                       predictor_bytes, shape.row_bytes, pinned_rows, caches, capacity, shape.layers,
                       shape.kv_cache_bytes, fixed)

@@ -170,7 +170,8 @@ def sparsity_text(points: list[SparsityPoint]) -> str:
     lines = [wrap(f"Target sparsity {fmt(100 * p0.sparsity, '.0f')}% (held-out {fmt(100 * p0.measured_sparsity, '.1f')}%), "
                   f"measured on {p0.quality.tokens} held-out tokens; top-1: agreement with the dense model; reads: "
                   f"per token, with a window of {p0.window}:")]
-    lines += [f"  {CRITERION_LABELS[p.criterion]:25s} perplexity {fmt(100 * p.quality.perplexity_increase, '+.2f'):>6s}%, "
+    w = max(len(CRITERION_LABELS[p.criterion]) for p in points)
+    lines += [f"  {CRITERION_LABELS[p.criterion]:{w}s} perplexity {fmt(100 * p.quality.perplexity_increase, '+.2f'):>6s}%, "
               f"top-1 {fmt(100 * p.quality.top1_agreement, '.1f'):>5s}%, "
               f"reads {fmt(100 * p.read_share, '.1f'):>4s}% of the FFN" for p in points]
     return "\n".join(lines)

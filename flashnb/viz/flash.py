@@ -145,6 +145,7 @@ def layouts_figure(rows) -> go.Figure:
                                            + "<extra></extra>",
                              text=[f"{r.useful_GBps:.3f} GB/s<br>{r.requests // r.calls} requests/call<br>"
                                    f"{r.ms_per_call:.1f} ms/call"], textposition="inside" if spread else "outside",
+                             insidetextanchor="start",   # at the bar's foot, clear of the whiskers on its top
                              error_y=S.whiskers([r.useful_GBps], [spread]) if spread else None,
                              **S.bar(r.layout, "measured")))
     r0 = rows[0]
