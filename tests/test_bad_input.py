@@ -188,3 +188,20 @@ def test_a_full_disk_is_one_line(folder, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(convert_mod, "_write_ffn", full)
     _convert_error(folder, tmp_path, capsys, "No space left on device); free some space or convert onto another disk")
+
+
+def test_a_notebook_shows_a_flashnb_error_as_one_line():
+    """In IPython (JupyterLab's kernel) bad input is one line naming the fix, not flashnb's frames; other
+    errors keep their traceback. (A subprocess: an IPython shell changes the process it runs in.)"""
+    import subprocess
+    import sys
+
+    code = ("from IPython.core.interactiveshell import InteractiveShell\n"
+            "shell = InteractiveShell.instance()\n"
+            "shell.run_cell(\"from flashnb import shipped\\nshipped('no-such-model')\")\n"
+            "print('--')\n"
+            "shell.run_cell('1 / 0')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    flashnb_part, other = out.split("--\n")
+    assert flashnb_part.strip() == "FlashnbError: flashnb ships flashnb-opt-21m and flashnb-llama-11m, not 'no-such-model'"
+    assert "Traceback" in other and "ZeroDivisionError" in other
