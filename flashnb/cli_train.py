@@ -26,7 +26,7 @@ def cmd_train(args) -> None:
 def cmd_train_predictors(args) -> None:
     from pathlib import Path
 
-    from flashnb.paths import data_dir, shipped_model_dir
+    from flashnb.paths import data_dir, predictors_beside, shipped_model_dir
     from flashnb.training.build_predictors import (BuildConfig, build, build_hot, build_lookahead, build_placement,
                                                   build_thresholds, card_summary, hot_summary, thresholds_summary)
     from flashnb.training.predictors import PredictorTrainConfig
@@ -41,7 +41,7 @@ def cmd_train_predictors(args) -> None:
                                 lr=args.lr, pos_weight=args.pos_weight, init=args.init, seed=args.seed)
     model = args.model or str(shipped_model_dir())
     name = Path(model).resolve().name
-    beside = Path(model).resolve().parent / f"{name}-predictors"   # where flashnb looks for a model's predictors
+    beside = predictors_beside(Path(model).resolve())   # where flashnb looks for a model's predictors
     shipped = Path(model).resolve().parent == data_dir().resolve()  # a model flashnb ships: its set stays as shipped
     in_place = args.hot_neurons_only or args.placement_only or args.two_stage_only  # beside what is there
     out = args.out or str(beside if in_place or not shipped else Path.cwd() / f"{name}-predictors")

@@ -26,7 +26,7 @@ from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import SWIGLU_MODEL, data_dir, shipped_predictors_dir, temporary_folder
+from flashnb.paths import SWIGLU_MODEL, data_dir, predictors_beside, shipped_predictors_dir, temporary_folder
 from flashnb.text import size_text, wrap
 
 
@@ -142,7 +142,7 @@ def _beside_source(store: FlashStore) -> Path | None:
     """SOURCE-predictors beside the model folder the store was converted from, when it holds predictors for
     this very model."""
     src = store.manifest.get("source", {}).get("folder")
-    folder = Path(f"{src}-predictors") if src else None
+    folder = predictors_beside(src) if src else None
     if folder is None or not (folder / "predictors.safetensors").is_file():
         return None
     return folder if load_predictors(folder).fingerprint == store.fingerprint else None
@@ -161,7 +161,7 @@ def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, 
     tok = Tokenizer.from_folder(folder)
     config = read_config(folder)
     check_early(tok.encode(prompt), n, config, pinned)
-    pred_dir = Path(predictors_dir or folder.parent / f"{folder.name}-predictors")
+    pred_dir = Path(predictors_dir or predictors_beside(folder))
     pair = two_stage_rule(pred_dir, config, folder.name) if two_stage else None
     thresholds = pair[1] if pair else folder_thresholds(pred_dir, config) if gate_in_dram else None
     if gate_in_dram and thresholds is None:
@@ -219,13 +219,13 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
     if predictors is not None and policy != "predictors" and not pinned and not store.gate_in_dram:
         raise FlashnbError(f"--predictors is for --policy predictors (or --pinned): --policy {policy} does not use "
                            "them; drop one of the two")
-    shipped_swiglu = data_dir() / f"{SWIGLU_MODEL}-predictors"
+    shipped_swiglu = predictors_beside(data_dir() / SWIGLU_MODEL)
     found = folder_thresholds(shipped_swiglu, store.config) if predictors is None else None
     if found is not None and found.fingerprint == store.fingerprint:
         predictors = shipped_swiglu  # the shipped SwiGLU model: its thresholds, whatever the policy
     if predictors is None and (policy == "predictors" or pinned):
         predictors = _beside_source(store)   # where `flashnb train-predictors --model SOURCE` wrote them
-    if predictors is None and (policy == "predictors" or pinned):
+    if predictors is None and (policy == "predictors" or pinned):   # else the shipped model's, if it is that one
         if load_predictors(shipped_predictors_dir()).fingerprint != store.fingerprint:
             if policy != "predictors":
                 raise FlashnbError("--pinned holds the hot neurons that `flashnb train-predictors` writes beside the "

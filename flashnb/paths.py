@@ -42,9 +42,16 @@ def model_folder(name: str) -> Path:
     return folder
 
 
+def predictors_beside(model: str | Path) -> Path:
+    """MODEL-predictors beside the model folder: where `flashnb train-predictors` writes a model's predictors
+    and where every command looks for them."""
+    model = Path(model)
+    return model.parent / f"{model.name}-predictors"
+
+
 def shipped_predictors_dir() -> Path:
     """The folder of the shipped model's predictors and hot neurons (data/flashnb-opt-21m-predictors)."""
-    return data_dir() / f"{SHIPPED_MODEL}-predictors"
+    return predictors_beside(data_dir() / SHIPPED_MODEL)
 
 
 def pid_alive(pid: int) -> bool:

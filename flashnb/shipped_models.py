@@ -17,7 +17,7 @@ from flashnb.core.thresholds import Thresholds, thresholds_in
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.errors import FlashnbError
-from flashnb.paths import SHIPPED_MODEL, SWIGLU_MODEL, data_dir, shipped_model_dir
+from flashnb.paths import SHIPPED_MODEL, SWIGLU_MODEL, data_dir, predictors_beside, shipped_model_dir
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Shipped:
 
     @property
     def predictors_folder(self) -> Path:
-        return self.folder.parent / f"{self.folder.name}-predictors"
+        return predictors_beside(self.folder)
 
     def hot(self) -> HotNeurons:
         """How often the predictors select each neuron, and their calibration sets (for pinning)."""
@@ -63,6 +63,6 @@ def shipped(name: str = SHIPPED_MODEL) -> Shipped:
     folder = shipped_model_dir() if name == SHIPPED_MODEL else data_dir() / name
     if not (folder / "model.safetensors").is_file():
         raise FlashnbError(f"the shipped model {folder} is missing; check out the repository's data/ folder")
-    preds = data_dir() / f"{name}-predictors"
+    preds = predictors_beside(data_dir() / name)
     return Shipped(folder, read_config(folder), Tokenizer.from_folder(folder), load_predictors(preds),
                    thresholds_in(preds))

@@ -155,9 +155,9 @@ def widened_placement(placement, small_ffn: int, shape, seed: int = 0):
 def shipped_placement_widened(shape):
     """The shipped model's co-activation placement carried onto `shape` (`widened_placement`)."""
     from flashnb.core.placement import load_placement
-    from flashnb.paths import SHIPPED_MODEL, data_dir
+    from flashnb.paths import shipped_predictors_dir
 
-    placement = load_placement(data_dir() / f"{SHIPPED_MODEL}-predictors")
+    placement = load_placement(shipped_predictors_dir())
     return widened_placement(placement, placement.order.shape[1], shape)
 
 

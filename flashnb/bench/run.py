@@ -64,7 +64,7 @@ from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import read_config
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import shipped_model_dir, temporary_folder
+from flashnb.paths import predictors_beside, shipped_model_dir, temporary_folder
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "reads", "mmap", "accelerate",
            "dense", "floor")
@@ -229,7 +229,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
     if cfg.replay and "predictor" not in cfg.configs:
         raise FlashnbError("--replay replays the +predictor run's neuron sets: include 'predictor' in --configs")
     model_dir = Path(cfg.model) if cfg.model else shipped_model_dir()
-    pred_dir = Path(cfg.predictors) if cfg.predictors else model_dir.parent / f"{model_dir.name}-predictors"
+    pred_dir = Path(cfg.predictors) if cfg.predictors else predictors_beside(model_dir)
     config = read_config(model_dir)
     tok = Tokenizer.from_folder(model_dir)
     prompt = tok.encode(cfg.prompt)
@@ -295,7 +295,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                     modeled_io_ms(name, steps, stats, shape, cfg.in_flight, device),
                     r.reader.io_mode if hasattr(r, "reader") else "", pinned_rows=mem.pinned_rows if mem else None)
                 if name == "predictor":  # its sets drive the replay
-                    replay_sets = [s.predicted_sets for s in r.steps[len(prompt):]]
+                    replay_sets = [s.predicted_sets for s in steps]
         if cfg.replay:
             from flashnb.bench.replay import run_replay
 

@@ -23,7 +23,7 @@ from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tiny import has_transformers, make_tiny_opt
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import data_dir, shipped_model_dir
+from flashnb.paths import data_dir, predictors_beside, shipped_model_dir
 from flashnb.text import MB, wrap
 from flashnb.training.build_predictors import load_heldout
 from flashnb.training.predictors import PredictorTrainConfig, train_predictors
@@ -93,7 +93,7 @@ def sample_text(chars: int = 4000) -> str:
     """Real text for prompts and predictor training: the shipped predictors' held-out slice (docstrings),
     decoded with the shipped tokenizer; any tokenizer can encode it."""
     folder = shipped_model_dir()
-    ids = load_heldout(data_dir() / f"{folder.name}-predictors", tokens=max(64, chars // 2))
+    ids = load_heldout(predictors_beside(data_dir() / folder.name), tokens=max(64, chars // 2))
     return Tokenizer.from_folder(folder).decode([int(i) for i in ids])[:chars]
 
 
@@ -225,7 +225,7 @@ def model_predictors(folder: str | Path, ids: list[int], rank: int = 64, epochs:
     they belong to this model, else predictors trained here in seconds (`quick_predictors`); with a line
     saying which, and their recall and over-selection on the held-out quarter of `ids` (measured)."""
     folder = Path(folder)
-    beside = folder.parent / f"{folder.name}-predictors"
+    beside = predictors_beside(folder)
     if (beside / "predictors.safetensors").is_file():
         model = load_model(folder)
         try:
@@ -247,7 +247,7 @@ def model_predictors(folder: str | Path, ids: list[int], rank: int = 64, epochs:
 def _shipped_selection() -> str:
     """What the shipped predictors reach on their 16,384 held-out tokens (their metrics.json), or ''."""
     try:
-        held = load_predictors(data_dir() / f"{shipped_model_dir().name}-predictors").card["heldout"]
+        held = load_predictors(predictors_beside(shipped_model_dir())).card["heldout"]
         mean, tokens = held["mean"], held["quality"]["tokens"]
     except (FlashnbError, KeyError, TypeError):
         return "."
