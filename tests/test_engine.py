@@ -157,6 +157,26 @@ def test_baselines_equal_dense(tiny, layout):
         assert (out - ref).abs().max().item() <= 1e-4
 
 
+def test_the_hybrid_baselines_modeled_calls_are_the_calls_it_makes(tiny):
+    """What notebook 06's budget sweep prices for hybrid without running it (hybrid_calls) is, call for call,
+    what the hybrid baseline reads: pinned rows skipped, the rest in pieces of its buffer's rows."""
+    from flashnb.bench.baselines import hybrid_calls
+    from flashnb.core.reader import NeuronReader, ReaderConfig
+
+    _, stores = tiny
+    st = stores["bundled"]
+    seen = set()
+    for budget in (0.8, 0.95):   # (the tiny models: a buffer of 34-47 rows of 64; rows pinned)
+        with HybridEngine(st, memory_budget=budget, in_flight=2, gap_bytes=4096) as hyb, \
+                NeuronReader(st, ReaderConfig(in_flight=2, gap_bytes=4096)) as reader:
+            kv = hyb.model.new_cache(1, 2)
+            hyb.step(PROMPT[0], kv)
+            made = [(layer.requests, layer.bytes_read) for layer in hyb.steps[0].layers]
+            assert made == hybrid_calls(st, budget, reader)
+            seen.add((len(made) > st.num_layers, hyb.memory.pinned_rows > 0))
+    assert (True, False) in seen and (False, True) in seen   # a layer read in pieces; rows pinned
+
+
 @pytest.mark.parametrize("gap", [0, 8192])
 def test_simulate_from_a_dense_trace_equals_engine_bytes(tiny, gap):
     """The preview computed from a trace of the dense model alone equals what the engine reads."""

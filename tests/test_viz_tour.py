@@ -228,6 +228,9 @@ def test_budget_sweep_measures_and_models_every_budget(setup):
     mod = {p.budget: p for p in sweep.modeled["all"]}
     assert mod[0.6].mb_per_token == pytest.approx(sweep.measured["all"][0].mb_per_token)
     assert mod[1.0].mb_per_token <= mod[0.6].mb_per_token          # more DRAM never reads more
+    # the modeled hybrid prices the requests its reader makes: at a measured budget, the run's bytes and calls
+    hyb, ran = {p.budget: p for p in sweep.modeled["hybrid"]}[0.6], sweep.measured["hybrid"][0]
+    assert hyb.mb_per_token == pytest.approx(ran.mb_per_token) and hyb.reader_calls == ran.reader_calls
     # the modeled stops: the smallest feasible budget, then whole percents (what the slider shows)
     lowest = min(mod)
     assert all(round(b * 100, 6) == round(b * 100) for b in mod if b != lowest)

@@ -37,7 +37,7 @@ from flashnb.core.engine import TokenLoop
 from flashnb.core.ffn import layer_math
 from flashnb.core.generate import decode
 from flashnb.core.io import aligned_empty, evict
-from flashnb.core.memory import hybrid_plan
+from flashnb.core.memory import MemoryPlan, hybrid_plan
 from flashnb.core.reader import NeuronReader, PendingRead, ReaderConfig
 from flashnb.core.records import LayerStep, Recorder, TokenStep
 from flashnb.core.resident import resident_model
@@ -54,7 +54,7 @@ class HybridFFN(nn.Module):
         self.math = layer_math(st, layer, biases)
         self.pinned_ids = np.arange(eng.memory.pinned_rows)
         self.pinned = torch.from_numpy(eng.reader.read(layer, self.pinned_ids).rows.copy())
-        self.streamed_ids = np.arange(eng.memory.pinned_rows, st.ffn_dim)
+        self.pieces = streamed_pieces(eng.memory, st.ffn_dim)
         rec = eng.recorder
         self.submit, self.wait = rec.timed("submit", eng.reader.submit), rec.timed("wait", PendingRead.wait)
 
@@ -62,13 +62,31 @@ class HybridFFN(nn.Module):
         eng = self.eng
         y = self.math.partial(x, self.pinned, self.pinned_ids)
         buf = eng.buffer
-        pieces = max(1, -(-self.streamed_ids.size // len(buf))) if len(buf) else 0
-        for ids in np.array_split(self.streamed_ids, pieces) if pieces else []:  # the buffer may hold less than a layer
+        for ids in self.pieces:
             got = self.wait(self.submit(self.layer, ids, out=buf[: ids.size]))
             y += self.math.partial(x, torch.from_numpy(got.rows), ids)
             eng.recorder.read(got.stats)
             eng.recorder.layer(WindowPlan(ids, ids[:0], ids, ids))
         return self.math.finish(y)
+
+
+def streamed_pieces(plan: MemoryPlan, ffn_dim: int) -> list[np.ndarray]:
+    """The neurons the hybrid baseline reads per layer and token, one array per reader call: the unpinned
+    ones, in pieces of at most the buffer's rows (`plan` from hybrid_plan)."""
+    streamed = np.arange(plan.pinned_rows, ffn_dim)
+    pieces = max(1, -(-streamed.size // plan.capacity_rows)) if plan.capacity_rows else 0
+    return np.array_split(streamed, pieces) if pieces else []
+
+
+def hybrid_calls(store: FlashStore, memory_budget: float | int, reader: NeuronReader) -> list[tuple[int, int]]:
+    """(requests, bytes read) of every reader call the hybrid baseline makes per token at `memory_budget`,
+    as `reader` plans them, nothing read (notebook 06's budget sweep prices them without running hybrid)."""
+    calls = []
+    for layer in range(store.num_layers):
+        for ids in streamed_pieces(hybrid_plan(store.memory_shape(), memory_budget), store.ffn_dim):
+            sizes = reader.request_sizes(layer, ids)
+            calls.append((int(sizes.size), int(sizes.sum())))
+    return calls
 
 
 class HybridEngine(TokenLoop):

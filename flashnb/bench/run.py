@@ -57,7 +57,7 @@ from flashnb.core.placement import FILE as PLACEMENT_FILE, load_placement
 from flashnb.core.predictor import AllNeurons, load_predictors
 from flashnb.core.simulate import choose_pinned
 from flashnb.core.store import FlashStore
-from flashnb.device.costmodel import ModelShape, as_device, steps_io_ms
+from flashnb.device.costmodel import ModelShape, as_device, steps_io_ms, stream_ms
 from flashnb.device.measure import ProfileConfig, machine_info, run_profile
 from flashnb.device.profile import Profile, coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
@@ -203,8 +203,7 @@ def modeled_io_ms(name: str, steps, stats: TokenStats, shape: ModelShape, in_fli
     if not stats.requests:
         return 0.0
     if name in ("naive", "hybrid"):
-        calls = stats.reader_calls or shape.num_layers
-        return (calls * device.first_request_latency() + stats.bytes_read / device.dense_throughput()) * 1e3
+        return stream_ms(device, stats.reader_calls or shape.num_layers, stats.bytes_read)
     return steps_io_ms(device, steps, in_flight)
 
 

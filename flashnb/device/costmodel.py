@@ -324,6 +324,14 @@ def steps_io_ms(device, steps, in_flight: int) -> float:
                                     for layer in s.layers if layer.requests) for s in steps])) if steps else 0.0
 
 
+def stream_ms(device, calls: float, nbytes: float) -> float:
+    """The cost model's I/O, in ms, for `calls` reader calls that stream `nbytes` in file order (whole layers,
+    no predictor: naive and hybrid): one request's latency per call, then the bytes at the device's
+    large-read rate."""
+    dev = as_device(device)
+    return (calls * dev.first_request_latency() + nbytes / dev.dense_throughput()) * 1e3
+
+
 def token_cost(shape: ModelShape, policy: CostPolicy, device=None) -> TokenCost:
     """Latency per token of `shape` served with `policy` on `device` (see the module doc)."""
     dev = as_device(device)

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from flashnb.bench.baselines import HybridEngine
+from flashnb.bench.baselines import HybridEngine, hybrid_calls
 from flashnb.bench.report import BenchResult, bound_text, cell
 from flashnb.bench.run import take_turns
 from flashnb.core.defaults import IN_FLIGHT, WINDOW
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.memory import hybrid_plan, min_budget, plan_memory
+from flashnb.core.reader import NeuronReader, ReaderConfig
 from flashnb.core.simulate import simulate
-from flashnb.device.costmodel import as_device, calls_seconds, paper_data
+from flashnb.device.costmodel import as_device, paper_data, steps_io_ms, stream_ms
 from flashnb.device.measure import ProfileConfig, run_profile
 from flashnb.device.profile import coalescing_gap, default_profile_path, load_default_profile
 from flashnb.errors import FlashnbError
@@ -253,24 +254,25 @@ def budget_sweep(store, predictors, prompt_ids: list[int], profile, measured=(0.
         return float(np.interp(b, xs, ys))
 
     mod: dict[str, list[BudgetPoint]] = {"all": [], "hybrid": []}
-    for b in grid:
-        pol = Policy(window, b, in_flight, gap)
-        s = TokenStats.of(simulate(sets, st, pol, pred_bytes)[n_prompt:], neurons)
-        io = calls_seconds(device, s.reader_calls, s.requests / s.reader_calls, int(s.bytes_read / s.requests),
-                           in_flight) * 1e3 if s.requests else 0.0
-        used = plan_memory(shape, b, window, pred_bytes).used_bytes
-        mod["all"].append(BudgetPoint(b, used, s.bytes_read / MB, io, io + near("all", b), s.window_hit_share,
-                                      reader_calls=s.reader_calls))
-        hp = hybrid_plan(shape, b)
-        streamed = (st.ffn_dim - hp.pinned_rows) * st.num_layers * st.neuron_bytes
-        io = streamed / device.dense_throughput() * 1e3
-        mod["hybrid"].append(BudgetPoint(b, hp.used_bytes, streamed / MB, io, io + near("hybrid", b)))
+    with NeuronReader(st, ReaderConfig(in_flight=in_flight, gap_bytes=gap)) as reader:   # plans requests, reads nothing
+        for b in grid:
+            steps = simulate(sets, st, Policy(window, b, in_flight, gap), pred_bytes)[n_prompt:]
+            s, io = TokenStats.of(steps, neurons), steps_io_ms(device, steps, in_flight)
+            used = plan_memory(shape, b, window, pred_bytes).used_bytes
+            mod["all"].append(BudgetPoint(b, used, s.bytes_read / MB, io, io + near("all", b), s.window_hit_share,
+                                          reader_calls=s.reader_calls))
+            calls = hybrid_calls(st, b, reader)
+            streamed = sum(nbytes for _, nbytes in calls)
+            io = stream_ms(device, len(calls), streamed)
+            mod["hybrid"].append(BudgetPoint(b, hybrid_plan(shape, b).used_bytes, streamed / MB, io,
+                                             io + near("hybrid", b), reader_calls=len(calls)))
     notes = [f"measured: {tokens} generated tokens per run after a {n_prompt}-token prompt, direct I/O",
              "modeled 'all': the bytes and requests simulate finds at each budget for the first run's neuron sets, "
-             "their I/O time from the cost model on this disk's profile, plus the CPU time measured at the budgets "
-             "around it (linear between them)",
-             "modeled 'hybrid': the rows the budget leaves streamed at this disk's large-read rate, plus the CPU time "
-             "measured at the budgets around it (linear between them)"]
+             "their I/O time from the cost model on this disk's profile (call by call, as flashnb bench models a "
+             "run), plus the CPU time measured at the budgets around it (linear between them)",
+             "modeled 'hybrid': the reader calls and bytes its reader makes for the rows the budget leaves "
+             "streamed, at this disk's large-read rate plus a request's latency per call (as flashnb bench models "
+             "it), plus the CPU time measured at the budgets around it (linear between them)"]
     return BudgetSweep(meas, mod, shape.model_bytes, window, tokens, notes)
 
 
