@@ -352,9 +352,10 @@ def _add_run_commands(sub) -> None:
     g.add_argument("--seed", type=whole(0, 2**63 - 1), default=None,
                    help="sampling seed, with --temperature above 0 (default: 0)")
     f = g.add_argument_group("with --store")
-    f.add_argument("--policy", choices=["predictors", "oracle", "all"], default=None,
+    f.add_argument("--policy", choices=["predictors", "oracle", "every"], default=None,
                    help="which neurons each token reads: the low-rank predictors, the exact active set (oracle: a "
-                        "reference that holds the whole FFN to predict) or every neuron (naive) (default: predictors)")
+                        "reference that holds the whole FFN to predict) or every neuron (naive; bench's \"all\" is "
+                        "every technique instead) (default: predictors)")
     f.add_argument("--predictors", default=None,
                    help="predictor folder (default: the shipped predictors, when STORE holds the shipped model)")
     f.add_argument("--window", type=whole(0, 4096), default=None, help=f"window of recent tokens (default: {WINDOW})")

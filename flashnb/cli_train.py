@@ -148,7 +148,8 @@ def add_training_commands(sub) -> None:
                          "which add to the predictors beside the model, e.g. data/flashnb-opt-21m-predictors)")
     tp.add_argument("--force", action="store_true", help="replace what OUT already holds")
     tp.add_argument("--train-tokens", type=whole(16), default=65_536,
-                    help="training-split tokens to trace (default: %(default)s)")
+                    help="training-split tokens to trace; with --sparsity or --two-stage-only, the thresholds are "
+                         "calibrated on at most 16,384 of them (default: %(default)s)")
     tp.add_argument("--eval-tokens", type=whole(17), default=16_384,
                     help="held-out tokens to evaluate on, at least 17: reuse is measured over 16 tokens back "
                          "(default: %(default)s)")

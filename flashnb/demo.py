@@ -27,12 +27,12 @@ from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import SWIGLU_MODEL, data_dir, predictors_beside, shipped_predictors_dir, temporary_folder
-from flashnb.text import size_text, wrap
+from flashnb.text import MB, size_text, wrap
 
 
 def budget_words(budget: float | int) -> str:
-    """A --memory value as given: a fraction (0.5) or bytes in MiB."""
-    return f"{budget:g}" if isinstance(budget, float) else f"{budget / 2**20:.1f} MiB"
+    """A --memory value as given: a fraction (0.5) or bytes, in MB (text.MB)."""
+    return f"{budget:g}" if isinstance(budget, float) else f"{budget / MB:.1f} MB"
 
 
 def per_token_table(steps, tok, out_ids) -> str:
@@ -60,8 +60,9 @@ def show_text(prompt: str, continuation: str, stream=None) -> str:
 
 
 def token_records(steps, tok, out_ids) -> list[dict]:
-    """The per-token table as JSON records (counts are neurons summed over layers; times in ms)."""
-    return [{"token": tid, "text": tok.decode([tid]), "predicted": s.predicted, "pinned": s.pinned,
+    """The per-token table as JSON records (counts are neurons summed over layers; times in ms): record k
+    is the step that fed generated token k in (`token_in`, `text_in`) and chose token k + 1."""
+    return [{"token_in": tid, "text_in": tok.decode([tid]), "predicted": s.predicted, "pinned": s.pinned,
              "cached": s.cached, "loaded": s.loaded, "evicted": s.evicted, "bytes_read": s.bytes_read,
              "requests": s.requests, "io_ms": s.io_seconds * 1e3, "mm_ms": s.mm_seconds * 1e3,
              "compute_ms": s.compute_seconds * 1e3, "total_ms": s.wall_seconds * 1e3}
@@ -83,8 +84,8 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
                 f", kept by {thresholds.criterion} thresholds ({thresholds.sparsity:.0%} sparsity)")
         rows = f"{mem.capacity_rows} rows {'per layer' if policy.window else 'shared by every layer'}"
         print(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
-              f"{mem.used_bytes / 2**20:.1f} MiB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
-              f"{mem.model_bytes / 2**20:.1f} MiB (budget {budget_words(policy.memory_budget)}); {predictor.name}"
+              f"{mem.used_bytes / MB:.1f} MB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
+              f"{mem.model_bytes / MB:.1f} MB (budget {budget_words(policy.memory_budget)}); {predictor.name}"
               f"{kept}, window {policy.window} ({rows}), {mem.pinned_rows} hot neurons pinned per layer, "
               f"{store.layout} store\n", file=sys.stderr)
         ids = tok.encode(prompt)
@@ -113,10 +114,10 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
     elif stats == "table":
         print(per_token_table(steps, tok, out), file=sys.stderr)
     if mean:
-        print(f"\nper generated token (mean of {mean.tokens}, measured): {mean.bytes_read / 1e6:.3f} MB read in "
+        print(f"\nper generated token (mean of {mean.tokens}, measured): {mean.bytes_read / MB:.3f} MB read in "
               f"{mean.requests:.0f} requests, I/O {mean.io_ms:.2f} ms, memory management {mean.mm_ms:.2f} ms, "
               f"compute {mean.compute_ms:.2f} ms, total {mean.total_ms:.2f} ms (median {mean.median_ms:.2f}); the "
-              f"FFN on flash is {(mem.model_bytes - mem.resident_bytes) / 1e6:.2f} MB"
+              f"FFN on flash is {(mem.model_bytes - mem.resident_bytes) / MB:.2f} MB"
               + (" (the gate matrices stay in DRAM)" if store.gate_in_dram else ""), file=sys.stderr)
         print(window_advice(mean, mem, store.num_layers), end="", file=sys.stderr)
 
@@ -212,7 +213,7 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
     """`flashnb generate --store`: the flash engine on a store written by `flashnb convert`. `policy`:
     "predictors" (from `predictors`, default the shipped ones when the store holds a shipped model; on a
     gate-apart store, the folder's gate thresholds, or with `two_stage` its two-stage rule), "oracle" (the
-    exact active set; of the thresholded model on a gate-apart store) or "all" (every neuron: naive)."""
+    exact active set; of the thresholded model on a gate-apart store) or "every" (every neuron: naive)."""
     store = FlashStore.open(store_dir)
     tok = Tokenizer.from_folder(store.path, bos_id=store.config.bos_token_id)
     check_early(tok.encode(prompt), n, store.config, pinned)
@@ -233,7 +234,7 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
                                    "--predictors FOLDER, or drop --pinned")
             raise FlashnbError(f"{store.path} holds a model other than the shipped one: pass --predictors FOLDER "
                                "(`flashnb train-predictors --model SOURCE` writes them), or --policy oracle (exact; "
-                               "holds the whole FFN in DRAM to predict) or --policy all (naive: every neuron read)")
+                               "holds the whole FFN in DRAM to predict) or --policy every (naive: every neuron read)")
         predictors = shipped_predictors_dir()
     pair = _two_stage_rule(store, policy, predictors) if two_stage else None
     thresholds = pair[1] if pair else folder_thresholds(predictors, store.config) if store.gate_in_dram else None

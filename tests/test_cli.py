@@ -71,6 +71,7 @@ def test_generate_from_a_store_prints_json_records(shipped_store, capsys):
     got = json.loads(capsys.readouterr().out)
     assert got["prompt"] + got["text"] == text and got["predictor"] == "low-rank predictors" and got["window"] == 2
     assert len(got["tokens"]) == 5 and got["mean"]["tokens"] == 5   # the first new token comes with the prompt
+    assert "".join(r["text_in"] for r in got["tokens"]) in got["text"]   # each record: the token fed in
     for r in got["tokens"]:
         assert r["predicted"] == r["cached"] + r["loaded"] + r["pinned"] and r["bytes_read"] >= r["loaded"] * 2048
     assert got["mean"]["bytes_read"] == pytest.approx(sum(r["bytes_read"] for r in got["tokens"]) / 5)
@@ -93,7 +94,7 @@ def test_generate_from_a_store_of_another_model_needs_predictors(tmp_path, tiny_
 
     store = convert(tiny_opt_dir, tmp_path / "store", ConvertConfig(progress=False))
     _one_line_error(capsys, ["generate", "--store", str(store), "--prompt", "Open"], "pass --predictors FOLDER")
-    assert main(["generate", "--store", str(store), "--prompt", "Open", "-n", "3", "--policy", "all", "--memory", "0.9"]) == 0
+    assert main(["generate", "--store", str(store), "--prompt", "Open", "-n", "3", "--policy", "every", "--memory", "0.9"]) == 0
     capsys.readouterr()
     _one_line_error(capsys, ["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "--window", "2"],
                     "--window: only for the flash engine")
@@ -120,7 +121,7 @@ def test_what_depends_on_the_model_is_checked_before_any_work(shipped_store, tin
                     "exceeds the model's context")
     assert time.perf_counter() - t0 < 20   # refused before converting or loading anything (each well under 1 s)
     other = convert(tiny_opt_dir, tmp_path / "store", ConvertConfig(progress=False))
-    _one_line_error(capsys, ["generate", "--store", str(other), "--prompt", "Open", "--policy", "all", "--pinned", "8"],
+    _one_line_error(capsys, ["generate", "--store", str(other), "--prompt", "Open", "--policy", "every", "--pinned", "8"],
                     "--pinned holds the hot neurons")
 
 

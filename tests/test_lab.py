@@ -129,6 +129,10 @@ def test_memory_and_store_texts_are_exact_bytes(tiny):
     m = eng.memory
     assert f"{m.model_bytes / 1e6:.1f} MB of weights" in text and f"{m.capacity_rows} rows per cache" in text
     assert f"{m.used_bytes / m.model_bytes:.0%} of the model" in text
+    # the resident part is the DRAM file's tensors plus the checksums the reader checks every bundle against
+    tensors = sum(t.numel() * t.element_size() for t in store.dram_tensors().values())
+    assert m.resident_bytes == tensors + store.checksum_path.stat().st_size
+    assert f"resident tensors with the bundles' checksums {m.resident_bytes / 1e6:.1f} MB" in text
     s = " ".join(quickstart.store_text(store).split())
     assert s.startswith("bundled fp32 store: ffn.bin") and f"{store.num_layers} layers x 256 neurons" in s
     assert quickstart.ffn_bytes(store) == 2 * 256 * 2 * 32 * 4

@@ -31,7 +31,7 @@ def memory_text(mem: MemoryPlan, name: str = "the model") -> str:
     """Where a FlashEngine's DRAM goes (its MemoryPlan): exact bytes, the same on every machine."""
     ffn = mem.model_bytes - mem.resident_bytes
     return wrap(f"{name}: {mem.model_bytes / MB:.1f} MB of weights, {ffn / MB:.1f} MB of them FFN (on flash).\n"
-                f"DRAM: resident tensors {mem.resident_bytes / MB:.1f} MB + predictors "
+                f"DRAM: resident tensors with the bundles' checksums {mem.resident_bytes / MB:.1f} MB + predictors "
                 f"{mem.predictor_bytes / MB:.1f} MB + the engine's per-neuron maps {mem.bookkeeping_bytes / MB:.1f} MB"
                 + (f" + pinned rows {mem.pinned_bytes / MB:.1f} MB" if mem.pinned_rows else "")
                 + f" + neuron caches {mem.cache_bytes / MB:.1f} MB ({mem.capacity_rows} rows per cache)"
