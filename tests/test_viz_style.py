@@ -168,6 +168,18 @@ def test_bars_one_trace_per_colour_in_one_slot():
         S.bars(["a", "b"], [1, 2], [grey], "measured", "x (measured)")
 
 
+def test_row_format_highlight_fades_the_other_bars_not_their_labels():
+    from viz_helpers import dtype_results
+
+    fig = ve.dtype_figure(*dtype_results(), chosen="q4")
+    ve.highlight_dtype(fig, "int8")
+    bars = [t for t in fig.data if t.meta]
+    assert {t.meta[0]: t.marker.opacity for t in bars} == {"fp16": 0.35, "int8": 1.0, "q4": 0.35}
+    assert all(t.opacity in (None, 1.0) for t in bars)   # a faded trace would fade its "fc1"/"fc2" text too
+    ink = {t.meta[0]: t.insidetextfont.color for t in bars if t.orientation == "h"}
+    assert ink["int8"] == "white" and ink["fp16"] == ink["q4"] != "white"   # dark labels on the faded bars
+
+
 def test_window_figure_highlight_follows_the_window_and_the_budget():
     grid = window_grid()
     fig = ve.window_figure(grid, 2, 0.5, PAPER_WINDOW)

@@ -104,9 +104,11 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
     z = tl.states
     n_neurons, n_tokens = z.shape
     top, bottom = -0.5, n_neurons - 0.5
+    edge = max(1.0, n_neurons / 30)  # the frames' top and bottom run this many rows clear of the cells, where
+    #                                  the window's green cannot hide them
 
     def box(x0, x1):  # a closed rectangle over the whole heat map, as a line trace (frames animate traces)
-        return dict(x=[x0, x1, x1, x0, x0], y=[top, top, bottom, bottom, top])
+        return dict(x=[x0, x1, x1, x0, x0], y=[top - edge, top - edge, bottom + edge, bottom + edge, top - edge])
 
     def frame_data(t):
         shown = [[int(v) for v in row[:t + 1]] + [None] * (n_tokens - t - 1) for row in z]   # later tokens blank
@@ -130,8 +132,8 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
                        customdata=[[f"neuron {i}: {STATES[int(v)]}" for v in row] for i, row in zip(tl.neurons, tl.states)],
                        hovertemplate="token %{x}, %{customdata}<extra></extra>")
     kept_color, now_color = S.color("windowing"), S.color("dense")
-    fig.add_trace(go.Scatter(**box(-0.5, -0.5), mode="lines", line=dict(color=kept_color, width=3, dash="dash"),
-                             fill="toself", fillcolor="rgba(0,158,115,0.08)", hoverinfo="skip", showlegend=False,
+    fig.add_trace(go.Scatter(**box(-0.5, -0.5), mode="lines", line=dict(color=kept_color, width=4, dash="dash"),
+                             fill="toself", fillcolor="rgba(0,158,115,0.12)", hoverinfo="skip", showlegend=False,
                              name=S.label("tokens the window keeps", "modeled", S.SIMULATE)))
     fig.add_trace(go.Scatter(**box(-0.5, 0.5), mode="lines", line=dict(color=now_color, width=2, dash="dash"),
                              hoverinfo="skip", showlegend=False,
@@ -154,7 +156,7 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
                                   args=[[str(t)], dict(frame=dict(duration=0, redraw=True), mode="immediate")])
                              for t in range(n_tokens)])])
     fig.update_xaxes(range=[-0.5, n_tokens - 0.5])
-    fig.update_yaxes(range=[bottom, top])
+    fig.update_yaxes(range=[bottom + 1.5 * edge, top - 1.5 * edge])
     return fig
 
 
@@ -307,16 +309,17 @@ def dtype_figure(summary: dict, quality: dict, chosen: str = "q4") -> go.Figure:
             for what, width in (("values", code), ("scales", scale)):
                 if width:
                     look = S.bar(n, "measured", None if what == "values" else S.SCALES)
-                    look["marker"]["line"] = dict(color="white", width=1)
+                    look["marker"].update(line=dict(color="white", width=1), opacity=_faded(n, chosen))
                     fig.add_trace(go.Bar(orientation="h", y=[n], x=[width], base=[x0], width=0.6, showlegend=False,
-                                         name=S.label(f"{n} {what}", "measured"), meta=[n],
-                                         opacity=1.0 if n == chosen else 0.35, textposition="inside",
+                                         name=S.label(f"{n} {what}", "measured"), meta=[n], textposition="inside",
+                                         insidetextfont=dict(color=_ink(n, chosen)),
                                          text=[part if what == "values" else ""], insidetextanchor="middle",
                                          hovertemplate=f"{n}, {part}, {what}: {width:.0f} B<extra></extra>",
                                          **look), 1, 1)
                 x0 += width
         v = summary[n]
-        kw = dict(showlegend=False, meta=[n], opacity=1.0 if n == chosen else 0.35, **S.bar(n, "measured"))
+        kw = dict(showlegend=False, meta=[n], **S.bar(n, "measured"))
+        kw["marker"]["opacity"] = _faded(n, chosen)
         fig.add_trace(go.Bar(x=[n], y=[v.mb], name=S.label(n, "measured"),
                              hovertemplate=f"{n}: %{{y:.3f}} MB per token, {v.requests:.0f} requests of "
                                            f"{v.mean_request_bytes / 1024:.1f} KiB<extra></extra>", **kw), 1, 2)
@@ -334,8 +337,20 @@ def dtype_figure(summary: dict, quality: dict, chosen: str = "q4") -> go.Figure:
     return fig
 
 
+def _faded(name: str, chosen: str) -> float:
+    """The fill opacity of a format's bars: the chosen one solid, the others faded (their labels stay legible)."""
+    return 1.0 if name == chosen else 0.35
+
+
+def _ink(name: str, chosen: str) -> str:
+    """A bundle bar's label colour: white on the chosen (solid) bar, dark on the faded ones."""
+    return "white" if name == chosen else S.TECHNIQUE_COLORS["floor"]
+
+
 def highlight_dtype(fig, chosen: str) -> None:
     """Draw format `chosen` solid and the others faded in a dtype_figure (a FigureWidget: in place)."""
     for t in fig.data:
         if t.meta:
-            t.opacity = 1.0 if t.meta[0] == chosen else 0.35
+            t.marker.opacity = _faded(t.meta[0], chosen)
+            if t.orientation == "h":   # the bundle bars, labelled inside
+                t.insidetextfont.color = _ink(t.meta[0], chosen)
