@@ -12,8 +12,8 @@ import signal
 import sys
 import threading
 
-from flashnb.cli_args import (Parser, add_in_flight, add_memory, byte_count, out_file, pinned_rows, real, utf8_text,
-                              whole)
+from flashnb.cli_args import (Parser, add_in_flight, add_memory, byte_count, out_file, pinned_rows, policy_name, real,
+                              utf8_text, whole)
 from flashnb.cli_train import add_training_commands
 from flashnb.core.defaults import DEMO_PROMPT, IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.errors import FlashnbError
@@ -112,6 +112,9 @@ def cmd_bench(args) -> None:
     _decode_threads()
     if args.keep and not args.scale:
         raise FlashnbError("--keep keeps the --scale stores: it goes with --scale (--keep-replay keeps the replay's)")
+    if args.keep_replay and not args.replay:
+        raise FlashnbError("--keep-replay keeps the replay's files: it goes with --replay (--keep keeps the --scale "
+                           "stores)")
     if sum(map(bool, (args.scale, args.sweep_sizes, args.replay))) > 1:
         raise FlashnbError("--scale, --sweep-sizes and --replay are three different runs: choose one")
     default = scale.SCALE_CONFIGS if args.scale else CONFIGS
@@ -352,7 +355,7 @@ def _add_run_commands(sub) -> None:
     g.add_argument("--seed", type=whole(0, 2**63 - 1), default=None,
                    help="sampling seed, with --temperature above 0 (default: 0)")
     f = g.add_argument_group("with --store")
-    f.add_argument("--policy", choices=["predictors", "oracle", "every"], default=None,
+    f.add_argument("--policy", type=policy_name, choices=["predictors", "oracle", "every"], default=None,
                    help="which neurons each token reads: the low-rank predictors, the exact active set (oracle: a "
                         "reference that holds the whole FFN to predict) or every neuron (naive; bench's \"all\" is "
                         "every technique instead) (default: predictors)")
@@ -407,10 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or an option refused with one line
         return int(e.code or 0)
-    if getattr(args, "model", None):   # a shipped model's name works in every command, from any folder
-        from flashnb.paths import model_folder
+    from flashnb.paths import shipped_folder
 
-        args.model = str(model_folder(args.model))
+    for folder in ("model", "hf_folder", "predictors", "placement"):   # a shipped model's (or its predictors')
+        if getattr(args, folder, None):                                # name works in every command, from anywhere
+            setattr(args, folder, str(shipped_folder(getattr(args, folder))))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:

@@ -102,7 +102,8 @@ def memory_budget(text: str) -> float | int:
         if not unit and 1 <= v < 1 << 20:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is ambiguous: a bare number under 1 MiB; give a fraction of the model in (0, 1] with a "
-                f"point (0.5, or 1.0 for all of it) or bytes with a unit ({text}B for {text} bytes)")
+                f"point (0.5, or 1.0 for as many bytes as the model) or bytes with a unit ({text}B for {text} "
+                f"byte{'' if text.strip() == '1' else 's'})")
         if v >= 1:
             return v
     try:
@@ -113,6 +114,14 @@ def memory_budget(text: str) -> float | int:
         return f
     raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction of the model in (0, 1] (e.g. 0.5) nor bytes "
                                      "(e.g. 20000000, 20MB or 19MiB)")
+
+
+def policy_name(text: str) -> str:
+    """generate --policy, with the word it had before: 'all' read every neuron, which is 'every' now."""
+    if text == "all":
+        raise argparse.ArgumentTypeError("'all' is now 'every' (every neuron read: naive), so that it is not "
+                                         "confused with bench's 'all' (every technique)")
+    return text
 
 
 def out_file(text: str) -> str:
@@ -138,7 +147,12 @@ def utf8_text(text: str) -> str:
 
 
 def pinned_rows(text: str) -> int | str:
-    return "auto" if text == "auto" else whole(0, None, "a whole number or 'auto'")(text)
+    if text == "auto":
+        return text
+    try:
+        return whole(0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a whole number of rows >= 0") from None
 
 
 def add_in_flight(parser, what: str = "", unset: bool = False) -> None:
@@ -151,5 +165,6 @@ def add_in_flight(parser, what: str = "", unset: bool = False) -> None:
 def add_memory(parser, unset: bool = False) -> None:
     """--memory; `unset`: None when not given."""
     parser.add_argument("--memory", type=memory_budget, default=None if unset else MEMORY_BUDGET,
-                        help="DRAM budget for weights: a fraction of the model's bytes (0.5) or bytes (20000000, "
-                             f"20MB, 19MiB) (default: {MEMORY_BUDGET})")
+                        help="DRAM budget for the weights kept in DRAM (resident tensors and neuron rows), the "
+                             "predictors and the engine's per-neuron maps: a fraction of the model's bytes (0.5) or "
+                             f"bytes (20000000, 20MB, 19MiB) (default: {MEMORY_BUDGET})")

@@ -177,9 +177,11 @@ def add_training_commands(sub) -> None:
                     help="no training: measure how often the predictors already in OUT select each neuron (the hot "
                          "neurons that --pinned keeps in DRAM) and write OUT/hot_neurons.safetensors")
     tp.add_argument("--sparsity", type=real(0, 0.99, what="a fraction"), default=None,
-                    help="SwiGLU models: no predictors to train; calibrate per-layer thresholds on the gate activations "
-                         "(CATS) so that this fraction of the neurons stays below them, measure the thresholded model "
-                         "on the held-out split and write OUT/thresholds.safetensors + OUT/thresholds.json")
+                    help="SwiGLU models: calibrate per-layer thresholds (--criterion; CATS thresholds the gate) so "
+                         "that this fraction of the neurons stays below them, for a store that keeps the gate in DRAM; "
+                         "then train low-rank predictors on the sets of the model thresholded on |SiLU(gate) * up|, "
+                         "for a bundled store; measure both on the held-out split and write OUT/thresholds.safetensors, "
+                         "thresholds.json, predictors.safetensors, metrics.json and the hot neurons")
     tp.add_argument("--two-stage-only", action="store_true",
                     help="SwiGLU models, no training: calibrate a two-stage rule (the gate in DRAM picks candidates, "
                          "whose up | down are read; the product |SiLU(gate) * up| keeps those above its thresholds for "

@@ -27,7 +27,7 @@ from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import SWIGLU_MODEL, data_dir, predictors_beside, shipped_predictors_dir, temporary_folder
-from flashnb.text import MB, size_text, wrap
+from flashnb.text import MB, wrap
 
 
 def budget_words(budget: float | int) -> str:
@@ -84,8 +84,9 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
                 f", kept by {thresholds.criterion} thresholds ({thresholds.sparsity:.0%} sparsity)")
         rows = f"{mem.capacity_rows} rows {'per layer' if policy.window else 'shared by every layer'}"
         print(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
-              f"{mem.used_bytes / MB:.1f} MB of weights in DRAM = {mem.used_bytes / mem.model_bytes:.0%} of "
-              f"{mem.model_bytes / MB:.1f} MB (budget {budget_words(policy.memory_budget)}); {predictor.name}"
+              f"{mem.used_bytes / MB:.1f} MB in DRAM for weights, predictors and maps = "
+              f"{mem.used_bytes / mem.model_bytes:.0%} of the model's {mem.model_bytes / MB:.1f} MB (budget "
+              f"{budget_words(policy.memory_budget)}); {predictor.name}"
               f"{kept}, window {policy.window} ({rows}), {mem.pinned_rows} hot neurons pinned per layer, "
               f"{store.layout} store\n", file=sys.stderr)
         ids = tok.encode(prompt)
@@ -133,9 +134,9 @@ def window_advice(mean: TokenStats, mem, layers: int) -> str:
     whole = mem.budget_bytes + more > mem.model_bytes   # beyond the model's bytes a fraction cannot say it
     return wrap(f"note: a token needed {need:.0f} neurons per layer on average (measured), more than the {held} rows "
                 f"this budget leaves each layer, so every token was read in parts and little stayed for the next "
-                f"one; each more row costs {mem.row_bytes} B of --memory (about {size_text(more)} more would hold one "
-                f"token's neurons, more again the window's"
-                + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 2**10)}KiB" if whole else "")
+                f"one; each more row costs {mem.row_bytes} B of --memory (about {more / MB:.2f} MB more would hold "
+                f"one token's neurons, more again the window's"
+                + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 1000)}KB" if whole else "")
                 + ")") + "\n"
 
 
@@ -159,16 +160,19 @@ def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, 
     candidates and the product keeps (the folder's two-stage/, `two_stage_in`). `pinned`: hot-neuron rows per
     layer, or "auto" (`flashnb.core.simulate.choose_pinned` with the cost model on the saved device profile)."""
     folder = Path(folder)
+    config = read_config(folder)   # first: a folder that is not a model says so, before its tokenizer is missed
     tok = Tokenizer.from_folder(folder)
-    config = read_config(folder)
     check_early(tok.encode(prompt), n, config, pinned)
     pred_dir = Path(predictors_dir or predictors_beside(folder))
     pair = two_stage_rule(pred_dir, config, folder.name) if two_stage else None
+    if gate_in_dram and not config.needs_thresholds:
+        raise FlashnbError(f"--gate-in-dram is for SwiGLU models (a SiLU gate, no exact zeros); {folder.name} is "
+                           f"sparse by itself ({config.ffn_activation}): drop --gate-in-dram, or run a SwiGLU model "
+                           f"such as --model {SWIGLU_MODEL}")
     thresholds = pair[1] if pair else folder_thresholds(pred_dir, config) if gate_in_dram else None
     if gate_in_dram and thresholds is None:
         raise FlashnbError(f"--gate-in-dram runs a SwiGLU model with the gate thresholds in its predictors folder; "
-                           f"{pred_dir} has no {THRESHOLDS_FILE}" + ("" if config.gated else f" and {folder.name} has "
-                           "no gate") + ": calibrate them with `flashnb train-predictors --model FOLDER --sparsity 0.5`")
+                           f"{pred_dir} has no {THRESHOLDS_FILE}: calibrate them with `flashnb train-predictors --model FOLDER --sparsity 0.5`")
     gate_decides = thresholds is not None
     if gate_decides and pinned:
         raise FlashnbError("--pinned keeps the hot neurons that low-rank predictors select; with --gate-in-dram or "
@@ -259,12 +263,15 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
 def two_stage_rule(pred_dir: Path | None, config, name: str) -> tuple[Thresholds, Thresholds]:
     """--two-stage: (candidates, keep) from a predictors folder's two-stage/ (`two_stage_in`), or one clear
     error naming what is missing (the folder's rule, the model's gate)."""
-    pair = two_stage_in(pred_dir) if pred_dir is not None and config.gated else None
+    if not config.needs_thresholds:
+        raise FlashnbError(f"--two-stage is for SwiGLU models (a SiLU gate, no exact zeros); {name} is sparse by "
+                           f"itself ({config.ffn_activation}): drop --two-stage, or run a SwiGLU model such as "
+                           f"--model {SWIGLU_MODEL}")
+    pair = two_stage_in(pred_dir) if pred_dir is not None else None
     if pair is None:
         where = "no --predictors folder was given" if pred_dir is None else f"{pred_dir} has no two-stage/"
         raise FlashnbError(f"--two-stage runs a SwiGLU model with the two-stage thresholds of its predictors folder; "
-                           f"{where}" + ("" if config.gated else f" and {name} has no gate")
-                           + ": write them with `flashnb train-predictors --model FOLDER --two-stage-only`")
+                           f"{where}: write them with `flashnb train-predictors --model FOLDER --two-stage-only`")
     return pair
 
 

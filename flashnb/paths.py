@@ -34,10 +34,11 @@ def shipped_model_dir() -> Path:
     return d
 
 
-def model_folder(name: str) -> Path:
-    """`--model NAME`: the folder NAME, or, where there is none, the shipped model of that name (from anywhere)."""
+def shipped_folder(name: str) -> Path:
+    """A folder given on the command line (--model, convert's HF_FOLDER, --predictors, --placement): the folder
+    NAME, or, where there is none, the shipped model or predictors of that name (data/NAME, from anywhere)."""
     folder = Path(name)
-    if not folder.exists() and (data_dir() / name / "config.json").is_file():
+    if not folder.exists() and "/" not in name and (data_dir() / name).is_dir():
         return data_dir() / name
     return folder
 
@@ -102,6 +103,16 @@ def scratch_folder(dir: str | Path | None = None) -> tempfile.TemporaryDirectory
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=dir)
+
+
+def work_folder(dir: str | Path | None) -> Path:
+    """--dir of `flashnb bench`: a folder that exists (default: the system temp folder), or one clear error."""
+    root = Path(dir or tempfile.gettempdir())
+    if root.exists() and not root.is_dir():
+        raise FlashnbError(f"--dir {root} is a file, not a folder; give the folder the scratch stores go to")
+    if not root.is_dir():
+        raise FlashnbError(f"--dir {root} does not exist; create it or pick another folder")
+    return root
 
 
 # Temporary folders in use (scratch stores of `flashnb demo` and `flashnb bench`): the command line's

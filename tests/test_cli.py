@@ -172,7 +172,8 @@ def test_memory_parses_fractions_and_bytes():
     for ambiguous in ("1", "2", "1048575"):   # a bare number under 1 MiB: a fraction meant without its point?
         with pytest.raises(argparse.ArgumentTypeError, match="is ambiguous") as e:
             memory_budget(ambiguous)
-        assert f"{ambiguous}B for {ambiguous} bytes" in str(e.value)   # the bytes spelled out, not a GiB guess
+        unit = "byte" if ambiguous == "1" else "bytes"
+        assert f"{ambiguous}B for {ambiguous} {unit}" in str(e.value)   # the bytes spelled out, not a GiB guess
 
 
 def test_a_prompt_that_is_not_utf8_is_one_line(tiny_opt_dir, capsys):
@@ -185,6 +186,11 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules, 'numpy' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.split() == ["False", "False"]
+
+
+def test_python_dash_m_flashnb_is_the_flashnb_command():
+    r = subprocess.run([sys.executable, "-m", "flashnb", "generate", "--policy", "all"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("flashnb: error: generate: ") and "is now 'every'" in r.stderr
 
 
 def test_decode_threads_default_and_override(monkeypatch):
@@ -223,7 +229,9 @@ def test_bad_thread_variable_is_one_clear_error(tiny_opt_dir, monkeypatch, capsy
 def test_in_flight_is_range_checked(capsys):
     _one_line_error(capsys, ["demo", "--in-flight", "100000"], "argument --in-flight: 100000 is out of range")
     _one_line_error(capsys, ["demo", "--memory", "nan"], "neither a fraction")
-    _one_line_error(capsys, ["demo", "--pinned", "many"], "argument --pinned: 'many' is not a whole number or 'auto'")
+    _one_line_error(capsys, ["demo", "--pinned", "many"],
+                    "argument --pinned: 'many' is neither 'auto' nor a whole number of rows >= 0")
+    _one_line_error(capsys, ["demo", "--pinned", "-1"], "'-1' is neither 'auto' nor a whole number")
     _one_line_error(capsys, ["bench", "--bogus"], "unrecognized arguments: --bogus")
 
 
@@ -305,13 +313,14 @@ def test_train_predictors_two_stage_only_writes_what_demo_two_stage_runs(tmp_pat
 
 @pytest.mark.parametrize("argv,words", [
     (["demo", "--model", "SWIGLU", "--gate-in-dram", "-n", "2"], "at least 0.579 of the model"),
-    (["demo", "--gate-in-dram", "-n", "2"], "has no thresholds.safetensors and flashnb-opt-21m has no gate"),
+    (["demo", "--gate-in-dram", "-n", "2"], "flashnb-opt-21m is sparse by itself (relu): drop --gate-in-dram, or run a "
+                                            "SwiGLU model such as --model flashnb-llama-11m"),
     (["demo", "--model", "no-such-model", "-n", "2"], "no such folder, nor the name of a model"),
     (["convert", "RELU", "STORE", "--layout", "gate-apart"], "this opt model's FFN has no gate"),
     (["train-predictors", "--model", "RELU", "--sparsity", "0.5", "--out", "OUT"],
      "thresholds are for SwiGLU models"),
     (["train-predictors", "--sparsity", "0.5", "--lookahead"], "different jobs"),
-    (["demo", "--two-stage", "-n", "2"], "has no two-stage/ and flashnb-opt-21m has no gate"),
+    (["demo", "--two-stage", "-n", "2"], "flashnb-opt-21m is sparse by itself (relu): drop --two-stage"),
     (["train-predictors", "--model", "RELU", "--two-stage-only", "--out", "OUT"], "a two-stage rule is for SwiGLU"),
     (["train-predictors", "--candidates", "0.3", "--out", "OUT"], "--candidates goes with --two-stage-only"),
     (["train-predictors", "--model", "SWIGLU", "--two-stage-only", "--candidates", "0.6", "--out", "OUT"],

@@ -18,6 +18,11 @@ def test_an_output_file_is_checked_before_the_run(tmp_path, capsys):
     _refused(capsys, ["profile", "--quick", "--out", str(tmp_path)], "is a folder")
     _refused(capsys, ["profile", "--quick", "--out", str(tmp_path / "no" / "p.json")], "does not exist")
     assert not (tmp_path / "no").exists()                          # nothing created on the way
+    (tmp_path / "f").write_text("mine")
+    _refused(capsys, ["bench", "--tokens", "1", "--configs", "naive", "--dir", str(tmp_path / "f")],
+             "is a file, not a folder")
+    _refused(capsys, ["bench", "--keep-replay"], "it goes with --replay")
+    assert (tmp_path / "f").read_text() == "mine"
 
 
 def test_profile_options_that_would_do_nothing_or_the_wrong_thing(tmp_path, capsys, monkeypatch):
@@ -153,3 +158,21 @@ def test_one_new_token_says_why_there_is_no_table(capsys):
     assert main(["demo", "-n", "1"]) == 0
     err = capsys.readouterr().err
     assert "no step after the prompt was measured" in err and "token in" not in err
+
+
+def test_a_folder_that_is_not_a_model_says_so_before_its_tokenizer(tmp_path, capsys):
+    (tmp_path / "tokenizer.json").write_text("{}")   # e.g. a predictors folder, or a folder of other files
+    _refused(capsys, ["demo", "--model", str(tmp_path), "-n", "2"], "config.json is missing")
+
+
+def test_too_many_new_tokens_name_the_most_that_fit(capsys):
+    _refused(capsys, ["generate", "--model", "flashnb-opt-21m", "--prompt", "Return a list", "-n", "300"],
+             "ask for 252 new tokens or fewer")   # 4 prompt tokens (with the start token) + 252 = 256
+
+
+def test_shipped_names_work_for_every_folder_option_from_anywhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)   # no data/ here
+    assert main(["convert", "flashnb-opt-21m", "store", "--placement", "flashnb-opt-21m-predictors"]) == 0
+    assert main(["generate", "--store", "store", "--predictors", "flashnb-opt-21m-predictors", "--prompt", "Return",
+                 "-n", "2", "--stats", "summary"]) == 0
+    assert "low-rank predictors" in capsys.readouterr().err

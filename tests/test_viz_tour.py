@@ -203,11 +203,12 @@ def test_costs_figure_from_dense_and_flash_runs(setup):
     fig = V.costs_figure([dense, flash], dense.dram_bytes)
     assert [t.name for t in fig.data] == [
         "I/O (measured)", "memory management (measured)", "compute (measured)",
-        "DRAM for weights (measured: bytes held)"]
+        "DRAM held: the whole model (measured: bytes held)",
+        "DRAM held: weights, predictors and maps (measured: bytes held)"]   # one legend entry per colour
     whole = [s for s in fig.layout.shapes if s.yref == "y2"]                        # a line across the panel
     assert [s.y0 for s in whole] == [dense.dram_bytes / 1e6] and "whole model" in fig.layout.annotations[-1].text
-    assert list(fig.data[3].y) == [dense.dram_bytes / 1e6, flash.dram_bytes / 1e6]
-    assert list(fig.data[3].marker.color) == [S.color("dense"), S.color("all")]
+    assert [list(t.y) for t in fig.data[3:]] == [[dense.dram_bytes / 1e6], [flash.dram_bytes / 1e6]]
+    assert [t.marker.color for t in fig.data[3:]] == [S.color("dense"), S.color("all")]
     assert fig.data[0].y[0] == 0.0 and fig.data[2].y[0] == dense.stats.total_ms   # dense: all compute
     assert "DRAM (MB)" in _axis_titles(fig)
 

@@ -184,7 +184,7 @@ def format_table(result: BenchResult) -> str:
         only = " (the budget leaves no row to pin beside a token's neurons)" if len(p["pinned_rows"]) == 1 else ""
         lines.append(wrap(f"{LABELS['pinned']}: {p['chosen']} hot neurons pinned per layer{only}, the split with the "
                           f"least {p['score_name']} among those adding at most 1% reader calls, simulated on the "
-                          f"predictors' calibration sets, per token: {splits}"))
+                          f"predictors' calibration sets (held-out tokens, not this run's), per token: {splits}"))
     checked = result.results.get("all")
     if checked and checked.stats.verify_ms is not None and checked.stats.total_ms:
         v = checked.stats.verify_ms

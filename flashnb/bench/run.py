@@ -35,7 +35,6 @@ Each configuration's `floor_ms` is the floor (or, without predictors, dense) mea
 from __future__ import annotations
 
 import importlib.util
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -64,7 +63,7 @@ from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import read_config
 from flashnb.models.tokenizer import Tokenizer
-from flashnb.paths import predictors_beside, shipped_model_dir, temporary_folder
+from flashnb.paths import predictors_beside, shipped_model_dir, temporary_folder, work_folder
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "reads", "mmap", "accelerate",
            "dense", "floor")
@@ -237,9 +236,7 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         raise FlashnbError(f"--tokens {cfg.tokens}: the prompt ({len(prompt)} tokens), the token it predicts and "
                            f"{cfg.tokens} more exceed the model's context of {config.max_position_embeddings}; give "
                            f"--tokens {max(1, room)} or fewer, or a shorter prompt")
-    workroot = Path(cfg.dir or tempfile.gettempdir())
-    if not workroot.is_dir():
-        raise FlashnbError(f"--dir {workroot} does not exist; create it or pick another folder")
+    workroot = work_folder(cfg.dir)
     profile, profile_source = _profile(cfg, workroot)
     device = as_device(profile)
     gap = coalescing_gap(profile, cfg.in_flight)

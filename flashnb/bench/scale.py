@@ -17,7 +17,6 @@ a real predictor costs in time and DRAM. Every result says so in its `neuron_set
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import zlib
 from contextlib import ExitStack
@@ -46,6 +45,7 @@ from flashnb.device.profile import coalescing_gap
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
 from flashnb.models.opt import OPTConfig
+from flashnb.paths import work_folder
 from flashnb.text import wrap
 
 # OPT shapes (d_model, ffn_dim, layers, attention heads): the paper's OPT 6.7B and its smaller and larger kin.
@@ -294,9 +294,7 @@ def run_scale(cfg, log=print):
                            "weights (drop them from --configs)")
     if cfg.tokens < 1:
         raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
-    root = Path(cfg.dir or tempfile.gettempdir())
-    if not root.is_dir():
-        raise FlashnbError(f"--dir {root} does not exist; create it or pick another folder")
+    root = work_folder(cfg.dir)
     profile, profile_source = _profile(cfg, root)
     device, gap = as_device(profile), coalescing_gap(profile, cfg.in_flight)
     prompt_len = 2

@@ -102,7 +102,9 @@ def check_context(prompt_ids: list[int], max_new_tokens: int, config) -> None:
     limit = config.max_position_embeddings
     if len(prompt_ids) + max_new_tokens > limit:
         raise FlashnbError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceeds the "
-                           f"model's context of {limit} positions; shorten the prompt or ask for fewer tokens")
+                           f"model's context of {limit} positions; "
+                           + (f"ask for {limit - len(prompt_ids)} new tokens or fewer, or shorten the prompt"
+                              if len(prompt_ids) < limit else f"shorten the prompt to fewer than {limit} tokens"))
 
 
 def decode(run: Callable[[list[int]], torch.Tensor], prompt_ids: list[int], max_new_tokens: int,

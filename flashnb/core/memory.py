@@ -27,6 +27,7 @@ import torch
 
 from flashnb.core.io import aligned_empty
 from flashnb.errors import FlashnbError
+from flashnb.text import MB
 
 # Bytes of bookkeeping besides the rows' values, all counted in the budget:
 ROW_BOOKKEEPING = 8       # per row: its neuron's id in the pointer array (int64)
@@ -139,11 +140,11 @@ def plan_memory(shape: MemoryShape, budget: float | int, window: int, predictor_
         total = budget_bytes(budget, shape.model_bytes)
         need = min_budget(shape, window, predictor_bytes, pinned_rows, maps)
         raise FlashnbError(
-            f"memory budget of {total / 2**20:.2f} MiB ({total / shape.model_bytes:.0%} of the model's "
-            f"{shape.model_bytes / 2**20:.2f} MiB) is too small: resident tensors take "
-            f"{shape.resident_bytes / 2**20:.2f} MiB, predictors {predictor_bytes / 2**20:.2f} MiB, the engine's "
-            f"per-neuron maps {fixed / 2**20:.2f} MiB"
-            + (f", {pinned_rows} pinned rows per layer {shape.layers * pinned_rows * shape.row_bytes / 2**20:.2f} MiB"
+            f"memory budget of {total / MB:.2f} MB ({total / shape.model_bytes:.0%} of the model's "
+            f"{shape.model_bytes / MB:.2f} MB) is too small: resident tensors take "
+            f"{shape.resident_bytes / MB:.2f} MB, predictors {predictor_bytes / MB:.2f} MB, the engine's "
+            f"per-neuron maps {fixed / MB:.2f} MB"
+            + (f", {pinned_rows} pinned rows per layer {shape.layers * pinned_rows * shape.row_bytes / MB:.2f} MB"
                if pinned_rows else "")
             + ", leaving no window row per layer; "
             + (f"raise the budget (--memory, or Policy.memory_budget) to at least {need:.3f} of the model"
@@ -171,9 +172,9 @@ def hybrid_plan(shape: MemoryShape, budget: float | int) -> MemoryPlan:
     and the buffer streams a layer in pieces)."""
     rows, n, L = rows_in_budget(shape, budget), shape.ffn_dim, shape.layers
     if rows < 1:
-        raise FlashnbError(f"memory budget {budget_bytes(budget, shape.model_bytes) / 2**20:.1f} MiB leaves no "
+        raise FlashnbError(f"memory budget {budget_bytes(budget, shape.model_bytes) / MB:.2f} MB leaves no "
                            f"room for reading FFN rows beside the resident tensors "
-                           f"({shape.resident_bytes / 2**20:.1f} MiB); raise it")
+                           f"({shape.resident_bytes / MB:.2f} MB); raise it")
     pinned = int(min(n, max(0, (rows - n) // max(1, L - 1))))
     return plan_memory(shape, budget, 0, 0, pinned, maps=False) if pinned < n else MemoryPlan(
         shape.model_bytes, budget_bytes(budget, shape.model_bytes), shape.resident_bytes, 0, shape.row_bytes,

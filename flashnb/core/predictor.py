@@ -52,7 +52,7 @@ class Predictor:
 class AllNeurons(Predictor):
     """Every neuron of every layer, every token: what naive loading reads."""
 
-    name = "all neurons"
+    name = "every neuron"
 
     def __init__(self, ffn_dim: int):
         self.ffn_dim = ffn_dim

@@ -49,7 +49,7 @@ def byo_model(path: str | None, workdir: str | Path) -> tuple[Path, bool, str]:
         config = read_config(folder)  # a clear error if this is not a model folder flashnb runs
         swiglu = ("; a gated FFN with SiLU (SwiGLU): hardly any neuron is exactly zero, so the oracle reads about "
                   "the whole FFN and predictors of zeros have little to skip. Notebook 08 runs such a model with "
-                  "thresholds (CATS) that make it sparse") if config.gated and config.ffn_activation != "relu" else ""
+                  "thresholds (CATS) that make it sparse") if config.needs_thresholds else ""
         return folder, True, wrap(f"your model: {folder} ({config.model_type}, "
                                   f"{_params(config) / 1e6:.3g} M parameters){swiglu}")
     try:

@@ -49,6 +49,12 @@ class LlamaConfig:
         """The name of the FFN activation (the Hugging Face config's hidden_act)."""
         return self.hidden_act
 
+    @property
+    def needs_thresholds(self) -> bool:
+        """SwiGLU (a SiLU gate): no neuron is exactly zero, so thresholds (flashnb.core.thresholds) make the FFN
+        sparse; a ReLU gate (ReluLLaMA, ProSparse) is sparse by itself."""
+        return self.ffn_activation != "relu"
+
     @staticmethod
     def hf_key(name: str) -> str:
         """flashnb's parameter name -> the name in a Hugging Face LlamaForCausalLM checkpoint."""

@@ -44,6 +44,7 @@ class OPTConfig:
     # matrix is [ffn, d] and neuron i is row i; "col" = it is [d, ffn] and neuron i is column i.
     ffn_parts = (("fc1", "row"), ("fc2", "col"))
     gated = False  # a ReLU FFN: act(fc1 x) decides which neurons fire
+    needs_thresholds = False  # ReLU's exact zeros make it sparse (see LlamaConfig.needs_thresholds)
 
     @property
     def ffn_activation(self) -> str:

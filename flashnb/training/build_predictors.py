@@ -322,7 +322,7 @@ def build_thresholds(cfg: BuildConfig, sparsity: float, criterion: str = "scaled
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model)
-    if not model.config.gated or model.config.ffn_activation == "relu":
+    if not model.config.needs_thresholds:
         raise FlashnbError(f"{cfg.model}: thresholds are for SwiGLU models (a gated FFN with SiLU); this model's "
                            f"FFN is {model.config.ffn_activation}{' gated' if model.config.gated else ''}, whose zeros "
                            "the low-rank predictors learn: drop --sparsity")

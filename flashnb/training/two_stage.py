@@ -36,7 +36,7 @@ def build_two_stage(cfg, candidates: float, sparsity: float, calibration_tokens:
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model)
-    if not model.config.gated or model.config.ffn_activation == "relu":
+    if not model.config.needs_thresholds:
         raise FlashnbError(f"{cfg.model}: a two-stage rule is for SwiGLU models (a gated FFN with SiLU); this "
                            f"model's FFN is {model.config.ffn_activation}: its predictors decide")
     tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)

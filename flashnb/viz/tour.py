@@ -133,7 +133,8 @@ def budget_figure(sweep, budget: float | None = None) -> go.Figure:
                 y = [getattr(r, key) if (col == 1 or getattr(r, key)) else None for r in rows]  # 0: off the log axis
                 hover = "DRAM budget %{x:.1f}%: " + ("%{y:.1f} ms per token" if col == 1 else "%{y:.2f} MB per token")
                 spread = {} if col == 2 or source == "modeled" else dict(  # the tokens' p10-p90
-                    error_y=dict(S.whiskers(y, [[r.p10_ms, r.p90_ms] for r in rows]), thickness=1.5, width=4),
+                    error_y=dict(S.whiskers(y, [[r.p10_ms, r.p90_ms] for r in rows]), thickness=1.5, width=4,
+                                 color=S.color(name)),   # in the series' colour: the two overlap at a budget
                     customdata=[[r.p10_ms, r.p90_ms] for r in rows])
                 if spread:
                     hover += " (tokens' p10-p90 %{customdata[0]:.1f}-%{customdata[1]:.1f} ms)"
@@ -184,9 +185,12 @@ def costs_figure(runs, model_bytes: int) -> go.Figure:
     for comp in COMPONENTS:
         fig.add_trace(go.Bar(x=names, y=[getattr(r.stats, f"{comp}_ms") for r in runs], name=S.label(comp, "measured"),
                              **S.bar(comp, "measured")), 1, 1)
-    colors = [S.color("dense") if n.startswith("dense") else S.color("all") for n in names]
-    fig.add_trace(go.Bar(x=names, y=[r.dram_bytes / MB for r in runs], name="DRAM for weights (measured: bytes held)",
-                         marker=dict(color=colors)), 1, 2)
+    for dense, what, tech in ((True, "the whole model", "dense"), (False, "weights, predictors and maps", "all")):
+        held = [r for r in runs if r.name.startswith("dense") == dense]   # one legend entry per colour
+        if held:
+            fig.add_trace(go.Bar(x=[r.name for r in held], y=[r.dram_bytes / MB for r in held],
+                                 name=f"DRAM held: {what} (measured: bytes held)", marker=dict(color=S.color(tech))),
+                          1, 2)
     S.hline(fig, model_bytes / MB, "measured", "whole model (measured: file bytes)", S.color("naive"),
             annotation_position="top left", row=1, col=2)   # across the whole panel
     S.layout(fig, "Dense in DRAM vs from flash (measured)", height=420, barmode="stack")
