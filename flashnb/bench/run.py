@@ -103,9 +103,10 @@ def take_turns(streams: dict[str, Iterator[int]],
     texts: dict[str, list[int]] = {k: [] for k in streams}
     spent = dict.fromkeys(streams, 0.0)
     live = dict(streams)
-    with tqdm(desc="one token of each configuration in turn", unit="round", disable=not progress,
+    with tqdm(desc="one token of each configuration in turn", unit=" round", disable=not progress,
               leave=False) as bar:
         while live:
+            before = sum(map(len, texts.values()))
             for name, stream in list(live.items()):
                 t0 = time.perf_counter()
                 try:
@@ -113,7 +114,7 @@ def take_turns(streams: dict[str, Iterator[int]],
                 except StopIteration:  # end of text: that configuration has fewer tokens
                     del live[name]
                 spent[name] += time.perf_counter() - t0
-            bar.update(1)
+            bar.update(int(sum(map(len, texts.values())) > before))   # (the last pass only finds the ends)
     return texts, spent
 
 
