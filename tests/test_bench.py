@@ -209,6 +209,8 @@ def test_window_timeline_replays_the_engines_window_decisions(tmp_path):
     assert (min(held.x), max(held.x)) == (2.5, 4.5) and (min(current.x), max(current.x)) == (4.5, 5.5)
     lo, hi = sorted(fig.layout.yaxis.range)   # the frames' top and bottom run clear of the cells, and in view
     assert lo < min(held.y) < -0.5 and tl.states.shape[0] - 0.5 < max(held.y) < hi
+    left, right = fig.layout.xaxis.range                  # the last token's frame is drawn whole
+    assert left < -0.5 and max(fig.frames[-1].data[2].x) < right
     assert "token 5: ' t5'" in frame.layout.title.text and "' t3 t4'" in frame.layout.title.text   # window 2
     col = tl.states[:, 5]
     assert f"{(col == HIT).sum()} hits, {(col == READ).sum()} read, {(col == EVICTED).sum()} evicted" in \

@@ -108,7 +108,7 @@ def _bar_color(fig, name_start: str, i: int = 0) -> str:
 
 def test_a_technique_has_one_colour_in_every_module(figures):
     f = figures
-    table2 = {S.technique(x): c for x, (_, c) in bar_series(f["flash.table2"], "paper's device").items()}
+    table2 = {S.technique(x): c for x, (_, c) in bar_series(f["flash.table2"], "the paper's device").items()}
     window_bars = {w: c for w, (_, c) in bar_series(f["engine.window"], "read per token").items()}
     window_map = next(t for t in f["engine.window"].data if t.type == "heatmap")
     seen = {                                                        # window 0 = predictor alone, then windowing

@@ -155,7 +155,7 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
                       steps=[dict(label=str(t), method="animate",
                                   args=[[str(t)], dict(frame=dict(duration=0, redraw=True), mode="immediate")])
                              for t in range(n_tokens)])])
-    fig.update_xaxes(range=[-0.5, n_tokens - 0.5])
+    fig.update_xaxes(range=[-0.6, n_tokens - 0.4])   # the frames' outer edges inside the plot
     fig.update_yaxes(range=[bottom + 1.5 * edge, top - 1.5 * edge])
     return fig
 

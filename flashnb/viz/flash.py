@@ -97,12 +97,14 @@ def table2_figure(profile: Profile | None = None) -> go.Figure:
     fig.add_traces(S.bars(names, [r.paper_io_ms for r in paper_rows], colors, "paper",
                           S.label("Table 2, M1 Max", "paper"), offsetgroup="paper"), rows=1, cols=1)
     fig.add_traces(S.bars(names, [r.io_ms for r in paper_rows], colors, "modeled",
-                          S.label("paper's device", "modeled", S.COST_MODEL), offsetgroup="modeled",
+                          S.label("the paper's device" + (" (left) and this disk (right)" if profile else ""),
+                                  "modeled", S.COST_MODEL), offsetgroup="modeled",
                           text=[f"{r.rel_error:+.1%}" for r in paper_rows], textposition="outside"), rows=1, cols=1)
     if profile is not None:
         mine = table2(profile)
         fig.add_traces(S.bars(names, [r.io_ms for r in mine], colors, "modeled",
                               S.label("this disk", "modeled", S.COST_MODEL), offsetgroup="modeled",
+                              showlegend=False,   # its swatch would be the left one's: one entry names both
                               text=[f"{r.io_ms:.0f}" for r in mine], textposition="outside"), rows=1, cols=2)
     S.layout(fig, "Flash I/O per token, OPT 6.7B fp16, half in DRAM: paper (Table 2) vs modeled",
              x=("configuration", None), y=("I/O per token", "ms, log scale"), height=440, barmode="group")
