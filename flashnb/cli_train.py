@@ -180,8 +180,9 @@ def add_training_commands(sub) -> None:
                     help="SwiGLU models: calibrate per-layer thresholds (--criterion; CATS thresholds the gate) so "
                          "that this fraction of the neurons stays below them, for a store that keeps the gate in DRAM; "
                          "then train low-rank predictors on the sets of the model thresholded on |SiLU(gate) * up|, "
-                         "for a bundled store; measure both on the held-out split and write OUT/thresholds.safetensors, "
-                         "thresholds.json, predictors.safetensors, metrics.json and the hot neurons")
+                         "for a bundled store; measure both on the held-out split and write "
+                         "OUT/thresholds.safetensors, thresholds.json, predictors.safetensors, metrics.json and "
+                         "the hot neurons")
     tp.add_argument("--two-stage-only", action="store_true",
                     help="SwiGLU models, no training: calibrate a two-stage rule (the gate in DRAM picks candidates, "
                          "whose up | down are read; the product |SiLU(gate) * up| keeps those above its thresholds for "

@@ -172,7 +172,8 @@ def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, 
     thresholds = pair[1] if pair else folder_thresholds(pred_dir, config) if gate_in_dram else None
     if gate_in_dram and thresholds is None:
         raise FlashnbError(f"--gate-in-dram runs a SwiGLU model with the gate thresholds in its predictors folder; "
-                           f"{pred_dir} has no {THRESHOLDS_FILE}: calibrate them with `flashnb train-predictors --model FOLDER --sparsity 0.5`")
+                           f"{pred_dir} has no {THRESHOLDS_FILE}: calibrate them with `flashnb train-predictors "
+                           "--model FOLDER --sparsity 0.5`")
     gate_decides = thresholds is not None
     if gate_decides and pinned:
         raise FlashnbError("--pinned keeps the hot neurons that low-rank predictors select; with --gate-in-dram or "

@@ -94,7 +94,8 @@ def test_generate_from_a_store_of_another_model_needs_predictors(tmp_path, tiny_
 
     store = convert(tiny_opt_dir, tmp_path / "store", ConvertConfig(progress=False))
     _one_line_error(capsys, ["generate", "--store", str(store), "--prompt", "Open"], "pass --predictors FOLDER")
-    assert main(["generate", "--store", str(store), "--prompt", "Open", "-n", "3", "--policy", "every", "--memory", "0.9"]) == 0
+    assert main(["generate", "--store", str(store), "--prompt", "Open", "-n", "3", "--policy", "every",
+                 "--memory", "0.9"]) == 0
     capsys.readouterr()
     _one_line_error(capsys, ["generate", "--model", str(tiny_opt_dir), "--prompt", "x", "--window", "2"],
                     "--window: only for the flash engine")
@@ -121,7 +122,8 @@ def test_what_depends_on_the_model_is_checked_before_any_work(shipped_store, tin
                     "exceeds the model's context")
     assert time.perf_counter() - t0 < 20   # refused before converting or loading anything (each well under 1 s)
     other = convert(tiny_opt_dir, tmp_path / "store", ConvertConfig(progress=False))
-    _one_line_error(capsys, ["generate", "--store", str(other), "--prompt", "Open", "--policy", "every", "--pinned", "8"],
+    _one_line_error(capsys, ["generate", "--store", str(other), "--prompt", "Open", "--policy", "every",
+                             "--pinned", "8"],
                     "--pinned holds the hot neurons")
 
 

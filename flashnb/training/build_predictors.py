@@ -306,9 +306,9 @@ def build_thresholds(cfg: BuildConfig, sparsity: float, criterion: str = "scaled
     """A SwiGLU model's thresholds and low-rank predictors, into cfg.out:
 
     1. thresholds (flashnb.core.thresholds, `criterion`) for `sparsity` from `calibration_tokens`
-       training-split tokens (at most cfg.train_tokens): what decides the neurons when the gate stays in DRAM (store layout
-       gate-apart); the thresholded model's held-out perplexity and top-1 agreement at every target of
-       SWEEP, every criterion (thresholds.json);
+       training-split tokens (at most cfg.train_tokens): what decides the neurons when the gate stays in
+       DRAM (store layout gate-apart); the thresholded model's held-out perplexity and top-1 agreement at
+       every target of SWEEP, every criterion (thresholds.json);
     2. the model thresholded on the product |SiLU(gate) * up| at the same sparsity (the neurons that
        matter most: the best labels, measured), traced on the training windows of `build`, and a
        low-rank predictor per layer trained on its sets: what decides when the gate stays on flash (a
