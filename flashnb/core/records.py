@@ -3,7 +3,8 @@
 The per-token loop (`flashnb.core.engine.FlashFFN.forward`) holds no clock: the steps it calls are
 wrapped by `Recorder.timed`, which adds each call's seconds to its phase, and `Recorder.layer` files
 one `LayerStep` per layer (per part of a layer whose neurons exceed its rows) with the counts and
-the phases' seconds. Per-token means live in `flashnb.lab.stats`.
+the phases' seconds. `per_token_mean` is flashnb's one per-token mean; `flashnb.lab.stats.TokenStats`
+gathers them for tables and figures.
 
 Phases: predict (the predictor), window (planning hits, loads and evictions), memory (deleting and
 appending rows), submit (planning and submitting the reads), wait (waiting for the reads), ffn (the
@@ -132,6 +133,13 @@ class TokenStep:
     @property
     def prefetched(self) -> int:
         return self._sum("prefetched")
+
+
+def per_token_mean(steps, value: Callable[["TokenStep"], float]) -> float:
+    """The mean over `steps` (TokenSteps, recorded or simulated) of `value(step)`; 0.0 without steps. Every
+    per-token mean in flashnb is this one (TokenStats, the pinned split, the cost model's I/O of a run)."""
+    values = [value(s) for s in steps]
+    return float(np.mean(values)) if values else 0.0
 
 
 def window_counts(plan, landed: np.ndarray | None) -> tuple[int, int, int]:

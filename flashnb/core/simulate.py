@@ -20,7 +20,7 @@ from flashnb.core.engine import Policy
 from flashnb.core.memory import bookkeeping_bytes, plan_memory, rows_in_budget
 from flashnb.core.pinning import HotNeurons, PinningChoice, candidate_splits, pinned_ids
 from flashnb.core.reader import NeuronReader, ReaderConfig
-from flashnb.core.records import LayerStep, TokenStep, window_counts
+from flashnb.core.records import LayerStep, TokenStep, per_token_mean, window_counts
 from flashnb.core.store import FlashStore
 from flashnb.core.window import Window, check_lookahead_window, in_file_order, split_predicted
 
@@ -112,7 +112,7 @@ def choose_pinned(hot: HotNeurons, store: FlashStore | str, policy: Policy, pred
         pol = replace(policy, pinned=int(p))
         steps = simulate(sets, st, pol, predictor_bytes, hot=hot)
         cap = plan_memory(shape, pol.memory_budget, pol.window, predictor_bytes, pol.pinned).capacity_rows
-        mean = lambda f: float(np.mean([f(s) for s in steps]))  # noqa: E731
+        mean = lambda f: per_token_mean(steps, f)  # noqa: E731
         rows.append((int(p), cap, mean(lambda s: s.bytes_read), mean(lambda s: s.requests),
                      mean(lambda s: len(s.layers)), io_ms(steps) if io_ms else mean(lambda s: s.bytes_read)))
     fits = [r for r in rows if r[4] <= rows[0][4] * 1.01]  # hardly more reader calls than pinning nothing

@@ -33,6 +33,7 @@ from functools import lru_cache
 import numpy as np
 from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET
 from flashnb.core.memory import MemoryShape, budget_bytes, hybrid_plan, plan_memory
+from flashnb.core.records import per_token_mean
 from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import CONFIGS, ffn_matrix_names, meta_model
 from flashnb.paths import data_dir
@@ -320,8 +321,9 @@ def calls_seconds(device, calls: float, requests_per_call: float, request_bytes:
 def steps_io_ms(device, steps, in_flight: int) -> float:
     """The cost model's I/O per token, in ms, for recorded or simulated `steps` (TokenSteps): each
     reader call's requests at their mean size, with `in_flight` reads in flight."""
-    return 1e3 * float(np.mean([sum(calls_seconds(device, 1, layer.requests, layer.bytes_read // layer.requests, in_flight)
-                                    for layer in s.layers if layer.requests) for s in steps])) if steps else 0.0
+    return 1e3 * per_token_mean(steps, lambda s: sum(calls_seconds(device, 1, layer.requests,
+                                                                  layer.bytes_read // layer.requests, in_flight)
+                                                     for layer in s.layers if layer.requests))
 
 
 def stream_ms(device, calls: float, nbytes: float) -> float:

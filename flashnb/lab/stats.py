@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from flashnb.core.records import per_token_mean
+
 
 def apart(runs_a, runs_b) -> bool:
     """Whether two sets of measured runs have ranges that do not overlap: only then is the faster one surely
@@ -17,11 +19,6 @@ def apart(runs_a, runs_b) -> bool:
     if not len(runs_a) or not len(runs_b):
         return True
     return max(runs_a) < min(runs_b) or max(runs_b) < min(runs_a)
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return float(np.mean(xs)) if xs else 0.0
 
 
 @dataclass(frozen=True)
@@ -65,19 +62,21 @@ class TokenStats:
         management and counts); False for runners that cannot separate them from compute."""
         walls = np.array([s.wall_seconds * 1e3 for s in steps]) if steps else np.zeros(0)
         pct = (lambda q: float(np.percentile(walls, q))) if walls.size else (lambda q: 0.0)  # noqa: E731
-        base = dict(tokens=len(steps), total_ms=_mean(walls), median_ms=pct(50), p10_ms=pct(10), p90_ms=pct(90),
-                    token_ms=tuple(float(w) for w in walls),
-                    storage_read_bytes=_mean(s.storage_read_bytes for s in steps), ffn_neurons=ffn_neurons)
+        count = lambda attr: per_token_mean(steps, lambda s: getattr(s, attr))  # noqa: E731
+        base = dict(tokens=len(steps), total_ms=count("wall_seconds") * 1e3, median_ms=pct(50), p10_ms=pct(10),
+                    p90_ms=pct(90), token_ms=tuple(float(w) for w in walls),
+                    storage_read_bytes=count("storage_read_bytes"), ffn_neurons=ffn_neurons)
         if not split:
             return cls(**base)
-        ms = lambda attr: _mean(getattr(s, attr) for s in steps) * 1e3  # noqa: E731
-        phase = lambda name: _mean(sum(getattr(x, name) for x in s.layers) for s in steps) * 1e3  # noqa: E731
-        count = lambda attr: _mean(getattr(s, attr) for s in steps)  # noqa: E731
+        ms = lambda attr: count(attr) * 1e3  # noqa: E731
+        phase = lambda name: 1e3 * per_token_mean(  # noqa: E731
+            steps, lambda s: sum(getattr(x, name) for x in s.layers))
         return cls(**base, io_ms=ms("io_seconds"), mm_ms=ms("mm_seconds"), compute_ms=ms("compute_seconds"),
                    overlap_ms=ms("overlap_seconds"), predict_ms=phase("predict_s"), window_ms=phase("window_s"),
                    memory_ms=phase("memory_s"), submit_ms=phase("submit_s"), wait_ms=phase("wait_s"),
-                   ffn_ms=phase("ffn_s"), verify_ms=phase("verify_s"), bytes_read=count("bytes_read"), bytes_needed=count("bytes_needed"),
-                   requests=count("requests"), reader_calls=_mean(len(s.layers) for s in steps),
+                   ffn_ms=phase("ffn_s"), verify_ms=phase("verify_s"), bytes_read=count("bytes_read"),
+                   bytes_needed=count("bytes_needed"),
+                   requests=count("requests"), reader_calls=per_token_mean(steps, lambda s: len(s.layers)),
                    predicted=count("predicted"), cached=count("cached"), loaded=count("loaded"),
                    evicted=count("evicted"), pinned=count("pinned"))
 
