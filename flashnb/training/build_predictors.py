@@ -44,7 +44,7 @@ from flashnb.training.train import encode_split
 
 HELDOUT = "heldout_slice.safetensors"
 CALIBRATION_TOKENS = 256  # held-out tokens whose predicted sets choose the pinned/window split
-CALIBRATION_TOKENS = 16_384  # training tokens that calibrate a SwiGLU model's thresholds (at most)
+THRESHOLD_TOKENS = 16_384  # training tokens that calibrate a SwiGLU model's thresholds (at most)
 FRIEND_TOKENS = 16_384  # at most this many (evenly spaced) training-trace tokens count friends
 TARGETS = {"recall_min": 0.95, "over_selection_max": 3.0, "perplexity_increase_max": 0.03,
            "top1_agreement_min": 0.95}
@@ -302,7 +302,7 @@ CATS_PAPER = {"source": "Lee et al., CATS (2024): training-free, Mistral 7B and 
 
 
 def build_thresholds(cfg: BuildConfig, sparsity: float, criterion: str = "scaled-gate",
-                     calibration_tokens: int = CALIBRATION_TOKENS, progress: bool = True, log=print) -> dict:
+                     calibration_tokens: int = THRESHOLD_TOKENS, progress: bool = True, log=print) -> dict:
     """A SwiGLU model's thresholds and low-rank predictors, into cfg.out:
 
     1. thresholds (flashnb.core.thresholds, `criterion`) for `sparsity` from `calibration_tokens`
@@ -331,7 +331,8 @@ def build_thresholds(cfg: BuildConfig, sparsity: float, criterion: str = "scaled
     log("collecting the corpus (docstrings of the stdlib and torch) ...")
     corpus = collect()
     train_stream = encode_split(tok, corpus.train)
-    calib = train_windows(train_stream, min(calibration_tokens, cfg.train_tokens), cfg.context, cfg.train.seed + 1)
+    calib = train_windows(train_stream, min(calibration_tokens, cfg.train_tokens), cfg.context,
+                          cfg.train.seed + 1)
     held = encode_split(tok, corpus.heldout)[:cfg.eval_tokens + 1].astype(np.int64)
     log(f"calibrating on {len(calib)} training tokens, measuring on {len(held) - 1} held-out tokens ...")
     acts = activations(model, calib, cfg.context)

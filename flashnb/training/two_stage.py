@@ -19,13 +19,14 @@ import torch
 from flashnb.errors import FlashnbError
 
 
-def build_two_stage(cfg, candidates: float, sparsity: float, calibration_tokens: int | None = None, log=print) -> dict:
+def build_two_stage(cfg, candidates: float, sparsity: float, calibration_tokens: int | None = None,
+                    log=print) -> dict:
     """Calibrate, measure and write cfg.out/two-stage/{candidates,keep}/thresholds.safetensors and
     two-stage/card.json; returns the card. `cfg`: a flashnb.training.build_predictors.BuildConfig."""
     from flashnb.core.thresholds import TWO_STAGE, Fires, activations, thresholds_for
     from flashnb.models.checkpoint import load_model, read_config
     from flashnb.models.tokenizer import Tokenizer
-    from flashnb.training.build_predictors import CALIBRATION_TOKENS, _shown, train_windows
+    from flashnb.training.build_predictors import THRESHOLD_TOKENS, _shown, train_windows
     from flashnb.training.corpus import collect
     from flashnb.training.quality import quality
     from flashnb.training.train import encode_split
@@ -42,7 +43,7 @@ def build_two_stage(cfg, candidates: float, sparsity: float, calibration_tokens:
     tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)
     log("collecting the corpus (docstrings of the stdlib and torch) ...")
     corpus = collect()
-    n_calib = min(calibration_tokens or CALIBRATION_TOKENS, cfg.train_tokens)
+    n_calib = min(calibration_tokens or THRESHOLD_TOKENS, cfg.train_tokens)
     calib = train_windows(encode_split(tok, corpus.train), n_calib, cfg.context, cfg.train.seed + 1)
     held = encode_split(tok, corpus.heldout)[:cfg.eval_tokens + 1].astype(np.int64)
     log(f"calibrating on {len(calib)} training tokens, measuring on {len(held) - 1} held-out tokens ...")
