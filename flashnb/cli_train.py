@@ -44,7 +44,7 @@ def cmd_train_predictors(args) -> None:
     beside = predictors_beside(Path(model).resolve())   # where flashnb looks for a model's predictors
     shipped = Path(model).resolve().parent == data_dir().resolve()  # a model flashnb ships: its set stays as shipped
     in_place = args.hot_neurons_only or args.placement_only or args.two_stage_only  # beside what is there
-    out = args.out or str(beside if in_place or not shipped else Path.cwd() / f"{name}-predictors")
+    out = args.out or str(beside if in_place or not shipped else predictors_beside(Path.cwd() / name))
     if Path(out).exists() and not Path(out).is_dir():
         raise FlashnbError(f"--out {out} is a file; give a folder for the predictors (it is created if missing)")
     thresholds_job = args.sparsity is not None and not args.two_stage_only

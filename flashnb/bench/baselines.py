@@ -81,9 +81,10 @@ def streamed_pieces(plan: MemoryPlan, ffn_dim: int) -> list[np.ndarray]:
 def hybrid_calls(store: FlashStore, memory_budget: float | int, reader: NeuronReader) -> list[tuple[int, int]]:
     """(requests, bytes read) of every reader call the hybrid baseline makes per token at `memory_budget`,
     as `reader` plans them, nothing read (notebook 06's budget sweep prices them without running hybrid)."""
+    pieces = streamed_pieces(hybrid_plan(store.memory_shape(), memory_budget), store.ffn_dim)   # alike in every layer
     calls = []
     for layer in range(store.num_layers):
-        for ids in streamed_pieces(hybrid_plan(store.memory_shape(), memory_budget), store.ffn_dim):
+        for ids in pieces:
             sizes = reader.request_sizes(layer, ids)
             calls.append((int(sizes.size), int(sizes.sum())))
     return calls

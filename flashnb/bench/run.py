@@ -106,15 +106,16 @@ def take_turns(streams: dict[str, Iterator[int]],
     with tqdm(desc="one token of each configuration in turn", unit=" round", disable=not progress,
               leave=False) as bar:
         while live:
-            before = sum(map(len, texts.values()))
+            advanced = False   # (the last pass only finds the ends: not a round)
             for name, stream in list(live.items()):
                 t0 = time.perf_counter()
                 try:
                     texts[name].append(next(stream))
+                    advanced = True
                 except StopIteration:  # end of text: that configuration has fewer tokens
                     del live[name]
                 spent[name] += time.perf_counter() - t0
-            bar.update(int(sum(map(len, texts.values())) > before))   # (the last pass only finds the ends)
+            bar.update(int(advanced))
     return texts, spent
 
 
