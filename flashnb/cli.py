@@ -368,7 +368,8 @@ def _add_run_commands(sub) -> None:
                    help="rows per layer that keep the hot neurons in DRAM, or 'auto' (default: 0)")
     f.add_argument("--stats", choices=["table", "summary", "json"], default=None,
                    help="table: per-token records and means on stderr; summary: the means only; json: one JSON "
-                        "object on stdout (text, per-token records, means) (default: table)")
+                        "object on stdout (text, per-token records, and per_token: the means, median and "
+                        "spread) (default: table)")
     f.add_argument("--two-stage", action="store_true", default=None,
                    help="a SwiGLU model on a gate-apart store: the gate in DRAM picks candidates, whose up | down are "
                         "read, and |SiLU(gate) * up| keeps those above the product thresholds (the predictors "

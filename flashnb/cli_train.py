@@ -9,11 +9,18 @@ from flashnb.cli_args import real, whole
 from flashnb.errors import FlashnbError
 
 
+def _threads(args) -> int:
+    """--threads, else FLASHNB_TORCH_THREADS, else the idle cores (flashnb.core.generate.torch_threads)."""
+    from flashnb.core.generate import torch_threads
+
+    return args.threads if args.threads is not None else torch_threads()
+
+
 def cmd_train(args) -> None:
     from flashnb.training.train import check_out, command_config, train
 
     cfg = command_config(args.arch, args.out, args.sparsity_target, tokens=args.tokens, seed=args.seed,
-                         threads=args.threads, checkpoint_seconds=args.checkpoint_minutes * 60)
+                         threads=_threads(args), checkpoint_seconds=args.checkpoint_minutes * 60)
     check_out(cfg, args.resume)
     card = train(cfg)
     if card is None:
@@ -68,7 +75,7 @@ def cmd_train_predictors(args) -> None:
 
     context = min(BuildConfig.context, read_config(model).max_position_embeddings)  # windows the model can take
     cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens, eval_tokens=args.eval_tokens,
-                      threads=args.threads, train=tcfg, context=context)
+                      threads=_threads(args), train=tcfg, context=context)
     if args.two_stage_only:
         from flashnb.training.two_stage import build_two_stage, two_stage_summary
 
@@ -125,7 +132,7 @@ def add_training_commands(sub) -> None:
     t.add_argument("--out", help="output folder (default: flashnb-opt-21m, or flashnb-llama-11m with --arch llama)")
     t.add_argument("--tokens", type=whole(1), default=3_200_000, help="training tokens (default: %(default)s)")
     t.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
-    t.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
+    t.add_argument("--threads", type=whole(1, 1024), help="torch threads (default: FLASHNB_TORCH_THREADS if set, else the cores idle at start, which a machine busy with other work has fewer of)")
     t.add_argument("--sparsity-target", type=real(0, 1, what="a fraction"),
                    help="FFN sparsity the L1 weight is steered to (--arch opt only; default: 0.94)")
     t.add_argument("--checkpoint-minutes", type=real(0, 1e6, lo_open=True, what="minutes"), default=3.0,
@@ -165,7 +172,7 @@ def add_training_commands(sub) -> None:
     tp.add_argument("--init", choices=["random", "pca"], default="random",
                     help="random, or the FFN's rank-r principal projection (default: %(default)s)")
     tp.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
-    tp.add_argument("--threads", type=whole(1, 1024), default=2, help="torch threads (default: %(default)s)")
+    tp.add_argument("--threads", type=whole(1, 1024), help="torch threads (default: FLASHNB_TORCH_THREADS if set, else the cores idle at start, which a machine busy with other work has fewer of)")
     tp.add_argument("--lookahead", action="store_true",
                     help="train lookahead predictors instead (layer i's FFN input -> layer i+1's neurons, so the "
                          "engine reads a layer's neurons while its attention runs) into OUT/lookahead")

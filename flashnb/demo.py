@@ -37,10 +37,10 @@ def budget_words(budget: float | int) -> str:
 
 def per_token_table(steps, tok, out_ids) -> str:
     """One line per step after the prompt, named by the generated token it ran on: neurons predicted / in the
-    pinned rows (when any are) / already cached / read, bytes, requests and times."""
+    pinned rows (when any are) / already cached / loaded from flash, bytes, requests and times."""
     pins = any(s.pinned for s in steps)
     lines = [f"{'token in':<14} {'predicted':>9}" + (f" {'pinned':>7}" if pins else "") + f" {'cached':>7} "
-             f"{'read':>6} {'KB read':>8} {'requests':>8} {'I/O ms':>7} {'mem ms':>7} {'compute ms':>10}"]
+             f"{'loaded':>6} {'KB read':>8} {'requests':>8} {'I/O ms':>7} {'mem ms':>7} {'compute ms':>10}"]
     for s, tid in zip(steps, out_ids):
         text = repr(tok.decode([tid]))[:14]
         lines.append(f"{text:<14} {s.predicted:>9}" + (f" {s.pinned:>7}" if pins else "")
@@ -83,12 +83,12 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
         kept = ("" if thresholds is None or thresholds is getattr(predictor, "thresholds", None) else
                 f", kept by {thresholds.criterion} thresholds ({thresholds.sparsity:.0%} sparsity)")
         rows = f"{mem.capacity_rows} rows {'per layer' if policy.window else 'shared by every layer'}"
-        print(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
-              f"{mem.used_bytes / MB:.1f} MB in DRAM for weights, predictors and maps = "
-              f"{mem.used_bytes / mem.model_bytes:.0%} of the model's {mem.model_bytes / MB:.1f} MB (budget "
-              f"{budget_words(policy.memory_budget)}); {predictor.name}"
-              f"{kept}, window {policy.window} ({rows}), {mem.pinned_rows} hot neurons pinned per layer, "
-              f"{store.layout} store\n", file=sys.stderr)
+        print(wrap(f"flashnb: {name or store.path} from flash: FFN on disk ({eng.reader.io_mode}), "
+                   f"{mem.used_bytes / MB:.1f} MB in DRAM for weights, predictors and maps = "
+                   f"{mem.used_bytes / mem.model_bytes:.0%} of the model's {mem.model_bytes / MB:.1f} MB (budget "
+                   f"{budget_words(policy.memory_budget)}); {predictor.name}"
+                   f"{kept}, window {policy.window} ({rows}), {mem.pinned_rows} hot neurons pinned per layer, "
+                   f"{store.layout} store") + "\n", file=sys.stderr)
         ids = tok.encode(prompt)
         out = list(eng.generate(ids, n, sampling, eos_id=eng.model.config.eos_token_id))
         steps = eng.steps[len(ids):]
@@ -102,7 +102,8 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
                           "model_bytes": mem.model_bytes, "io_mode": eng.reader.io_mode, "n": n,
                           "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
                           "generated": len(out), "stopped": stopped,
-                          "tokens": token_records(steps, tok, out), "mean": mean.to_json() if mean else None}))
+                          "tokens": token_records(steps, tok, out),
+                          "per_token": mean.to_json() if mean else None}))
         if mean:   # the notes a person reading stderr gets, beside the JSON on stdout
             print(window_advice(mean, mem, store.num_layers), end="", file=sys.stderr)
         return
@@ -115,11 +116,12 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
     elif stats == "table":
         print(per_token_table(steps, tok, out), file=sys.stderr)
     if mean:
-        print(f"\nper generated token (mean of {mean.tokens}, measured): {mean.bytes_read / MB:.3f} MB read in "
-              f"{mean.requests:.0f} requests, I/O {mean.io_ms:.2f} ms, memory management {mean.mm_ms:.2f} ms, "
-              f"compute {mean.compute_ms:.2f} ms, total {mean.total_ms:.2f} ms (median {mean.median_ms:.2f}); the "
-              f"FFN on flash is {(mem.model_bytes - mem.resident_bytes) / MB:.2f} MB"
-              + (" (the gate matrices stay in DRAM)" if store.gate_in_dram else ""), file=sys.stderr)
+        print("\n" + wrap(f"per generated token (mean of {mean.tokens}, measured): {mean.bytes_read / MB:.3f} MB "
+                          f"read in {mean.requests:.0f} requests, I/O {mean.io_ms:.2f} ms, memory management "
+                          f"{mean.mm_ms:.2f} ms, compute {mean.compute_ms:.2f} ms, total {mean.total_ms:.2f} ms "
+                          f"(median {mean.median_ms:.2f}); the FFN on flash is "
+                          f"{(mem.model_bytes - mem.resident_bytes) / MB:.2f} MB"
+                          + (" (the gate matrices stay in DRAM)" if store.gate_in_dram else "")), file=sys.stderr)
         print(window_advice(mean, mem, store.num_layers), end="", file=sys.stderr)
 
 

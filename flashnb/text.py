@@ -6,6 +6,7 @@ number; flashnb wraps its own sentences and table notes instead, so a line break
 
 from __future__ import annotations
 
+import sys
 import textwrap
 
 WIDTH = 100  # characters: fits the notebook area at a 1280 px window with the file browser open
@@ -36,3 +37,11 @@ def fmt(x: float, spec: str) -> str:
     if out.startswith("-") and not any(c in "123456789" for c in out.split("e")[0]):
         out = ("+" if "+" in spec else "") + out[1:]
     return out
+
+
+def show_progress(wanted: bool = True) -> bool:
+    """Whether to draw a progress bar: when `wanted` and someone watches it, on a terminal or in a notebook
+    (where tqdm.auto draws a widget); never into a log file or a pipe, which would get a carriage return
+    and a redrawn line for every update."""
+    err = sys.stderr
+    return bool(wanted) and ("ipykernel" in sys.modules or (err is not None and err.isatty()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,13 +170,21 @@ def test_a_tokenizer_of_another_model_is_one_line(folder, capsys):
 
 
 def test_os_errors_while_converting_are_one_line(folder, tmp_path, capsys):
+    """A folder nobody may write into (root may write into read-only folders, not into /proc): the error
+    names the store asked for, not flashnb's temporary folder beside it."""
     if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders; the disk-full case below still runs")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    assert main(["convert", str(folder), str(ro / "store")]) == 2
-    assert "convert into a folder you can write to" in capsys.readouterr().err
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("root writes into read-only folders, and there is no /proc here")
+        target = Path("/proc/flashnb-store")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "store"
+    assert main(["convert", str(folder), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the store {target}: creating a folder in {target.parent} failed" in err
+    assert "convert into a folder you can write to" in err and ".tmp" not in err
 
 
 def test_a_full_disk_is_one_line(folder, tmp_path, capsys, monkeypatch):

@@ -1,4 +1,6 @@
 import argparse
+import io
+import os
 import subprocess
 import sys
 
@@ -17,22 +19,23 @@ def test_demo_prints_text(capsys):
     lines = err.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("token in"))
     rows = [ln for ln in lines[head + 1:] if ln.strip() and not ln.startswith("per generated token")][:7]
-    assert lines[head][14:].split()[:6] == ["predicted", "cached", "read", "KB", "read", "requests"]
+    assert lines[head][14:].split()[:6] == ["predicted", "cached", "loaded", "KB", "read", "requests"]
     requests = [int(r[14:].split()[4]) for r in rows]   # (the token takes the first 14 characters)
-    summary = next(ln for ln in lines if ln.startswith("per generated token"))
+    summary = " ".join(err[err.index("per generated token"):].split())   # (a wrapped paragraph)
     assert f"in {sum(requests) / len(requests):.0f} requests" in summary
+    assert all(len(ln) <= 100 for ln in lines if not ln.startswith(("token in", "'")))   # prose lines wrapped
 
 
 def test_demo_pins_hot_neurons_when_asked(capsys):
     assert main(["demo", "-n", "4", "--memory", "0.8", "--pinned", "auto", "--no-table"]) == 0
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
     pinned = int(err.split(" hot neurons pinned per layer")[0].rsplit(" ", 1)[1])
     assert pinned > 0   # at 80% of the model the simulated split pins hundreds of hot neurons per layer
     assert main(["demo", "-n", "3", "--pinned", "16"]) == 0
     err = capsys.readouterr().err
-    assert "16 hot neurons pinned per layer" in err
+    assert "16 hot neurons pinned per layer" in " ".join(err.split())
     head, row = [line.split() for line in err.split("token in", 1)[1].splitlines()[:2]]
-    assert head[:4] == ["predicted", "pinned", "cached", "read"]     # the table's counts add up: pinned shown
+    assert head[:4] == ["predicted", "pinned", "cached", "loaded"]     # the table's counts add up: pinned shown
     predicted, pinned, cached, read = map(int, row[-9:-5])
     assert pinned > 0 and predicted == pinned + cached + read
 
@@ -58,6 +61,7 @@ def test_generate_from_a_store_equals_dense_with_the_oracle(shipped_store, capsy
     dense = capsys.readouterr().out
     assert main(["generate", "--store", str(shipped_store), "--policy", "oracle", "--memory", "0.6", *prompt]) == 0
     out, err = capsys.readouterr()
+    err = " ".join(err.split())
     assert out == dense and "oracle, window 4" in err and "I/O ms" in err and "per generated token" in err
 
 
@@ -70,11 +74,11 @@ def test_generate_from_a_store_prints_json_records(shipped_store, capsys):
     assert main(argv + ["--stats", "json", "--window", "2"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["prompt"] + got["text"] == text and got["predictor"] == "low-rank predictors" and got["window"] == 2
-    assert len(got["tokens"]) == 5 and got["mean"]["tokens"] == 5   # the first new token comes with the prompt
+    assert len(got["tokens"]) == 5 and got["per_token"]["tokens"] == 5   # the first new token comes with the prompt
     assert "".join(r["text_in"] for r in got["tokens"]) in got["text"]   # each record: the token fed in
     for r in got["tokens"]:
         assert r["predicted"] == r["cached"] + r["loaded"] + r["pinned"] and r["bytes_read"] >= r["loaded"] * 2048
-    assert got["mean"]["bytes_read"] == pytest.approx(sum(r["bytes_read"] for r in got["tokens"]) / 5)
+    assert got["per_token"]["bytes_read"] == pytest.approx(sum(r["bytes_read"] for r in got["tokens"]) / 5)
 
 
 def test_a_budget_that_leaves_fewer_rows_than_a_token_needs_is_said(shipped_store, capsys):
@@ -144,6 +148,27 @@ def test_the_continuation_is_bold_on_a_terminal_only(monkeypatch):
 def test_every_command_has_help(command):
     r = subprocess.run([sys.executable, "-m", "flashnb.cli", command, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "usage: flashnb " + command in r.stdout
+
+
+def test_progress_bars_stay_out_of_logs(tiny_opt_dir, tmp_path):
+    """A command whose stderr goes to a file or a pipe writes no progress bar (a carriage return per
+    update); on a terminal it draws one."""
+    from flashnb.text import show_progress
+
+    r = subprocess.run([sys.executable, "-m", "flashnb", "convert", str(tiny_opt_dir), str(tmp_path / "store")],
+                       capture_output=True, text=True, env={**os.environ, "FLASHNB_TORCH_THREADS": "1"})
+    assert r.returncode == 0 and "\r" not in r.stderr and "convert" not in r.stderr
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    real = sys.stderr
+    try:
+        sys.stderr = Tty()
+        assert show_progress(True) and not show_progress(False)
+    finally:
+        sys.stderr = real
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -261,15 +286,16 @@ def test_demo_runs_the_shipped_swiglu_model_both_ways(capsys):
 
     swiglu = str(data_dir() / SWIGLU_MODEL)
     assert main(["demo", "--model", swiglu, "-n", "4", "--no-table"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out.startswith("Return a new list containing")
-    assert "50% of" in captured.err and "low-rank predictors" in captured.err and "bundled store" in captured.err
+    out, err = capsys.readouterr()
+    err = " ".join(err.split())   # (wrapped lines)
+    assert out.startswith("Return a new list containing")
+    assert "50% of" in err and "low-rank predictors" in err and "bundled store" in err
     assert main(["demo", "--model", SWIGLU_MODEL, "--gate-in-dram", "--memory", "0.65", "-n", "4", "--no-table"]) == 0
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
     assert "scaled-gate thresholds on the gate in DRAM (50% sparsity), window" in err and "gate-apart store" in err
     assert "the gate matrices stay in DRAM" in err
     assert main(["demo", "--model", SWIGLU_MODEL, "--two-stage", "--memory", "0.65", "-n", "4", "--no-table"]) == 0
-    err = capsys.readouterr().err   # the shipped two-stage rule: gate candidates, product thresholds keep
+    err = " ".join(capsys.readouterr().err.split())   # the shipped two-stage rule: gate candidates, product keeps
     assert ("scaled-gate thresholds on the gate in DRAM (30% sparsity), kept by product thresholds (50% sparsity)"
             in err and "gate-apart store" in err)
 
@@ -297,7 +323,7 @@ def test_train_predictors_two_stage_only_writes_what_demo_two_stage_runs(tmp_pat
     assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err
     assert main(["demo", "--model", str(model), "--two-stage", "--memory", "1.0", "-n", "3", "--no-table"]) == 0
     demo = capsys.readouterr()
-    assert "kept by product thresholds (50% sparsity)" in demo.err
+    assert "kept by product thresholds (50% sparsity)" in " ".join(demo.err.split())
     # the same rule from a gate-apart store with `generate --store`: the same text as the demo
     assert main(["convert", str(model), str(tmp_path / "ga"), "--layout", "gate-apart"]) == 0
     store = ["generate", "--store", str(tmp_path / "ga"), "--prompt", "Return a new list containing", "-n", "3",
@@ -306,7 +332,8 @@ def test_train_predictors_two_stage_only_writes_what_demo_two_stage_runs(tmp_pat
     assert main(store + ["--two-stage", "--stats", "json"]) == 0
     got = capsys.readouterr()
     text = json.loads(got.out)["text"]
-    assert text.strip() and text in demo.out and "kept by product thresholds (50% sparsity)" in got.err
+    assert text.strip() and text in demo.out
+    assert "kept by product thresholds (50% sparsity)" in " ".join(got.err.split())
     assert main(store + ["--two-stage", "--policy", "oracle"]) == 2
     assert "drop --policy oracle or --two-stage" in capsys.readouterr().err
     assert main(store[:-2] + ["--predictors", str(tmp_path), "--two-stage"]) == 2

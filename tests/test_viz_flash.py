@@ -84,16 +84,16 @@ def test_table_and_cost_figures():
 def test_layouts_figure():
     from flashnb.lab.flash import LayoutRun
 
-    # two calls of 10 neurons of 8 KiB: 160 KiB needed, read in 0.8 ms (bundled) and 1.6 ms (unbundled);
-    # bundled's calls took 0.3 and 0.5 ms: 0.273 and 0.164 GB/s each
-    rows = [LayoutRun(lay, 2, 10, 4, 8192, r, 163840, 163840, secs, 0.0, True, calls)
-            for lay, secs, r, calls in (("bundled", 163840 / 0.2e9, 20, (0.3e-3, 0.5e-3)),
-                                        ("unbundled", 163840 / 0.1e9, 40, ()))]
+    # two calls of 10 neurons of 8 KiB: 160 KiB needed, read in 0.82 ms (bundled) and 1.64 ms (unbundled);
+    # bundled's calls took 0.3 and 0.52 ms: 0.273 and 0.158 GB/s each
+    rows = [LayoutRun(lay, 2, 10, 4, 8192, r, 163840, 163840, 0.0, True, calls)
+            for lay, r, calls in (("bundled", 20, (0.3e-3, 163840 / 0.2e9 - 0.3e-3)),
+                                  ("unbundled", 40, (163840 / 0.2e9,) * 2))]
     fig = layouts_figure(rows)
     assert [t.y[0] for t in fig.data] == pytest.approx([0.2, 0.1]) and "10 requests/call" in fig.data[0].text[0]
     bars = fig.data[0].error_y    # whiskers from the slowest call to the fastest
     assert 0.2 + bars.array[0] == pytest.approx(81920 / 0.3e-3 / 1e9)
-    assert 0.2 - bars.arrayminus[0] == pytest.approx(81920 / 0.5e-3 / 1e9)
-    assert fig.data[1].error_y.array is None    # no calls, no whiskers
+    assert 0.2 - bars.arrayminus[0] == pytest.approx(81920 / (163840 / 0.2e9 - 0.3e-3) / 1e9)
+    assert list(fig.data[1].error_y.array) == list(fig.data[1].error_y.arrayminus) == [0]   # equal calls
     assert [t.name for t in fig.data] == ["bundled (measured)", "unbundled (measured)"]
     assert "4 in flight" in fig.layout.title.text

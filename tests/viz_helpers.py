@@ -78,7 +78,7 @@ def style_figures() -> dict:
     trace = record(model, np.random.default_rng(1).integers(0, 50, 64), context=32, inputs=False)
     summary = ts.summarize(trace, k_max=4)
     sel = [Selection.of(trace.mask(i), trace.mask(i)) for i in range(trace.n_layers)]
-    layouts = [LayoutRun(lay, 2, 10, 4, 8192, r, 10 * 8192 * 2, 10 * 8192 * 2, 10 * 8192 * 2 / g / 1e9, 0.0, True,
+    layouts = [LayoutRun(lay, 2, 10, 4, 8192, r, 10 * 8192 * 2, 10 * 8192 * 2, 0.0, True,
                          (8192 * 10 / g / 1e9 * 0.8, 8192 * 10 / g / 1e9 * 1.2))
                for lay, g, r in (("bundled", 0.2, 40), ("unbundled", 0.1, 80))]
     steps = {lay: [TokenStep(0, [LayerStep(1, 0, 1, 0, 4096, 4096, r, wait_s=1e-3)], 2e-3)]

@@ -44,6 +44,7 @@ from flashnb.device.profile import coalescing_gap
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
 from flashnb.models.opt import OPTConfig
+from flashnb.text import show_progress
 
 
 @dataclass
@@ -92,7 +93,7 @@ def replay_store(folder: str | Path, layout: str, shape: ReplayShape | None = No
                                "pass --dir on a larger disk")
         block = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8).tobytes()
         tmp = f.with_suffix(".tmp")
-        with open(tmp, "wb") as out, tqdm(total=nbytes, unit="B", unit_scale=True, disable=not progress,
+        with open(tmp, "wb") as out, tqdm(total=nbytes, unit="B", unit_scale=True, disable=not show_progress(progress),
                                           desc=f"replay store ({layout})") as bar:
             left = nbytes
             while left:

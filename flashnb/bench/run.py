@@ -64,6 +64,7 @@ from flashnb.lab.stats import TokenStats
 from flashnb.models.checkpoint import read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import predictors_beside, shipped_model_dir, temporary_folder, work_folder
+from flashnb.text import show_progress
 
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "reads", "mmap", "accelerate",
            "dense", "floor")
@@ -103,7 +104,7 @@ def take_turns(streams: dict[str, Iterator[int]],
     texts: dict[str, list[int]] = {k: [] for k in streams}
     spent = dict.fromkeys(streams, 0.0)
     live = dict(streams)
-    with tqdm(desc="one token of each configuration in turn", unit=" round", disable=not progress,
+    with tqdm(desc="one token of each configuration in turn", unit=" round", disable=not show_progress(progress),
               leave=False) as bar:
         while live:
             advanced = False   # (the last pass only finds the ends: not a round)

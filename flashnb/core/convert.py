@@ -36,6 +36,7 @@ from flashnb.models.checkpoint import (TensorIndex, ffn_matrix_names, ffn_param,
                                        regular_file)
 from flashnb.models.fingerprint import fingerprint
 from flashnb.paths import pid_alive
+from flashnb.text import show_progress
 
 
 @dataclass
@@ -201,7 +202,8 @@ def _temporary_folder(dst: Path) -> Path:
         raise FlashnbError(f"{tmp} already exists; remove it (a temporary folder of flashnb's) and convert "
                            "again") from None
     except OSError as e:
-        raise FlashnbError(f"cannot create {tmp} ({e.strerror}); convert into a folder you can write to") from None
+        raise FlashnbError(f"cannot write the store {dst}: creating a folder in {dst.parent} failed ({e.strerror}); "
+                           "convert into a folder you can write to") from None
     return tmp
 
 
@@ -216,7 +218,7 @@ def _write_store(out: Path, config, model_config: dict, index, cfg: ConvertConfi
     dram_items = [(n, tuple(p.shape)) for n, p in meta_model(config).named_parameters() if n not in ffn_names]
     samples: dict[str, torch.Tensor] = {}
     with tqdm(total=len(dram_items) + config.num_hidden_layers, desc=f"convert {name}", unit="tensor",
-              disable=not cfg.progress, leave=False) as bar:
+              disable=not show_progress(cfg.progress), leave=False) as bar:
         dram_sha, dram_xxh = _write_dram(out / DRAM_FILE, index, config, dram_items, cfg.dram_dtype,
                                          lambda: bar.update(1), samples)
         layers, sums_sha = _write_ffn(out / FFN_FILE, out / CHECKSUM_FILE, index, config, cfg,

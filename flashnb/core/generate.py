@@ -50,9 +50,26 @@ def idle_cores(sample_seconds: float = 0.1) -> float:
     return cores * (1 - (b1 - b0) / (t1 - t0)) if t1 > t0 else float(cores)
 
 
+def torch_threads(most: int | None = None) -> int:
+    """FLASHNB_TORCH_THREADS if set (one clear error unless it is 1 to this machine's cores), else as many
+    threads as there are idle cores, measured over 0.1 s (at least 1, at most `most`)."""
+    env = os.environ.get("FLASHNB_TORCH_THREADS")
+    cores = os.cpu_count() or 1
+    if env is None:
+        return max(1, min(most or cores, cores, int(idle_cores() + 0.25)))
+    try:
+        n = int(env)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= cores:
+        raise FlashnbError(f"FLASHNB_TORCH_THREADS must be a whole number from 1 to {cores} (this machine's "
+                           f"cores), got {env!r}; unset it for the default")
+    return n
+
+
 def set_decode_threads() -> int:
     """Set torch's thread count for token-at-a-time decoding and return it: FLASHNB_TORCH_THREADS if
-    set, else as many threads (at most DECODE_THREADS) as there are idle cores, measured over 0.1 s.
+    set, else as many threads (at most DECODE_THREADS) as there are idle cores (`torch_threads`).
 
     Threads that find their core taken wait for each other at every matrix product: measured on a
     2-core VM with two busy processes beside it, the engine with every technique took 118 ms per token
@@ -60,18 +77,7 @@ def set_decode_threads() -> int:
     spread for the engine (14-19 ms) and 2 were faster for the dense model (3.9-6.7 against 5.2-9.2 ms).
     So: 2 threads only when 2 cores are idle.
     """
-    env = os.environ.get("FLASHNB_TORCH_THREADS")
-    cores = os.cpu_count() or 1
-    if env is not None:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if not 1 <= n <= cores:
-            raise FlashnbError(f"FLASHNB_TORCH_THREADS must be a whole number from 1 to {cores} (this machine's "
-                               f"cores), got {env!r}; unset it for the default")
-    else:
-        n = max(1, min(DECODE_THREADS, cores, int(idle_cores() + 0.25)))
+    n = torch_threads(DECODE_THREADS)
     torch.set_num_threads(n)
     return n
 

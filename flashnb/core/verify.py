@@ -11,6 +11,7 @@ from typing import Iterator
 from flashnb.core.manifest import HASH_CHUNK, RECREATE
 from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
+from flashnb.text import show_progress
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def verify(path: str | Path, progress: bool = True) -> VerifyReport:
     files: dict[Path, object] = {}
     try:
         with tqdm(total=sum(s[3] for s in spans), unit="B", unit_scale=True, desc=f"verify {store.path.name}",
-                  disable=not progress, leave=False) as bar:
+                  disable=not show_progress(progress), leave=False) as bar:
             for what, fpath, off, size, sha in spans:
                 f = files.get(fpath) or files.setdefault(fpath, open(fpath, "rb"))
                 if _hash_span(f, off, size) != sha:

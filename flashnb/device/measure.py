@@ -26,6 +26,7 @@ from flashnb.core import aio
 from flashnb.core.io import AlignedBuffer, evict, open_for_reading, preadv_full
 from flashnb.device.profile import PROFILE_VERSION, Profile
 from flashnb.errors import FlashnbError
+from flashnb.text import show_progress
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_CHUNKS = tuple(4 * KiB << i for i in range(11))       # 4 KiB .. 4 MiB
@@ -334,7 +335,7 @@ def run_profile(cfg: ProfileConfig | None = None) -> Profile:
                 os.close(fd)
                 fd, direct = open_for_reading(path, False)
                 evict(fd)
-            with tqdm(total=len(cells) + len(seq_in_flight), desc="profile", unit="cell", disable=not cfg.progress,
+            with tqdm(total=len(cells) + len(seq_in_flight), desc="profile", unit="cell", disable=not show_progress(cfg.progress),
                       leave=False) as bar:
                 for c, t in cells:
                     random_rows.append(measure_cell(fd, direct, cfg.size, c, t, cfg.seconds_per_cell, rng,

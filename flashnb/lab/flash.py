@@ -182,10 +182,14 @@ class LayoutRun:
     requests: int
     bytes_needed: int
     bytes_read: int
-    wall_seconds: float
     predicted_seconds: float  # the profile's prediction for the same requests (0 without a profile)
     direct: bool              # O_DIRECT (False: the buffered + fadvise fallback)
-    call_seconds: tuple[float, ...] = ()  # each call's wall time (their sum is wall_seconds)
+    call_seconds: tuple[float, ...]  # each call's wall time
+
+    @property
+    def wall_seconds(self) -> float:
+        """Every call's wall time, summed."""
+        return float(sum(self.call_seconds))
 
     @property
     def useful_GBps(self) -> float:
@@ -231,7 +235,7 @@ def compare_layouts(workdir: str | Path, profile: Profile | None = None, d_model
     k = max(1, int(round(fraction * ffn_dim)))
     gap = gap_bytes if gap_bytes is not None else coalescing_gap(profile, in_flight)
     readers = {lay: NeuronReader(st, ReaderConfig(in_flight=in_flight, gap_bytes=gap)) for lay, st in stores.items()}
-    acc = {lay: [0, 0, 0, 0.0, 0.0] for lay in stores}  # requests, bytes needed, bytes read, seconds, predicted
+    acc = {lay: [0, 0, 0, 0.0] for lay in stores}  # requests, bytes needed, bytes read, predicted seconds
     each = {lay: [] for lay in stores}                   # every call's seconds
     try:
         out = aligned_empty((k, stores["bundled"].row_width), stores["bundled"].row_dtype)
@@ -243,7 +247,7 @@ def compare_layouts(workdir: str | Path, profile: Profile | None = None, d_model
                 if c == 0:
                     continue  # warm-up call
                 pred = profile.read_seconds(st.chunk_sizes, in_flight) if profile is not None else 0.0
-                for i, v in enumerate((st.requests, st.bytes_needed, st.bytes_read, st.wall_seconds, pred)):
+                for i, v in enumerate((st.requests, st.bytes_needed, st.bytes_read, pred)):
                     acc[lay][i] += v
                 each[lay].append(st.wall_seconds)
     finally:

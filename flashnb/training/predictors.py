@@ -25,6 +25,7 @@ from tqdm import tqdm
 from flashnb.errors import FlashnbError
 from flashnb.core.predictor import LowRankPredictor, LowRankPredictors, first_projection
 from flashnb.models.fingerprint import model_fingerprint
+from flashnb.text import show_progress
 from flashnb.training.traces import check_model
 
 
@@ -87,8 +88,8 @@ def train_layer(x: np.ndarray, active: np.ndarray, rank: int, cfg: PredictorTrai
     opt = torch.optim.AdamW(p.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    bar = tqdm(total=total, disable=None if progress else True, desc=desc, unit="step",
-               leave=False)  # (None: off where stderr is no terminal, as nested bars would leave escape codes)
+    bar = tqdm(total=total, disable=not show_progress(progress), desc=desc, unit="step",
+               leave=False)
     step = 0
     p.train()
     for _ in range(cfg.epochs):
@@ -116,7 +117,7 @@ def train_predictors(model, trace, cfg: PredictorTrainConfig, progress: bool = T
     check_model(trace, model)
     ranks = cfg.layer_ranks(trace.n_layers)
     layers = []
-    for i in tqdm(range(trace.n_layers), disable=not progress, desc="predictors", unit="layer"):
+    for i in tqdm(range(trace.n_layers), disable=not show_progress(progress), desc="predictors", unit="layer"):
         layers.append(train_layer(trace.inputs[i], trace.mask(i), ranks[i], cfg, first_projection(model.layers[i].ffn, model.config)[0],
                                   desc=f"layer {i}", progress=progress))
     return LowRankPredictors(layers, [cfg.threshold] * trace.n_layers, model_fingerprint(model))
@@ -134,6 +135,6 @@ def train_lookahead(model, trace, cfg: PredictorTrainConfig, progress: bool = Tr
     ranks = cfg.layer_ranks(trace.n_layers)
     layers = [train_layer(trace.inputs[i], trace.mask(i + 1), ranks[i + 1], cfg, None, desc=f"lookahead {i + 1}",
                           progress=progress)
-              for i in tqdm(range(trace.n_layers - 1), disable=not progress, desc="lookahead", unit="layer")]
+              for i in tqdm(range(trace.n_layers - 1), disable=not show_progress(progress), desc="lookahead", unit="layer")]
     return LowRankPredictors(layers, [cfg.threshold] * (trace.n_layers - 1), model_fingerprint(model),
                              lookahead=True)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from flashnb.errors import FlashnbError
 from flashnb.models.fingerprint import check_fingerprint, model_fingerprint
 from flashnb.paths import publish, read_flashnb_file
+from flashnb.text import show_progress
 
 FORMAT = "flashnb-trace/1"
 
@@ -153,7 +154,7 @@ def record(model: torch.nn.Module, ids, context: int | None = None, inputs: bool
     model.eval()
     starts = list(range(0, T, context))
     try:
-        for s in tqdm(starts, disable=not progress, unit="seq", desc="trace"):
+        for s in tqdm(starts, disable=not show_progress(progress), unit="seq", desc="trace"):
             e = min(T, s + context)
             model(torch.from_numpy(ids[s:e])[None])
             for i, block in enumerate(model.layers):

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from flashnb.models.checkpoint import build_model, load_model, save_model
+from flashnb.text import show_progress
 from flashnb.training.corpus import Corpus, collect
 from flashnb.errors import FlashnbError
 from flashnb.models.llama import LlamaConfig
@@ -268,7 +269,7 @@ def _say(progress: bool, message: str) -> None:
 def _steps(cfg: TrainConfig, model, opt, rng: np.random.Generator, state: TrainState, train_ids: np.ndarray,
            ckpt: Path, stop: StopRequest, progress: bool, stop_at_step: int | None) -> bool:
     """Train from `state.step` to the end, checkpointing as `cfg` says; True if stopped early (with a checkpoint)."""
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, unit="step")
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not show_progress(progress), unit="step")
     t0 = time.perf_counter() - state.seconds
     saved_at = time.perf_counter()
     try:
