@@ -9,6 +9,10 @@ from flashnb.cli_args import real, whole
 from flashnb.errors import FlashnbError
 
 
+THREADS_HELP = ("torch threads (default: FLASHNB_TORCH_THREADS if set, else the cores idle at start, which a "
+                "machine busy with other work has fewer of)")
+
+
 def _threads(args) -> int:
     """--threads, else FLASHNB_TORCH_THREADS, else the idle cores (flashnb.core.generate.torch_threads)."""
     from flashnb.core.generate import torch_threads
@@ -132,7 +136,7 @@ def add_training_commands(sub) -> None:
     t.add_argument("--out", help="output folder (default: flashnb-opt-21m, or flashnb-llama-11m with --arch llama)")
     t.add_argument("--tokens", type=whole(1), default=3_200_000, help="training tokens (default: %(default)s)")
     t.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
-    t.add_argument("--threads", type=whole(1, 1024), help="torch threads (default: FLASHNB_TORCH_THREADS if set, else the cores idle at start, which a machine busy with other work has fewer of)")
+    t.add_argument("--threads", type=whole(1, 1024), help=THREADS_HELP)
     t.add_argument("--sparsity-target", type=real(0, 1, what="a fraction"),
                    help="FFN sparsity the L1 weight is steered to (--arch opt only; default: 0.94)")
     t.add_argument("--checkpoint-minutes", type=real(0, 1e6, lo_open=True, what="minutes"), default=3.0,
@@ -172,7 +176,7 @@ def add_training_commands(sub) -> None:
     tp.add_argument("--init", choices=["random", "pca"], default="random",
                     help="random, or the FFN's rank-r principal projection (default: %(default)s)")
     tp.add_argument("--seed", type=whole(0, 2**63 - 1), default=0, help="seed (default: %(default)s)")
-    tp.add_argument("--threads", type=whole(1, 1024), help="torch threads (default: FLASHNB_TORCH_THREADS if set, else the cores idle at start, which a machine busy with other work has fewer of)")
+    tp.add_argument("--threads", type=whole(1, 1024), help=THREADS_HELP)
     tp.add_argument("--lookahead", action="store_true",
                     help="train lookahead predictors instead (layer i's FFN input -> layer i+1's neurons, so the "
                          "engine reads a layer's neurons while its attention runs) into OUT/lookahead")

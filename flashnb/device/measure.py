@@ -335,8 +335,8 @@ def run_profile(cfg: ProfileConfig | None = None) -> Profile:
                 os.close(fd)
                 fd, direct = open_for_reading(path, False)
                 evict(fd)
-            with tqdm(total=len(cells) + len(seq_in_flight), desc="profile", unit="cell", disable=not show_progress(cfg.progress),
-                      leave=False) as bar:
+            with tqdm(total=len(cells) + len(seq_in_flight), desc="profile", unit="cell",
+                      disable=not show_progress(cfg.progress), leave=False) as bar:
                 for c, t in cells:
                     random_rows.append(measure_cell(fd, direct, cfg.size, c, t, cfg.seconds_per_cell, rng,
                                              use_aio=use_aio))

@@ -135,6 +135,7 @@ def train_lookahead(model, trace, cfg: PredictorTrainConfig, progress: bool = Tr
     ranks = cfg.layer_ranks(trace.n_layers)
     layers = [train_layer(trace.inputs[i], trace.mask(i + 1), ranks[i + 1], cfg, None, desc=f"lookahead {i + 1}",
                           progress=progress)
-              for i in tqdm(range(trace.n_layers - 1), disable=not show_progress(progress), desc="lookahead", unit="layer")]
+              for i in tqdm(range(trace.n_layers - 1), disable=not show_progress(progress), desc="lookahead",
+                            unit="layer")]
     return LowRankPredictors(layers, [cfg.threshold] * (trace.n_layers - 1), model_fingerprint(model),
                              lookahead=True)
