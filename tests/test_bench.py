@@ -20,6 +20,7 @@ from flashnb.lab.bundling import layout_summary
 from flashnb.lab.windowing import window_budget_grid, window_sweep
 from flashnb.models.checkpoint import load_model
 from flashnb.models.fingerprint import model_fingerprint
+from flashnb.viz import style as S
 from flashnb.widgets.engine import window_explorer
 
 from conftest import make_tiny_opt
@@ -205,12 +206,14 @@ def test_window_timeline_replays_the_engines_window_decisions(tmp_path):
     frame = fig.frames[5]
     z = np.array(frame.data[0].z, dtype=object)
     assert (z[:, :6] == tl.states[:, :6]).all() and (z[:, 6:] == None).all()    # noqa: E711  revealed up to 5
-    held, current = frame.data[1], frame.data[2]
+    held, current = frame.data[3], frame.data[4]
     assert (min(held.x), max(held.x)) == (2.5, 4.5) and (min(current.x), max(current.x)) == (4.5, 5.5)
+    assert (frame.data[1].x, frame.data[2].x) == (held.x, current.x)   # each over a white band of its own
+    assert [t.name for t in fig.data[1:3]] == [S.HALO] * 2 and fig.data[1].line.width > fig.data[3].line.width
     lo, hi = sorted(fig.layout.yaxis.range)   # the frames' top and bottom run clear of the cells, and in view
     assert lo < min(held.y) < -0.5 and tl.states.shape[0] - 0.5 < max(held.y) < hi
     left, right = fig.layout.xaxis.range                  # the last token's frame is drawn whole
-    assert left < -0.5 and max(fig.frames[-1].data[2].x) < right
+    assert left < -0.5 and max(fig.frames[-1].data[4].x) < right
     assert "token 5: ' t5'" in frame.layout.title.text and "' t3 t4'" in frame.layout.title.text   # window 2
     col = tl.states[:, 5]
     assert f"{(col == HIT).sum()} hits, {(col == READ).sum()} read, {(col == EVICTED).sum()} evicted" in \

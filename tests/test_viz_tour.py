@@ -71,6 +71,7 @@ def test_data_moved_figure_shows_bytes_and_hits_per_token(setup):
     assert mb.marker.color == S.color("all") and hits.marker.color == S.color("windowing")
     assert reads.marker.color == S.color("io") and ffn_line.line.color == S.color("naive")
     assert all("(measured" in t.name for t in fig.data)
+    assert mb.name == "read from flash: predictors, window and bundles (measured)"   # what the bars are
     titles = _axis_titles(fig)
     assert "read from flash (MB)" in titles and "neurons, all layers (count)" in titles
     assert fig.layout.barmode == "stack"

@@ -114,7 +114,8 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
         shown = [[int(v) for v in row[:t + 1]] + [None] * (n_tokens - t - 1) for row in z]   # later tokens blank
         first = max(0, t - tl.window)
         held = box(first - 0.5, t - 0.5) if tl.window and t > 0 else box(-0.5, -0.5)
-        return [go.Heatmap(z=shown), go.Scatter(**held), go.Scatter(**box(t - 0.5, t + 0.5))]
+        now = box(t - 0.5, t + 0.5)
+        return [go.Heatmap(z=shown), go.Scatter(**held), go.Scatter(**now), go.Scatter(**held), go.Scatter(**now)]
 
     def title(t):
         col = tl.states[:, t]
@@ -132,6 +133,8 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
                        customdata=[[f"neuron {i}: {STATES[int(v)]}" for v in row] for i, row in zip(tl.neurons, tl.states)],
                        hovertemplate="token %{x}, %{customdata}<extra></extra>")
     kept_color, now_color = S.color("windowing"), S.color("dense")
+    for width in (4, 2):   # a white band under each frame: an edge between two columns of green hits stays visible
+        fig.add_trace(go.Scatter(**box(-0.5, -0.5 + (width == 2)), **S.halo(width)))
     fig.add_trace(go.Scatter(**box(-0.5, -0.5), mode="lines", line=dict(color=kept_color, width=4, dash="dash"),
                              fill="toself", fillcolor="rgba(0,158,115,0.12)", hoverinfo="skip", showlegend=False,
                              name=S.label("tokens the window keeps", "modeled", S.SIMULATE)))
@@ -142,7 +145,7 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
     key.text = (key.text.replace(" (modeled by simulate)", "") + f"<br><span style='color:{kept_color}'>&#9633;</span> "
                 f"tokens the window keeps <span style='color:{now_color}'>&#9633;</span> token being generated "
                 "(modeled by simulate)")
-    fig.frames = [go.Frame(data=frame_data(t), traces=[0, 1, 2], name=str(t), layout=dict(title_text=title(t)))
+    fig.frames = [go.Frame(data=frame_data(t), traces=[0, 1, 2, 3, 4], name=str(t), layout=dict(title_text=title(t)))
                   for t in range(n_tokens)]
     play = dict(frame=dict(duration=ms_per_token, redraw=True), fromcurrent=True, transition=dict(duration=0))
     fig.update_layout(

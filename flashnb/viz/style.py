@@ -182,6 +182,16 @@ def scatter(name: str, source: str, color_: str | None = None, mode: str = "line
                 line=dict(color=c, dash=_DASH[source]))
 
 
+HALO = "halo (not data)"   # the name of a white band drawn under a line: no source mark, no legend
+
+
+def halo(width: float) -> dict:
+    """Keyword arguments for a go.Scatter drawn just before a line of `width` along the same points: a white band
+    under it, so that the line stands out on cells of its own colour (named HALO: it is not data)."""
+    return dict(mode="lines", line=dict(color="white", width=width + 4), hoverinfo="skip", showlegend=False,
+                name=HALO)
+
+
 def hline(fig, y: float, source: str, text: str, color_: str | None = None, **kwargs):
     """A horizontal reference line dashed as `source`, its annotation `text` marked as `source`
     (a text that already names its source is kept as it is). On a log axis, make the axis log first."""
