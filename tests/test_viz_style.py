@@ -259,3 +259,12 @@ def test_every_figure_has_one_width():
     would otherwise fall back to 700 px while a static figure fills its cell)."""
     widths = {name: fig.layout.width for name, fig in {**style_figures(), **tour_figures()}.items()}
     assert set(widths.values()) == {S.WIDTH}, widths
+
+
+def test_byte_layout_frames_have_a_legend_entry(figures):
+    """The dashed frames (layout shapes, which have no legend) get one entry in their line's colour and dash."""
+    fig = figures["engine.byte_layout"]
+    entry = [t for t in fig.data if t.type == "scatter"]
+    assert [t.name for t in entry] == ["a read the reader issues (modeled)"]
+    frames = {(s.line.color, s.line.dash) for s in fig.layout.shapes}
+    assert frames == {(entry[0].line.color, entry[0].line.dash)} and len(fig.layout.shapes) == 6

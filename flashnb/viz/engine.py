@@ -179,6 +179,8 @@ def byte_layout_figure(slices) -> go.Figure:
             row = len(slices) - 1 - i   # the category's position: the first slice is drawn on top
             fig.add_shape(type="rect", x0=off / 1024, x1=(off + n) / 1024, y0=row - 0.38, y1=row + 0.38,
                           line=dict(color=S.OURS, width=1.5, dash="dash"))
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=S.OURS, width=1.5, dash="dash"),
+                             name=S.label("a read the reader issues", "modeled")))   # the frames' legend entry
     S.layout(fig, "Where one token's neurons lie in each layout, and the reads that fetch them (modeled)",
              x=("offset in the region", "KiB"), y=("region of the layer", "layout: matrices"),
              height=140 + 60 * len(slices), barmode="overlay")
