@@ -87,23 +87,25 @@ def move_chosen(fig, chosen: float) -> None:
 
 def memory_figure(routes: list[MemoryRoute]) -> go.Figure:
     """Each route's DRAM at the budget as stacked bars (MB), the budget as a line, and the smallest budget
-    each route runs in as a marker."""
+    each route runs in as a marker: modeled by the memory plan (flashnb.core.memory.plan_memory), the split
+    the engine would allocate, computed from the stores' shapes, nothing run."""
+    plan = "the memory plan"
     names = [r.name for r in routes]
     fig = go.Figure()
     for attr, label, c in MEMORY_PARTS:
         mb = [getattr(r, attr) / 1e6 for r in routes]
         if any(mb):
-            fig.add_trace(go.Bar(y=names, x=mb, orientation="h", name=S.label(label, "measured"),
-                                 hovertemplate=f"%{{y}}: {label} %{{x:.2f}} MB", **S.bar(label, "measured", c)))
+            fig.add_trace(go.Bar(y=names, x=mb, orientation="h", name=S.label(label, "modeled", plan),
+                                 hovertemplate=f"%{{y}}: {label} %{{x:.2f}} MB", **S.bar(label, "modeled", c)))
     fig.add_trace(go.Scatter(y=names, x=[r.min_budget * r.model_bytes / 1e6 for r in routes], mode="markers",
-                             name=S.label("smallest budget it runs in", "measured"),
+                             name=S.label("smallest budget it runs in", "modeled", plan),
                              hovertemplate="%{y}: runs in %{x:.2f} MB at least",
-                             marker=dict(symbol="circle", size=11, color="#000000")))
+                             marker=dict(symbol="circle-open", size=11, color="#000000", line=dict(width=2))))
     budget = routes[0].budget_bytes / routes[0].model_bytes
     fig.add_trace(go.Scatter(y=names, x=[r.budget_bytes / 1e6 for r in routes], mode="markers",
-                             name=S.label(f"the budget: {budget:.0%} of the model", "measured"),
-                             marker=dict(symbol="circle", size=11, color=S.PAPER, line=dict(color="white", width=1))))
-    S.layout(fig, f"Where {budget:.0%} of each model's bytes go (the engine's memory plan, measured)",
+                             name=S.label(f"the budget: {budget:.0%} of the model", "modeled", plan),
+                             marker=dict(symbol="circle-open", size=11, color=S.PAPER, line=dict(width=2))))
+    S.layout(fig, f"Where {budget:.0%} of each model's bytes go (modeled by the engine's memory plan, nothing run)",
              x=("DRAM for weights", "MB"), y=("way of running", None), height=430, barmode="stack")
     fig.update_yaxes(autorange="reversed")
     return fig
@@ -120,7 +122,7 @@ def budget_figure(curves: list[BudgetReads], budget: float | None = None) -> go.
                                                "memory<extra></extra>", **S.scatter(curve.name, "modeled", c)))
     if budget is not None:
         fig.add_vline(x=budget, line_color=CHOSEN, line_dash="dash", line_width=1.5, opacity=0.7,
-                      annotation_text=f"MEMORY {budget:.0%}: the budget of the engine runs below (measured)",
+                      annotation_text=f"MEMORY {budget:.0%}: the engine runs below use this budget (a setting; the lines are modeled)",
                       annotation_position="top right", annotation_font_size=10)
     window = curves[0].window
     S.layout(fig, f"What each token reads from flash as DRAM grows (modeled: simulate, window {window}, held-out)",

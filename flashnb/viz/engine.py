@@ -212,7 +212,8 @@ def memory_figure(timings) -> go.Figure:
     S.layout(fig, "Memory management per token, one layer (measured: medians, whiskers: range)",
              x=("window", "tokens"), y=("memory management per token", "µs"), height=360, barmode="group")
     fig.update_xaxes(type="category")
-    return fig
+    fig.update_yaxes(type="log")   # reallocating costs tens of times more: on a linear axis the other bars vanish
+    return S.label_log_axes(fig)
 
 
 _ROW_STATES = ("free", "kept", "moved", "new")
