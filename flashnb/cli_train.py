@@ -34,6 +34,27 @@ def cmd_train(args) -> None:
           f"FFN sparsity {h['sparsity_mean']:.1%} (training_card.json has the rest)")
 
 
+def job_files(args) -> list[str]:
+    """What a `train-predictors` job writes into its --out folder (the files --force lets it replace)."""
+    from flashnb.core.pinning import HOT_FILE
+    from flashnb.core.placement import FILE as PLACEMENT
+    from flashnb.core.predictor import CARD, WEIGHTS
+    from flashnb.core.thresholds import FILE as THRESHOLDS, TWO_STAGE
+    from flashnb.training.build_predictors import HELDOUT, LOOKAHEAD, THRESHOLD_CARD
+
+    if args.two_stage_only:
+        return [TWO_STAGE]
+    if args.sparsity is not None:
+        return [THRESHOLDS, THRESHOLD_CARD, WEIGHTS, CARD, HELDOUT, HOT_FILE]
+    if args.hot_neurons_only:
+        return [HOT_FILE]
+    if args.placement_only:
+        return [PLACEMENT]
+    if args.lookahead:
+        return [f"{LOOKAHEAD}/{WEIGHTS}", f"{LOOKAHEAD}/{CARD}"]
+    return [WEIGHTS, CARD, HELDOUT, HOT_FILE]
+
+
 def cmd_train_predictors(args) -> None:
     from pathlib import Path
 
@@ -67,17 +88,23 @@ def cmd_train_predictors(args) -> None:
         raise FlashnbError("--criterion chooses how --sparsity's thresholds compare a neuron: it goes with --sparsity")
     if args.candidates is not None and not args.two_stage_only:
         raise FlashnbError("--candidates goes with --two-stage-only (the gate's candidates of a two-stage rule)")
-    written = (Path(out) / "two-stage" / "keep" / "thresholds.safetensors" if args.two_stage_only else
-               Path(out) / "thresholds.safetensors" if args.sparsity is not None else
-               Path(out) / "hot_neurons.safetensors" if args.hot_neurons_only else
-               Path(out) / "placement.safetensors" if args.placement_only else
-               Path(out) / "lookahead" / "predictors.safetensors" if args.lookahead else
-               Path(out) / "predictors.safetensors")
-    if written.exists() and not args.force:
-        raise FlashnbError(f"{written} exists; pass --force to replace it, or choose another --out")
     from flashnb.models.checkpoint import read_config
 
-    context = min(BuildConfig.context, read_config(model).max_position_embeddings)  # windows the model can take
+    config = read_config(model)
+    if config.needs_thresholds and not (thresholds_job or args.two_stage_only or args.hot_neurons_only
+                                        or args.placement_only):
+        raise FlashnbError(f"{model} is a SwiGLU model ({config.ffn_activation} gate): none of its neurons is exactly "
+                           "zero, so predictors of its nonzero neurons would select at random; pass --sparsity "
+                           "(e.g. 0.5) to set thresholds that make it sparse, and predictors of what they keep")
+    if thresholds_job and not config.needs_thresholds:
+        raise FlashnbError(f"{model}: thresholds are for SwiGLU models (a gated FFN with SiLU); this model's FFN is "
+                           f"{config.ffn_activation}{' gated' if config.gated else ''}, whose zeros the low-rank "
+                           "predictors learn: drop --sparsity")
+    replaced = [f for f in job_files(args) if (Path(out) / f).exists()]
+    if replaced and not args.force:
+        raise FlashnbError(f"{out} already holds {', '.join(replaced)}, which this job would replace; pass --force "
+                           "to replace them, or choose another --out")
+    context = min(BuildConfig.context, config.max_position_embeddings)  # windows the model can take
     cfg = BuildConfig(model=model, out=out, train_tokens=args.train_tokens, eval_tokens=args.eval_tokens,
                       threads=_threads(args), train=tcfg, context=context)
     if args.two_stage_only:

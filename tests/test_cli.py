@@ -320,7 +320,8 @@ def test_train_predictors_two_stage_only_writes_what_demo_two_stage_runs(tmp_pat
     assert (pick.criterion, pick.sparsity, keep.criterion, keep.sparsity) == ("scaled-gate", 0.3, "product", 0.5)
     card = json.loads((tmp_path / "sw-predictors" / "two-stage" / "card.json").read_text())
     assert 0 < card["heldout"]["kept_share"] < 0.7 and card["heldout"]["tokens"] > 0
-    assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err
+    assert main(argv) == 2 and "already holds two-stage, which this job would replace; pass --force" in \
+        capsys.readouterr().err
     assert main(["demo", "--model", str(model), "--two-stage", "--memory", "1.0", "-n", "3", "--no-table"]) == 0
     demo = capsys.readouterr()
     assert "kept by product thresholds (50% sparsity)" in " ".join(demo.err.split())
@@ -349,6 +350,10 @@ def test_train_predictors_two_stage_only_writes_what_demo_two_stage_runs(tmp_pat
     (["train-predictors", "--model", "RELU", "--sparsity", "0.5", "--out", "OUT"],
      "thresholds are for SwiGLU models"),
     (["train-predictors", "--sparsity", "0.5", "--lookahead"], "different jobs"),
+    (["train-predictors", "--model", "SWIGLU", "--out", "OUT"],
+     "is a SwiGLU model (silu gate): none of its neurons is exactly zero, so predictors of its nonzero neurons would "
+     "select at random; pass --sparsity"),
+    (["train-predictors", "--model", "SWIGLU", "--lookahead", "--out", "OUT"], "pass --sparsity"),
     (["demo", "--two-stage", "-n", "2"], "flashnb-opt-21m is sparse by itself (relu): drop --two-stage"),
     (["train-predictors", "--model", "RELU", "--two-stage-only", "--out", "OUT"], "a two-stage rule is for SwiGLU"),
     (["train-predictors", "--candidates", "0.3", "--out", "OUT"], "--candidates goes with --two-stage-only"),

@@ -217,8 +217,27 @@ def test_train_predictors_never_replaces_predictors_without_force(capsys, tmp_pa
             (tmp_path / "lookahead" / "predictors.safetensors").write_bytes(b"x")
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "exists; pass --force to replace it, or choose another --out" in err and "\n" not in err.strip()
+        assert "which this job would replace; pass --force to replace them, or choose another --out" in err
+        assert "\n" not in err.strip()
     assert {f.name: f.stat().st_mtime_ns for f in shipped.iterdir()} == before
+
+
+def test_a_thresholds_job_never_replaces_predictors_without_force(tmp_path, capsys):
+    """--sparsity writes predictors, their card, the held-out slice and the hot neurons beside the thresholds:
+    any of them already there stops it before any work, naming what it would replace."""
+    from flashnb.cli import main
+    from flashnb.paths import SWIGLU_MODEL, data_dir
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "predictors.safetensors").write_bytes(b"my predictors")
+    (out / "hot_neurons.safetensors").write_bytes(b"my hot neurons")
+    argv = ["train-predictors", "--model", str(data_dir() / SWIGLU_MODEL), "--sparsity", "0.5", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds predictors.safetensors, hot_neurons.safetensors, which this job would replace" in err
+    assert (out / "predictors.safetensors").read_bytes() == b"my predictors"
+    assert sorted(p.name for p in out.iterdir()) == ["hot_neurons.safetensors", "predictors.safetensors"]
 
 
 def test_build_helpers(tmp_path):
