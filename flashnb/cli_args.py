@@ -4,12 +4,14 @@ answers bad input with one line that names the option and what it takes."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from pathlib import Path
 
 from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET
+from flashnb.paths import missing_folder
 
 MAX_IN_FLIGHT = 1024  # the kernel's AIO queue rarely allows more; more only queues in Python
 
@@ -130,11 +132,25 @@ def out_file(text: str) -> str:
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name, e.g. {p / 'result.json'}")
     if not p.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: the folder {p.parent} does not exist; create it first or "
-                                         "choose another path")
+        raise argparse.ArgumentTypeError(f"{text}: {missing_folder(p.parent)}; give a path inside an existing "
+                                         "folder")
     if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise argparse.ArgumentTypeError(f"{text} cannot be written (permissions); choose another path")
+    if p.exists() and not _flashnb_result(p):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a flashnb result (flashnb replaces only a JSON "
+                                         "file it wrote); choose another path, or move that file away")
     return str(p)
+
+
+def _flashnb_result(p: Path) -> bool:
+    """Whether `p` holds a JSON object that flashnb wrote (a bench result or a device profile: a
+    flashnb_..._version key)."""
+    try:
+        with open(p, "rb") as f:
+            data = json.loads(f.read(64 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and any(k.startswith("flashnb_") and k.endswith("_version") for k in data)
 
 
 def utf8_text(text: str) -> str:

@@ -105,13 +105,21 @@ def scratch_folder(dir: str | Path | None = None) -> tempfile.TemporaryDirectory
     return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=dir)
 
 
+def missing_folder(folder: str | Path) -> str:
+    """Why `folder` cannot take new files, in words: the first of it and its parents that is a file ("X is a
+    file, not a folder"), else "X does not exist"."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            return f"{p} is a file, not a folder" if not p.is_dir() else f"{folder} does not exist"
+    return f"{folder} does not exist"
+
+
 def work_folder(dir: str | Path | None) -> Path:
     """--dir of `flashnb bench`: a folder that exists (default: the system temp folder), or one clear error."""
     root = Path(dir or tempfile.gettempdir())
-    if root.exists() and not root.is_dir():
-        raise FlashnbError(f"--dir {root} is a file, not a folder; give the folder the scratch stores go to")
     if not root.is_dir():
-        raise FlashnbError(f"--dir {root} does not exist; create it or pick another folder")
+        raise FlashnbError(f"--dir: {missing_folder(root)}; give an existing folder for the scratch stores")
     return root
 
 

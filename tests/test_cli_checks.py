@@ -14,7 +14,7 @@ from conftest import cli_refuses as _refused
 
 def test_an_output_file_is_checked_before_the_run(tmp_path, capsys):
     _refused(capsys, ["bench", "--out", str(tmp_path)], "is a folder; give a file name")
-    _refused(capsys, ["bench", "--out", str(tmp_path / "no" / "r.json")], "does not exist; create it first")
+    _refused(capsys, ["bench", "--out", str(tmp_path / "no" / "r.json")], "no does not exist; give a path inside an")
     _refused(capsys, ["profile", "--quick", "--out", str(tmp_path)], "is a folder")
     _refused(capsys, ["profile", "--quick", "--out", str(tmp_path / "no" / "p.json")], "does not exist")
     assert not (tmp_path / "no").exists()                          # nothing created on the way
@@ -23,6 +23,27 @@ def test_an_output_file_is_checked_before_the_run(tmp_path, capsys):
              "is a file, not a folder")
     _refused(capsys, ["bench", "--keep-replay"], "it goes with --replay")
     assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_files_in_the_way_of_an_output_are_named_and_kept(tmp_path, capsys):
+    """An output path under a file, a folder given as a profile, a user's file given as --out: one line each,
+    naming the file, and the file left as it was; a flashnb result of an earlier run is replaced."""
+    mine = tmp_path / "notes.py"
+    mine.write_text("print('mine')")
+    for argv in (["bench", "--out", str(mine / "r.json")], ["profile", "--quick", "--out", str(mine / "p.json")],
+                 ["convert", "RELU", str(mine / "store")], ["train", "--out", str(mine / "model")],
+                 ["train", "--out", str(mine)], ["profile", "--quick", "--dir", str(mine)]):
+        argv = [str(Path(__file__).parents[1] / "data" / "flashnb-opt-21m") if a == "RELU" else a for a in argv]
+        _refused(capsys, argv, f"{mine} is a file")
+    _refused(capsys, ["bench", "--configs", "floor", "--out", str(mine)], "exists and is not a flashnb result")
+    _refused(capsys, ["profile", "--quick", "--out", str(mine)], "exists and is not a flashnb result")
+    for argv in (["profile", "--use", str(tmp_path)], ["bench", "--configs", "floor", "--profile", str(tmp_path)]):
+        _refused(capsys, argv, f"profile {tmp_path} is a folder; give the profile's JSON file")
+    assert mine.read_text() == "print('mine')"
+    earlier = tmp_path / "r.json"
+    earlier.write_text('{"flashnb_bench_version": 1}')
+    assert main(["bench", "--configs", "floor", "--tokens", "2", "--out", str(earlier)]) == 0
+    assert "results" in earlier.read_text()
 
 
 def test_profile_options_that_would_do_nothing_or_the_wrong_thing(tmp_path, capsys, monkeypatch):

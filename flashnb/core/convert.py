@@ -35,7 +35,7 @@ from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import (TensorIndex, ffn_matrix_names, ffn_param, meta_model, read_config,
                                        regular_file)
 from flashnb.models.fingerprint import fingerprint
-from flashnb.paths import pid_alive
+from flashnb.paths import missing_folder, pid_alive
 from flashnb.text import show_progress
 
 
@@ -171,7 +171,7 @@ def write_store(dst: str | Path, config, model_config: dict, tensors, cfg: Conve
                            "this model with `flashnb train-predictors --placement-only --model SOURCE`")
     check = check or (lambda: check_replaceable(dst, cfg.overwrite))
     if not dst.parent.is_dir():
-        raise FlashnbError(f"folder {dst.parent} does not exist; create it first")
+        raise FlashnbError(f"cannot write the store {dst}: {missing_folder(dst.parent)}; give a path inside an existing folder")
     _recover_interrupted(dst)
     check()
     tmp = _temporary_folder(dst)

@@ -26,6 +26,7 @@ from flashnb.core import aio
 from flashnb.core.io import AlignedBuffer, evict, open_for_reading, preadv_full
 from flashnb.device.profile import PROFILE_VERSION, Profile
 from flashnb.errors import FlashnbError
+from flashnb.paths import missing_folder
 from flashnb.text import show_progress
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -138,7 +139,7 @@ class _Scratch:
 
     def __enter__(self) -> Path:
         if not self.folder.is_dir():
-            raise FlashnbError(f"profile folder {self.folder} does not exist; pass an existing folder with --dir")
+            raise FlashnbError(f"profile folder: {missing_folder(self.folder)}; pass an existing folder with --dir")
         fd, name = tempfile.mkstemp(prefix=".flashnb-profile-", suffix=".tmp", dir=self.folder)
         self.path = Path(name)
         rng = np.random.default_rng(self.seed)

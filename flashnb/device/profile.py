@@ -95,6 +95,11 @@ class Profile:
             data = json.loads(p.read_text())
         except FileNotFoundError:
             raise FlashnbError(f"profile {p} does not exist; measure one with `flashnb profile --out {p}`") from None
+        except IsADirectoryError:
+            raise FlashnbError(f"profile {p} is a folder; give the profile's JSON file (`flashnb profile` writes "
+                               "one)") from None
+        except OSError as e:
+            raise FlashnbError(f"profile {p} cannot be read ({e.strerror}); give a readable JSON file") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FlashnbError(f"{p} is not valid JSON ({e}); re-run `flashnb profile`") from None
         if not isinstance(data, dict) or data.get("flashnb_profile_version") != PROFILE_VERSION:

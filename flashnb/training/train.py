@@ -233,6 +233,10 @@ def check_out(cfg: TrainConfig, resume: bool) -> None:
     """The command line's guard: a checkpoint in OUT is continued only with `resume`, a finished model in OUT
     is never trained over, and `resume` needs a checkpoint."""
     out = Path(cfg.out)
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)  # mkdir would fail
+    if blocked is not None:
+        raise FlashnbError(f"--out {out}: {blocked} is a file, not a folder; `flashnb train` writes a new model "
+                           "folder: give a new or empty folder's path")
     step = checkpointed_step(out / "checkpoint")
     if step is not None and not resume:
         raise FlashnbError(f"{out} holds a run checkpointed at step {step} of {cfg.steps}: add --resume to "
