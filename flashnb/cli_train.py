@@ -88,9 +88,11 @@ def cmd_train_predictors(args) -> None:
         raise FlashnbError("--criterion chooses how --sparsity's thresholds compare a neuron: it goes with --sparsity")
     if args.candidates is not None and not args.two_stage_only:
         raise FlashnbError("--candidates goes with --two-stage-only (the gate's candidates of a two-stage rule)")
+    from flashnb.core.manifest import check_runs_from_flash
     from flashnb.models.checkpoint import read_config
 
     config = read_config(model)
+    check_runs_from_flash(config)   # predictors and thresholds serve the flash engine only
     if config.needs_thresholds and not (thresholds_job or args.two_stage_only or args.hot_neurons_only
                                         or args.placement_only):
         raise FlashnbError(f"{model} is a SwiGLU model ({config.ffn_activation} gate): none of its neurons is exactly "

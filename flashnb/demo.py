@@ -13,6 +13,7 @@ from pathlib import Path
 from flashnb.core.convert import ConvertConfig, convert
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.generate import SamplingConfig, check_context, generate
+from flashnb.core.manifest import check_runs_from_flash
 from flashnb.core.pinning import HotNeurons
 from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET, WINDOW
 from flashnb.core.predictor import AllNeurons, OraclePredictor, load_predictors
@@ -24,7 +25,7 @@ from flashnb.device.costmodel import steps_io_ms
 from flashnb.device.profile import coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
-from flashnb.models.checkpoint import load_model, read_config
+from flashnb.models.checkpoint import TensorIndex, load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import SWIGLU_MODEL, data_dir, predictors_beside, shipped_predictors_dir, temporary_folder
 from flashnb.text import MB, wrap
@@ -162,7 +163,9 @@ def generate_from_flash(folder: Path, prompt: str, n: int, memory: float | int, 
     candidates and the product keeps (the folder's two-stage/, `two_stage_in`). `pinned`: hot-neuron rows per
     layer, or "auto" (`flashnb.core.simulate.choose_pinned` with the cost model on the saved device profile)."""
     folder = Path(folder)
-    config = read_config(folder)   # first: a folder that is not a model says so, before its tokenizer is missed
+    config = read_config(folder)   # first: a folder that is not a model says so, before its tokenizer is missed,
+    check_runs_from_flash(config)  # ... a model the engine cannot run, and weights flashnb cannot read (.bin),
+    TensorIndex(folder)            # before its predictors are looked for
     tok = Tokenizer.from_folder(folder)
     check_early(tok.encode(prompt), n, config, pinned)
     pred_dir = Path(predictors_dir or predictors_beside(folder))

@@ -44,4 +44,11 @@ def show_progress(wanted: bool = True) -> bool:
     (where tqdm.auto draws a widget); never into a log file or a pipe, which would get a carriage return
     and a redrawn line for every update."""
     err = sys.stderr
-    return bool(wanted) and ("ipykernel" in sys.modules or (err is not None and err.isatty()))
+    return bool(wanted) and (_in_notebook() or (err is not None and err.isatty()))
+
+
+def _in_notebook() -> bool:
+    """Whether this code runs in a Jupyter kernel (whose stderr is no terminal, but whose bars are widgets)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"

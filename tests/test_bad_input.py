@@ -77,10 +77,12 @@ def test_corrupt_safetensors_header(folder, capsys):
     assert "model.safetensors" in err and "not a readable safetensors file" in err
 
 
-def test_pickle_only_folder_is_refused(folder):
+def test_pickle_only_folder_is_refused(folder, capsys):
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(FlashnbError, match="never unpickles"):
         load_model(folder)
+    assert main(["demo", "--model", str(folder), "-n", "2"]) == 2   # said before the predictors are looked for
+    assert "never unpickles" in capsys.readouterr().err
 
 
 def test_missing_tokenizer(folder, capsys):
@@ -101,7 +103,7 @@ def test_source_folder_untouched_by_loading(tiny_opt_dir):
 def _convert_error(folder, tmp_path, capsys, words: str) -> str:
     """`flashnb convert` on the folder: one line naming the problem, and nothing left behind."""
     assert main(["convert", str(folder), str(tmp_path / "store")]) == 2
-    err = capsys.readouterr().err.split("\r")[-1].strip()  # after the progress bar, which clears its line
+    err = capsys.readouterr().err.strip()
     assert err.startswith("flashnb: error: ") and "\n" not in err and words in err, err
     assert not (tmp_path / "store").exists() and not list(tmp_path.glob(".store.*"))
     return err
@@ -149,6 +151,22 @@ def test_absurd_config_values_are_refused_before_writing(folder, tmp_path, capsy
     (folder / "config.json").write_text(json.dumps(cfg))
     _convert_error(folder, tmp_path, capsys, key)
     assert key in cli_error(capsys, folder)      # dense generate too: no text from a 0-layer model
+
+
+def test_a_gated_ffn_with_biases_is_refused_before_any_work(tmp_path, capsys):
+    """mlp_bias: the engine's bundle math has no gate or up bias, so convert and train-predictors refuse the
+    model at once, where the dense model in DRAM still runs it."""
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "biased", mlp_bias=True)
+    capsys.readouterr()   # (transformers' progress bar while saving it)
+    words = "gated FFN has biases on its gate and up projections (mlp_bias in config.json)"
+    _convert_error(model, tmp_path, capsys, words)
+    for argv in (["train-predictors", "--model", str(model), "--out", str(tmp_path / "p")],
+                 ["demo", "--model", str(model), "-n", "2"]):
+        assert main(argv) == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    assert main(["generate", "--model", str(model), "--prompt", "hi", "-n", "2"]) == 0
 
 
 def test_a_fifo_in_the_source_is_refused_not_read(folder, tmp_path, capsys):

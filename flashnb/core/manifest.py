@@ -128,8 +128,18 @@ def validate(p: Path, mf: Path, m: dict):
     return config
 
 
+def check_runs_from_flash(config) -> None:
+    """One clear error for a model the engine cannot run from flash, before anything is written or trained for
+    it: a gated FFN with biases on its gate and up projections (mlp_bias), which the bundles' math leaves out."""
+    if config.gated and getattr(config, "mlp_bias", False):
+        raise FlashnbError(f"this {config.model_type} model's gated FFN has biases on its gate and up projections "
+                           "(mlp_bias in config.json), which flashnb's engine does not compute: it cannot run from "
+                           "flash (`flashnb generate --model FOLDER` runs it in DRAM)")
+
+
 def flash_parts(config, layout: str) -> tuple[list[str], list[str]]:
     """(the FFN matrices a store of `layout` keeps on flash, those it keeps in DRAM) for `config`'s model."""
+    check_runs_from_flash(config)
     parts = [x for x, _ in config.ffn_parts]
     if layout != "gate-apart":
         return parts, []
