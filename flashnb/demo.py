@@ -297,9 +297,10 @@ def check_early(prompt_ids: list[int], n: int, config, pinned: int | str = 0) ->
     """What depends on the model, checked as soon as its config is read, before any heavy work: the
     prompt and new tokens within its context, pinned rows within its FFN."""
     check_context(prompt_ids, n, config)
-    if isinstance(pinned, int) and not 0 <= pinned <= config.ffn_dim:
-        raise FlashnbError(f"--pinned {pinned} is out of range: give a whole number from 0 to {config.ffn_dim} (the "
-                           "FFN's neurons per layer) or 'auto'")
+    if isinstance(pinned, int) and not 0 <= pinned < config.ffn_dim:
+        raise FlashnbError(f"--pinned {pinned} is out of range: give a whole number from 0 to {config.ffn_dim - 1} "
+                           f"(the FFN has {config.ffn_dim} neurons per layer, and the window needs a row) or 'auto'; "
+                           "with every neuron in DRAM, run the dense model: `flashnb generate --model FOLDER`")
 
 
 def generate_dense(folder: str | Path, prompt: str, n: int, sampling: SamplingConfig | None = None) -> None:

@@ -114,7 +114,9 @@ def test_what_depends_on_the_model_is_checked_before_any_work(shipped_store, tin
     t0 = time.perf_counter()
     _one_line_error(capsys, ["demo", "-n", "300"], "exceeds the model's context of 256")
     _one_line_error(capsys, ["demo", "--pinned", "99999"], "--pinned 99999 is out of range: give a whole number "
-                                                             "from 0 to 2048")
+                                                             "from 0 to 2047")
+    _one_line_error(capsys, ["demo", "--pinned", "2048", "--memory", "100MB"],   # every neuron: no window row
+                    "the window needs a row", "run the dense model")
     store = ["generate", "--store", str(shipped_store), "--prompt", "Open"]
     _one_line_error(capsys, store + ["-n", "300"], "exceeds the model's context")
     _one_line_error(capsys, store + ["--policy", "oracle", "--predictors", "x"], "--predictors is for --policy "

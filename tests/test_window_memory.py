@@ -117,6 +117,14 @@ def test_min_budget_is_the_split_inverted():
         plan_memory(SHAPE, lo - 0.002, 4, 1000)
 
 
+def test_pinning_every_neuron_is_refused_whatever_the_budget():
+    """The window needs a row beside the pinned ones: pinning all 100 neurons of a layer is said as that, not
+    as a budget too small (the budget here holds the whole model twice)."""
+    with pytest.raises(FlashnbError, match="100 pinned rows per layer leave the window no row .* pin at most 99"):
+        plan_memory(SHAPE, 200_000, window=4, pinned_rows=100)
+    assert plan_memory(SHAPE, 200_000, window=4, pinned_rows=99).capacity_rows == 1
+
+
 def test_hybrid_pins_what_leaves_room_for_one_streamed_layer():
     plan = hybrid_plan(SHAPE, 0.5)                 # 168 rows beside the resident tensors (no per-neuron maps)
     pinned, buf = plan.pinned_rows, plan.capacity_rows

@@ -132,6 +132,9 @@ def plan_memory(shape: MemoryShape, budget: float | int, window: int, predictor_
     """THE split: resident tensors, predictors, the engine's per-neuron maps (`maps`; the hybrid
     baseline has none) and `pinned_rows` per layer first; the rest of the budget becomes each cache's
     rows (one cache per layer, one shared when window = 0)."""
+    if maps and pinned_rows >= shape.ffn_dim:
+        raise FlashnbError(f"{pinned_rows} pinned rows per layer leave the window no row (the FFN has {shape.ffn_dim} "
+                           f"neurons per layer): pin at most {shape.ffn_dim - 1}")
     caches = _caches(shape, window)
     fixed = bookkeeping_bytes(shape, window, pinned_rows) if maps else 0
     rows = rows_in_budget(shape, budget, predictor_bytes + fixed)
