@@ -4,6 +4,7 @@ of the shipped model widened onto them, and the size sweep, at a tiny shape (sec
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -69,7 +70,20 @@ def test_a_scale_store_is_written_once_reused_and_its_engine_equals_its_dense_mo
         kv = eng.model.new_cache(1, len(ids))
         got = torch.stack([eng.step(t, kv) for t in ids])
     assert torch.isfinite(got).all() and (got - ref).abs().max().item() < 2e-2   # fp16 engine, fp32 dense
+    for layout, st in stores.items():   # the budget's split, known before writing, is the written store's
+        assert shape.memory_shape(layout) == replace(st.memory_shape(), kv_cache_bytes=0)
+    replayed = S.ReplayedSets([[np.arange(3)] * shape.layers], shape.d_model, shape.ffn_dim)
+    with FlashEngine(b, replayed, Policy(4, 1.0, in_flight=2)) as eng:
+        assert shape.predictor_bytes() == eng.memory.predictor_bytes
     S.remove_scale_stores(tmp_path, shape)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_budget_too_small_for_a_scale_run_is_said_before_writing(tmp_path):
+    cfg = BenchConfig(scale=TINY, tokens=1, memory=0.05, in_flight=2, dir=str(tmp_path), configs=("all", "naive"),
+                      progress=False)
+    with pytest.raises(FlashnbError, match="is too small"):
+        S.run_scale(cfg, log=lambda m: None)
     assert not any(tmp_path.iterdir())
 
 

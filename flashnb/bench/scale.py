@@ -34,6 +34,7 @@ from flashnb.core.convert import ConvertConfig, write_store
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.generate import SamplingConfig
 from flashnb.core.io import AlignedBuffer, open_for_reading
+from flashnb.core.memory import MemoryShape, plan_memory
 from flashnb.core.predictor import AllNeurons, LowRankPredictor, Predictor
 from flashnb.core.quant import RowFormat
 from flashnb.core.records import LayerStep
@@ -44,6 +45,7 @@ from flashnb.device.measure import machine_info, process_rss
 from flashnb.device.profile import coalescing_gap
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
+from flashnb.models.checkpoint import ffn_matrix_names, meta_model
 from flashnb.models.opt import OPTConfig
 from flashnb.paths import work_folder
 from flashnb.text import wrap
@@ -74,6 +76,23 @@ class ScaleShape:
         return OPTConfig(vocab_size=VOCAB, hidden_size=self.d_model, ffn_dim=self.ffn_dim,
                          num_hidden_layers=self.layers, num_attention_heads=self.heads,
                          max_position_embeddings=2048)
+
+    def memory_shape(self, layout: str = "bundled") -> MemoryShape:
+        """What a memory budget is split over on this shape's store of `layout` (FlashStore.memory_shape), known
+        before the store is written: the resident tensors at fp16, plus a checksum of 8 bytes per row of each
+        region (one bundle, or the up and down matrices unbundled)."""
+        c = self.config()
+        ffn = ffn_matrix_names(c)
+        values = sum(p.numel() for n, p in meta_model(c).named_parameters() if n not in ffn)
+        regions = 1 if layout == "bundled" else len(c.ffn_parts)
+        return MemoryShape(2 * values + 8 * regions * self.layers * self.ffn_dim, self.layers, self.ffn_dim,
+                           2 * len(c.ffn_parts) * self.d_model)
+
+    def predictor_bytes(self, rank: int = PREDICTOR_RANK) -> int:
+        """DRAM of the random low-rank predictors the engine configurations run (ReplayedSets), at fp16."""
+        with torch.device("meta"):
+            one = LowRankPredictor(self.d_model, self.ffn_dim, rank)
+        return 2 * self.layers * sum(p.numel() for p in one.parameters())
 
     def bytes(self) -> tuple[int, int]:
         """(FFN bytes, everything else) at fp16, counted from the model (flashnb.device.costmodel.ModelShape)."""
@@ -294,6 +313,13 @@ def run_scale(cfg, log=print):
                            "weights (drop them from --configs)")
     if cfg.tokens < 1:
         raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
+    for name in configs:   # a budget too small for a configuration is said before gigabytes are written
+        if name not in ("mmap", "naive", "naive_model"):
+            layout, pol = engine_setup(name if name in SCALE_CONFIGS else "all", cfg.window, cfg.memory,
+                                       cfg.in_flight, 0)
+            plan_memory(shape.memory_shape(layout), pol.memory_budget, pol.window, shape.predictor_bytes())
+        elif name != "mmap":
+            plan_memory(shape.memory_shape(), cfg.memory, 0)
     root = work_folder(cfg.dir)
     profile, profile_source = _profile(cfg, root)
     device, gap = as_device(profile), coalescing_gap(profile, cfg.in_flight)
