@@ -317,7 +317,10 @@ def _add_run_commands(sub) -> None:
                                                    "them); only when named: placed (all on a store in the co-activation "
                                                    "order of the predictors folder's placement.safetensors), int8 and "
                                                    "q4 (all on a store of quantized bundles, in the fp16 model's budget), "
-                                                   "int8-placed and q4-placed (both)")
+                                                   "int8-placed and q4-placed (both); with --scale: naive, naive_model "
+                                                   "(the paper's naive: the whole model read per token), predictor, "
+                                                   "windowing, all and mmap (default: all of them), and the same "
+                                                   "opt-in ones")
     b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")
     b.add_argument("--profile", default=None, help="device profile JSON (default: the saved one, else a quick one)")
     b.add_argument("--replay", action="store_true",
@@ -360,7 +363,9 @@ def _add_run_commands(sub) -> None:
                         "reference that holds the whole FFN to predict) or every neuron (naive; bench's \"all\" is "
                         "every technique instead) (default: predictors)")
     f.add_argument("--predictors", default=None,
-                   help="predictor folder (default: the shipped predictors, when STORE holds the shipped model)")
+                   help="predictor folder (default: SOURCE-predictors beside the model folder STORE was converted "
+                        "from, when it holds this model's predictors; else the shipped predictors, when STORE "
+                        "holds the shipped model)")
     f.add_argument("--window", type=whole(0, 4096), default=None, help=f"window of recent tokens (default: {WINDOW})")
     add_memory(f, unset=True)
     add_in_flight(f, unset=True)

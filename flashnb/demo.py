@@ -128,17 +128,19 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
 
 def window_advice(mean: TokenStats, mem, layers: int) -> str:
     """A measured warning when a layer's rows hold fewer neurons than a token needed there on average (then
-    every token is read in parts and the window keeps little for the next one), else nothing."""
+    the tokens that need more are read in parts, and the window keeps less for the next one), else nothing."""
     need = mean.predicted / layers if mean.predicted is not None else 0.0
     held = mem.capacity_rows + mem.pinned_rows
     if need <= held:
         return ""
     more = int((need - held) * layers * mem.row_bytes)
     whole = mem.budget_bytes + more > mem.model_bytes   # beyond the model's bytes a fraction cannot say it
+    size = f"{more / MB:.2f} MB" if more >= 0.01 * MB else f"{more / 1e3:.1f} KB"
+    kept = f"; the window held {mean.window_hit_share:.0%} of a token's neurons" if mean.window_hit_share else ""
     return wrap(f"note: a token needed {need:.0f} neurons per layer on average (measured), more than the {held} rows "
-                f"this budget leaves each layer, so every token was read in parts and little stayed for the next "
-                f"one; each more row costs {mem.row_bytes} B of --memory (about {more / MB:.2f} MB more would hold "
-                f"one token's neurons, more again the window's"
+                f"this budget leaves each layer, so the tokens that needed more were read in parts{kept}; each "
+                f"more row costs {mem.row_bytes} B of --memory (about {size} more would hold an average token's "
+                f"neurons, more again the window's"
                 + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 1000)}KB" if whole else "")
                 + ")") + "\n"
 
@@ -242,7 +244,8 @@ def generate_from_store(store_dir: str | Path, prompt: str, n: int, *, policy: s
                 raise FlashnbError("--pinned holds the hot neurons that `flashnb train-predictors` writes beside the "
                                    f"predictors, and {store.path} holds a model other than the shipped one: pass "
                                    "--predictors FOLDER, or drop --pinned")
-            raise FlashnbError(f"{store.path} holds a model other than the shipped one: pass --predictors FOLDER "
+            raise FlashnbError(f"{store.path} holds a model other than the shipped one, and no predictors of it lie "
+                               "beside the folder it was converted from: pass --predictors FOLDER "
                                "(`flashnb train-predictors --model SOURCE` writes them), or --policy oracle (exact; "
                                "holds the whole FFN in DRAM to predict) or --policy every (naive: every neuron read)")
         predictors = shipped_predictors_dir()
