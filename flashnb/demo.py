@@ -24,7 +24,7 @@ from flashnb.core.thresholds import (FILE as THRESHOLDS_FILE, GateThresholds, Th
 from flashnb.device.costmodel import steps_io_ms
 from flashnb.device.profile import coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
-from flashnb.lab.stats import TokenStats
+from flashnb.lab.stats import TokenStats, window_advice
 from flashnb.models.checkpoint import TensorIndex, load_model, read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import SWIGLU_MODEL, data_dir, predictors_beside, shipped_predictors_dir, temporary_folder
@@ -124,25 +124,6 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
                           f"{(mem.model_bytes - mem.resident_bytes) / MB:.2f} MB"
                           + (" (the gate matrices stay in DRAM)" if store.gate_in_dram else "")), file=sys.stderr)
         print(window_advice(mean, mem, store.num_layers), end="", file=sys.stderr)
-
-
-def window_advice(mean: TokenStats, mem, layers: int) -> str:
-    """A measured warning when a layer's rows hold fewer neurons than a token needed there on average (then
-    the tokens that need more are read in parts, and the window keeps less for the next one), else nothing."""
-    need = mean.predicted / layers if mean.predicted is not None else 0.0
-    held = mem.capacity_rows + mem.pinned_rows
-    if need <= held:
-        return ""
-    more = int((need - held) * layers * mem.row_bytes)
-    whole = mem.budget_bytes + more > mem.model_bytes   # beyond the model's bytes a fraction cannot say it
-    size = f"{more / MB:.2f} MB" if more >= 0.01 * MB else f"{more / 1e3:.1f} KB"
-    kept = f"; the window held {mean.window_hit_share:.0%} of a token's neurons" if mean.window_hit_share else ""
-    return wrap(f"note: a token needed {need:.0f} neurons per layer on average (measured), more than the {held} rows "
-                f"this budget leaves each layer, so the tokens that needed more were read in parts{kept}; each "
-                f"more row costs {mem.row_bytes} B of --memory (about {size} more would hold an average token's "
-                f"neurons, more again the window's"
-                + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 1000)}KB" if whole else "")
-                + ")") + "\n"
 
 
 def _beside_source(store: FlashStore) -> Path | None:

@@ -106,6 +106,30 @@ def test_configurations_without_their_files_are_skipped_with_the_fix(tmp_path):
         run_bench(BenchConfig(model=str(folder), predictors=str(preds), configs=("reads",), progress=False))
 
 
+def test_a_budget_with_fewer_rows_than_a_token_needs_is_said_beside_the_table(tmp_path):
+    """At the smallest budget (one row per layer) "all" reads each token in parts and can fall behind naive:
+    the table says why, under the configuration's name; with room for every neuron it says nothing."""
+    from flashnb.core.memory import min_budget
+    from flashnb.core.predictor import load_predictors
+
+    folder = make_tiny_opt(tmp_path / "hf")
+    preds = tiny_predictors(folder, tmp_path / "preds")
+    (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
+    store = FlashStore.open(convert(folder, tmp_path / "store", ConvertConfig(progress=False)))
+    lo = min_budget(store.memory_shape(), 4, load_predictors(preds).memory_bytes(2))
+    notes, roomy = {}, 2 * store.memory_shape().model_bytes   # bytes: room for every neuron beside the rest
+    for memory in (lo, roomy):
+        cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=3, memory=memory,
+                          in_flight=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"), progress=False,
+                          configs=("all",))
+        result = run_bench(cfg)
+        notes[memory] = result.results["all"].rows_note, format_table(result)
+    note, table = notes[lo]
+    assert "more than the 1 row this budget leaves each layer" in " ".join(note.split())
+    assert "+bundling (all): a token needed" in " ".join(table.split())
+    assert notes[roomy][0] == "" and "a token needed" not in notes[roomy][1]
+
+
 def test_window_sweep_and_layout_summary(tmp_path):
     folder = make_tiny_opt(tmp_path / "hf")
     store = FlashStore.open(convert(folder, tmp_path / "store", ConvertConfig(dtype="fp32", progress=False)))

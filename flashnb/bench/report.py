@@ -38,13 +38,14 @@ class ConfigResult:
     floor_ms: float | None = None  # the same token's unavoidable work, measured in the same run
     pinned_rows: int | None = None  # hot neurons pinned per layer
     split_ms: dict | None = None    # the token split into SPLIT's parts (configurations with predictors)
+    rows_note: str = ""             # the budget left a layer fewer rows than a token needed (lab.stats.window_advice)
 
     def to_json(self) -> dict:
         return {"label": self.label, "text": self.text, "seconds": self.seconds, "io_mode": self.io_mode,
                 "dram_bytes": self.dram_bytes,
                 "budget_bytes": self.budget_bytes, "modeled_io_ms": self.modeled_io_ms,
                 "speedup_vs_naive": self.speedup_vs_naive, "floor_ms": self.floor_ms, "pinned_rows": self.pinned_rows,
-                "split_ms": self.split_ms, **self.stats.to_json()}
+                "split_ms": self.split_ms, "rows_note": self.rows_note, **self.stats.to_json()}
 
 
 SPLIT = ("model_without_ffn", "predict", "window", "memory", "submit", "wait", "ffn", "rest")
@@ -176,6 +177,9 @@ def format_table(result: BenchResult) -> str:
                      f"{cell(r.modeled_io_ms, '9.2f')} {cell(r.floor_ms and s.total_ms / r.floor_ms, '6.2f', 'x')}")
     for name, why in result.skipped.items():
         lines.append(wrap(f"{LABELS[name]:<{w}} skipped: {why}"))
+    for r in result.results.values():
+        if r.rows_note:   # why a configuration with predictors can fall behind naive at a small budget
+            lines.append(wrap(" ".join(r.rows_note.split()).replace("note:", f"{r.label}:", 1)))
     if result.pinning:
         p = result.pinning
         timed = p["score_name"].endswith("ms per token")   # else the score is the bytes themselves

@@ -60,7 +60,7 @@ from flashnb.device.costmodel import ModelShape, as_device, steps_io_ms, stream_
 from flashnb.device.measure import ProfileConfig, machine_info, run_profile
 from flashnb.device.profile import Profile, coalescing_gap, load_default_profile
 from flashnb.errors import FlashnbError
-from flashnb.lab.stats import TokenStats
+from flashnb.lab.stats import TokenStats, window_advice
 from flashnb.models.checkpoint import read_config
 from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import predictors_beside, shipped_model_dir, temporary_folder, work_folder
@@ -292,7 +292,8 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                     name, LABELS[name], stats, tok.decode(texts[name][:cfg.tokens]), spent[name],
                     mem.used_bytes if mem else getattr(r, "bytes", None), mem.budget_bytes if mem else None,
                     modeled_io_ms(name, steps, stats, shape, cfg.in_flight, device),
-                    r.reader.io_mode if hasattr(r, "reader") else "", pinned_rows=mem.pinned_rows if mem else None)
+                    r.reader.io_mode if hasattr(r, "reader") else "", pinned_rows=mem.pinned_rows if mem else None,
+                    rows_note=window_advice(stats, mem, r.store.num_layers) if mem and name in SPARSE else "")
                 if name == "predictor":  # its sets drive the replay
                     replay_sets = [s.predicted_sets for s in steps]
         if cfg.replay:

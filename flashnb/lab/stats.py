@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from flashnb.core.records import per_token_mean
+from flashnb.text import MB, wrap
 
 
 def apart(runs_a, runs_b) -> bool:
@@ -109,3 +110,22 @@ class TokenStats:
         """The fields and the derived shares, JSON-ready."""
         return {**asdict(self), "io_GBps": self.io_GBps, "predicted_share": self.predicted_share,
                 "window_hit_share": self.window_hit_share}
+
+
+def window_advice(mean: TokenStats, mem, layers: int) -> str:
+    """A measured warning when a layer's rows hold fewer neurons than a token needed there on average (then
+    the tokens that need more are read in parts, and the window keeps less for the next one), else nothing."""
+    need = mean.predicted / layers if mean.predicted is not None else 0.0
+    held = mem.capacity_rows + mem.pinned_rows
+    if need <= held:
+        return ""
+    more = int((need - held) * layers * mem.row_bytes)
+    whole = mem.budget_bytes + more > mem.model_bytes   # beyond the model's bytes a fraction cannot say it
+    size = f"{more / MB:.2f} MB" if more >= 0.01 * MB else f"{more / 1e3:.1f} KB"
+    kept = f"; the window held {mean.window_hit_share:.0%} of a token's neurons" if mean.window_hit_share else ""
+    return wrap(f"note: a token needed {need:.0f} neurons per layer on average (measured), more than the {held} "
+                f"row{'s' if held != 1 else ''} this budget leaves each layer, so the tokens that needed more were read in parts{kept}; each "
+                f"more row costs {mem.row_bytes} B of --memory (about {size} more would hold an average token's "
+                f"neurons, more again the window's"
+                + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 1000)}KB" if whole else "")
+                + ")") + "\n"
