@@ -124,8 +124,8 @@ def window_advice(mean: TokenStats, mem, layers: int) -> str:
     size = f"{more / MB:.2f} MB" if more >= 0.01 * MB else f"{more / 1e3:.1f} KB"
     kept = f"; the window held {mean.window_hit_share:.0%} of a token's neurons" if mean.window_hit_share else ""
     return wrap(f"note: a token needed {need:.0f} neurons per layer on average (measured), more than the {held} "
-                f"row{'s' if held != 1 else ''} this budget leaves each layer, so the tokens that needed more were read in parts{kept}; each "
-                f"more row costs {mem.row_bytes} B of --memory (about {size} more would hold an average token's "
+                f"row{'s' if held != 1 else ''} this budget leaves each layer, so the tokens that needed more were "
+                f"read in parts{kept}; each more row costs {mem.row_bytes} B of --memory (about {size} more would hold an average token's "
                 f"neurons, more again the window's"
                 + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 1000)}KB" if whole else "")
                 + ")") + "\n"
