@@ -125,7 +125,7 @@ def window_advice(mean: TokenStats, mem, layers: int) -> str:
     kept = f"; the window held {mean.window_hit_share:.0%} of a token's neurons" if mean.window_hit_share else ""
     return wrap(f"note: a token needed {need:.0f} neurons per layer on average (measured), more than the {held} "
                 f"row{'s' if held != 1 else ''} this budget leaves each layer, so the tokens that needed more were "
-                f"read in parts{kept}; each more row costs {mem.row_bytes} B of --memory (about {size} more would hold an average token's "
-                f"neurons, more again the window's"
+                f"read in parts{kept}; each more row costs {mem.row_bytes} B of --memory (about {size} more would "
+                f"hold an average token's neurons, more again the window's"
                 + (f": give bytes, e.g. --memory {-(-(mem.budget_bytes + more) // 1000)}KB" if whole else "")
                 + ")") + "\n"
