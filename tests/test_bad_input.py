@@ -185,6 +185,10 @@ def test_a_tokenizer_of_another_model_is_one_line(folder, capsys):
     save_file(t, f, metadata={"format": "pt"})
     assert main(["generate", "--model", str(folder), "--prompt", "Return the number of items", "-n", "2"]) == 2
     assert "outside the model's vocabulary of 64" in capsys.readouterr().err
+    _convert_error(folder, folder.parent, capsys, "tokens, more than the model's vocabulary of 64 (config.json): it "
+                                                  "belongs to another model")   # never copied into a store
+    (folder / "tokenizer.json").write_text("not a tokenizer")
+    _convert_error(folder, folder.parent, capsys, "cannot be read as a tokenizers file")
 
 
 def test_os_errors_while_converting_are_one_line(folder, tmp_path, capsys):

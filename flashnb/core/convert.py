@@ -35,6 +35,7 @@ from flashnb.errors import FlashnbError
 from flashnb.models.checkpoint import (TensorIndex, ffn_matrix_names, ffn_param, meta_model, read_config,
                                        regular_file)
 from flashnb.models.fingerprint import fingerprint
+from flashnb.models.tokenizer import Tokenizer
 from flashnb.paths import missing_folder, pid_alive
 from flashnb.text import show_progress
 
@@ -145,6 +146,12 @@ def convert(src: str | Path, dst: str | Path, cfg: ConvertConfig | None = None) 
     config = read_config(src)
     index = TensorIndex(src)
     tokenizer = regular_file(src / TOKENIZER, "tokenizer.json") if (src / TOKENIZER).exists() else None
+    if tokenizer is not None:   # a store gets the model's own tokenizer or none: checked before it is copied
+        words = Tokenizer.from_folder(src).vocab_size
+        if words > config.vocab_size:
+            raise FlashnbError(f"{tokenizer} has {words} tokens, more than the model's vocabulary of "
+                               f"{config.vocab_size} (config.json): it belongs to another model; put the model's "
+                               "own tokenizer.json beside it")
     source = {"folder": str(src.resolve()), "files": [f.name for f in index.files]}
     return write_store(dst, config, json.loads((src / "config.json").read_text()), index, cfg, tokenizer, source,
                        check=lambda: check_destination(src, dst, cfg.overwrite))

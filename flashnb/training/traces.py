@@ -140,7 +140,9 @@ def record(model: torch.nn.Module, ids, context: int | None = None, inputs: bool
     context = context or getattr(c, "max_position_embeddings", 256)
     vocab = c.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:
-        raise FlashnbError(f"token ids must lie in [0, {vocab}) for this model; got {ids.min()}..{ids.max()}")
+        raise FlashnbError(f"token ids must lie in [0, {vocab}) for this model; got {ids.min()}..{ids.max()}: the "
+                           "tokenizer belongs to another model (a larger vocabulary); use the model's own "
+                           "tokenizer.json")
     L, T, F = c.num_hidden_layers, ids.size, c.ffn_dim
     active = np.zeros((L, T, (F + 7) // 8), dtype=np.uint8)
     x_in = np.zeros((L, T, c.hidden_size), dtype=np.float16) if inputs else None
