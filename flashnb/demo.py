@@ -89,7 +89,9 @@ def generate_on_store(store: FlashStore, predictor, policy: Policy, prompt: str,
                    f"{mem.used_bytes / mem.model_bytes:.0%} of the model's {mem.model_bytes / MB:.1f} MB (budget "
                    f"{budget_words(policy.memory_budget)}); {predictor.name}"
                    f"{kept}, window {policy.window} ({rows}), {mem.pinned_rows} hot neurons pinned per layer, "
-                   f"{store.layout} store") + "\n", file=sys.stderr)
+                   f"{store.layout} store"
+                   + (" in the co-activation order" if store.placement_path is not None else "")) + "\n",
+              file=sys.stderr)
         ids = tok.encode(prompt)
         out = list(eng.generate(ids, n, sampling, eos_id=eng.model.config.eos_token_id))
         steps = eng.steps[len(ids):]
