@@ -15,7 +15,8 @@
   before each token.
 
 The naive baseline (the whole FFN of each layer read every token in large sequential reads) is the
-engine itself with the `AllNeurons` predictor and window 0.
+engine itself with the `AllNeurons` predictor and window 0; `WholeModelNaive` is the paper's naive, which
+reads the rest of the model every token too (`flashnb bench --scale`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ import torch.nn as nn
 
 from flashnb.core import aio
 from flashnb.core.defaults import IN_FLIGHT, MEMORY_BUDGET
-from flashnb.core.engine import TokenLoop
+from flashnb.core.engine import FlashEngine, Policy, TokenLoop
 from flashnb.core.ffn import layer_math
 from flashnb.core.generate import decode
-from flashnb.core.io import aligned_empty, evict
+from flashnb.core.io import AlignedBuffer, aligned_empty, evict, open_for_reading
 from flashnb.core.memory import MemoryPlan, hybrid_plan
+from flashnb.core.predictor import Predictor
 from flashnb.core.reader import NeuronReader, PendingRead, ReaderConfig
 from flashnb.core.records import LayerStep, Recorder, TokenStep
 from flashnb.core.resident import resident_model
@@ -350,3 +352,34 @@ class ReadsAlone:
             aio.release(self.ctx)
             self.ctx = None
         self.reader.close()
+
+
+class WholeModelNaive(FlashEngine):
+    """The paper's naive: nothing stays in DRAM between tokens, so every token moves the whole model.
+    The engine with every neuron (read with direct I/O, computed) plus, inside each token's time, the
+    store's DRAM file read from flash with direct I/O (the weights are then used from their resident
+    copy, which holds the same bytes)."""
+
+    def __init__(self, store: FlashStore, predictor: Predictor, policy: Policy):
+        super().__init__(store, predictor, policy)
+        self.fd, self.direct = open_for_reading(store.dram_path)
+        self.size = store.dram_path.stat().st_size
+        self.buffer = AlignedBuffer(64 << 20)
+
+    def within_token(self) -> None:
+        t0 = time.perf_counter()
+        done = 0
+        while done < self.size:
+            n = os.preadv(self.fd, [self.buffer.view], done)
+            if n <= 0:
+                break
+            done += n
+        io = time.perf_counter() - t0
+        self.recorder.steps[-1].layers.append(LayerStep(0, 0, 0, 0, done, done, -(-done // self.buffer.nbytes),
+                                                        wait_s=io, direct=self.direct))
+
+    def close(self) -> None:
+        super().close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

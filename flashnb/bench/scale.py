@@ -26,18 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashnb.bench.baselines import MmapEngine
+from flashnb.bench.baselines import MmapEngine, WholeModelNaive
 from flashnb.bench.replay import shipped_placement_widened, widen
 from flashnb.bench.report import LABELS, BenchResult, ConfigResult
 from flashnb.bench.run import VARIANTS, _profile, engine_setup, modeled_io_ms, same_dram, take_turns, variant
 from flashnb.core.convert import ConvertConfig, write_store
 from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.generate import SamplingConfig
-from flashnb.core.io import AlignedBuffer, open_for_reading
 from flashnb.core.memory import MemoryShape, plan_memory
 from flashnb.core.predictor import AllNeurons, LowRankPredictor, Predictor
 from flashnb.core.quant import RowFormat
-from flashnb.core.records import LayerStep
 from flashnb.core.manifest import CHECKSUM_FILE, DRAM_FILE, FFN_FILE, MANIFEST, PLACEMENT_FILE
 from flashnb.core.store import FlashStore
 from flashnb.device.costmodel import ModelShape, as_device
@@ -237,37 +235,6 @@ class ReplayedSets(Predictor):
 
     def memory_bytes(self, itemsize: int) -> int:
         return itemsize * sum(p.numel() for m in self.layers for p in m.parameters())
-
-
-class WholeModelNaive(FlashEngine):
-    """The paper's naive: nothing stays in DRAM between tokens, so every token moves the whole model.
-    The engine with every neuron (read with direct I/O, computed) plus, inside each token's time, the
-    store's DRAM file read from flash with direct I/O (the weights are then used from their resident
-    copy, which holds the same bytes)."""
-
-    def __init__(self, store: FlashStore, predictor: Predictor, policy: Policy):
-        super().__init__(store, predictor, policy)
-        self.fd, self.direct = open_for_reading(store.dram_path)
-        self.size = store.dram_path.stat().st_size
-        self.buffer = AlignedBuffer(64 << 20)
-
-    def within_token(self) -> None:
-        t0 = time.perf_counter()
-        done = 0
-        while done < self.size:
-            n = os.preadv(self.fd, [self.buffer.view], done)
-            if n <= 0:
-                break
-            done += n
-        io = time.perf_counter() - t0
-        self.recorder.steps[-1].layers.append(LayerStep(0, 0, 0, 0, done, done, -(-done // self.buffer.nbytes),
-                                                        wait_s=io, direct=self.direct))
-
-    def close(self) -> None:
-        super().close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 def shipped_sets(tokens: int) -> tuple[list[list[np.ndarray]], int]:
