@@ -178,7 +178,8 @@ def write_store(dst: str | Path, config, model_config: dict, tensors, cfg: Conve
                            "this model with `flashnb train-predictors --placement-only --model SOURCE`")
     check = check or (lambda: check_replaceable(dst, cfg.overwrite))
     if not dst.parent.is_dir():
-        raise FlashnbError(f"cannot write the store {dst}: {missing_folder(dst.parent)}; give a path inside an existing folder")
+        raise FlashnbError(f"cannot write the store {dst}: {missing_folder(dst.parent)}; give a path inside an "
+                           "existing folder")
     _recover_interrupted(dst)
     check()
     tmp = _temporary_folder(dst)

@@ -30,7 +30,8 @@ def data_moved_figure(steps, ffn_bytes: int, token_text: list[str] | None = None
     tip = lambda what: f"token %{{x}} %{{hovertext}}: {what}<extra></extra>"  # noqa: E731
     fig = make_subplots(rows=1, cols=2, subplot_titles=("data read from flash per token",
                                                         "predicted neurons: cached vs read"))
-    fig.add_trace(go.Bar(x=x, y=[s.bytes_read / MB for s in steps], name="read from flash: predictors, window and bundles (measured)",
+    fig.add_trace(go.Bar(x=x, y=[s.bytes_read / MB for s in steps],
+                         name="read from flash: predictors, window and bundles (measured)",
                          hovertext=hover, hovertemplate=tip("%{y:.3f} MB read from flash"),
                          **S.bar("all", "measured")), 1, 1)
     fig.add_trace(go.Scatter(x=[x[0] - 0.5, x[-1] + 0.5] if x else [], y=[ffn_bytes / MB] * (2 if x else 0),
