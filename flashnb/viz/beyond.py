@@ -122,9 +122,8 @@ def budget_figure(curves: list[BudgetReads], budget: float | None = None) -> go.
                                                "memory<extra></extra>", **S.scatter(curve.name, "modeled", c)))
     if budget is not None:
         fig.add_vline(x=budget, line_color=CHOSEN, line_dash="dash", line_width=1.5, opacity=0.7,
-                      annotation_text=f"MEMORY {budget:.0%}: the engine runs below use this budget (a setting; the "
-                                      "lines are modeled)",
-                      annotation_position="top right", annotation_font_size=10)
+                      annotation_text=f"MEMORY {budget:.0%} (a setting; the lines are modeled)",
+                      annotation_position="top right" if budget < 0.75 else "top left", annotation_font_size=10)
     window = curves[0].window
     S.layout(fig, f"What each token reads from flash as DRAM grows (modeled: simulate, window {window}, held-out)",
              x=("memory budget", "share of the model's bytes"), y=("read per token", "share of the FFN's bytes"),

@@ -234,7 +234,7 @@ def swap_figure(snapshots) -> go.Figure:
                                showscale=False, xgap=3, ygap=3, x=[s.caption for s in snapshots],
                                y=[f"row {r}" for r in range(len(z))], name=S.label("rows", "measured"),
                                customdata=said, hovertemplate="%{y}: %{customdata}<extra></extra>"))
-    S.layout(fig, f"Swap-with-last, step by step (the engine's NeuronRows, {len(z)} rows, run: measured)",
+    S.layout(fig, f"Swap-with-last, step by step (the engine's NeuronRows on {len(z)} rows, measured)",
              x=("step", None),
              y=("row of the preallocated matrix", None), height=380)
     fig.update_layout(margin_l=80)

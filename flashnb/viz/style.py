@@ -188,7 +188,7 @@ HALO = "halo (not data)"   # the name of a white band drawn under a line: no sou
 def halo(width: float) -> dict:
     """Keyword arguments for a go.Scatter drawn just before a line of `width` along the same points: a white band
     under it, so that the line stands out on cells of its own colour (named HALO: it is not data)."""
-    return dict(mode="lines", line=dict(color="white", width=width + 4), hoverinfo="skip", showlegend=False,
+    return dict(mode="lines", line=dict(color="white", width=width + 2), hoverinfo="skip", showlegend=False,
                 name=HALO)
 
 
