@@ -113,7 +113,7 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
     def frame_data(t):
         shown = [[int(v) for v in row[:t + 1]] + [None] * (n_tokens - t - 1) for row in z]   # later tokens blank
         first = max(0, t - tl.window)
-        held = box(first - 0.5, t - 0.5) if tl.window and t > 0 else box(-0.5, -0.5)
+        held = box(first - 0.5, t - 0.5) if tl.window and t > 0 else dict(x=[], y=[])   # nothing kept: no frame
         now = box(t - 0.5, t + 0.5)
         return [go.Heatmap(z=shown), go.Scatter(**held), go.Scatter(**now), go.Scatter(**held), go.Scatter(**now)]
 
@@ -133,9 +133,9 @@ def window_animation_figure(tl, tokens: list[str], n_prompt: int = 0, ms_per_tok
                        customdata=[[f"neuron {i}: {STATES[int(v)]}" for v in row] for i, row in zip(tl.neurons, tl.states)],
                        hovertemplate="token %{x}, %{customdata}<extra></extra>")
     kept_color, now_color = S.color("windowing"), S.color("dense")
-    for width in (4, 2):   # a white band under each frame: an edge between two columns of green hits stays visible
-        fig.add_trace(go.Scatter(**box(-0.5, -0.5 + (width == 2)), **S.halo(width)))
-    fig.add_trace(go.Scatter(**box(-0.5, -0.5), mode="lines", line=dict(color=kept_color, width=4, dash="dash"),
+    for at, width in ((dict(x=[], y=[]), 4), (box(-0.5, 0.5), 2)):  # a white band under each frame: an edge
+        fig.add_trace(go.Scatter(**at, **S.halo(width)))               # between two columns of green hits shows
+    fig.add_trace(go.Scatter(x=[], y=[], mode="lines", line=dict(color=kept_color, width=4, dash="dash"),
                              fill="toself", fillcolor="rgba(0,158,115,0.12)", hoverinfo="skip", showlegend=False,
                              name=S.label("tokens the window keeps", "modeled", S.SIMULATE)))
     fig.add_trace(go.Scatter(**box(-0.5, 0.5), mode="lines", line=dict(color=now_color, width=2, dash="dash"),
