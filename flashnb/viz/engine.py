@@ -195,8 +195,8 @@ def byte_layout_figure(slices) -> go.Figure:
 def memory_figure(timings) -> go.Figure:
     """Memory management per token for one layer (µs) vs window (flashnb.lab.memory.MemoryTiming list): the
     paper's preallocated matrix with swap-with-last deletion (in the colour of all techniques) against
-    reallocating every token (in the colour of naive). Measured: the median of the runs, the whiskers their
-    range."""
+    reallocating every token (in the colour of naive). Measured: the median of the runs (points on a log axis,
+    where bars would start from an arbitrary floor), the whiskers their range."""
     ts = sorted(timings, key=lambda t: t.window)
     ws = [t.window for t in ts]
     fig = go.Figure()
@@ -204,15 +204,15 @@ def memory_figure(timings) -> go.Figure:
                                  ("naive", "naive", "reallocate every token")):
         mid = [getattr(t, f"{key}_s") * 1e6 for t in ts]
         runs = [getattr(t, f"{key}_runs") or (getattr(t, f"{key}_s"),) for t in ts]
-        fig.add_trace(go.Bar(x=ws, y=mid, name=S.label(what, "measured"), **S.bar(technique, "measured"),
+        fig.add_trace(go.Scatter(x=ws, y=mid, name=S.label(what, "measured"), **S.scatter(technique, "measured"),
                              error_y=S.whiskers(mid, [[x * 1e6 for x in r] for r in runs]),
                              customdata=[[min(r) * 1e6, max(r) * 1e6] for r in runs],
                              hovertemplate=f"{what}, window %{{x}}: %{{y:.0f}} µs per token (median; runs "
                                            "%{customdata[0]:.0f}-%{customdata[1]:.0f} µs)<extra></extra>"))
     S.layout(fig, "Memory management per token, one layer (measured: medians, whiskers: range)",
-             x=("window", "tokens"), y=("memory management per token", "µs"), height=360, barmode="group")
+             x=("window", "tokens"), y=("memory management per token", "µs"), height=360)
     fig.update_xaxes(type="category")
-    fig.update_yaxes(type="log")   # reallocating costs tens of times more: on a linear axis the other bars vanish
+    fig.update_yaxes(type="log")   # reallocating can cost tens of times more: on a linear axis the other vanishes
     return S.label_log_axes(fig)
 
 
