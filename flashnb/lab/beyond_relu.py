@@ -165,15 +165,17 @@ class SparsityExplorer:
 
 
 def sparsity_text(points: list[SparsityPoint]) -> str:
-    """The slider's sentence: each criterion at the chosen sparsity."""
+    """The slider's sentence: each criterion at the chosen sparsity, with the share of neurons it zeroed on
+    the held-out tokens (each rule's own: thresholds set on calibration text land near the target)."""
     p0 = points[0]
-    lines = [wrap(f"Target sparsity {fmt(100 * p0.sparsity, '.0f')}% (held-out {fmt(100 * p0.measured_sparsity, '.1f')}%), "
-                  f"measured on {p0.quality.tokens} held-out tokens; top-1: agreement with the dense model; reads: "
-                  f"per token, with a window of {p0.window}:")]
+    lines = [wrap(f"Target sparsity {fmt(100 * p0.sparsity, '.0f')}%, measured on {p0.quality.tokens} held-out tokens; "
+                  f"zero: the neurons each rule counted as zero there; top-1: agreement with the dense model; reads: "
+                  f"the FFN's share a token reads, with a window of {p0.window}:")]
     w = max(len(CRITERION_LABELS[p.criterion]) for p in points)
-    lines += [f"  {CRITERION_LABELS[p.criterion]:{w}s} perplexity {fmt(100 * p.quality.perplexity_increase, '+.2f'):>6s}%, "
-              f"top-1 {fmt(100 * p.quality.top1_agreement, '.1f'):>5s}%, "
-              f"reads {fmt(100 * p.read_share, '.1f'):>4s}% of the FFN" for p in points]
+    lines += [f"  {CRITERION_LABELS[p.criterion]:{w}s} zero {fmt(100 * p.measured_sparsity, '.1f'):>4s}%, perplexity "
+              f"{fmt(100 * p.quality.perplexity_increase, '+.2f'):>6s}%, "
+              f"top-1 {fmt(100 * p.quality.top1_agreement, '.1f'):>5s}%, reads {fmt(100 * p.read_share, '.1f'):>4s}%"
+              for p in points]
     return "\n".join(lines)
 
 
