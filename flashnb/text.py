@@ -31,11 +31,11 @@ def size_text(n: float) -> str:
 
 
 def fmt(x: float, spec: str) -> str:
-    """format(x, spec) without the minus of a negative number that rounds to zero: a perplexity 4e-6 below
-    dense's reads "+0.0%", not "-0.0%"."""
+    """format(x, spec), without a sign on a number that rounds to zero: a perplexity 4e-6 below dense's reads
+    "0.0%", neither "-0.0%" nor a "+0.0%" that reads as a rise."""
     out = format(x, spec)
-    if out.startswith("-") and not any(c in "123456789" for c in out.split("e")[0]):
-        out = ("+" if "+" in spec else "") + out[1:]
+    if out[:1] in "+-" and not any(c in "123456789" for c in out.split("e")[0]):
+        out = out[1:]
     return out
 
 
