@@ -60,7 +60,8 @@ def cmd_train_predictors(args) -> None:
 
     from flashnb.paths import data_dir, predictors_beside, shipped_model_dir
     from flashnb.training.build_predictors import (BuildConfig, build, build_hot, build_lookahead, build_placement,
-                                                  build_thresholds, card_summary, hot_summary, thresholds_summary)
+                                                  build_thresholds, card_summary, check_zeros, hot_summary,
+                                                  thresholds_summary)
     from flashnb.training.predictors import PredictorTrainConfig
 
     ranks = None
@@ -93,15 +94,8 @@ def cmd_train_predictors(args) -> None:
 
     config = read_config(model)
     check_runs_from_flash(config)   # predictors and thresholds serve the flash engine only
-    if config.needs_thresholds and not (thresholds_job or args.two_stage_only or args.hot_neurons_only
-                                        or args.placement_only):
-        raise FlashnbError(f"{model} is a SwiGLU model ({config.ffn_activation} gate): none of its neurons is exactly "
-                           "zero, so predictors of its nonzero neurons would select at random; pass --sparsity "
-                           "(e.g. 0.5) to set thresholds that make it sparse, and predictors of what they keep")
-    if thresholds_job and not config.needs_thresholds:
-        raise FlashnbError(f"{model}: thresholds are for SwiGLU models (a gated FFN with SiLU); this model's FFN is "
-                           f"{config.ffn_activation}{' gated' if config.gated else ''}, whose zeros the low-rank "
-                           "predictors learn: drop --sparsity")
+    if not (args.two_stage_only or args.hot_neurons_only or args.placement_only):   # before the files are checked
+        check_zeros(model, config, thresholds_job)
     replaced = [f for f in job_files(args) if (Path(out) / f).exists()]
     if replaced and not args.force:
         raise FlashnbError(f"{out} already holds {', '.join(replaced)}, which this job would replace; pass --force "

@@ -240,6 +240,18 @@ def test_a_thresholds_job_never_replaces_predictors_without_force(tmp_path, caps
     assert sorted(p.name for p in out.iterdir()) == ["hot_neurons.safetensors", "predictors.safetensors"]
 
 
+def test_the_library_refuses_predictors_of_a_swiglu_models_nonzero_neurons(tmp_path):
+    """The same check as the command line's, in build() and build_lookahead() themselves, before any tracing."""
+    from flashnb.paths import SWIGLU_MODEL, data_dir
+    from flashnb.training.build_predictors import BuildConfig, build, build_lookahead
+
+    cfg = BuildConfig(model=str(data_dir() / SWIGLU_MODEL), out=str(tmp_path / "out"))
+    for job in (build, build_lookahead):
+        with pytest.raises(FlashnbError, match="is a SwiGLU model .* would select at random; pass --sparsity"):
+            job(cfg, progress=False, log=lambda m: pytest.fail(f"started work: {m}"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_build_helpers(tmp_path):
     from flashnb.training.build_predictors import load_heldout, save_heldout, train_windows
 

@@ -123,6 +123,7 @@ def _shown(path: str) -> str:
 def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     """Run steps 1-4 of the module docstring; returns the card written to cfg.out/metrics.json."""
     t0 = time.perf_counter()
+    check_zeros(cfg.model, read_config(cfg.model), thresholds=False)
     model, corpus, train_ids, held, train_trace, held_trace = _traces(cfg, progress, log)
     predictors = train_predictors(model, train_trace, cfg.train, progress=progress)
     log("evaluating on the held-out split ...")
@@ -175,6 +176,7 @@ def build_lookahead(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     same corpus windows as `build`, written to cfg.out/lookahead; their held-out selection is reported
     beside the same-layer set's in cfg.out (when there is one) for the same layers."""
     t0 = time.perf_counter()
+    check_zeros(cfg.model, read_config(cfg.model), thresholds=False)
     model, corpus, train_ids, held, train_trace, held_trace = _traces(cfg, progress, log)
     ahead = train_lookahead(model, train_trace, cfg.train, progress=progress)
     L = held_trace.n_layers
@@ -193,6 +195,20 @@ def build_lookahead(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
                         "wall_seconds": round(time.perf_counter() - t0, 1)}
     ahead.save(Path(cfg.out) / LOOKAHEAD, card)
     return ahead.card
+
+
+def check_zeros(model: str | Path, config, thresholds: bool) -> None:
+    """One clear error when a job does not fit how the model's FFN gets its zeros: predictors of a SwiGLU
+    model's nonzero neurons would select at random (it needs thresholds first: `thresholds`), and thresholds
+    are for SwiGLU models only (a ReLU FFN's zeros are exact)."""
+    if config.needs_thresholds and not thresholds:
+        raise FlashnbError(f"{model} is a SwiGLU model ({config.ffn_activation} gate): none of its neurons is exactly "
+                           "zero, so predictors of its nonzero neurons would select at random; pass --sparsity "
+                           "(e.g. 0.5) to set thresholds that make it sparse, and predictors of what they keep")
+    if thresholds and not config.needs_thresholds:
+        raise FlashnbError(f"{model}: thresholds are for SwiGLU models (a gated FFN with SiLU); this model's FFN is "
+                           f"{config.ffn_activation}{' gated' if config.gated else ''}, whose zeros the low-rank "
+                           "predictors learn: drop --sparsity")
 
 
 def check_job(cfg: BuildConfig, config) -> None:
@@ -322,10 +338,7 @@ def build_thresholds(cfg: BuildConfig, sparsity: float, criterion: str = "scaled
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     model = load_model(cfg.model)
-    if not model.config.needs_thresholds:
-        raise FlashnbError(f"{cfg.model}: thresholds are for SwiGLU models (a gated FFN with SiLU); this model's "
-                           f"FFN is {model.config.ffn_activation}{' gated' if model.config.gated else ''}, whose zeros "
-                           "the low-rank predictors learn: drop --sparsity")
+    check_zeros(cfg.model, model.config, thresholds=True)
     check_job(cfg, model.config)  # fail before the slow steps
     tok = Tokenizer.from_folder(cfg.model, bos_id=read_config(cfg.model).bos_token_id)
     log("collecting the corpus (docstrings of the stdlib and torch) ...")
