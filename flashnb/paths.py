@@ -105,14 +105,18 @@ def scratch_folder(dir: str | Path | None = None) -> tempfile.TemporaryDirectory
     return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=dir)
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest of `path` and its parents that exists, when it is a file where a folder must be; else None."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def missing_folder(folder: str | Path) -> str:
-    """Why `folder` cannot take new files, in words: the first of it and its parents that is a file ("X is a
-    file, not a folder"), else "X does not exist"."""
-    folder = Path(folder)
-    for p in (folder, *folder.parents):
-        if p.exists():
-            return f"{p} is a file, not a folder" if not p.is_dir() else f"{folder} does not exist"
-    return f"{folder} does not exist"
+    """Why `folder` cannot take new files, in words: "X is a file, not a folder" for a file in the way
+    (`file_in_the_way`), else "FOLDER does not exist"."""
+    blocked = file_in_the_way(folder)
+    return f"{blocked} is a file, not a folder" if blocked is not None else f"{folder} does not exist"
 
 
 def work_folder(dir: str | Path | None) -> Path:

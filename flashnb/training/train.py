@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from flashnb.models.checkpoint import build_model, load_model, save_model
+from flashnb.paths import file_in_the_way
 from flashnb.text import show_progress
 from flashnb.training.corpus import Corpus, collect
 from flashnb.errors import FlashnbError
@@ -233,7 +234,7 @@ def check_out(cfg: TrainConfig, resume: bool) -> None:
     """The command line's guard: a checkpoint in OUT is continued only with `resume`, a finished model in OUT
     is never trained over, and `resume` needs a checkpoint."""
     out = Path(cfg.out)
-    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)  # mkdir would fail
+    blocked = file_in_the_way(out)  # where mkdir would fail (a missing folder is created)
     if blocked is not None:
         raise FlashnbError(f"--out {out}: {blocked} is a file, not a folder; `flashnb train` writes a new model "
                            "folder: give a new or empty folder's path")
