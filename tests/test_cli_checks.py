@@ -105,6 +105,9 @@ def test_predictors_are_written_where_the_commands_look_for_them(tmp_path, capsy
                  "--epochs", "1", "--rank", "4", "--threads", "1"]) == 0
     beside = Path(f"{tiny_opt_dir}-predictors")
     assert (beside / "predictors.safetensors").is_file() and not (tmp_path / "work" / beside.name).exists()
+    from flashnb.cli_train import job_files   # what --force guards is what the job wrote, file for file
+    job = build_parser().parse_args(["train-predictors"])
+    assert sorted(job_files(job)) == sorted(f.name for f in beside.iterdir())
     out = capsys.readouterr().out
     assert "hot_neurons.safetensors" in out and (beside / "hot_neurons.safetensors").is_file()
     assert main(["demo", "--model", str(tiny_opt_dir), "-n", "2", "--memory", "0.9", "--no-table"]) == 0
