@@ -256,7 +256,8 @@ def _move_slider(page, screenshot: Path) -> int:
     handle = slider.locator(".noUi-handle")
     readout = slider.locator(".widget-readout")
     sync_api.expect(readout).to_have_text(re.compile(r"^\s*\d+\s*$"), timeout=REDRAW_S * 1000)   # rendered
-    start = int(readout.inner_text())
+    start = int(readout.text_content())   # the text the check above matched (innerText depends on layout:
+                                          # it once came back empty here, on a loaded machine)
     smin, smax = (int(float(handle.get_attribute(a))) for a in ("aria-valuemin", "aria-valuemax"))
     assert smin <= start <= smax and smin < smax, (smin, start, smax)
     key, step = ("ArrowRight", 1) if start < smax else ("ArrowLeft", -1)
