@@ -254,6 +254,17 @@ def test_shared_log_axes_are_labelled_for_every_panel(figures):
     assert max(fig.layout.yaxis.tickvals) * 1.5 >= max(ys) and min(fig.layout.yaxis.tickvals) / 1.5 <= min(ys)
 
 
+def test_log_axis_labels_span_the_whiskers_too():
+    """Notebook 05's medians with whiskers to their slowest run: the labels reach the whiskers' ends, not only
+    the points (a run's whisker at 4.6 ms sat beyond a top label of 1 ms)."""
+    from flashnb.lab.memory import MemoryTiming
+
+    t = MemoryTiming(1, 60e-6, 400e-6, preallocated_runs=(55e-6, 60e-6, 62e-6), naive_runs=(300e-6, 400e-6, 4.6e-3))
+    fig = ve.memory_figure([t])
+    ticks = fig.layout.yaxis.tickvals
+    assert max(ticks) * 1.5 >= 4600 and min(ticks) / 1.5 <= 55
+
+
 def test_every_figure_has_one_width():
     """Static figures and widgets stand side by side in a notebook: one width for all (a FigureWidget
     would otherwise fall back to 700 px while a static figure fills its cell)."""

@@ -208,7 +208,8 @@ def hline(fig, y: float, source: str, text: str, color_: str | None = None, **kw
 
 
 def label_log_axes(fig):
-    """Label every log axis of `fig` at 1, 2, 5 x 10^k within its traces' values, written out in full:
+    """Label every log axis of `fig` at 1, 2, 5 x 10^k within its traces' values and their whiskers' ends,
+    written out in full:
     plotly's default labels the minor ticks with a bare digit ("2", "5"), which reads as 2 MB where it
     means 20. Axes that match one another (make_subplots' shared axes) get the ticks of all their traces.
     Axes with tick values of their own are left alone. Call it last."""
@@ -225,7 +226,8 @@ def label_log_axes(fig):
         for t in fig.data:
             if (getattr(t, key[0] + "axis", None) or key[0]) in group:
                 v = getattr(t, key[0], None)
-                values += [float(x) for x in (v if v is not None else []) if x is not None and float(x) > 0]
+                v = [float(x) for x in (v if v is not None else []) if x is not None]
+                values += [x for x in v + _whisker_ends(v, getattr(t, "error_" + key[0], None)) if x > 0]
         if not values:
             continue
         lo, hi = min(values), max(values)
@@ -234,6 +236,15 @@ def label_log_axes(fig):
         ticks = [t for t in ticks if lo / 1.5 <= t <= hi * 1.5] or [lo, hi]
         axis.update(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
     return fig
+
+
+def _whisker_ends(values: list[float], err) -> list[float]:
+    """Both ends of every data whisker (`error_y` / `error_x` of type "data") around `values`; none without."""
+    if err is None or err.array is None or err.type not in (None, "data"):
+        return []
+    plus = list(err.array)
+    minus = plus if err.symmetric is not False or err.arrayminus is None else list(err.arrayminus)
+    return [v + p for v, p in zip(values, plus)] + [v - m for v, m in zip(values, minus)]
 
 
 def whiskers(mid: Sequence[float], runs: Sequence[Sequence[float]]) -> dict:
