@@ -317,7 +317,9 @@ def _add_run_commands(sub) -> None:
                                                    "them); only when named: placed (all on a store in the co-activation "
                                                    "order of the predictors folder's placement.safetensors), int8 and "
                                                    "q4 (all on a store of quantized bundles, in the fp16 model's budget), "
-                                                   "int8-placed and q4-placed (both); with --scale: naive, naive_model "
+                                                   "int8-placed and q4-placed (both), bare (all with its bookkeeping "
+                                                   "done before each token's clock: what all would take if its "
+                                                   "bookkeeping were free); with --scale: naive, naive_model "
                                                    "(the paper's naive: the whole model read per token), predictor, "
                                                    "windowing, all and mmap (default: all of them), and the same "
                                                    "opt-in ones")

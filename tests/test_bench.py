@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from flashnb.bench.bare import BareEngine
 from flashnb.bench.report import format_table
 from flashnb.bench.run import CONFIGS, BenchConfig, run_bench, take_turns
 from flashnb.core.convert import ConvertConfig, convert
-from flashnb.core.engine import Policy
+from flashnb.core.engine import FlashEngine, Policy
 from flashnb.core.pinning import HotNeurons
-from flashnb.core.predictor import LowRankPredictor, LowRankPredictors
+from flashnb.core.predictor import LowRankPredictor, LowRankPredictors, load_predictors
 from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
 from flashnb.lab.bundling import layout_summary
@@ -104,6 +105,42 @@ def test_configurations_without_their_files_are_skipped_with_the_fix(tmp_path):
     assert "skipped: no" in format_table(result)
     with pytest.raises(FlashnbError, match="include all"):
         run_bench(BenchConfig(model=str(folder), predictors=str(preds), configs=("reads",), progress=False))
+
+
+def test_the_bare_engine_is_all_with_its_bookkeeping_done_before_the_clock(tmp_path):
+    """The bare engine (all, its bookkeeping free) gives all's logits bit for bit and reads all's bytes in all's
+    requests, reader call by reader call, also where a token's neurons overflow the rows; in the bench it spends
+    nothing on the window or memory management."""
+    folder = make_tiny_opt(tmp_path / "hf", hidden_size=1024, word_embed_proj_dim=1024, ffn_dim=1024)  # 4 KiB rows
+    preds = tiny_predictors(folder, tmp_path / "preds")
+    store = FlashStore.open(convert(folder, tmp_path / "store", ConvertConfig(progress=False)))
+    with FlashEngine(store, load_predictors(preds), Policy(window=2, memory_budget=0.85)) as all_:
+        assert all_.memory.capacity_rows < store.ffn_dim
+        with BareEngine(all_) as bare:
+            kv_all, kv_bare = all_.model.new_cache(1, 16), bare.model.new_cache(1, 16)
+            for token in [5, 17, 17, 230, 9, 41, 3, 77]:
+                assert torch.equal(all_.step(token, kv_all), bare.step(token, kv_bare))
+    parts = [[(s.cached, s.loaded, s.evicted, s.bytes_read, s.requests) for s in step.layers] for step in all_.steps]
+    assert parts == [[(s.cached, s.loaded, s.evicted, s.bytes_read, s.requests) for s in step.layers]
+                     for step in bare.steps]
+    assert any(len(step.layers) > store.num_layers for step in all_.steps)   # some token read in parts
+    assert sum(step.cached for step in bare.steps) > 0 and sum(step.bytes_read for step in bare.steps) > 0
+    (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
+    result = run_bench(BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=3, memory=0.85,
+                                   in_flight=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"),
+                                   progress=False, configs=("all", "bare", "floor")))
+    r = result.results
+    assert (r["bare"].stats.bytes_read, r["bare"].stats.requests) == (r["all"].stats.bytes_read,
+                                                                      r["all"].stats.requests)
+    assert r["bare"].split_ms["window"] == r["bare"].split_ms["memory"] == 0 < r["all"].split_ms["window"]
+    assert r["bare"].floor_ms == r["floor"].stats.total_ms and "bookkeeping free (bare)" in format_table(result)
+    with pytest.raises(FlashnbError, match="'bare' runs 'all' with its bookkeeping free: include all"):
+        run_bench(BenchConfig(model=str(folder), predictors=str(preds), configs=("bare",), progress=False))
+    small = make_tiny_opt(tmp_path / "small")   # rows of 128 bytes: not whole blocks, so not read straight in
+    with FlashEngine(convert(small, tmp_path / "small-store", ConvertConfig(progress=False)),
+                     load_predictors(tiny_predictors(small, tmp_path / "small-preds")), Policy(memory_budget=0.9)) as e:
+        with pytest.raises(FlashnbError, match="rows of whole blocks: this store's rows are 128 bytes"):
+            BareEngine(e)
 
 
 def test_a_budget_with_fewer_rows_than_a_token_needs_is_said_beside_the_table(tmp_path):

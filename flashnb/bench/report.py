@@ -12,13 +12,14 @@ from flashnb.text import wrap
 LABELS = {"naive": "naive (whole FFN)", "hybrid": "hybrid", "predictor": "+predictor", "windowing": "+windowing",
           "all": "+bundling (all)", "pinned": "all + hot pinned",
           "lookahead": "all + lookahead", "reads": "all's reads alone (disk+kernel)",
+          "bare": "all, bookkeeping free (bare)",
           "placed": "all, co-activation order",
           "int8": "all, int8 bundles", "q4": "all, q4 bundles", "int8-placed": "all, int8 bundles, co-activation order",
           "q4-placed": "all, q4 bundles, co-activation order",
           "mmap": "mmap streaming", "accelerate": "accelerate disk offload",
           "dense": "dense in DRAM", "floor": "floor (FFN in DRAM, no reads)", "naive_model": "naive (whole model)"}
-SPARSE = ("predictor", "windowing", "all", "pinned", "lookahead", "placed", "int8", "q4", "int8-placed", "q4-placed",
-          "floor")  # the configurations that use predictors
+SPARSE = ("predictor", "windowing", "all", "bare", "pinned", "lookahead", "placed", "int8", "q4", "int8-placed",
+          "q4-placed", "floor")  # the configurations that use predictors
 
 
 @dataclass

@@ -18,6 +18,9 @@ Configurations (the paper's Table 2 ladder, then the peers):
     lookahead   all + lookahead predictors (PREDICTORS/lookahead): each layer's reads start one layer early
     reads       all's reads alone: the same requests, layer by layer, planned before the clock starts and
                 nothing computed: the disk's and the kernel's part of all's I/O (runs after all each round)
+    bare        (opt-in) all with its bookkeeping free: each token's window, requests and iocbs planned before
+                the clock starts, then the model, the predictors, the reads, the checksums and the FFN math
+                as all runs them (flashnb.bench.bare; runs after all each round)
     placed      (opt-in) all on a bundled store in the co-activation order (PREDICTORS/placement.safetensors)
     int8, q4    (opt-in) all on a bundled store whose rows are quantized (flashnb.core.quant), in the same DRAM
                 bytes as the fp16 configurations (the budget is a fraction of the fp16 model)
@@ -44,6 +47,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from flashnb.bench.bare import BareEngine
 from flashnb.bench.baselines import AccelerateOffload, DenseInDram, FloorEngine, HybridEngine, MmapEngine, ReadsAlone
 from flashnb.bench.report import LABELS, SPARSE, BenchResult, ConfigResult
 from flashnb.core.convert import ConvertConfig, convert
@@ -69,7 +73,8 @@ from flashnb.text import show_progress
 CONFIGS = ("naive", "hybrid", "predictor", "windowing", "all", "pinned", "lookahead", "reads", "mmap", "accelerate",
            "dense", "floor")
 VARIANTS = ("placed", "int8", "q4", "int8-placed", "q4-placed")  # all, on another bundled store (see above)
-OPT_IN = VARIANTS  # run only when asked for (--configs)
+OPT_IN = VARIANTS + ("bare",)  # run only when asked for (--configs)
+FOLLOW = {"reads": ReadsAlone, "bare": BareEngine}  # the configurations that repeat all's tokens, after it
 ENGINE_CONFIGS = ("naive", "predictor", "windowing", "all", "pinned", "lookahead") + VARIANTS
 
 
@@ -225,8 +230,9 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
         raise FlashnbError(f"unknown configurations {sorted(unknown)}; choose from {', '.join(CONFIGS + OPT_IN)}")
     if cfg.tokens < 1:
         raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
-    if "reads" in cfg.configs and "all" not in cfg.configs:
-        raise FlashnbError("'reads' repeats the reads of 'all' alone: include all in --configs")
+    for name, what in (("reads", "repeats the reads of 'all' alone"), ("bare", "runs 'all' with its bookkeeping free")):
+        if name in cfg.configs and "all" not in cfg.configs:
+            raise FlashnbError(f"'{name}' {what}: include all in --configs")
     if cfg.replay and "predictor" not in cfg.configs:
         raise FlashnbError("--replay replays the +predictor run's neuron sets: include 'predictor' in --configs")
     model_dir = Path(cfg.model) if cfg.model else shipped_model_dir()
@@ -259,10 +265,10 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
                 dtype=dtype, progress=False, placement=load_placement(pred_dir / PLACEMENT_FILE) if placed else None)))
         with ExitStack() as stack:
             runners, streams = {}, {}
-            for name in sorted(cfg.configs, key=lambda n: n == "reads"):  # reads: after all, whose reads it repeats
-                if name == "reads":
+            for name in sorted(cfg.configs, key=lambda n: n in FOLLOW):  # after all, whose tokens they follow
+                if name in FOLLOW:
                     try:
-                        runners[name] = r = ReadsAlone(runners["all"])
+                        runners[name] = r = FOLLOW[name](runners["all"])
                     except FlashnbError as e:  # no direct I/O through native AIO here
                         skipped[name] = str(e)
                         continue

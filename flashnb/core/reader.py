@@ -45,7 +45,8 @@ from flashnb.core import aio
 from flashnb.core.defaults import IN_FLIGHT, MAX_REQUEST_BYTES
 from flashnb.core.integrity import check_rows
 from flashnb.core.io import AlignedBuffer, aligned_empty, evict, open_for_reading, probe_io_align
-from flashnb.core.requests import RequestPlan, as_ids, plan_scatter, plan_staging, read_scatter, read_staging
+from flashnb.core.requests import (RequestPlan, as_ids, plan_scatter, plan_staging, read_scatter, read_staging,
+                                   scatter_iocbs)
 from flashnb.core.manifest import Region
 from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
@@ -325,6 +326,24 @@ class NeuronReader:
                 else plan_staging(regs, uniq, self.io_align, self.gap_bytes, cfg.max_request_bytes))
         return uniq, first, inv, scatter, plan
 
+    def prepare(self, layer: int, rows: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What `submit(layer, ...)` hands the kernel to read the ascending file rows `rows` into the
+        block-aligned `out` with direct I/O, built and not issued: the iocbs, the iovecs they point to (both
+        must stay alive until the requests complete) and each request's bytes. The bench's bare engine
+        (flashnb.bench.bare) prepares a token's reads this way before its clock starts."""
+        out_u8 = out.reshape(-1).view(np.uint8)
+        *_, scatter, plan = self._plan(self.store.regions(layer), rows, out_u8.ctypes.data % self.io_align == 0)
+        if not (scatter and self.direct):
+            raise FlashnbError(f"prepared reads go straight into their rows with direct I/O, which needs rows of whole "
+                               f"blocks: this store's rows are {self.store.neuron_bytes} bytes, the disk's blocks "
+                               f"{self.io_align}" + ("" if self.direct else ", and the file system refuses direct I/O"))
+        return (*scatter_iocbs(self.fd, plan, out_u8.ctypes.data, self._sink.u8.ctypes.data), plan.req_len)
+
+    def check(self, layer: int, rows: np.ndarray, out: np.ndarray) -> float:
+        """Check the ascending file rows `rows` of `layer`, read into `out` in that order, against their
+        checksums, as every read does; seconds spent, or one clear error naming the first damaged row."""
+        return self._verify(layer, self.store.regions(layer), rows, None, out) if self.verify else 0.0
+
     def request_sizes(self, layer: int, ids, out_aligned: bool = True) -> np.ndarray:
         """Bytes of every request `read(layer, ids)` would issue: what `flashnb.core.simulate` counts."""
         return self.requests(layer, ids, out_aligned)[1]
@@ -375,20 +394,10 @@ class NeuronReader:
         """All requests through one AIO context, `in_flight` of them in flight; the returned function waits for
         them, re-reads short or failed ones synchronously (which raises the clear error where the
         file really is short) and returns the retries."""
-        iov = None
         if stage is None:  # scatter: iovecs, each run of rows, then its gap (into the sink) where it has one
-            has_gap = plan.run_gap > 0
-            per_run = 1 + has_gap
-            first = np.concatenate(([0], np.cumsum(per_run)[:-1]))
-            iov = np.zeros(int(per_run.sum()), aio.IOVEC)
-            iov["base"][first] = base + plan.run_dst
-            iov["len"][first] = plan.run_len
-            iov["base"][first[has_gap] + 1] = self._sink.u8.ctypes.data
-            iov["len"][first[has_gap] + 1] = plan.run_gap[has_gap]
-            iov_start = np.append(first, iov.size)[plan.run_start]
-            cbs = aio.preadv_iocbs(self.fd, plan.req_off, iov, iov_start)
+            cbs, iov = scatter_iocbs(self.fd, plan, base, self._sink.u8.ctypes.data)
         else:
-            cbs = aio.pread_iocbs(self.fd, plan.req_off, base + stage, plan.req_len)
+            cbs, iov = aio.pread_iocbs(self.fd, plan.req_off, base + stage, plan.req_len), None
         batch = self._aio.start(cbs)
 
         def wait() -> int:

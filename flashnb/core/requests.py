@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flashnb.core import aio
 from flashnb.core.io import IOV_MAX, preadv_full
 from flashnb.errors import FlashnbError
 
@@ -141,6 +142,21 @@ def plan_staging(regions, uniq: np.ndarray, io_align: int, gap_bytes: int, max_r
     off, ln = np.concatenate(offs), np.concatenate(lens)
     empty = np.zeros(0, np.int64)
     return RequestPlan(off, ln, empty, empty, empty, empty, gather)
+
+
+def scatter_iocbs(fd: int, plan: RequestPlan, base: int, sink: int) -> tuple[np.ndarray, np.ndarray]:
+    """A scatter plan's requests as kernel AIO iocbs (flashnb.core.aio), reading into the destination at
+    address `base`: one iovec per run of rows, then one for its gap into the sink at address `sink`;
+    returns the iocbs and the iovecs they point to (both must stay alive while the requests fly)."""
+    has_gap = plan.run_gap > 0
+    per_run = 1 + has_gap
+    first = np.concatenate(([0], np.cumsum(per_run)[:-1]))
+    iov = np.zeros(int(per_run.sum()), aio.IOVEC)
+    iov["base"][first] = base + plan.run_dst
+    iov["len"][first] = plan.run_len
+    iov["base"][first[has_gap] + 1] = sink
+    iov["len"][first[has_gap] + 1] = plan.run_gap[has_gap]
+    return aio.preadv_iocbs(fd, plan.req_off, iov, np.append(first, iov.size)[plan.run_start]), iov
 
 
 # ----------------------------------------------------------------------------------------------
