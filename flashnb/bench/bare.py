@@ -40,9 +40,8 @@ from flashnb.errors import FlashnbError
 class PreparedCall:
     """One reader call of all's, its bookkeeping done: what stays, what is read, and the kernel requests."""
 
-    plan: WindowPlan            # the window's hits, loads and evictions (for the records)
-    held: np.ndarray            # neurons already in DRAM (window hits)
-    held_index: torch.Tensor    # ... their rows in the layer's whole FFN
+    plan: WindowPlan            # the window's hits (plan.cached: the neurons in DRAM), loads and evictions
+    held_index: torch.Tensor    # the rows of plan.cached in the layer's whole FFN
     loaded: np.ndarray          # neurons read, in the order they lie on flash
     file_rows: np.ndarray       # ... their rows in the FFN file
     rows: np.ndarray            # where they land: [loaded, row_width], block-aligned
@@ -86,7 +85,7 @@ class BareFFN(nn.Module):
         return self.math.finish(y)
 
     def _compute_held(self, x: torch.Tensor, call: PreparedCall) -> torch.Tensor:
-        return self.math.partial(x, torch.index_select(self.ffn, 0, call.held_index), call.held)
+        return self.math.partial(x, torch.index_select(self.ffn, 0, call.held_index), call.plan.cached)
 
     def _compute(self, x: torch.Tensor, call: PreparedCall) -> torch.Tensor:
         return self.math.partial(x, torch.from_numpy(call.rows), call.loaded)
@@ -152,7 +151,7 @@ class BareEngine(TokenLoop):
             stats = ReadStats(layer, loaded.size, loaded.size, lengths.size, 0, loaded.size * st.neuron_bytes,
                               int(lengths.sum()), 0.0, self.ctx.depth, True, "scatter", self.reader.gap_bytes,
                               lengths, "aio")
-            calls.append(PreparedCall(plan, plan.cached, torch.from_numpy(plan.cached), loaded, file_rows, rows,
+            calls.append(PreparedCall(plan, torch.from_numpy(plan.cached), loaded, file_rows, rows,
                                       iocbs, iov, lengths, stats))
         return calls
 
