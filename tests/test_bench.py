@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -126,14 +127,18 @@ def test_the_bare_engine_is_all_with_its_bookkeeping_done_before_the_clock(tmp_p
     assert any(len(step.layers) > store.num_layers for step in all_.steps)   # some token read in parts
     assert sum(step.cached for step in bare.steps) > 0 and sum(step.bytes_read for step in bare.steps) > 0
     (tmp_path / "profile.json").write_text(json.dumps(synthetic_profile()))
-    result = run_bench(BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=3, memory=0.85,
-                                   in_flight=2, dir=str(tmp_path), profile=str(tmp_path / "profile.json"),
-                                   progress=False, configs=("all", "bare", "floor")))
+    cfg = BenchConfig(model=str(folder), predictors=str(preds), prompt="Open the", tokens=3, memory=0.85, in_flight=2,
+                      dir=str(tmp_path), profile=str(tmp_path / "profile.json"), progress=False,
+                      configs=("all", "bare", "floor"))
+    result = run_bench(cfg)
     r = result.results
     assert (r["bare"].stats.bytes_read, r["bare"].stats.requests) == (r["all"].stats.bytes_read,
                                                                       r["all"].stats.requests)
     assert r["bare"].split_ms["window"] == r["bare"].split_ms["memory"] == 0 < r["all"].split_ms["window"]
     assert r["bare"].floor_ms == r["floor"].stats.total_ms and "bookkeeping free (bare)" in format_table(result)
+    result = run_bench(replace(cfg, configs=("all", "bare", "reads", "floor")))   # where bare stands to the bound
+    ratio = result.results["bare"].stats.total_ms / result.lower_bound_ms
+    assert f"bookkeeping free (bare) {ratio:.2f}x" in " ".join(format_table(result).split())
     with pytest.raises(FlashnbError, match="'bare' runs 'all' with its bookkeeping free: include all"):
         run_bench(BenchConfig(model=str(folder), predictors=str(preds), configs=("bare",), progress=False))
     small = make_tiny_opt(tmp_path / "small")   # rows of 128 bytes: not whole blocks, so not read straight in

@@ -159,7 +159,9 @@ def bound_text(result: BenchResult) -> str:
                       if n in res and res[n].stats.total_ms)
     return (f"lower bound for all here: the floor {floor.total_ms:.2f} + all's reads alone {res['reads'].stats.io_ms:.2f} "
             f"- the floor's FFN math {floor.ffn_ms:.2f} (the only work that can run under a layer's reads) = {b:.2f} "
-            f"ms a token (measured); all is {res['all'].stats.total_ms / b:.2f}x above it. An engine issuing these "
+            f"ms a token (measured); all is {res['all'].stats.total_ms / b:.2f}x above it"
+            + (f", all with its bookkeeping free (bare) {res['bare'].stats.total_ms / b:.2f}x" if "bare" in res else "")
+            + ". An engine issuing these "
             f"reads stays at least {b / floor.total_ms:.2f}x its floor"
             + (f", and could be at most {peers}." if peers else "."))
 
