@@ -276,8 +276,8 @@ def run_scale(cfg, log=print):
     configs = list(cfg.configs)
     unknown = sorted(set(configs) - set(SCALE_CONFIGS) - set(SCALE_OPT_IN))
     if unknown:
-        raise FlashnbError(f"--scale runs {', '.join(SCALE_CONFIGS + SCALE_OPT_IN)}; {', '.join(unknown)} cannot run on random "
-                           "weights (drop them from --configs)")
+        raise FlashnbError(f"--scale runs {', '.join(SCALE_CONFIGS + SCALE_OPT_IN)} only: drop {', '.join(unknown)} from "
+                           "--configs")
     if cfg.tokens < 1:
         raise FlashnbError(f"--tokens must be >= 1, got {cfg.tokens}")
     for name in configs:   # a budget too small for a configuration is said before gigabytes are written
