@@ -106,6 +106,24 @@ def test_coalescing_counts(stores):
         assert st.requests == 16 and set(st.chunk_sizes.tolist()) == {16 * 1024}
 
 
+def test_the_engines_in_order_plan_equals_the_general_plan():
+    """Rows landing in order (first=None, the engine's reads) take a shorter path to the same requests, runs
+    and destinations as the general plan, long runs and coalescing gaps included."""
+    from types import SimpleNamespace
+
+    from flashnb.core.requests import plan_scatter
+
+    rng = np.random.default_rng(0)
+    region = SimpleNamespace(offset=8192, row_bytes=1024)
+    for _ in range(50):
+        ids = np.sort(rng.choice(512, int(rng.integers(1, 512)), replace=False))
+        for gap, most in ((0, 1 << 20), (0, 4096), (2048, 1 << 20), (0, 512)):
+            fast = plan_scatter([region], ids, None, 1024, [0], gap, most)
+            general = plan_scatter([region], ids, np.arange(ids.size), 1024, [0], gap, most)
+            assert all(np.array_equal(getattr(fast, k), getattr(general, k)) for k in
+                       ("req_off", "req_len", "run_start", "run_dst", "run_len", "run_gap")), (gap, most, ids[:8])
+
+
 def test_gap_from_profile():
     from flash_helpers import synthetic_profile
     from flashnb.device.profile import Profile, coalescing_gap

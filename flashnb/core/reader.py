@@ -280,7 +280,7 @@ class NeuronReader:
                 raise self._io_error(e) from None
             if not scatter:
                 self._gather(plan, regs, uniq.size, first, out)
-            verify_s = self._verify(layer, regs, uniq, None if inv is None else first, out) if self.verify else 0.0
+            verify_s = self._verify(layer, regs, uniq, first, out) if self.verify else 0.0
             if inv is not None and uniq.size < n:  # duplicates: copy from the first occurrence
                 dup = np.ones(n, bool)
                 dup[first] = False
@@ -316,7 +316,7 @@ class NeuronReader:
         """Unique ids, first occurrences, inverse (None if already sorted and unique), path, plan."""
         n = ids.size
         if n > 1 and bool(np.all(ids[1:] > ids[:-1])):  # sorted and unique: the engine's usual case
-            uniq, first, inv = ids, np.arange(n), None
+            uniq, first, inv = ids, None, None   # first None: row k lands in destination row k
         else:
             uniq, first, inv = np.unique(ids, return_index=True, return_inverse=True)
         scatter = (not self.direct) or (self._scatter_ok and out_aligned)
@@ -326,9 +326,10 @@ class NeuronReader:
                 else plan_staging(regs, uniq, self.io_align, self.gap_bytes, cfg.max_request_bytes))
         return uniq, first, inv, scatter, plan
 
-    def prepare(self, layer: int, rows: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def prepare(self, layer: int, rows: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None,
+                                                                               np.ndarray]:
         """What `submit(layer, ...)` hands the kernel to read the ascending file rows `rows` into the
-        block-aligned `out` with direct I/O, built and not issued: the iocbs, the iovecs they point to (both
+        block-aligned `out` with direct I/O, built and not issued: the iocbs, the iovecs they point to if any (both
         must stay alive until the requests complete) and each request's bytes. The bench's bare engine
         (flashnb.bench.bare) prepares a token's reads this way before its clock starts."""
         out_u8 = out.reshape(-1).view(np.uint8)
@@ -368,9 +369,11 @@ class NeuronReader:
             self._staging = AlignedBuffer(max(nbytes, 1 << 20))
         return self._staging.view
 
-    def _gather(self, plan: RequestPlan, regs, n_u: int, first: np.ndarray, out: np.ndarray) -> None:
-        """Copy each unique row from staging into out[first occurrence] (one fancy index per region)."""
+    def _gather(self, plan: RequestPlan, regs, n_u: int, first: np.ndarray | None, out: np.ndarray) -> None:
+        """Copy each unique row from staging into out[first occurrence] (out[k] with `first` None; one fancy index
+        per region)."""
         stg = self._staging.u8
+        first = slice(0, n_u) if first is None else first
         it = self._item
         for j, pos in plan.gather:
             rb = regs[j].row_bytes

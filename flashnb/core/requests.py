@@ -56,16 +56,22 @@ class RequestPlan:
     gather: list[tuple[int, np.ndarray]]  # staging: (region index, staging byte offset per unique id)
 
 
-def plan_scatter(regions, uniq: np.ndarray, first: np.ndarray, out_row_bytes: int, part_col: list[int],
+def plan_scatter(regions, uniq: np.ndarray, first: np.ndarray | None, out_row_bytes: int, part_col: list[int],
                  gap_bytes: int, max_request_bytes: int) -> RequestPlan:
-    """Rows of neurons `uniq` go straight to destination row `first[k]` (column part_col[j] of region j);
+    """Rows of neurons `uniq` go straight to destination row `first[k]` (row k when `first` is None; column
+    part_col[j] of region j);
     file-adjacent rows with adjacent destinations form one run (one iovec); runs closer than
     gap_bytes share a request, the gap going to a sink."""
     M = max_request_bytes
     offs, lens, starts, dsts, rlens, gaps = [], [], [], [], [], []
     nrun = 0
     adjacent = np.diff(uniq) == 1
-    in_order = first.size < 2 or bool(first[-1] - first[0] == first.size - 1 and np.all(np.diff(first) == 1))
+    if first is None:  # row k lands in destination row k (the engine's usual call)
+        if (plan := _runs_in_order(regions, uniq, adjacent, out_row_bytes, part_col, gap_bytes, M)) is not None:
+            return plan
+        first, in_order = np.arange(uniq.size), True
+    else:
+        in_order = first.size < 2 or bool(first[-1] - first[0] == first.size - 1 and np.all(np.diff(first) == 1))
     for j, r in enumerate(regions):
         rb = r.row_bytes
         s = r.offset + uniq * rb                          # file offset of each row
@@ -111,6 +117,25 @@ def plan_scatter(regions, uniq: np.ndarray, first: np.ndarray, out_row_bytes: in
                        np.concatenate(dsts), np.concatenate(rlens), np.concatenate(gaps), [])
 
 
+def _runs_in_order(regions, uniq: np.ndarray, adjacent: np.ndarray, out_row_bytes: int, part_col: list[int],
+                   gap_bytes: int, max_request_bytes: int) -> RequestPlan | None:
+    """plan_scatter's plan for rows landing in order, in its commonest case and a few operations: one region,
+    destination rows of the rows' size, no coalescing gap: each run of file-adjacent rows is one request of
+    one iovec. None in any other case, or when a run is longer than a request may be (the general path
+    splits it)."""
+    r = regions[0]
+    rb = r.row_bytes
+    if len(regions) != 1 or gap_bytes or out_row_bytes != rb:
+        return None
+    rs = np.flatnonzero(np.concatenate(([True], ~adjacent)))   # each run's first row
+    nrows = np.diff(np.append(rs, uniq.size))
+    if int(nrows.max()) > max(1, max_request_bytes // rb):
+        return None
+    run_l = nrows * rb
+    return RequestPlan(r.offset + uniq[rs] * rb, run_l, np.arange(rs.size + 1), rs * rb + part_col[0], run_l,
+                       np.zeros(rs.size, np.int64), [])
+
+
 def plan_staging(regions, uniq: np.ndarray, io_align: int, gap_bytes: int, max_request_bytes: int) -> RequestPlan:
     """Block-aligned requests into a staging buffer; rows are gathered from it afterwards."""
     A = io_align
@@ -144,10 +169,13 @@ def plan_staging(regions, uniq: np.ndarray, io_align: int, gap_bytes: int, max_r
     return RequestPlan(off, ln, empty, empty, empty, empty, gather)
 
 
-def scatter_iocbs(fd: int, plan: RequestPlan, base: int, sink: int) -> tuple[np.ndarray, np.ndarray]:
+def scatter_iocbs(fd: int, plan: RequestPlan, base: int, sink: int) -> tuple[np.ndarray, np.ndarray | None]:
     """A scatter plan's requests as kernel AIO iocbs (flashnb.core.aio), reading into the destination at
     address `base`: one iovec per run of rows, then one for its gap into the sink at address `sink`;
-    returns the iocbs and the iovecs they point to (both must stay alive while the requests fly)."""
+    returns the iocbs and the iovecs they point to (both must stay alive while the requests fly). Requests of
+    one run each and no gap (the engine's usual reads) read straight into their run: no iovecs (None)."""
+    if plan.run_dst.size == plan.req_off.size and not plan.run_gap.any():
+        return aio.pread_iocbs(fd, plan.req_off, base + plan.run_dst, plan.req_len), None
     has_gap = plan.run_gap > 0
     per_run = 1 + has_gap
     first = np.concatenate(([0], np.cumsum(per_run)[:-1]))
