@@ -322,7 +322,7 @@ def _add_run_commands(sub) -> None:
                                                    "bookkeeping were free); with --scale: naive, naive_model "
                                                    "(the paper's naive: the whole model read per token), predictor, "
                                                    "windowing, all and mmap (default: all of them), and the same "
-                                                   "opt-in ones")
+                                                   "opt-in ones but bare")
     b.add_argument("--dir", default=None, help="folder for scratch stores (default: the system temp folder)")
     b.add_argument("--profile", default=None, help="device profile JSON (default: the saved one, else a quick one)")
     b.add_argument("--replay", action="store_true",
