@@ -32,7 +32,7 @@ from flashnb.core.io import aligned_empty
 from flashnb.core.reader import NeuronReader, ReaderConfig, ReadStats
 from flashnb.core.records import Recorder
 from flashnb.core.resident import resident_model
-from flashnb.core.window import Window, WindowPlan, in_file_order, split_predicted
+from flashnb.core.window import WindowPlan, layer_windows, reader_calls
 from flashnb.errors import FlashnbError
 
 
@@ -106,17 +106,15 @@ class BareEngine(TokenLoop):
             if self.reader.backend != "aio" or not self.reader.direct:
                 raise FlashnbError("the bare engine needs direct I/O through Linux native AIO, which this store's "
                                    "file system or this machine does not offer")
-            self.buffer = aligned_empty((source.memory.capacity_rows, st.row_width), st.row_dtype)  # where reads land
+            self.cap = source.memory.capacity_rows
+            self.buffer = aligned_empty((self.cap, st.row_width), st.row_dtype)  # where reads land, a call at a time
             self.reader.prepare(0, np.arange(1), self.buffer[:1])  # one clear error where rows cannot go straight in
             self.ctx = aio.acquire(policy.in_flight)
         except BaseException:
             self.reader.close()
             raise
         self.predictor = source.predictor
-        self.cap = cap = source.memory.capacity_rows
-        shared = Window(st.ffn_dim, cap, 0)
-        self.windows = [shared if policy.window == 0 else Window(st.ffn_dim, cap, policy.window)
-                        for _ in range(st.num_layers)]
+        self.windows = layer_windows(st.num_layers, st.ffn_dim, self.cap, policy.window)
         self.placed = [st.placed_rows(layer) for layer in range(st.num_layers)]
         self.prepared: list[list[PreparedCall]] = []
         self.recorder = Recorder()
@@ -141,10 +139,7 @@ class BareEngine(TokenLoop):
     def _prepare(self, layer: int, ids: np.ndarray) -> list[PreparedCall]:
         st, window, placed = self.store, self.windows[layer], self.placed[layer]
         calls = []
-        for part in split_predicted(ids, self.cap, placed):
-            plan = window.plan(part)
-            window.advance(plan)
-            loaded = in_file_order(plan.loaded, placed)
+        for plan, loaded in reader_calls(window, ids, self.cap, placed):
             file_rows, rows = st.file_rows(layer, loaded), self.buffer[:loaded.size]
             iocbs, iov, lengths = self.reader.prepare(layer, file_rows, rows) if loaded.size else (
                 np.zeros(0, aio.IOCB), None, np.zeros(0, np.int64))

@@ -44,7 +44,7 @@ from flashnb.core.reader import NeuronReader, PendingRead, ReaderConfig
 from flashnb.core.records import LayerStep, Recorder, TokenStep
 from flashnb.core.resident import resident_model
 from flashnb.core.store import FlashStore
-from flashnb.core.window import Window, WindowPlan, in_file_order, split_predicted
+from flashnb.core.window import WindowPlan, layer_windows, reader_calls
 from flashnb.errors import FlashnbError
 
 
@@ -301,10 +301,8 @@ class ReadsAlone:
         except BaseException:
             self.reader.close()
             raise
-        self.cap = cap = source.memory.capacity_rows
-        shared = Window(st.ffn_dim, cap, 0)
-        self.windows = [shared if policy.window == 0 else Window(st.ffn_dim, cap, policy.window)
-                        for _ in range(st.num_layers)]
+        self.cap = source.memory.capacity_rows
+        self.windows = layer_windows(st.num_layers, st.ffn_dim, self.cap, policy.window)
         self.placed = [st.placed_rows(layer) for layer in range(st.num_layers)]
         self.buffer = aligned_empty((1 << 20,), np.uint8)
         self.recorder = Recorder()
@@ -326,10 +324,8 @@ class ReadsAlone:
     def _replay(self, source_step):
         out = TokenStep(source_step.token)
         for layer, ids in enumerate(source_step.predicted_sets):
-            for part in split_predicted(ids, self.cap, self.placed[layer]):
-                plan = self.windows[layer].plan(part)
-                offsets, lengths = self.reader.requests(layer, in_file_order(plan.loaded, self.placed[layer]))
-                self.windows[layer].advance(plan)
+            for plan, loaded in reader_calls(self.windows[layer], ids, self.cap, self.placed[layer]):
+                offsets, lengths = self.reader.requests(layer, loaded)
                 if int(lengths.sum()) > self.buffer.size:
                     self.buffer = aligned_empty((int(lengths.sum()),), np.uint8)
                 starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.uint64)

@@ -22,7 +22,7 @@ from flashnb.core.pinning import HotNeurons, PinningChoice, candidate_splits, pi
 from flashnb.core.reader import NeuronReader, ReaderConfig
 from flashnb.core.records import LayerStep, TokenStep, per_token_mean, window_counts
 from flashnb.core.store import FlashStore
-from flashnb.core.window import Window, check_lookahead_window, in_file_order, split_predicted
+from flashnb.core.window import Window, check_lookahead_window, in_file_order, layer_windows, reader_calls
 
 
 def sets_from_trace(trace, predictors=None) -> list[list[np.ndarray]]:
@@ -50,10 +50,7 @@ def simulate(sets: list[list[np.ndarray]], store: FlashStore | str, policy: Poli
     placed = [st.placed_rows(layer) for layer in range(st.num_layers)]  # when a placement moves the neurons
     cap = plan_memory(st.memory_shape(), policy.memory_budget, policy.window, predictor_bytes,
                       policy.pinned).capacity_rows
-    if policy.window == 0:
-        windows = [Window(st.ffn_dim, cap, 0)] * st.num_layers  # one set of rows for every layer
-    else:
-        windows = [Window(st.ffn_dim, cap, policy.window) for _ in range(st.num_layers)]
+    windows = layer_windows(st.num_layers, st.ffn_dim, cap, policy.window)
     out = []
     with NeuronReader(st, ReaderConfig(in_flight=policy.in_flight, gap_bytes=policy.gap_bytes)) as reader:
         for t, token_sets in enumerate(sets):
@@ -65,10 +62,8 @@ def simulate(sets: list[list[np.ndarray]], store: FlashStore | str, policy: Poli
                 extra = _prefetch(reader, windows[layer], layer, guesses[layer][~pinned[layer][guesses[layer]]],
                                   st.neuron_bytes, placed[layer]) if layer in guesses else (0, 0, 0, None)
                 landed = extra[3]
-                for part in split_predicted(rest, cap, placed[layer]):  # as the engine does
-                    plan = windows[layer].plan(part)
-                    req = reader.request_sizes(layer, in_file_order(plan.loaded, placed[layer]))
-                    windows[layer].advance(plan)
+                for plan, loaded in reader_calls(windows[layer], rest, cap, placed[layer]):  # as the engine does
+                    req = reader.request_sizes(layer, loaded)
                     cached, loaded, early = window_counts(plan, landed)
                     step.layers.append(LayerStep(
                         predicted=plan.predicted.size + hot_ids.size, cached=cached, loaded=loaded,

@@ -51,6 +51,27 @@ def split_predicted(predicted: np.ndarray, capacity: int, file_rows: np.ndarray 
     return [np.sort(p) for p in np.array_split(predicted, -(-predicted.size // capacity))]
 
 
+def layer_windows(num_layers: int, num_neurons: int, capacity: int, k: int) -> list["Window"]:
+    """One window per layer, as the engine keeps them; with k = 0 nothing survives a layer, so every layer
+    shares one (the engine's layers then share one set of rows)."""
+    if k == 0:
+        return [Window(num_neurons, capacity, 0)] * num_layers
+    return [Window(num_neurons, capacity, k) for _ in range(num_layers)]
+
+
+def reader_calls(window: "Window", predicted: np.ndarray, capacity: int,
+                 file_rows: np.ndarray | None = None) -> list[tuple["WindowPlan", np.ndarray]]:
+    """The reader calls the engine makes for one layer's `predicted` neurons of a token, without making them:
+    per part (`split_predicted`), the window's plan and its loads in the order they lie on flash; the window
+    advances past each part, as the engine's does (`flashnb.core.simulate` and the bench's replays use it)."""
+    calls = []
+    for part in split_predicted(predicted, capacity, file_rows):
+        plan = window.plan(part)
+        window.advance(plan)
+        calls.append((plan, in_file_order(plan.loaded, file_rows)))
+    return calls
+
+
 def in_file_order(ids: np.ndarray, file_rows: np.ndarray | None) -> np.ndarray:
     """`ids` in the order their rows lie on flash (`file_rows`: each neuron's row, when a placement moves
     them; unchanged without one). Rows read in this order land side by side in DRAM, so that every run

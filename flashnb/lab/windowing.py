@@ -15,7 +15,7 @@ import numpy as np
 from flashnb.core.engine import Policy
 from flashnb.core.memory import min_budget, plan_memory
 from flashnb.core.simulate import simulate
-from flashnb.core.window import Window, split_predicted
+from flashnb.core.window import Window, reader_calls
 from flashnb.core.store import FlashStore
 from flashnb.errors import FlashnbError
 from flashnb.lab.stats import TokenStats
@@ -120,12 +120,10 @@ def window_timeline(sets, store: FlashStore, policy: Policy, layer: int, predict
     states = np.zeros((store.ffn_dim, len(sets)), dtype=np.int8)
     for t, token_sets in enumerate(sets):
         states[win.held(), t] = HELD
-        for part in split_predicted(np.asarray(token_sets[layer], dtype=np.int64), cap):   # as the engine does
-            plan = win.plan(part)
+        for plan, _ in reader_calls(win, np.asarray(token_sets[layer], dtype=np.int64), cap):   # as the engine does
             states[plan.evicted, t] = np.where(states[plan.evicted, t] >= HIT, states[plan.evicted, t], EVICTED)
             states[plan.cached, t] = HIT
             states[plan.loaded, t] = READ
-            win.advance(plan)
     needed = ((states == HIT) | (states == READ)).sum(axis=1)
     top = np.argsort(-needed, kind="stable")[:neurons]
     return WindowTimeline(layer, policy.window, policy.memory_budget, cap, tuple(int(i) for i in top), states[top])
